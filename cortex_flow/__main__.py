@@ -1,0 +1,3 @@
+from cortex_flow.cli import main
+
+main()
