@@ -1,0 +1,167 @@
+"""A group's route table, compiled once: expressions, templates, callables, targets.
+
+Executing a route is the consumer's job; this module decides *what* each route
+does for a message (match, target key, fields) so the decision is testable
+without Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from jinja2.exceptions import UndefinedError
+from jinja2.runtime import Context
+
+from cortex_flow.checks import resolve_callable
+from cortex_flow.codec import encode
+from cortex_flow.models import Route, StreamSpec
+from cortex_flow.templates import Expression, Template, make_context
+from cortex_flow.topology import ResolvedGroup, key_template, key_variables
+
+
+class PermanentError(Exception):
+    """A failure retrying cannot fix (bad template data, unknown target): dead-letter now."""
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """One XADD the route asks for; committed together with the source entry's XACK."""
+
+    key: str
+    fields: dict[str, str]
+    maxlen: int | None
+
+
+class CompiledRoute:
+    """One route with everything it needs at message time."""
+
+    def __init__(
+        self,
+        index: int,
+        route: Route,
+        streams: Mapping[str, StreamSpec],
+        group: ResolvedGroup,
+        agents: frozenset[str],
+    ) -> None:
+        self.index = index
+        self.route = route
+        self.label = route.name or f"route {index + 1}"
+        self.action = route.action
+        self.when = Expression(route.when) if route.when is not None else None
+        self.continue_ = route.continue_
+        self.agents = agents
+        self.fn: Callable[..., Any] | None = None
+        self.is_async = False
+        self.inline = False
+        self.timeout = 0.0
+        if route.call is not None:
+            fn = resolve_callable(route.call.function)
+            assert callable(fn)
+            self.fn = fn
+            self.is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+                getattr(fn, "__call__", None)  # noqa: B004 - async callable objects
+            )
+            self.inline = route.call.inline
+            self.timeout = route.call.timeout
+        if route.http is not None:
+            self.timeout = route.http.timeout
+            self.url = Template(route.http.url)
+        self.target: StreamSpec | None = None
+        if route.to is not None:
+            self.target = streams[route.to]
+            self.target_name = route.to
+            needed = key_variables(self.target)
+            self.key = key_template(self.target.key)
+            self.vars = {k: Template(v) for k, v in route.vars.items()}
+            # variables neither the route nor a literal gives come from the source entry
+            self.inherit = tuple(v for v in sorted(needed) if v not in route.vars)
+            self.set = {k: Template(v) for k, v in (route.set or {}).items()}
+            self.set_given = route.set is not None
+        self.needs_context = self.when is not None or (
+            self.target is not None
+            and (
+                not self.key.is_literal
+                or any(not t.is_literal for t in self.vars.values())
+                or any(not t.is_literal for t in self.set.values())
+            )
+        )
+        if route.http is not None and not self.url.is_literal:
+            self.needs_context = True
+
+    def matches(self, ctx: Context | None) -> bool:
+        """Whether the route applies; a missing message field means no match."""
+        if self.when is None:
+            return True
+        assert ctx is not None
+        try:
+            return bool(self.when.evaluate(ctx))
+        except UndefinedError:
+            return False
+
+    def publish(self, msg: Any, ctx: Context | None, bound: Mapping[str, str | None]) -> Publish:
+        """The XADD this route makes for ``msg``; raises PermanentError on bad data."""
+        assert self.target is not None
+        try:
+            values: dict[str, Any] = {v: bound.get(v) for v in self.inherit}
+            for name, template in self.vars.items():
+                values[name] = template.render(ctx) if ctx is not None else template.source
+            key = self.key.source if self.key.is_literal else self.key.render(make_context(values))
+            if self.set_given:
+                out: Mapping[str, Any] = {
+                    k: (t.render(ctx) if ctx is not None else t.source) for k, t in self.set.items()
+                }
+            else:
+                out = msg
+        except UndefinedError as exc:
+            raise PermanentError(f"{self.label}: {exc.message}") from None
+        priorities = self.target.priorities
+        if priorities and values.get("priority") not in priorities:
+            raise PermanentError(
+                f"{self.label}: priority {values.get('priority')!r} is not one of "
+                f"{', '.join(priorities)} of stream {self.target_name}"
+            )
+        agent = values.get("agent")
+        if "agent" in values and agent not in self.agents:
+            raise PermanentError(
+                f"{self.label}: agent {agent!r} is not declared; declare it under agents: "
+                f"or guard the route with `when: msg.to in agents`"
+            )
+        return Publish(key, encode(self.target.codec, out), self.target.maxlen)
+
+
+class RouteTable:
+    """All routes of a group, plus what the consumer needs to pick its fast path."""
+
+    def __init__(
+        self,
+        group: ResolvedGroup,
+        streams: Mapping[str, StreamSpec],
+        agents: frozenset[str],
+    ) -> None:
+        self.routes = [
+            CompiledRoute(i, r, streams, group, agents) for i, r in enumerate(group.spec.routes)
+        ]
+        self.agents = agents
+        self.needs_context = any(r.needs_context for r in self.routes)
+        # every action completes without a thread or socket: process whole batches inline
+        self.inline = all(r.action in ("to", "drop") or r.inline for r in self.routes)
+        self.fingerprint = [r.route.model_dump_json() for r in self.routes]
+
+
+async def call_route(route: CompiledRoute, msg: Any, executor: Any = None) -> None:
+    """Run a ``call`` route: async awaited, sync in a thread (or inline), with its timeout."""
+    fn = route.fn
+    assert fn is not None
+    if route.is_async:
+        async with asyncio.timeout(route.timeout):
+            await fn(msg)
+    elif route.inline:
+        fn(msg)
+    else:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(route.timeout):
+            await loop.run_in_executor(executor, fn, msg)

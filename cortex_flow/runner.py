@@ -1,0 +1,365 @@
+"""The runner: validate, provision, run every group's consumer, reload, drain.
+
+One :class:`Runner` per process. ``apply`` is the one place that turns a
+resolved topology into running consumers; start and every reload go through it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from cortex_flow.connection import describe_url, is_cluster, redis_from_url, wait_for_redis
+from cortex_flow.consumer import GroupConsumer, ensure_group
+from cortex_flow.errors import CortexFlowError, ValidationFailed
+from cortex_flow.heartbeat import HeartbeatMonitor
+from cortex_flow.loader import Project, load_project
+from cortex_flow.logs import setup_logging
+from cortex_flow.routes import RouteTable
+from cortex_flow.stats import GroupStats, RunnerStats
+from cortex_flow.topology import Resolved, ResolvedGroup, resolve
+
+log = logging.getLogger("cortex_flow.runner")
+
+Watcher = Callable[[], AsyncIterator[Any]]
+
+
+def route_tables(resolved: Resolved) -> dict[str, RouteTable]:
+    """Compile every group's routes (imports ``call`` targets); errors name the route."""
+    streams = {n: s.spec for n, s in resolved.streams.items()}
+    agents = frozenset(resolved.agents)
+    tables, problems = {}, []
+    for name, group in resolved.groups.items():
+        try:
+            tables[name] = RouteTable(group, streams, agents)
+        except (ImportError, AttributeError, TypeError) as exc:
+            origin = resolved.topology.origin("groups", name)
+            problems.append(origin.problem(("routes",), f"cannot load a call target: {exc}"))
+    if problems:
+        raise ValidationFailed(problems)
+    return tables
+
+
+def _routes_only(old: ResolvedGroup, new: ResolvedGroup) -> bool:
+    a = old.spec.model_dump(mode="json", exclude={"routes"})
+    b = new.spec.model_dump(mode="json", exclude={"routes"})
+    return a == b and old.keys == new.keys and old.dead_letter == new.dead_letter
+
+
+class Runner:
+    """Runs a project's topology against Redis until stopped."""
+
+    def __init__(
+        self,
+        project: Project,
+        *,
+        client: Any = None,
+        url: str | None = None,
+        admin: bool = True,
+        watcher: Watcher | None = None,
+        block: float = 1.0,
+    ) -> None:
+        self.project = project
+        self.config = project.config
+        self.name = self.config.runner.name
+        self.url = url or self.config.redis.url
+        self.client = client
+        self.stats = RunnerStats(runner=self.name)
+        self.resolved: Resolved | None = None
+        self.consumers: dict[str, GroupConsumer] = {}
+        self.tables: dict[str, RouteTable] = {}
+        self.block = block
+        self._admin_enabled = admin
+        self._watcher = watcher
+        self._stop = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._embedded: Any = None
+        self._admin: Any = None
+        self._http: Any = None
+        self._heartbeats: HeartbeatMonitor | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._retiring: set[asyncio.Task[bool]] = set()
+        self.executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="cortex-call")
+        if str(project.base_dir) not in sys.path:
+            sys.path.insert(0, str(project.base_dir))
+
+    # -- start -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect (waiting out an outage), provision, and start every consumer."""
+        self.stats.started_at = time.time()
+        resolved = resolve(self.project.topology, self.name)
+        tables = route_tables(resolved)
+        if self.client is None:
+            if self.url == "embedded":
+                from cortex_flow.embedded import resolve_url
+
+                self.url, self._embedded = await asyncio.to_thread(
+                    resolve_url, "embedded", self.project.base_dir
+                )
+                hint = (
+                    self._embedded.connect_hint()
+                    if self._embedded
+                    else f"using the embedded Redis already running at {self.url}"
+                )
+                log.info("%s", hint)
+                print(hint, file=sys.stderr, flush=True)
+            self.client = redis_from_url(self.url)
+        log.info("connecting to Redis at %s", describe_url(self.url) if self.url else "(given)")
+        await wait_for_redis(self.client, timeout=None, log=log)
+        self.stats.connected = True
+        self.cluster = is_cluster(self.client)
+        if any(r.http for g in resolved.groups.values() for r in g.spec.routes):
+            import aiohttp
+
+            self._http = aiohttp.ClientSession()
+        await self._provision(resolved)
+        self._heartbeats = HeartbeatMonitor(
+            self.client,
+            resolved,
+            self.stats,
+            runner_interval=self.config.runner.heartbeat_interval,
+            on_down=self._agent_down,
+            log=logging.getLogger("cortex_flow.heartbeat"),
+        )
+        await self._heartbeats.start()
+        for name in resolved.groups:
+            self._start_group(resolved, resolved.groups[name], tables[name])
+        self.resolved, self.tables = resolved, tables
+        self.stats.provisioned = True
+        log.info(
+            "running %d group(s) as consumer %s: %s",
+            len(self.consumers),
+            self.name,
+            ", ".join(
+                f"{n} ({len(g.keys)} key{'s' if len(g.keys) != 1 else ''})"
+                for n, g in resolved.groups.items()
+            ),
+        )
+        await self._start_admin()
+        if self._watcher is not None or self.config.reload.watch:
+            self._tasks.append(asyncio.create_task(self._watch(), name="reload:watch"))
+
+    async def _provision(self, resolved: Resolved) -> list[str]:
+        created = []
+        for group in resolved.groups.values():
+            for key in group.keys:
+                if await ensure_group(self.client, key.key, group.name, group.spec.start):
+                    created.append(f"group {group.name} on {key.key}")
+                    log.info(
+                        "created group %s on %s (from %s)", group.name, key.key, group.spec.start
+                    )
+        return created
+
+    def _start_group(
+        self,
+        resolved: Resolved,
+        group: ResolvedGroup,
+        table: RouteTable,
+        predecessor: asyncio.Event | None = None,
+    ) -> GroupConsumer:
+        stats = self.stats.groups.get(group.name) or GroupStats(group.name, group.consumer)
+        self.stats.groups[group.name] = stats
+        consumer = GroupConsumer(
+            self.client,
+            group,
+            table,
+            {n: s.spec for n, s in resolved.streams.items()},
+            stats,
+            cluster=self.cluster,
+            executor=self.executor,
+            http=self._http,
+            predecessor=predecessor,
+            block=self.block,
+            log=logging.getLogger("cortex_flow.consumer"),
+        )
+        consumer.start()
+        self.consumers[group.name] = consumer
+        return consumer
+
+    def _retire(self, consumer: GroupConsumer) -> None:
+        """Stop a replaced or removed consumer in the background; shutdown awaits it."""
+        task = asyncio.create_task(consumer.stop(self.config.runner.shutdown_grace))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    def _agent_down(self, name: str) -> None:
+        for consumer in self.consumers.values():
+            consumer.request_claim([name])
+
+    async def _start_admin(self) -> None:
+        where = self.config.admin.host_port
+        if not self._admin_enabled or where is None:
+            return
+        from cortex_flow.admin import AdminServer
+
+        self._admin = AdminServer(
+            where[0],
+            where[1],
+            stats=self.stats,
+            ready=self.ready,
+            reload=lambda: self.reload("admin endpoint"),
+            refresh=self.refresh,
+            log=logging.getLogger("cortex_flow.admin"),
+        )
+        await self._admin.start()
+        log.info(
+            "admin endpoint on http://%s (healthz, readyz, metrics, POST reload)", self._admin.where
+        )
+
+    # -- state -------------------------------------------------------------------------
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        reload = self.stats.reload
+        detail = {
+            "runner": self.name,
+            "connected": self.stats.connected,
+            "provisioned": self.stats.provisioned,
+            "draining": self.stats.draining,
+            "groups": sorted(self.consumers),
+            "reload": {
+                "last_outcome": reload.last_outcome,
+                "last_at": reload.last_at,
+                "errors": reload.last_errors,
+                "changes": reload.last_changes,
+            },
+        }
+        ok = self.stats.connected and self.stats.provisioned and not self.stats.draining
+        return ok, detail
+
+    async def refresh(self) -> None:
+        """Update pending/lag gauges from Redis (before a metrics scrape)."""
+        if self.resolved is None:
+            return
+        now_ms = time.time() * 1000
+        for group in self.resolved.groups.values():
+            for key in group.keys:
+                summary = await self.client.xpending(key.key, group.name)
+                self.stats.pending[(group.name, key.key)] = int(summary["pending"])
+                oldest = summary.get("min")
+                age = (now_ms - int(str(oldest).split("-")[0])) / 1000 if oldest else 0.0
+                self.stats.oldest_pending_age[(group.name, key.key)] = max(age, 0.0)
+                for c in summary.get("consumers") or []:
+                    self.stats.consumers[(group.name, key.key, c["name"])] = int(c["pending"])
+                with contextlib.suppress(Exception):
+                    for info in await self.client.xinfo_groups(key.key):
+                        if info.get("name") == group.name and info.get("lag") is not None:
+                            self.stats.lag[(group.name, key.key)] = int(info["lag"])
+
+    # -- reload ------------------------------------------------------------------------
+
+    async def reload(self, reason: str) -> dict[str, Any]:
+        """Load and validate everything, then apply only the difference."""
+        from cortex_flow.reload import reload_runner
+
+        async with self._reload_lock:
+            return await reload_runner(self, reason)
+
+    async def _watch(self) -> None:
+        from cortex_flow.reload import watch_changes
+
+        source = self._watcher() if self._watcher else watch_changes(self.project, self._stop)
+        async for _ in source:
+            if self._stop.is_set():
+                break
+            await self.reload("file change")
+
+    # -- stop --------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait(self) -> None:
+        await self._stop.wait()
+
+    async def stop(self, grace: float | None = None) -> bool:
+        """Stop reading, finish and acknowledge in-flight work, close everything."""
+        grace = self.config.runner.shutdown_grace if grace is None else grace
+        self._stop.set()
+        self.stats.draining = True
+        for task in self._tasks:
+            task.cancel()
+        log.info("draining %d group(s) (up to %gs)", len(self.consumers), grace)
+        results = await asyncio.gather(
+            *(c.stop(grace) for c in self.consumers.values()), *self._retiring
+        )
+        if self._heartbeats is not None:
+            await self._heartbeats.stop()
+        if self._admin is not None:
+            await self._admin.stop()
+        if self._http is not None:
+            await self._http.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                await self.client.aclose()
+        if self._embedded is not None:
+            await asyncio.to_thread(self._embedded.stop)
+        self._stopped.set()
+        clean = all(results)
+        log.info("stopped%s", "" if clean else " (some messages left pending for the next run)")
+        return clean
+
+
+async def run(project: Project) -> int:
+    """Run until SIGTERM/SIGINT (drain) or a second signal (force); SIGHUP reloads."""
+    runner = Runner(project)
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_stop() -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            log.info("stop requested: finishing in-flight messages (signal again to force)")
+            runner.request_stop()
+        else:
+            log.warning("second signal: exiting now; unfinished messages stay pending")
+            raise SystemExit(1)
+
+    installed = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop)
+        installed.append(sig)
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(runner.reload("SIGHUP")))
+    installed.append(signal.SIGHUP)
+    try:
+        start = asyncio.create_task(runner.start())
+        stop = asyncio.create_task(runner.wait())
+        await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if start.done():
+            start.result()
+            await stop
+        else:
+            start.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await start
+        await runner.stop()
+        return 0
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def command(args: argparse.Namespace) -> int:
+    project = load_project(args.config)
+    setup_logging(project.config.log.level, project.config.log.format)
+    try:
+        return asyncio.run(run(project))
+    except CortexFlowError:
+        raise
+    except KeyboardInterrupt:
+        return 130
+
+
+__all__ = ["Path", "Runner", "command", "route_tables", "run"]
