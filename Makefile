@@ -28,6 +28,7 @@ lint: $(STAMP)
 validate: $(STAMP)
 	$(BIN)/cortex-flow validate
 	$(BIN)/cortex-flow schema --check
+	$(BIN)/python -m cortex_flow.docgen --check
 
 bench: $(STAMP)          ## benchmarks: figures and ratios against hand-written baselines
 	$(BIN)/python bench/run.py

@@ -71,6 +71,9 @@ class HeartbeatMonitor:
             self.event_key = render_key(target, dict(topo.heartbeats.on_down.vars))
             self.event_maxlen = target.maxlen
         self.runners: dict[str, float] = {}
+        self.beat_maxlen: int | None = None
+        if topo.heartbeats is not None:
+            self.beat_maxlen = topo.streams[topo.heartbeats.stream].maxlen
 
     async def start(self) -> None:
         self._stop.clear()
@@ -92,13 +95,10 @@ class HeartbeatMonitor:
         while not self._stop.is_set():
             if self.key is not None:
                 with contextlib.suppress(Exception):
-                    maxlen = self.resolved.streams[
-                        self.resolved.topology.heartbeats.stream
-                    ].spec.maxlen  # type: ignore[union-attr]
                     await self.client.xadd(
                         self.key,
                         beat_fields(self.resolved.runner, "runner"),
-                        maxlen=maxlen,
+                        maxlen=self.beat_maxlen,
                         approximate=True,
                     )
             with contextlib.suppress(TimeoutError):

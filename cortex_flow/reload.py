@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cortex_flow.config import Config
 from cortex_flow.errors import ValidationFailed
 from cortex_flow.loader import Project, load_project
 from cortex_flow.topology import Resolved, resolve
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("cortex_flow.reload")
 
 # settings read once at start; changing them needs a restart
-FIXED = {
+FIXED: dict[str, Callable[[Config], object]] = {
     "redis.url": lambda c: c.redis.url,
     "runner.name": lambda c: c.runner.name,
     "admin.listen": lambda c: c.admin.listen,
