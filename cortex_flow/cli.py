@@ -38,8 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cortex-flow", description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("--version", action="version", version=f"cortex-flow {__version__}")
     common = _Parser(add_help=False)
-    common.add_argument("--config", type=Path, default=Path("config.yaml"),
-                        help="runner settings (default ./config.yaml)")
+    common.add_argument(
+        "--config",
+        type=Path,
+        default=Path("config.yaml"),
+        help="runner settings (default ./config.yaml)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("validate", parents=[common], help="validate flows and config")
@@ -90,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
             d.add_argument("--limit", type=int, default=None)
         if name in ("replay", "purge"):
             d.add_argument("--dry-run", action="store_true")
+        if name == "purge":
+            d.add_argument("--yes", action="store_true", help="purge all without IDs or filters")
         if name in ("list", "show"):
             d.add_argument("--json", action="store_true")
         d.add_argument("--dlq", help="dead-letter stream name or key (default: all declared)")
