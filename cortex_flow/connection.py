@@ -39,6 +39,7 @@ __all__ = [
     "Backoff",
     "RedisClient",
     "describe_client",
+    "describe_error",
     "describe_url",
     "is_cluster",
     "redis_from_url",
@@ -267,7 +268,7 @@ class Backoff:
         self.attempts = 0
 
 
-def _reason(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     """A short cause: ``Connection refused`` rather than redis-py's full sentence."""
     seen: BaseException | None = exc
     while seen is not None:
@@ -306,13 +307,13 @@ async def wait_for_redis(
                 await client.ping()
         except (AuthenticationError, AuthorizationError, NoPermissionError) as exc:
             raise ConnectionFailed(
-                f"Redis at {where} refused the connection: {_reason(exc)}. Check the "
+                f"Redis at {where} refused the connection: {describe_error(exc)}. Check the "
                 "credentials in the URL or in CORTEX_REDIS_USERNAME / CORTEX_REDIS_PASSWORD."
             ) from exc
         except TimeoutError as exc:  # our deadline cut the attempt short: keep the real cause
             reason, error = reason or "timed out", error or exc
         except Exception as exc:  # every other failure is worth another try
-            reason, error = _reason(exc), exc
+            reason, error = describe_error(exc), exc
         else:
             if backoff.attempts:
                 log.info("redis at %s is reachable", where)

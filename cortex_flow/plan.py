@@ -3,41 +3,24 @@
 :func:`diff` is pure, in the manner of Vector's ``config/diff.rs``: two resolved topologies
 are compared on their serialised values (``model_dump(mode="json")``), never by identity,
 and the result is a :class:`Plan` that the runtime applies and ``cortex-flow plan`` prints.
-:func:`drift` is the one part that reads Redis: what ``run`` would still have to create
-there, and what exists there that the flows do not declare.
+It knows nothing of Redis: :func:`cortex_flow.drift.drift` compares with what is there.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import json
-import logging
-import sys
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel
-from redis.exceptions import (
-    AuthenticationError,
-    AuthorizationError,
-    NoPermissionError,
-    RedisError,
-    ResponseError,
-)
 
-from cortex_flow.commands import load
 from cortex_flow.config import Config
-from cortex_flow.connection import RedisClient, describe_url, redis_from_url, wait_for_redis
+from cortex_flow.connection import describe_url
 from cortex_flow.durations import format_duration
-from cortex_flow.embedded import EmbeddedRedis
-from cortex_flow.errors import ConnectionFailed, CortexFlowError
-from cortex_flow.loader import Project
 from cortex_flow.models import AgentSpec, Route
-from cortex_flow.topology import Resolved, ResolvedGroup, StreamKey, resolve
+from cortex_flow.topology import Resolved, ResolvedGroup, StreamKey
 
-__all__ = ["Change", "Plan", "command", "describe_route", "diff", "drift"]
+__all__ = ["Change", "Plan", "declared_keys", "describe_route", "diff"]
 
 Kind = Literal["add", "remove", "change", "drift"]
 What = Literal["stream", "key", "group", "route", "agent", "setting"]
@@ -51,19 +34,8 @@ RESTART_SETTINGS = (
     "flows",
     "reload.watch",
 )
-PROBE_TIMEOUT = 2.0  # how long `plan` waits for Redis before showing the full plan
 SHOWN_KEYS = 4
 STREAM_FIELDS = ("key", "priorities", "maxlen", "codec")
-_PREFIX = {"add": "+", "remove": "-", "change": "~", "drift": "!"}
-_SECTIONS = (
-    ("setting", "settings"),
-    ("stream", "streams"),
-    ("key", "keys"),
-    ("agent", "agents"),
-    ("group", "groups"),
-)
-# A logger whose warnings go nowhere: the probe's failure is reported once, as a note.
-_QUIET = logging.Logger("cortex_flow.plan.probe", level=logging.CRITICAL)
 
 
 @dataclass(frozen=True)
@@ -329,7 +301,7 @@ def _agents(
     return changes
 
 
-def _all_keys(resolved: Resolved | None) -> list[str]:
+def declared_keys(resolved: Resolved | None) -> list[str]:
     """Every concrete key of the streams and groups, in declaration order."""
     if resolved is None:
         return []
@@ -386,184 +358,13 @@ def diff(
     for name in removed:
         text = "removed (stops consuming; the Redis group and its pending entries stay)"
         changes.append(Change("remove", "group", name, text))
-    known = set(_all_keys(current))
+    known = set(declared_keys(current))
     return Plan(
         changes=tuple(changes),
         groups_to_add=tuple(added),
         groups_to_remove=tuple(removed),
         groups_to_restart=tuple(restart),
         groups_routes_only=tuple(routes_only),
-        keys_to_create=tuple(k for k in _all_keys(target) if k not in known),
+        keys_to_create=tuple(k for k in declared_keys(target) if k not in known),
         restart_required=tuple(restart_required),
     )
-
-
-# --- Redis: what exists there ----------------------------------------------------------------
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-async def drift(client: RedisClient, resolved: Resolved) -> list[Change]:
-    """Compare Redis with ``resolved``: what ``run`` would create, and what it would not expect.
-
-    Missing streams and groups come back as adds ("run would create it"); groups no flow
-    declares on a known key, and consumers of declared groups that are not this runner's,
-    as ``drift``. A missing key is tolerated; a key that is not a stream is reported.
-    """
-    readers: dict[str, list[ResolvedGroup]] = {}
-    for group in resolved.groups.values():
-        for k in group.keys:
-            readers.setdefault(k.key, []).append(group)
-    changes: list[Change] = []
-    for key in _all_keys(resolved):
-        groups = readers.get(key, [])
-        names = ", ".join(g.name for g in groups)
-        try:
-            infos = await client.xinfo_groups(key)
-        except ResponseError as exc:
-            if "no such key" in str(exc).lower():
-                if groups:
-                    text = f"stream missing: run would create it with group(s) {names}"
-                    changes.append(Change("add", "key", key, text))
-                continue
-            if "wrongtype" not in str(exc).lower():
-                raise
-            held = _text(await client.type(key))
-            text = f"holds a {held}, not a stream: run cannot use it; rename or delete the key"
-            changes.append(Change("drift", "key", key, text))
-            continue
-        present = {_text(info["name"]): info for info in infos}
-        for group in groups:
-            if group.name not in present:
-                text = f"missing on {key}: run would create it (start {group.spec.start})"
-                changes.append(Change("add", "group", group.name, text))
-        for name, info in present.items():
-            if name not in {g.name for g in groups}:
-                text = (
-                    f"exists on {key} but no flow declares it there ({info['consumers']} "
-                    f"consumer(s), {info['pending']} pending); run leaves it alone"
-                )
-                changes.append(Change("drift", "group", name, text))
-        for group in groups:
-            if group.name not in present or not present[group.name]["consumers"]:
-                continue
-            for consumer in await client.xinfo_consumers(key, group.name):
-                who = _text(consumer["name"])
-                if who != group.consumer:
-                    idle = format_duration(int(consumer["idle"]) / 1000)
-                    text = (
-                        f"consumer {who} on {key} is not this runner's ({group.consumer}): "
-                        f"{consumer['pending']} pending, idle {idle}"
-                    )
-                    changes.append(Change("drift", "group", group.name, text))
-    return changes
-
-
-def _redis_plan(resolved: Resolved, changes: list[Change]) -> Plan:
-    missing = [c.name for c in changes if c.kind == "add" and c.what == "key"]
-    groups = {c.name for c in changes if c.kind == "add" and c.what == "group"}
-    groups |= {g.name for g in resolved.groups.values() if {k.key for k in g.keys} & set(missing)}
-    return Plan(
-        changes=tuple(changes),
-        groups_to_add=tuple(name for name in resolved.groups if name in groups),
-        keys_to_create=tuple(missing),
-    )
-
-
-# --- the `plan` command ----------------------------------------------------------------------
-
-
-def _redis_url(project: Project) -> tuple[str | None, str]:
-    """The URL to inspect, or None and why not. Never starts an embedded server."""
-    configured = project.config.redis.url
-    if configured.strip() != "embedded":
-        return configured, ""
-    running = EmbeddedRedis.find_running(project.base_dir)
-    if running is None:
-        return None, "embedded Redis is not running: showing the full plan (run would start it)"
-    return running, ""
-
-
-async def _inspect(url: str, resolved: Resolved) -> list[Change]:
-    try:
-        client = redis_from_url(url, socket_timeout=PROBE_TIMEOUT * 5)
-    except ValueError as exc:
-        raise CortexFlowError(f"redis.url: {exc}") from None
-    try:
-        await wait_for_redis(client, timeout=PROBE_TIMEOUT, log=_QUIET)
-        try:
-            return await drift(client, resolved)
-        except RedisError as exc:
-            raise CortexFlowError(f"reading Redis at {describe_url(url)} failed: {exc}") from exc
-    finally:
-        await client.aclose()
-
-
-def _format_text(plan: Plan, heading: str) -> str:
-    lines = [heading]
-    for what, title in _SECTIONS:
-        found = [c for c in plan.changes if c.kind != "drift" and c.subject == what]
-        if found:
-            lines.append(f"{title}:")
-            lines += [f"  {_PREFIX[c.kind]} {c}" for c in found]
-    found = [c for c in plan.changes if c.kind == "drift"]
-    if found:
-        lines.append("drift (in Redis, not declared; run leaves it alone):")
-        lines += [f"  ! {c}" for c in found]
-    if plan.restart_required:
-        lines.append("restart needed:")
-        lines += [f"  {reason}" for reason in plan.restart_required]
-    if plan.empty:
-        lines.append("No changes: Redis has every stream and group the flows declare.")
-    counts = plan.summary()
-    lines.append(
-        f"Plan: {counts['create']} to create, {counts['change']} to change, "
-        f"{counts['remove']} to remove, {counts['drift']} drift"
-    )
-    return "\n".join(lines)
-
-
-def command(args: argparse.Namespace) -> int:
-    """``cortex-flow plan``: what ``run`` would create in Redis, and what it finds there.
-
-    Compares the flows with the streams and groups in Redis; when Redis cannot be reached
-    (or ``embedded`` is not running) it prints the full plan, everything as an add. Changes
-    nothing. Exit codes, like ``terraform plan -detailed-exitcode`` (2 stays a usage error):
-    0 nothing to create or change (drift alone is informational), 1 error, 3 changes.
-    """
-    project = load(args)
-    resolved = resolve(project.topology, project.config.runner.name)
-    notes = []
-    if args.admin:
-        notes.append("--admin: the runner does not expose its topology yet; comparing with Redis")
-    url, why = _redis_url(project)
-    plan = None
-    if url is not None:
-        try:
-            plan = _redis_plan(resolved, asyncio.run(_inspect(url, resolved)))
-        except ConnectionFailed as exc:
-            refused = (AuthenticationError, AuthorizationError, NoPermissionError)
-            if isinstance(exc.__cause__, refused):
-                raise
-            why = f"Redis not reachable: showing the full plan. {exc}"
-    if plan is None:
-        notes.append(why)
-        plan = diff(None, resolved)
-    if args.format == "json":
-        doc = {
-            "runner": resolved.runner,
-            "redis": describe_url(url) if url is not None and not why else None,
-            "notes": notes,
-            "changes": [{**asdict(c), "text": str(c)} for c in plan.changes],
-            "restart_required": list(plan.restart_required),
-            "summary": plan.summary(),
-        }
-        print(json.dumps(doc, indent=2))
-    else:
-        for note in notes:
-            print(f"note: {note}", file=sys.stderr)
-        where = f"against Redis at {describe_url(url)}" if url and not why else "(Redis not read)"
-        print(_format_text(plan, f"Plan for runner {resolved.runner} {where}:"))
-    return 0 if plan.empty else 3

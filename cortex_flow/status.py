@@ -2,8 +2,8 @@
 
 :func:`collect` reads what Redis knows in two pipelined rounds (plus a few pages of
 heartbeats when an agent is not among the newest) and never reads a stream in full:
-only XLEN, XINFO, XPENDING and ranges of COUNT 1. :func:`render` turns the data into
-rich tables; ``--json`` prints the same data.
+only XLEN, XINFO, XPENDING and ranges of COUNT 1. :func:`~cortex_flow.statusview.render`
+turns the data into rich tables; ``--json`` prints the same data.
 """
 
 from __future__ import annotations
@@ -11,113 +11,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import time
 from typing import Any
 
 import aiohttp
 from redis.exceptions import RedisError
-from rich.console import Console, Group, RenderableType
-from rich.table import Table
+from rich.console import RenderableType
 from rich.text import Text
 
+from cortex_flow.access import connect_project
 from cortex_flow.commands import load
 from cortex_flow.config import AdminSettings
-from cortex_flow.connection import (
-    RedisClient,
-    describe_client,
-    describe_url,
-    is_cluster,
-    redis_from_url,
-)
-from cortex_flow.embedded import EMBEDDED, EmbeddedRedis, resolve_url
+from cortex_flow.connection import RedisClient, describe_client, describe_error, is_cluster
+from cortex_flow.entryids import id_key, id_ms
 from cortex_flow.errors import ConnectionFailed, UsageError
 from cortex_flow.loader import Project
+from cortex_flow.statusview import humanize, render, wide_console
 from cortex_flow.topology import Resolved, resolve
 
-__all__ = ["collect", "command", "connect", "humanize", "probe_admin", "render"]
+__all__ = ["collect", "command", "probe_admin", "snapshot"]
 
 HEARTBEAT_SCAN = 10_000  # newest heartbeat entries read at most to find every agent
 HEARTBEAT_PAGE = 1_000
 ADMIN_TIMEOUT = 1.0
-
-
-# --- small helpers (dlq uses them too) -----------------------------------------------------
-
-
-def id_ms(entry_id: str) -> int:
-    """The millisecond timestamp of a stream entry ID (``1700000000000-3``)."""
-    return int(entry_id.partition("-")[0])
-
-
-def id_key(entry_id: str) -> tuple[int, int]:
-    """A sort key for stream entry IDs."""
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def humanize(seconds: float | None) -> str:
-    """``3s``, ``4m12s``, ``2h``, ``3d4h``; ``-`` for unknown."""
-    if seconds is None:
-        return "-"
-    if seconds < 1:
-        return f"{round(seconds * 1000)}ms" if seconds > 0 else "0s"
-    total = int(seconds)
-    for big, small, size, small_size in (("d", "h", 86400, 3600), ("h", "m", 3600, 60)):
-        if total >= size:
-            rest = (total % size) // small_size
-            return f"{total // size}{big}" + (f"{rest}{small}" if rest else "")
-    minutes, secs = divmod(total, 60)
-    if minutes:
-        return f"{minutes}m" + (f"{secs}s" if secs else "")
-    return f"{secs}s"
-
-
-def count(value: int | None) -> str:
-    return "-" if value is None else f"{value:,}"
-
-
-# --- connecting ------------------------------------------------------------------------------
-
-
-async def connect(project: Project) -> RedisClient:
-    """A client to the project's Redis, checked with a PING; never starts an embedded server."""
-    configured = project.config.redis.url
-    if configured.strip() == EMBEDDED:
-        running = await asyncio.to_thread(EmbeddedRedis.find_running, project.base_dir)
-        if running is None:
-            raise ConnectionFailed(
-                f"redis.url is `embedded`, but no embedded Redis is running for "
-                f"{project.base_dir} (none recorded alive in .cortex/embedded.json). Start the "
-                "runner with `cortex-flow run`, or point redis.url (or CORTEX_REDIS_URL) at a "
-                "server."
-            )
-        url = running
-    else:
-        url, _ = resolve_url(configured, project.base_dir)
-    try:
-        client = redis_from_url(url)
-    except ValueError as exc:
-        raise ConnectionFailed(str(exc)) from exc
-    try:
-        await client.ping()
-    except (RedisError, OSError) as exc:
-        await client.aclose()
-        raise ConnectionFailed(
-            f"cannot reach Redis at {describe_url(url)} ({_reason(exc)}). Check that the "
-            "server is running and that redis.url in config.yaml (or CORTEX_REDIS_URL) "
-            "points at it."
-        ) from exc
-    return client
-
-
-def _reason(exc: BaseException) -> str:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno:
-            return os.strerror(seen.errno)
-        seen = seen.__cause__ or seen.__context__
-    return str(exc).rstrip(".") or type(exc).__name__
 
 
 # --- collecting ------------------------------------------------------------------------------
@@ -362,7 +278,7 @@ async def probe_admin(admin: AdminSettings) -> dict[str, Any]:
         async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as reply:
             body = await reply.json(content_type=None)
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        return {"admin": admin.listen, "reachable": False, "reason": _reason(exc) or "no reply"}
+        return {"admin": admin.listen, "reachable": False, "reason": describe_error(exc)}
     if not isinstance(body, dict):
         return {"admin": admin.listen, "reachable": False, "reason": "not a cortex-flow runner"}
     return {
@@ -373,112 +289,7 @@ async def probe_admin(admin: AdminSettings) -> dict[str, Any]:
     }
 
 
-# --- rendering -------------------------------------------------------------------------------
-
-
-def _table(title: str, *columns: str) -> Table:
-    table = Table(title=title, title_justify="left", title_style="bold", expand=False)
-    for column in columns:
-        numeric = column in ("Length", "Pending", "Lag", "Entries", "Inbox")
-        table.add_column(column, justify="right" if numeric else "left")
-    return table
-
-
-def render(data: dict[str, Any]) -> RenderableType:
-    """Tables for people on call: problems first, in colour; ages humanised."""
-    parts: list[RenderableType] = []
-    where = data.get("redis", "")
-    issues = data["problems"]
-    head = Text(f"cortex-flow status{f' · {where}' if where else ''} · ", style="bold")
-    head.append(
-        f"{len(issues)} problem(s)" if issues else "all healthy",
-        style="bold red" if issues else "bold green",
-    )
-    parts.append(head)
-    parts.extend(Text(f"  ! {issue}", style="red") for issue in issues)
-
-    streams = _table("Streams", "Stream", "Key", "Length", "Oldest", "Newest")
-    for s in data["streams"]:
-        missing = s["status"] != "ok"
-        length: Text | str = Text(s["status"], style="yellow") if missing else count(s["length"])
-        streams.add_row(
-            s["name"],
-            s["key"],
-            length,
-            humanize(s.get("oldest_age")),
-            humanize(s.get("newest_age")),
-        )
-    parts.append(streams)
-
-    groups = _table("Groups", "Group", "Key", "Pending", "Lag", "Oldest pending", "Consumers")
-    for g in data["groups"]:
-        if g["status"] != "ok":
-            groups.add_row(g["name"], g["key"], Text(g["status"], style="yellow"), "", "", "")
-            continue
-        idle = g["oldest_pending_idle"]
-        oldest = Text("-")
-        if idle is not None:
-            oldest = Text(
-                f"{humanize(g['oldest_pending_age'])} old, idle {humanize(idle)}, "
-                f"{g['oldest_pending_deliveries']}x",
-                style="red" if g["stale"] else "",
-            )
-        consumers = "\n".join(
-            f"{c['name']}: {count(c['pending'])} pending, idle {humanize(c['idle'])}"
-            for c in g["consumers"]
-        )
-        lag = count(g["lag"]) if g["lag"] is not None else "unknown"
-        groups.add_row(g["name"], g["key"], count(g["pending"]), lag, oldest, consumers or "-")
-    parts.append(groups)
-
-    agents = _table("Agents", "Agent", "Status", "Last heartbeat", "Timeout", "Inbox")
-    colours = {"up": "green", "down": "bold red", "never seen": "yellow", "unwatched": "dim"}
-    for a in data["agents"]:
-        status = Text(a["status"], style=colours.get(a["status"], ""))
-        if a["reported"]:
-            status.append(f" ({a['reported']})", style="dim")
-        beat = f"{humanize(a['heartbeat_age'])} ago" if a["heartbeat_age"] is not None else "-"
-        agents.add_row(a["name"], status, beat, humanize(a["timeout"]), count(a["inbox"]))
-    parts.append(agents)
-
-    dead = _table("Dead letters", "Key", "Entries", "Oldest", "Newest")
-    for d in data["dead_letters"]:
-        entries = Text(count(d["length"]) if d["status"] == "ok" else d["status"])
-        if d["length"]:
-            entries.stylize("bold red")
-        dead.add_row(
-            d["key"], entries, humanize(d.get("oldest_age")), humanize(d.get("newest_age"))
-        )
-    if data["dead_letters"]:
-        parts.append(dead)
-
-    runner = data["runner"]
-    line = Text(f"Runner {runner['name']}: ", style="bold")
-    admin = runner.get("admin_status") or {}
-    if admin.get("reachable"):
-        line.append(
-            "ready" if admin["ready"] else "not ready", "green" if admin["ready"] else "red"
-        )
-        reload = admin.get("reload") or {}
-        if reload:
-            line.append(f"; last reload {reload.get('last_outcome')} at {reload.get('last_at')}")
-            for error in reload.get("errors") or []:
-                line.append(f"\n  reload error: {error}", style="red")
-    elif admin:
-        line.append(f"not reachable ({admin.get('admin') or 'admin off'}: {admin['reason']})")
-        line.stylize("yellow", len(f"Runner {runner['name']}: "))
-    beat = runner["heartbeat_age"]
-    line.append(f"; last heartbeat {humanize(beat)} ago" if beat is not None else "")
-    parts.append(line)
-    return Group(*parts)
-
-
 # --- the command ------------------------------------------------------------------------------
-
-
-def _console() -> Console:
-    console = Console()
-    return console if console.is_terminal else Console(width=200)
 
 
 async def snapshot(client: RedisClient, project: Project, resolved: Resolved) -> dict[str, Any]:
@@ -498,25 +309,26 @@ async def _main(args: argparse.Namespace) -> int:
         raise UsageError(f"--interval must be a positive number of seconds, got {args.interval:g}")
     project = load(args)
     resolved = resolve(project.topology, project.config.runner.name)
-    client = await connect(project)
+    client = await connect_project(project)
     try:
         if not args.watch:
             data = await snapshot(client, project, resolved)
             if args.json:
                 print(json.dumps(data, indent=2))
             else:
-                _console().print(render(data))
+                wide_console().print(render(data))
             return 0
         from rich.live import Live
 
-        with Live(Text("reading…"), console=_console(), auto_refresh=False) as live:
+        with Live(Text("reading…"), console=wide_console(), auto_refresh=False) as live:
             while True:
                 view: RenderableType
                 try:
                     view = render(await snapshot(client, project, resolved))
                 except (RedisError, OSError) as exc:
+                    where, why = describe_client(client), describe_error(exc)
                     view = Text(
-                        f"Redis at {describe_client(client)} is not reachable ({_reason(exc)}); "
+                        f"Redis at {where} is not reachable ({why}); "
                         f"retrying every {args.interval:g}s",
                         style="bold red",
                     )
@@ -524,7 +336,7 @@ async def _main(args: argparse.Namespace) -> int:
                 await asyncio.sleep(args.interval)
     except (RedisError, OSError) as exc:
         raise ConnectionFailed(
-            f"lost Redis at {describe_client(client)} while reading status ({_reason(exc)})"
+            f"lost Redis at {describe_client(client)} while reading status ({describe_error(exc)})"
         ) from exc
     finally:
         await client.aclose()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,14 +22,9 @@ Sync = Any  # a decoded sync client; redis-py types its replies as bytes | str |
 
 
 @pytest.fixture
-def prefix(redis_url: str) -> Iterator[str]:
-    """A unique key prefix; every key under it is deleted afterwards."""
-    value = f"cftest:dlq:{uuid.uuid4().hex[:8]}:"
-    yield value
-    with redis.Redis.from_url(redis_url) as client:
-        keys = list(client.scan_iter(match=f"{value}*", count=1000))
-        if keys:
-            client.unlink(*keys)
+def prefix(key_prefix: str) -> str:
+    """conftest's unique, cleaned-up key prefix, under the name these tests use."""
+    return key_prefix
 
 
 @pytest.fixture

@@ -14,8 +14,9 @@ import yaml
 
 from cortex_flow.cli import cli
 from cortex_flow.config import Config
+from cortex_flow.drift import drift
 from cortex_flow.loader import load_topology
-from cortex_flow.plan import Change, Plan, diff, drift
+from cortex_flow.plan import Change, Plan, diff
 from cortex_flow.topology import Resolved, resolve
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,19 +18,15 @@ from rich.console import Console
 
 from cortex_flow.cli import cli
 from cortex_flow.loader import load_project
-from cortex_flow.status import HEARTBEAT_PAGE, collect, humanize, render
+from cortex_flow.status import HEARTBEAT_PAGE, collect
+from cortex_flow.statusview import humanize, render
 from cortex_flow.topology import resolve
 
 
 @pytest.fixture
-def prefix(redis_url: str) -> Iterator[str]:
-    """A unique key prefix; every key under it is deleted afterwards."""
-    value = f"cftest:status:{uuid.uuid4().hex[:8]}:"
-    yield value
-    with redis.Redis.from_url(redis_url) as client:
-        keys = list(client.scan_iter(match=f"{value}*", count=1000))
-        if keys:
-            client.unlink(*keys)
+def prefix(key_prefix: str) -> str:
+    """conftest's unique, cleaned-up key prefix, under the name these tests use."""
+    return key_prefix
 
 
 @pytest.fixture
