@@ -21,10 +21,10 @@ COMMANDS = {
     "schema": "cortex_flow.commands:schema",
     "graph": "cortex_flow.commands:graph",
     "run": "cortex_flow.runner:command",
-    "plan": "cortex_flow.plan:command",
+    "plan": "cortex_flow.plancli:command",
     "send": "cortex_flow.send:command",
     "status": "cortex_flow.status:command",
-    "dlq": "cortex_flow.dlq:command",
+    "dlq": "cortex_flow.dlqcli:command",
     "test": "cortex_flow.flowtest:command",
 }
 
@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("test", parents=[common], help="run flow tests (*.test.yaml)")
     p.add_argument("paths", nargs="*", type=Path)
     p.add_argument("--format", choices=["text", "github"], default="text")
+    p.add_argument("--url", help="test Redis to use instead of a private one (keys are deleted)")
+    p.add_argument("-k", dest="keyword", help="only cases whose name contains this text")
     return parser
 
 

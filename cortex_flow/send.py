@@ -5,16 +5,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 from collections.abc import Mapping
 from typing import Any
 
+from cortex_flow.access import connect_project, project_url
 from cortex_flow.codec import encode
-from cortex_flow.connection import redis_from_url, wait_for_redis
 from cortex_flow.errors import UsageError
 from cortex_flow.loader import Project, load_project
 from cortex_flow.modelerrors import did_you_mean
 from cortex_flow.models import StreamSpec
 from cortex_flow.topology import key_variables, render_key
+
+# The old name of access.project_url; cortex_flow.client still imports it from here.
+connect_url = project_url
 
 
 def target_key(
@@ -67,29 +71,6 @@ async def publish(client: Any, key: str, spec: StreamSpec, msg: Mapping[str, Any
     return entry_id
 
 
-async def connect(project: Project) -> Any:
-    """A client for the project's Redis; ``embedded`` must already be running."""
-    from cortex_flow.embedded import EmbeddedRedis
-
-    url = project.config.redis.url
-    if url == "embedded":
-        running = EmbeddedRedis.find_running(project.base_dir)
-        if running is None:
-            from cortex_flow.errors import ConnectionFailed
-
-            raise ConnectionFailed(
-                "redis.url is `embedded` but no embedded Redis is running under "
-                f"{project.base_dir / '.cortex'}; start `cortex-flow run` first, or set "
-                "CORTEX_REDIS_URL"
-            )
-        url = running
-    client = redis_from_url(url)
-    import logging
-
-    await wait_for_redis(client, timeout=3.0, log=logging.getLogger("cortex_flow.send"))
-    return client
-
-
 def command(args: argparse.Namespace) -> int:
     project = load_project(args.config)
     try:
@@ -104,7 +85,7 @@ def command(args: argparse.Namespace) -> int:
     )
 
     async def go() -> str:
-        client = await connect(project)
+        client = await connect_project(project, wait=3.0, log=logging.getLogger(__name__))
         try:
             return await publish(client, key, spec, msg)
         finally:
