@@ -1,3 +1,40 @@
-"""cortex-flow: declarative Redis Streams topologies."""
+"""cortex-flow: declarative Redis Streams topologies.
+
+The public names below load on first use, so ``import cortex_flow`` (and
+``cortex-flow validate``) never imports redis or aiohttp.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+__all__ = ["Client", "FlowHarness", "Runner", "__version__", "load_project"]
+
+_LAZY = {
+    "Client": "cortex_flow.client",
+    "FlowHarness": "cortex_flow.testing",
+    "Runner": "cortex_flow.runner",
+    "load_project": "cortex_flow.loader",
+}
+
+if TYPE_CHECKING:
+    from cortex_flow.client import Client
+    from cortex_flow.loader import load_project
+    from cortex_flow.runner import Runner
+    from cortex_flow.testing import FlowHarness
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cortex_flow' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

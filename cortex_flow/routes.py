@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,12 @@ from cortex_flow.codec import encode
 from cortex_flow.models import Route, StreamSpec
 from cortex_flow.templates import Expression, Template, make_context
 from cortex_flow.topology import ResolvedGroup, key_template, key_variables
+
+# How a ``call`` route's ``module:function`` becomes a callable when a table is compiled.
+# cortex_flow.testing sets it around Runner.start to stub or record call targets.
+call_resolver: ContextVar[Callable[[str], object]] = ContextVar(
+    "cortex_flow_call_resolver", default=resolve_callable
+)
 
 
 class PermanentError(Exception):
@@ -59,7 +66,7 @@ class CompiledRoute:
         self.inline = False
         self.timeout = 0.0
         if route.call is not None:
-            fn = resolve_callable(route.call.function)
+            fn = call_resolver.get()(route.call.function)
             assert callable(fn)
             self.fn = fn
             self.is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
