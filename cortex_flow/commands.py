@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
 from cortex_flow import schema as schemas
 from cortex_flow.checks import check_imports
-from cortex_flow.errors import ValidationFailed
+from cortex_flow.errors import Problem
 from cortex_flow.graph import mermaid
-from cortex_flow.loader import Project, _display, flow_paths, load_project
+from cortex_flow.loader import Project, Topology, check_project, load_project
 from cortex_flow.report import format_problems
 from cortex_flow.topology import resolve
 
@@ -20,29 +21,32 @@ def load(args: argparse.Namespace) -> Project:
     return load_project(args.config, getattr(args, "paths", None) or None)
 
 
-def validate(args: argparse.Namespace) -> int:
-    paths = args.paths or None
+def _imports(topology: Topology, base_dir: Path) -> list[Problem]:
+    """``--check-imports``: import call targets as ``run`` would, from the config's folder."""
+    sys.path.insert(0, str(base_dir))
+    importlib.invalidate_caches()
     try:
-        project = load_project(args.config, paths)
-        problems = []
-        if args.check_imports:
-            sys.path.insert(0, str(project.base_dir))
-            problems = check_imports(project.topology)
-        files = project.topology.files
-    except ValidationFailed as exc:
-        problems = exc.problems
-        files = [_display(p) for p in flow_paths(paths or [])] or ["flows"]
-    output = format_problems(problems, args.format, files)
+        return check_imports(topology)
+    finally:
+        sys.path.remove(str(base_dir))
+
+
+def validate(args: argparse.Namespace) -> int:
+    checked = check_project(args.config, args.paths or None)
+    problems = checked.problems
+    if checked.project is not None and args.check_imports:
+        problems = _imports(checked.project.topology, checked.project.base_dir)
+    output = format_problems(problems, args.format, checked.files)
+    if output:
+        print(output)
     if problems:
-        print(output)
         return 1
-    if args.format == "json":
-        print(output)
-    elif args.format == "text":
-        topo = project.topology
+    if args.format == "text" and checked.project is not None:
+        topo = checked.project.topology
+        count = len(topo.files)
         print(
-            f"ok: {len(files)} flow file(s): {len(topo.streams)} streams, {len(topo.groups)} "
-            f"groups, {len(topo.agents)} agents"
+            f"ok: {count} flow file{'' if count == 1 else 's'}: {len(topo.streams)} streams, "
+            f"{len(topo.groups)} groups, {len(topo.agents)} agents"
         )
     return 0
 
@@ -57,7 +61,8 @@ def schema(args: argparse.Namespace) -> int:
         stale = schemas.stale(out)
         if stale:
             print(
-                f"schemas out of date in {out}: {', '.join(stale)}; run `cortex-flow schema`",
+                f"schemas out of date in {out}: {', '.join(stale)}; run `cortex-flow schema` "
+                "to regenerate them",
                 file=sys.stderr,
             )
             return 1

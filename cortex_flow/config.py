@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import ConfigDict, Field, WithJsonSchema, field_validator
 
-from cortex_flow.durations import Duration
+from cortex_flow.durations import Duration, PositiveDuration
+from cortex_flow.modelerrors import show
 from cortex_flow.models import Model
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
 
 
 class RedisSettings(Model):
     url: str = Field(
-        "embedded",
+        default="embedded",
         description="redis://, rediss://, unix://, redis+sentinel://, redis+cluster://, "
         "or `embedded` (a private server under .cortex/).",
     )
@@ -20,23 +23,27 @@ class RedisSettings(Model):
     @field_validator("url")
     @classmethod
     def _scheme(cls, value: str) -> str:
-        schemes = ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
-        if value != "embedded" and not value.startswith(schemes):
+        if value != "embedded" and not value.startswith(REDIS_SCHEMES):
             raise ValueError(
-                f"{value!r} is not a Redis URL; use redis://host:port, rediss://, unix://path, "
-                "redis+sentinel://host:port/service, redis+cluster://host:port or embedded"
+                f"{show(value)} is not a Redis URL; use redis://host:port, rediss://host:port, "
+                "unix:///path/to/socket, redis+sentinel://host:port/service, "
+                "redis+cluster://host:port, or embedded for a private server"
             )
         return value
 
 
 class RunnerSettings(Model):
     name: str = Field(
-        "cortex",
+        default="cortex",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$",
         description="Consumer names derive from it: keep it stable and unique per runner.",
     )
-    shutdown_grace: Duration = Field(30.0, description="Time to finish in-flight work on stop.")
-    heartbeat_interval: Duration = Field(10.0, description="How often the runner itself beats.")
+    shutdown_grace: Duration = Field(
+        default=30.0, description="Time to finish in-flight work on stop."
+    )
+    heartbeat_interval: PositiveDuration = Field(
+        default=10.0, description="How often the runner itself beats."
+    )
 
 
 class ReloadSettings(Model):
@@ -45,8 +52,12 @@ class ReloadSettings(Model):
 
 
 class AdminSettings(Model):
-    listen: str | None = Field(
-        "127.0.0.1:8477", description='host:port for /healthz, /readyz, /metrics; "off" disables.'
+    listen: Annotated[
+        str | None,
+        WithJsonSchema({"anyOf": [{"type": "string"}, {"const": False}, {"type": "null"}]}),
+    ] = Field(
+        default="127.0.0.1:8477",
+        description='host:port for /healthz, /readyz, /metrics; "off" (or false) disables.',
     )
 
     @field_validator("listen", mode="before")
@@ -54,9 +65,13 @@ class AdminSettings(Model):
     def _off(cls, value: Any) -> Any:
         if value is False or value is None or (isinstance(value, str) and value.lower() == "off"):
             return None
-        if isinstance(value, str) and value.rpartition(":")[2].isdigit():
-            return value
-        raise ValueError(f'must be host:port (e.g. 127.0.0.1:8477) or "off", got {value!r}')
+        if isinstance(value, str):
+            port = value.rpartition(":")[2]
+            if port.isdigit() and int(port) <= 65535:
+                return value
+        raise ValueError(
+            f'must be host:port (e.g. 127.0.0.1:8477) or "off" to disable, got {show(value)}'
+        )
 
     @property
     def host_port(self) -> tuple[str, int] | None:
@@ -74,9 +89,16 @@ class LogSettings(Model):
 class Config(Model):
     """Everything in ``config.yaml``; every section is optional."""
 
-    redis: RedisSettings = Field(default_factory=RedisSettings)
-    flows: str = Field("flows/", description="Flows folder, relative to this file.")
-    runner: RunnerSettings = Field(default_factory=RunnerSettings)
-    reload: ReloadSettings = Field(default_factory=ReloadSettings)
-    admin: AdminSettings = Field(default_factory=AdminSettings)
-    log: LogSettings = Field(default_factory=LogSettings)
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        populate_by_name=True,
+        json_schema_extra={"title": "cortex-flow config file"},
+    )
+
+    redis: RedisSettings = Field(default_factory=lambda: RedisSettings())
+    flows: str = Field(default="flows/", description="Flows folder, relative to this file.")
+    runner: RunnerSettings = Field(default_factory=lambda: RunnerSettings())
+    reload: ReloadSettings = Field(default_factory=lambda: ReloadSettings())
+    admin: AdminSettings = Field(default_factory=lambda: AdminSettings())
+    log: LogSettings = Field(default_factory=lambda: LogSettings())

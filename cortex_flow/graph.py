@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import re
 
+from cortex_flow.durations import format_duration
 from cortex_flow.models import Route
 from cortex_flow.topology import Resolved, key_variables
+
+_ESCAPES = {'"': "#quot;", "<": "#lt;", ">": "#gt;", "|": "#124;"}
+_SPECIAL = re.compile("|".join(re.escape(c) for c in _ESCAPES))
 
 
 def _id(kind: str, name: str) -> str:
     return f"{kind}_{re.sub(r'[^A-Za-z0-9_]', '_', name)}"
 
 
-def _label(text: str) -> str:
-    return text.replace('"', "#quot;")
+def _label(*lines: str) -> str:
+    """Lines of text for a node or edge label, escaped for Mermaid, quoted."""
+    return '"' + "<br/>".join(_SPECIAL.sub(lambda m: _ESCAPES[m.group()], s) for s in lines) + '"'
 
 
 def _route_label(index: int, route: Route) -> str:
@@ -31,45 +36,46 @@ def mermaid(resolved: Resolved) -> str:
     for name, stream in resolved.streams.items():
         keys = [k.key for k in stream.keys] or [stream.spec.key]
         shown = keys if len(keys) <= 4 else [*keys[:3], f"... {len(keys) - 3} more"]
-        text = _label(f"{name}<br/>" + "<br/>".join(shown))
-        shape = f'[("{text}")]' if name not in dlq_streams else f'[/"{text}"/]'
+        text = _label(name, *shown)
+        shape = f"[({text})]" if name not in dlq_streams else f"[/{text}/]"
         lines.append(f"  {_id('s', name)}{shape}")
     for name, group in resolved.groups.items():
         spec = group.spec
-        info = f"group {name}<br/>{spec.priority}, batch {spec.batch}, x{spec.concurrency}"
-        lines.append(f'  {_id("g", name)}{{{{"{_label(info)}"}}}}')
+        gid = _id("g", name)
+        info = _label(f"group {name}", f"{spec.priority}, batch {spec.batch}, x{spec.concurrency}")
+        lines.append(f"  {gid}{{{{{info}}}}}")
         bound = ", ".join(f"{k}={v}" for k, v in spec.vars.items())
         lines.append(
-            f"  {_id('s', spec.stream)} -->{'|' + _label(bound) + '|' if bound else ''} "
-            f"{_id('g', name)}"
+            f"  {_id('s', spec.stream)} -->{'|' + _label(bound) + '|' if bound else ''} {gid}"
         )
         for index, route in enumerate(spec.routes):
             label = _route_label(index, route)
-            gid = _id("g", name)
             if route.to is not None:
-                lines.append(f'  {gid} -->|"{label}"| {_id("s", route.to)}')
-            elif route.call is not None:
+                lines.append(f"  {gid} -->|{label}| {_id('s', route.to)}")
+                continue
+            if route.call is not None:
                 node = _id("c", f"{name}_{index}")
-                lines.append(f'  {node}[["call {_label(route.call.function)}"]]')
-                lines.append(f'  {gid} -->|"{label}"| {node}')
+                lines.append(f"  {node}[[{_label('call ' + route.call.function)}]]")
             elif route.http is not None:
                 node = _id("h", f"{name}_{index}")
-                lines.append(f'  {node}>"http {_label(route.http.url)}"]')
-                lines.append(f'  {gid} -->|"{label}"| {node}')
+                lines.append(f"  {node}>{_label('http ' + route.http.url)}]")
             else:
                 node = _id("d", f"{name}_{index}")
                 lines.append(f"  {node}((drop))")
-                lines.append(f'  {gid} -->|"{label}"| {node}')
+            lines.append(f"  {gid} -->|{label}| {node}")
         if spec.dead_letter:
-            lines.append(f'  {_id("g", name)} -.->|"dead letter"| {_id("s", spec.dead_letter)}')
-    inbox_streams = [n for n, s in resolved.streams.items() if "agent" in key_variables(s.spec)]
+            lines.append(f'  {gid} -.->|"dead letter"| {_id("s", spec.dead_letter)}')
+    inboxes = [n for n, s in resolved.streams.items() if "agent" in key_variables(s.spec)]
     for name, agent in resolved.agents.items():
-        beat = f"<br/>beats every {agent.heartbeat.interval:g}s" if agent.heartbeat else ""
-        lines.append(f'  {_id("a", name)}(["agent {_label(name)}{beat}"])')
-        for stream in inbox_streams:
-            lines.append(f"  {_id('s', stream)} -.->|{_label(name)}| {_id('a', name)}")
+        aid = _id("a", name)
+        beat = (
+            [f"beats every {format_duration(agent.heartbeat.interval)}"] if agent.heartbeat else []
+        )
+        lines.append(f"  {aid}([{_label(f'agent {name}', *beat)}])")
+        for inbox in inboxes:
+            lines.append(f"  {_id('s', inbox)} -.->|{_label(name)}| {aid}")
         if agent.heartbeat and topo.heartbeats is not None:
-            lines.append(f"  {_id('a', name)} -.->|heartbeat| {_id('s', topo.heartbeats.stream)}")
+            lines.append(f'  {aid} -.->|"heartbeat"| {_id("s", topo.heartbeats.stream)}')
     if topo.heartbeats is not None and topo.heartbeats.on_down is not None:
         hb = _id("s", topo.heartbeats.stream)
         lines.append(f'  {hb} -.->|"agent down/up"| {_id("s", topo.heartbeats.on_down.to)}')

@@ -35,13 +35,15 @@ class Origin:
         line, col = self.doc.locate(self.path + sub)
         return self.doc.file, line, col
 
-    def problem(self, sub: Sequence[str | int], message: str) -> Problem:
-        file, line, col = self.at(*sub)
-        return Problem(file, line, col, dotted(self.path + tuple(sub)), message)
+    def problem(self, sub: Sequence[str | int], message: str, *, at_key: bool = False) -> Problem:
+        """A problem at the value under ``sub``, or at its key with ``at_key``."""
+        path = self.path + tuple(sub)
+        line, col = self.doc.key_position(path) if at_key else self.doc.locate(path)
+        return Problem(self.doc.file, line, col, dotted(path), message)
 
     def __str__(self) -> str:
-        file, line, col = self.at()
-        return f"{file}:{line}:{col}"
+        line, col = self.doc.key_position(self.path)
+        return f"{self.doc.file}:{line}:{col}"
 
 
 @dataclass
@@ -71,24 +73,18 @@ class Project:
 
 
 def _validate(model: type[BaseModel], doc: Document, problems: list[Problem], what: str) -> Any:
+    start = "start it with version: 1" if model is FlowFile else "write settings as key: value"
     if doc.data is None:
-        problems.append(
-            Problem(
-                doc.file,
-                1,
-                1,
-                "",
-                f"{what} is empty; start it with `version: 1`"
-                if what == "flow file"
-                else f"{what} is empty",
-            )
-        )
-        return None
+        if model is FlowFile:
+            problems.append(Problem(doc.file, 1, 1, "", f"{what} is empty; {start}"))
+            return None
+        return model.model_validate({})  # an empty config.yaml means all defaults
     if not isinstance(doc.data, dict):
-        kind = type(doc.data).__name__
-        problems.append(
-            Problem(doc.file, 1, 1, "", f"{what} must be a mapping at the top level, got a {kind}")
-        )
+        kinds = {"list": "list", "str": "string", "int": "number", "float": "number"}
+        kind = kinds.get(type(doc.data).__name__, type(doc.data).__name__)
+        line, col = doc.locate(())
+        message = f"{what} must be a mapping (key: value lines) at the top level, got a {kind}"
+        problems.append(Problem(doc.file, line, col, "", f"{message}; {start}"))
         return None
     try:
         return model.model_validate(doc.data)
@@ -137,10 +133,19 @@ def _display(path: Path) -> str:
 
 def load_topology(paths: Sequence[Path], env: Mapping[str, str] | None = None) -> Topology:
     """Load flow files (or folders of them) into one checked topology."""
+    problems: list[Problem] = []
+    topo = _load_topology(paths, os.environ if env is None else env, problems)
+    if problems:
+        raise ValidationFailed(problems)
+    return topo
+
+
+def _load_topology(
+    paths: Sequence[Path], env: Mapping[str, str], problems: list[Problem]
+) -> Topology:
     from cortex_flow.checks import check_topology
 
-    env = os.environ if env is None else env
-    problems: list[Problem] = []
+    found = len(problems)
     topo = Topology()
     for path in flow_paths(paths):
         display = _display(path)
@@ -152,67 +157,100 @@ def load_topology(paths: Sequence[Path], env: Mapping[str, str] | None = None) -
         if flow is None:
             continue
         _merge(topo, flow, doc, problems)
-    if not problems:
+    # cross-file rules would mostly repeat what a broken file already reported
+    if len(problems) == found:
         problems.extend(check_topology(topo))
-    if problems:
-        raise ValidationFailed(problems)
     return topo
+
+
+def _twice(doc: Document, path: tuple[str, ...], what: str, first: Origin, fix: str) -> Problem:
+    line, col = doc.key_position(path)
+    return Problem(
+        doc.file, line, col, ".".join(path), f"{what} is defined twice: here and at {first}; {fix}"
+    )
 
 
 def _merge(topo: Topology, flow: FlowFile, doc: Document, problems: list[Problem]) -> None:
     for section in SECTIONS:
         target: dict[str, Any] = getattr(topo, section)
         for name, spec in getattr(flow, section).items():
-            origin = Origin(doc, (section, name))
             if name in target:
                 first = topo.origins[(section, name)]
-                line, col = doc.key_position((section, name))
-                problems.append(
-                    Problem(
-                        doc.file,
-                        line,
-                        col,
-                        f"{section}.{name}",
-                        f'{section[:-1]} "{name}" is defined twice: here and at {first}; '
-                        "rename or remove one",
-                    )
-                )
+                what = f'{section[:-1]} "{name}"'
+                problems.append(_twice(doc, (section, name), what, first, "rename or remove one"))
                 continue
             target[name] = spec if spec is not None else AgentSpec()
-            topo.origins[(section, name)] = origin
+            topo.origins[(section, name)] = Origin(doc, (section, name))
     if flow.heartbeats is not None:
-        origin = Origin(doc, ("heartbeats",))
         if topo.heartbeats is not None:
             first = topo.origins[("heartbeats", "")]
-            line, col = doc.key_position(("heartbeats",))
-            problems.append(
-                Problem(
-                    doc.file,
-                    line,
-                    col,
-                    "heartbeats",
-                    f"heartbeats is defined twice: here and at {first}; keep one",
-                )
-            )
+            fix = "a topology follows one heartbeat stream, so keep one"
+            problems.append(_twice(doc, ("heartbeats",), "heartbeats", first, fix))
         else:
             topo.heartbeats = flow.heartbeats
-            topo.origins[("heartbeats", "")] = origin
+            topo.origins[("heartbeats", "")] = Origin(doc, ("heartbeats",))
 
 
 def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Config:
     """Read ``config.yaml``; a missing default file means all defaults."""
-    env = os.environ if env is None else env
+    problems: list[Problem] = []
+    config = _load_config(path, os.environ if env is None else env, problems)
+    if problems:
+        raise ValidationFailed(problems)
+    return config
+
+
+def _load_config(path: Path | None, env: Mapping[str, str], problems: list[Problem]) -> Config:
     if path is None or not path.exists():
         if path is not None and path.name != "config.yaml":
-            raise ValidationFailed([Problem(_display(path), 1, 1, "", "config file not found")])
+            message = "config file not found; check the --config path"
+            problems.append(Problem(_display(path), 1, 1, "", message))
         return Config()
-    problems: list[Problem] = []
     doc = _read(path, _display(path), env, problems)
     config = _validate(Config, doc, problems, "config file") if doc is not None else None
-    if problems or config is None:
-        raise ValidationFailed(problems)
-    assert isinstance(config, Config)
-    return config
+    return config if isinstance(config, Config) else Config()
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What reading a project found: the project when valid, every problem, every file read."""
+
+    project: Project | None
+    problems: list[Problem]
+    files: list[str]
+
+
+def check_project(
+    config_path: Path | None = None,
+    paths: Sequence[Path] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Checked:
+    """Read and check config and flows; never raises for problems in the user's files."""
+    env = os.environ if env is None else env
+    config_path = config_path or Path("config.yaml")
+    problems: list[Problem] = []
+    config = _load_config(config_path, env, problems)
+    files = [_display(config_path)] if config_path.exists() else []
+    base_dir = config_path.resolve().parent
+    flows_dir = Path(config.flows)
+    if not flows_dir.is_absolute():
+        flows_dir = base_dir / flows_dir
+    targets = list(paths) if paths else [flows_dir]
+    missing = [p for p in targets if not p.exists()]
+    for p in missing:
+        what = "flows folder" if p == flows_dir else "file or folder"
+        fix = "; create it or set flows: in config.yaml" if p == flows_dir else ""
+        problems.append(Problem(_display(p), 1, 1, "", f"no such {what}{fix}"))
+    topology = Topology()
+    if not missing:
+        topology = _load_topology(targets, env, problems)
+        files.extend(topology.files)
+    if problems:
+        return Checked(None, sorted(set(problems)), files)
+    project = Project(
+        config, config_path if config_path.exists() else None, base_dir, flows_dir, topology
+    )
+    return Checked(project, [], files)
 
 
 def load_project(
@@ -221,29 +259,7 @@ def load_project(
     env: Mapping[str, str] | None = None,
 ) -> Project:
     """Load config and flows together; problems of both are reported in one error."""
-    config_path = config_path or Path("config.yaml")
-    problems: list[Problem] = []
-    try:
-        config = load_config(config_path, env)
-    except ValidationFailed as exc:
-        problems.extend(exc.problems)
-        config = Config()
-    base_dir = config_path.resolve().parent
-    flows_dir = Path(config.flows)
-    if not flows_dir.is_absolute():
-        flows_dir = base_dir / flows_dir
-    targets = list(paths) if paths else [flows_dir]
-    topology = Topology()
-    missing = [p for p in targets if not p.exists()]
-    for p in missing:
-        problems.append(Problem(_display(p), 1, 1, "", "no such file or folder"))
-    if not missing:
-        try:
-            topology = load_topology(targets, env)
-        except ValidationFailed as exc:
-            problems.extend(exc.problems)
-    if problems:
-        raise ValidationFailed(problems)
-    return Project(
-        config, config_path if config_path.exists() else None, base_dir, flows_dir, topology
-    )
+    checked = check_project(config_path, paths, env)
+    if checked.project is None:
+        raise ValidationFailed(checked.problems)
+    return checked.project

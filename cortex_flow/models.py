@@ -8,15 +8,33 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
-from cortex_flow.durations import Duration
+from cortex_flow.durations import Duration, PositiveDuration
+from cortex_flow.modelerrors import FIELD_RULE, show
 
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]*$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 CALL_PATTERN = rf"^{_IDENT}(\.{_IDENT})*:{_IDENT}(\.{_IDENT})*$"
+CallTarget = Annotated[str, Field(pattern=CALL_PATTERN)]
 DEFAULT_PRIORITIES = ("critical", "high", "normal", "low")
+
+
+def field_error(field: str, message: str) -> PydanticCustomError:
+    """A model-level rule reported at one of the model's fields (see modelerrors).
+
+    ``message`` must not contain ``{field}``: pydantic fills ``{name}`` from the context.
+    """
+    return PydanticCustomError(FIELD_RULE, message, {"field": field})
 
 
 class Model(BaseModel):
@@ -29,36 +47,44 @@ class StreamSpec(Model):
     """A Redis stream, or a family of streams when ``key`` is a template."""
 
     key: str = Field(
+        min_length=1,
         description="Redis key; a jinja2 template. `{{ priority }}` expands over `priorities`, "
-        "`{{ agent }}` over the declared agents; other variables must be given by `vars`."
+        "`{{ agent }}` over the declared agents; other variables must be given by `vars`.",
     )
     priorities: list[Name] | None = Field(
-        None, min_length=1, description="Priority levels, highest first (needs `{{ priority }}`)."
+        default=None,
+        min_length=1,
+        description="Priority levels, highest first (needs `{{ priority }}`).",
     )
     maxlen: int | None = Field(
-        None, ge=1, description="Approximate cap on length: XADD MAXLEN ~ on every publish."
+        default=None, ge=1, description="Approximate cap on length: XADD MAXLEN ~ on every publish."
     )
     codec: Literal["raw", "json"] = Field(
-        "raw",
+        default="raw",
         description="raw: `msg` is the entry's fields; json: the entry holds one field `data` "
         "with a JSON object, and `msg` is that object.",
     )
     description: str | None = None
 
-    @model_validator(mode="after")
-    def _priorities_unique(self) -> StreamSpec:
-        if self.priorities and len(set(self.priorities)) != len(self.priorities):
-            dupes = sorted({p for p in self.priorities if self.priorities.count(p) > 1})
-            raise ValueError(f"priorities must be unique; {', '.join(dupes)} repeated")
-        return self
+    @field_validator("priorities")
+    @classmethod
+    def _priorities_unique(cls, value: list[str] | None) -> list[str] | None:
+        if value and len(set(value)) != len(value):
+            dupes = sorted({p for p in value if value.count(p) > 1})
+            listed = ", ".join(f'"{d}"' for d in dupes)
+            raise ValueError(
+                f"priorities must be unique, but {listed} "
+                f"{'is' if len(dupes) == 1 else 'are'} listed more than once; remove the repeat"
+            )
+        return value
 
 
 class HeartbeatPolicy(Model):
     """How often an agent beats, and how long silence means it is down."""
 
-    interval: Duration = Field(description="How often the agent publishes a heartbeat.")
-    timeout: Duration | None = Field(
-        None, description="Silence after which the agent is down; defaults to 3 x interval."
+    interval: PositiveDuration = Field(description="How often the agent publishes a heartbeat.")
+    timeout: PositiveDuration | None = Field(
+        default=None, description="Silence after which the agent is down; defaults to 3 x interval."
     )
 
     @property
@@ -92,32 +118,41 @@ class BackoffPolicy(Model):
 
     initial: Duration = 1.0
     max: Duration = 60.0
-    multiplier: float = Field(2.0, ge=1.0, le=100.0)
+    multiplier: float = Field(default=2.0, ge=1.0, le=100.0)
 
 
 class RetryPolicy(Model):
     """How failures are retried and when a message is dead-lettered."""
 
     max_deliveries: int = Field(
-        5, ge=1, le=1000, description="Deliveries (Redis' count) before dead-lettering."
+        default=5, ge=1, le=1000, description="Deliveries (Redis' count) before dead-lettering."
     )
-    backoff: BackoffPolicy = Field(default_factory=BackoffPolicy)
-    claim_idle: Duration = Field(
-        60.0, description="Pending entries idle this long in any consumer are claimed."
+    backoff: BackoffPolicy = Field(default_factory=lambda: BackoffPolicy())
+    claim_idle: PositiveDuration = Field(
+        default=60.0, description="Pending entries idle this long in any consumer are claimed."
     )
 
 
 def _call_shorthand(value: Any) -> Any:
-    return {"function": value} if isinstance(value, str) else value
+    if isinstance(value, str):
+        return {"function": value}
+    if value is None or isinstance(value, dict):
+        return value
+    raise ValueError(
+        "call must be module.path:function, or a mapping with function: (and timeout:, "
+        f"inline:), got {show(value)}"
+    )
 
 
 class CallAction(Model):
     """A Python callable: ``module.path:function``, sync or async; raising means failure."""
 
     function: str = Field(pattern=CALL_PATTERN, description="`module.path:function`.")
-    timeout: Duration = Field(30.0, description="Longest a call may take before it fails.")
+    timeout: PositiveDuration = Field(
+        default=30.0, description="Longest a call may take before it fails."
+    )
     inline: bool = Field(
-        False,
+        default=False,
         description="Run a sync function on the event loop instead of a thread: "
         "for fast, non-blocking functions only.",
     )
@@ -127,44 +162,65 @@ class HttpAction(Model):
     """POST the message as JSON to an endpoint (the legacy A2A bridge); non-2xx fails."""
 
     url: str = Field(pattern=r"^https?://", description="http:// or https:// URL.")
-    timeout: Duration = 10.0
+    timeout: PositiveDuration = 10.0
     method: Literal["POST", "PUT"] = "POST"
     headers: dict[str, str] = Field(
         default_factory=dict, description="Extra headers; use ${VAR} for secrets."
     )
 
 
+ACTIONS = ("to", "call", "http", "drop")
+
+
 class Route(Model):
     """One rule of a group's route table: first match wins unless `continue: true`."""
 
-    name: str | None = Field(None, description="Shown in logs, metrics and graph.")
+    name: str | None = Field(default=None, description="Shown in logs, metrics and graph.")
     when: str | None = Field(
-        None, description="jinja2 expression over `msg`; no `when` matches everything."
+        default=None, description="jinja2 expression over `msg`; no `when` matches everything."
     )
-    to: Name | None = Field(None, description="Publish to this stream.")
+    to: Name | None = Field(default=None, description="Publish to this stream.")
     vars: dict[Name, str] = Field(
         default_factory=dict, description="Templates for the target key's variables."
     )
     set: dict[str, str] | None = Field(
-        None, description="Build a new message from these templated fields (with `to`)."
+        default=None, description="Build a new message from these templated fields (with `to`)."
     )
-    call: Annotated[CallAction | None, BeforeValidator(_call_shorthand)] = None
+    call: Annotated[
+        CallAction | None,
+        BeforeValidator(_call_shorthand, json_schema_input_type=CallTarget | CallAction | None),
+        Field(description="`module.path:function`, or a mapping with function and timeout."),
+    ] = None
     http: HttpAction | None = None
-    drop: Literal[True] | None = Field(None, description="Acknowledge and discard.")
+    drop: Literal[True] | None = Field(default=None, description="Acknowledge and discard.")
     continue_: bool = Field(
-        False, alias="continue", description="Go on to the next matching route after this one."
+        default=False,
+        alias="continue",
+        description="Go on to the next matching route after this one.",
     )
 
     @model_validator(mode="after")
     def _one_action(self) -> Route:
-        actions = [n for n in ("to", "call", "http", "drop") if getattr(self, n) is not None]
-        if len(actions) != 1:
-            got = " and ".join(actions) if actions else "none"
+        actions = [n for n in ACTIONS if getattr(self, n) is not None]
+        if not actions:
             raise ValueError(
-                f"a route needs exactly one action of to, call, http or drop; got {got}"
+                "a route needs exactly one action (to, call, http or drop: true) but has none; "
+                "add one"
             )
-        if self.to is None and (self.vars or self.set is not None):
-            raise ValueError("vars and set only apply to a `to` route")
+        if len(actions) > 1:
+            raise ValueError(
+                "a route needs exactly one action (to, call, http or drop: true) but has "
+                f"{' and '.join(actions)}; split it into routes with continue: true, "
+                "or remove all but one"
+            )
+        if self.to is None:
+            for field in ("vars", "set"):
+                if getattr(self, field):
+                    raise field_error(
+                        field,
+                        f"{field} only applies to a route that publishes with to; "
+                        f"this route uses {actions[0]}, so remove {field}",
+                    )
         return self
 
     @property
@@ -181,17 +237,20 @@ class GroupSpec(Model):
 
     stream: Name = Field(description="The stream (or stream family) the group reads.")
     start: Literal["earliest", "latest"] = Field(
-        "earliest", description="Where a group that does not exist yet starts reading."
+        default="earliest", description="Where a group that does not exist yet starts reading."
     )
-    concurrency: int = Field(4, ge=1, le=10_000, description="In-flight messages per runner.")
-    batch: int = Field(100, ge=1, le=10_000, description="XREADGROUP COUNT.")
+    concurrency: int = Field(
+        default=4, ge=1, le=10_000, description="In-flight messages per runner."
+    )
+    batch: int = Field(default=100, ge=1, le=10_000, description="XREADGROUP COUNT.")
     priority: Literal["strict", "weighted"] = "strict"
-    weights: dict[Name, int] | None = Field(
-        None, description="Share per priority when `priority: weighted`; default halves per level."
+    weights: dict[Name, Annotated[int, Field(ge=1)]] | None = Field(
+        default=None,
+        description="Share per priority when `priority: weighted`; default halves per level.",
     )
-    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    retry: RetryPolicy = Field(default_factory=lambda: RetryPolicy())
     dead_letter: Name | None = Field(
-        None, description="Stream for messages that exhaust retries or cannot be decoded."
+        default=None, description="Stream for messages that exhaust retries or cannot be decoded."
     )
     vars: dict[Name, str] = Field(
         default_factory=dict, description="Bind the stream key's variables (e.g. agent)."
@@ -201,15 +260,12 @@ class GroupSpec(Model):
 
     @model_validator(mode="after")
     def _weights(self) -> GroupSpec:
-        if self.weights is not None:
-            if self.priority != "weighted":
-                raise ValueError("weights only apply with priority: weighted")
-            bad = {k: v for k, v in self.weights.items() if v < 1}
-            if bad:
-                raise ValueError(
-                    "weights must be whole numbers of at least 1; got "
-                    + ", ".join(f"{k}: {v}" for k, v in bad.items())
-                )
+        if self.weights is not None and self.priority != "weighted":
+            raise field_error(
+                "weights",
+                "weights only apply with priority: weighted; add priority: weighted "
+                "or remove weights",
+            )
         return self
 
 

@@ -7,22 +7,43 @@ from collections.abc import Sequence
 
 from cortex_flow.errors import Problem
 
+FORMATS = ("text", "json", "github")
+
 
 def _escape(text: str, props: bool = False) -> str:
+    """GitHub workflow-command escaping; properties also escape ``:`` and ``,``."""
     text = text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
     return text.replace(":", "%3A").replace(",", "%2C") if props else text
 
 
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def summary(problems: Sequence[Problem], files: Sequence[str]) -> str:
+    """``3 problems in 2 of 4 files``: how many problems, in how many of the files read."""
+    bad = len({p.file for p in problems})
+    return f"{_plural(len(problems), 'problem')} in {bad} of {_plural(len(files), 'file')}"
+
+
 def format_problems(problems: Sequence[Problem], fmt: str, files: Sequence[str]) -> str:
-    """Every problem in the chosen format; with no problems, a one-line summary."""
+    """Every problem in the chosen format; text ends with a summary line when there are any.
+
+    ``files`` are the files read (config and flows), for the summary and the JSON report.
+    """
     if fmt == "json":
         return json.dumps(
             {
                 "valid": not problems,
                 "files": list(files),
                 "problems": [
-                    {"file": p.file, "line": p.line, "col": p.col, "path": p.path,
-                     "message": p.message}
+                    {
+                        "file": p.file,
+                        "line": p.line,
+                        "col": p.col,
+                        "path": p.path,
+                        "message": p.message,
+                    }
                     for p in problems
                 ],
             },
@@ -34,8 +55,6 @@ def format_problems(problems: Sequence[Problem], fmt: str, files: Sequence[str])
             f"title={_escape(p.path or 'cortex-flow', True)}::{_escape(str(p))}"
             for p in problems
         )
-    lines = [str(p) for p in problems]
-    count = len(problems)
-    if count:
-        lines.append(f"{count} problem{'s' if count != 1 else ''} in {len(files)} file(s)")
-    return "\n".join(lines)
+    if not problems:
+        return ""
+    return "\n".join([*(str(p) for p in problems), summary(problems, files)])

@@ -1,4 +1,4 @@
-"""Sandboxed jinja2 templates and expressions, compiled once at validation time.
+"""Sandboxed jinja2 templates and expressions, checked once at validation time.
 
 Names a template may use at run time:
 
@@ -11,20 +11,32 @@ Names a template may use at run time:
 - ``now``: the current UTC time (``{{ now }}`` renders ISO 8601; ``now.ts`` is epoch seconds)
 
 Undefined names are errors, never empty strings.
+
+Validation must stay fast on thousands of files, so the work is split: a
+template is parsed (syntax errors, names, filters and tests) when it is built,
+and turned into Python code only when it is first rendered. Text made only of
+literal parts and ``{{ name }}`` / ``{{ name.attr }}`` placeholders (most Redis
+keys and ``vars``) is not even parsed by jinja2: its names are read with a
+regular expression, and ``{{ name }}`` with a string value renders without
+jinja2 at all.
 """
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateSyntaxError, meta
+from jinja2 import StrictUndefined, TemplateSyntaxError, meta, nodes
+from jinja2.exceptions import TemplateAssertionError
+from jinja2.parser import Parser
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import consume
+from jinja2.visitor import NodeTransformer
 
 RUNTIME_NAMES = frozenset(
     {"msg", "priority", "agent", "agents", "id", "stream", "group", "deliveries", "now"}
@@ -35,10 +47,23 @@ __all__ = [
     "Expression",
     "Template",
     "TemplateSyntaxError",
+    "builtin_names",
     "compile_expression",
     "compile_template",
+    "context_base",
+    "context_over",
     "make_context",
 ]
+
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_PLACEHOLDER = re.compile(rf"\{{\{{[ \t]*({_IDENT})((?:\.{_IDENT})*)[ \t]*\}}\}}")
+# words jinja2 reads as constants or operators, never as variable names
+_RESERVED = frozenset(
+    {"true", "false", "none", "True", "False", "None", "and", "or", "not", "in", "is", "if"}
+    | {"else"}
+)
+_MARKERS = ("{{", "{%", "{#")
+_Render = Callable[[Context], Iterator[str]]
 
 
 class Now:
@@ -84,51 +109,213 @@ def _globals() -> dict[str, Any]:
     return dict(environment().globals)
 
 
-class Template:
-    """A string template; plain strings skip jinja entirely (the hot path stays cheap)."""
+def builtin_names() -> frozenset[str]:
+    """Names every template may use besides the context: jinja2's globals (``range``, ...)."""
+    return frozenset(_globals())
 
-    __slots__ = ("_root", "source", "variables")
+
+def context_base(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The sandbox's globals overlaid with ``values``: a base for :func:`context_over`.
+
+    A hot path builds it once (per source key, say), then per message copies it, sets
+    the message's own names and calls :func:`context_over`: the same context as
+    :func:`make_context` gives, without merging the globals each time.
+    """
+    return {**_globals(), **values}
+
+
+def context_over(values: dict[str, Any]) -> Context:
+    """A render context over ``values``, which already hold the globals (see
+    :func:`context_base`). ``values`` is used as is, not copied: one dict per message."""
+    return Context(environment(), values, None, {})
+
+
+def _simple_parts(source: str) -> tuple[tuple[str, str, bool], ...] | None:
+    """``(text before, name, has attributes)`` per placeholder, or None if not that simple.
+
+    The last part holds the trailing text and an empty name. Sources with a newline
+    are left to jinja2, which drops one trailing newline.
+    """
+    if "\n" in source or "\r" in source:
+        return None
+    parts: list[tuple[str, str, bool]] = []
+    pos = 0
+    for match in _PLACEHOLDER.finditer(source):
+        text = source[pos : match.start()]
+        if any(m in text for m in _MARKERS) or match.group(1) in _RESERVED:
+            return None
+        parts.append((text, match.group(1), bool(match.group(2))))
+        pos = match.end()
+    tail = source[pos:]
+    if any(m in tail for m in _MARKERS):
+        return None
+    parts.append((tail, "", False))
+    return tuple(parts)
+
+
+def _check_filters_and_tests(ast: nodes.Node) -> None:
+    """Raise for an unknown filter or test, as jinja2's compiler would (even under ``if``)."""
+    env = environment()
+    for node in ast.find_all((nodes.Filter, nodes.Test)):
+        assert isinstance(node, nodes.Filter | nodes.Test)
+        is_filter = isinstance(node, nodes.Filter)
+        known = env.filters if is_filter else env.tests
+        if node.name not in known:
+            kind = "filter" if is_filter else "test"
+            raise TemplateAssertionError(f"no {kind} named {node.name!r}", node.lineno)
+
+
+def _only_output(ast: nodes.Template) -> bool:
+    """Whether the template is text and ``{{ }}`` only: then compiling cannot fail."""
+    return all(isinstance(node, nodes.Output) for node in ast.body)
+
+
+# Attribute names of a dict, and of the ``dict`` type (a global, subscriptable as dict[...]).
+# For any other name, ``x.name`` and ``x["name"]`` resolve alike in the sandbox: getattr
+# tries the attribute then the item, getitem the item then the attribute, and they differ
+# only when both exist, which for the values a template sees (messages, JSON values,
+# strings, numbers, ``now``, jinja2 helpers) needs a dict or a subscriptable type.
+_DICT_NAMES = frozenset(dir(dict)) | frozenset(dir(type))
+
+
+class _ItemFirst(NodeTransformer):
+    """``msg.kind`` as ``msg["kind"]``, where that is the same (see ``_DICT_NAMES``).
+
+    On a message, the attribute-first lookup raises and catches an AttributeError each
+    time: the item-first one is several times faster, and ``msg.field`` is the common case.
+    """
+
+    def visit_Getattr(self, node: nodes.Getattr) -> nodes.Node:
+        self.generic_visit(node)  # in place: the children first
+        if node.attr in _DICT_NAMES or node.ctx != "load":
+            return node
+        return nodes.Getitem(node.node, nodes.Const(node.attr), "load", lineno=node.lineno)
+
+
+def _compile(ast: nodes.Template) -> _Render:
+    env = environment()
+    ast = _ItemFirst().visit(ast)
+    ast.set_environment(env)
+    template = env.template_class.from_code(env, env.compile(ast), env.make_globals(None), None)
+    return template.root_render_func
+
+
+class Template:
+    """A string template; plain strings and plain placeholders skip jinja2 when they can."""
+
+    __slots__ = ("_ast", "_literal", "_parts", "_root", "source", "variables")
 
     def __init__(self, source: str) -> None:
         self.source = source
-        env = environment()
-        if _is_literal(source):
-            self._root: Any = None
+        self._literal = _is_literal(source)
+        self._parts: tuple[tuple[str, str, bool], ...] | None = None
+        self._ast: nodes.Template | None = None
+        self._root: _Render | None = None
+        if self._literal:
             self.variables: frozenset[str] = frozenset()
-        else:
-            ast = env.parse(source)
-            self.variables = frozenset(meta.find_undeclared_variables(ast))
-            self._root = env.from_string(source).root_render_func
+            return
+        self._parts = _simple_parts(source)
+        if self._parts is not None:
+            self.variables = frozenset(name for _, name, _ in self._parts if name)
+            return
+        ast = environment().parse(source)
+        _check_filters_and_tests(ast)
+        self.variables = frozenset(meta.find_undeclared_variables(ast))
+        if _only_output(ast):
+            self._ast = ast
+        else:  # statements ({% for %}, macros, ...) can fail to compile: find out now
+            self._root = _compile(ast)
 
     @property
     def is_literal(self) -> bool:
-        return self._root is None
+        return self._literal
+
+    def _render_func(self) -> _Render:
+        if self._root is None:
+            ast = self._ast if self._ast is not None else environment().parse(self.source)
+            self._root = _compile(ast)
+            self._ast = None
+        return self._root
 
     def render(self, context: Context) -> str:
-        if self._root is None:
+        if self._literal:
             return self.source
-        return "".join(self._root(context))
+        if self._parts is not None:
+            text = self._substitute(context.resolve_or_missing)
+            if text is not None:
+                return text
+        return "".join(self._render_func()(context))
+
+    def render_values(self, values: Mapping[str, Any]) -> str:
+        """Render from plain values (a Redis key from its variables) without a jinja context."""
+        if self._literal:
+            return self.source
+        if self._parts is not None:
+            text = self._substitute(values.get)
+            if text is not None:
+                return text
+        return self.render(make_context(values))
+
+    def _substitute(self, lookup: Callable[[str], Any]) -> str | None:
+        """The rendered text when every placeholder is a plain name with a string value."""
+        assert self._parts is not None
+        out = []
+        for text, name, attrs in self._parts:
+            out.append(text)
+            if name:
+                value = lookup(name)
+                if attrs or not isinstance(value, str):
+                    return None  # attributes, undefined names and non-strings: jinja2 decides
+                out.append(value)
+        return "".join(out)
+
+
+def _parse_expression(text: str) -> nodes.Expr:
+    parser = Parser(environment(), text, state="variable")
+    try:
+        expr = parser.parse_expression()
+    except TemplateSyntaxError as exc:
+        message = (exc.message or "").replace("end of template", "end of expression")
+        raise TemplateSyntaxError(message, exc.lineno) from None
+    if not parser.stream.eos:
+        token = parser.stream.current
+        raise TemplateSyntaxError(
+            f"unexpected {token.value!r} after the end of the expression", token.lineno
+        )
+    expr.set_environment(environment())
+    return expr
 
 
 class Expression:
     """A jinja2 expression such as ``msg.type == 'batch'``, evaluated to a Python value."""
 
-    __slots__ = ("_root", "source", "variables")
+    __slots__ = ("_expr", "_root", "source", "variables")
 
     def __init__(self, source: str) -> None:
         text = source.strip()
         if text.startswith("{{") and text.endswith("}}"):
             text = text[2:-2]
         self.source = source
-        env = environment()
-        self.variables = frozenset(
-            meta.find_undeclared_variables(env.parse("{{ (" + text + ") }}"))
-        )
-        compiled = env.compile_expression(text, undefined_to_none=False)
-        self._root = compiled._template.root_render_func
+        expr = _parse_expression(text)
+        _check_filters_and_tests(expr)
+        wrapper = nodes.Template([nodes.Output([expr])], lineno=1)
+        wrapper.set_environment(environment())
+        self.variables = frozenset(meta.find_undeclared_variables(wrapper))
+        self._expr: nodes.Expr | None = expr
+        self._root: _Render | None = None
+
+    def _render_func(self) -> _Render:
+        if self._root is None:
+            assert self._expr is not None
+            body = [nodes.Assign(nodes.Name("result", "store"), self._expr, lineno=1)]
+            ast = nodes.Template(body, lineno=1)
+            ast.set_environment(environment())
+            self._root = _compile(ast)
+            self._expr = None
+        return self._root
 
     def evaluate(self, context: Context) -> Any:
-        consume(self._root(context))
+        consume(self._render_func()(context))
         return context.vars["result"]
 
 

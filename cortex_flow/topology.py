@@ -15,13 +15,14 @@ from typing import Any
 
 from cortex_flow.loader import Topology
 from cortex_flow.models import AgentSpec, GroupSpec, StreamSpec
-from cortex_flow.templates import Template, make_context
+from cortex_flow.templates import Template
 
 EXPANDABLE = ("priority", "agent")
 
 
 @lru_cache(maxsize=4096)
 def key_template(source: str) -> Template:
+    """The compiled template of a key (or any template), one per distinct source."""
     return Template(source)
 
 
@@ -31,8 +32,8 @@ def key_variables(spec: StreamSpec) -> frozenset[str]:
 
 
 def render_key(spec: StreamSpec, values: Mapping[str, Any]) -> str:
-    template = key_template(spec.key)
-    return template.source if template.is_literal else template.render(make_context(values))
+    """The concrete key of ``spec`` for these variable values."""
+    return key_template(spec.key).render_values(values)
 
 
 @dataclass(frozen=True)
