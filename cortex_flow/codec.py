@@ -17,7 +17,9 @@ class DecodeError(ValueError):
 
 def decode(codec: str, fields: dict[str, str]) -> Any:
     if codec == "raw":
-        return fields
+        # a copy: a handler that changes its message must not change what a retry or
+        # the dead-letter stream sees as the original fields
+        return dict(fields)
     data = fields.get("data")
     if data is None:
         raise DecodeError(f"json codec: the entry has no `data` field (fields: {sorted(fields)})")

@@ -16,13 +16,17 @@ Delivery rules (see SPEC "Delivery semantics"):
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import time
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from jinja2.runtime import Context
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -33,19 +37,34 @@ from cortex_flow.models import StreamSpec
 from cortex_flow.routes import PermanentError, Publish, RouteTable, call_route
 from cortex_flow.scheduler import Scheduler
 from cortex_flow.stats import GroupStats, KeyStats
-from cortex_flow.templates import Now, make_context
+from cortex_flow.templates import Now, context_base, context_over
 from cortex_flow.topology import ResolvedGroup, StreamKey
 
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 ACK, RETRY, DEAD = 0, 1, 2
 
-# Reads the first non-empty stream of KEYS in the order given (one round trip).
-FETCH_FIRST = """
+# The index (from 1) of the first of KEYS, in the order given, holding entries group
+# ARGV[1] has not read yet, or 0. It reads nothing: the consumer then XREADGROUPs that
+# key. (Reading in the script costs Redis several times the read itself: it copies every
+# entry into Lua and back.) A missing key or group counts as found: XREADGROUP then
+# reports NOGROUP.
+FIND_FIRST = """
 for i, key in ipairs(KEYS) do
-  local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', key, '>')
-  if r and r[1] and #r[1][2] > 0 then return {i, r[1][2]} end
+  local groups = redis.pcall('XINFO', 'GROUPS', key)
+  if groups.err then return i end
+  local last
+  for _, g in ipairs(groups) do
+    local name, id
+    for j = 1, #g, 2 do
+      if g[j] == 'name' then name = g[j + 1]
+      elseif g[j] == 'last-delivered-id' then id = g[j + 1] end
+    end
+    if name == ARGV[1] then last = id break end
+  end
+  if last == nil then return i end
+  if #redis.call('XRANGE', key, '(' .. last, '+', 'COUNT', 1) > 0 then return i end
 end
-return false
+return 0
 """
 
 
@@ -114,6 +133,8 @@ class GroupConsumer:
         self.spec = group.spec
         self.keys = list(group.keys)
         self.codec = streams[group.stream].codec
+        dlq = self.spec.dead_letter
+        self._dlq_maxlen = streams[dlq].maxlen if dlq is not None and dlq in streams else None
         self.cluster = cluster
         self.executor = executor
         self.http = http
@@ -128,13 +149,21 @@ class GroupConsumer:
         self._wake = asyncio.Event()
         self._inflight: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        # claimed or re-read entries beyond `concurrency`: in flight for us, not started yet
+        self._backlog: deque[Entry] = deque()
+        self._autoclaim_cursor: dict[str, str] = {}
         self._claim_from: set[str] = set()
         self._scheduler = Scheduler(self.keys, self.spec.priority, self.spec.weights)
         self._script: Any = None
         if len(self.keys) > 1 and (not cluster or same_slot(*[k.key for k in self.keys])):
-            self._script = client.register_script(FETCH_FIRST)
+            self._script = client.register_script(FIND_FIRST)
         self._key_stats: dict[str, KeyStats] = {k.key: stats.key(k.key) for k in self.keys}
         self._base_vars: dict[str, Any] = dict(self.spec.vars)
+        # per source key, built once: the key's variables (read-only), and the names a
+        # template context holds for every message of that key under ``_ctx_table``
+        self._bound: dict[str, dict[str, Any]] = {}
+        self._ctx_base: dict[str, dict[str, Any]] = {}
+        self._ctx_table: RouteTable | None = None
         self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -170,9 +199,13 @@ class GroupConsumer:
                 len(self._inflight),
                 grace,
             )
+            self._drop_backlog()
             self._task.cancel()
             for task in list(self._tasks):
                 task.cancel()
+            await asyncio.wait([self._task, *self._tasks], timeout=1.0)
+            # what was in flight stays pending under our name: a successor may take it now
+            self.done.set()
             return False
 
     # -- main loop ---------------------------------------------------------------------
@@ -182,9 +215,14 @@ class GroupConsumer:
         recover = True
         next_claim = 0.0
         next_retry = 0.0
+        recreate = False
         try:
             while not self._stopping.is_set():
                 try:
+                    if recreate:
+                        for key in self.keys:
+                            await ensure_group(self.client, key.key, self.name, self.spec.start)
+                        recreate = False
                     if recover:
                         if self.predecessor is not None:
                             await self.predecessor.wait()
@@ -198,7 +236,8 @@ class GroupConsumer:
                         await self._claim_consumers()
                     if now >= next_claim:
                         next_claim = now + self._claim_every
-                        await self._autoclaim()
+                        if await self._autoclaim():
+                            next_claim = now  # a backlog of idle entries: keep taking it
                     capacity = self._capacity()
                     if capacity == 0:
                         self._wake.clear()
@@ -220,31 +259,53 @@ class GroupConsumer:
                     recover = True
                     await self._sleep(delay)
                 except ResponseError as exc:
-                    if "NOGROUP" not in str(exc):
-                        raise
-                    self.log.warning(
-                        "group %s: group or stream vanished from Redis; creating it again",
-                        self.name,
-                    )
-                    await self._sleep(backoff.next_delay())
-                    for key in self.keys:
-                        await ensure_group(self.client, key.key, self.name, self.spec.start)
-            if self._tasks:
+                    if "NOGROUP" in str(exc):
+                        self.log.warning(
+                            "group %s: group or stream vanished from Redis; creating it again",
+                            self.name,
+                        )
+                        recreate = True
+                        await self._sleep(backoff.next_delay())
+                    else:
+                        await self._unexpected(backoff)
+                    recover = True
+                except Exception:
+                    await self._unexpected(backoff)
+                    recover = True
+            while self._tasks:  # what we hold, the backlog included, is finished
                 await asyncio.gather(*self._tasks, return_exceptions=True)
         finally:
+            self._drop_backlog()
             if not self._inflight:
                 self.done.set()
 
+    def _drop_backlog(self) -> None:
+        """Give up entries not started: they stay pending under our name for a successor."""
+        for entry in self._backlog:
+            self._inflight.discard((entry.key.key, entry.id))
+        self._backlog.clear()
+
+    async def _unexpected(self, backoff: Backoff) -> None:
+        # A consumer that dies here stops its group in silence while the runner looks
+        # healthy: log loudly, back off, then re-read pending entries and go on.
+        delay = backoff.next_delay()
+        self.log.exception(
+            "group %s: unexpected error; retrying in %.1fs (what it held stays pending and "
+            "is retried)",
+            self.name,
+            delay,
+        )
+        await self._sleep(delay)
+
     async def _sleep(self, seconds: float) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
-        except TimeoutError:
-            pass
 
     def _capacity(self) -> int:
         if self.table.inline:
             return self.spec.batch
-        return max(0, min(self.spec.batch, self.spec.concurrency - len(self._tasks)))
+        busy = len(self._tasks) + len(self._backlog)
+        return max(0, min(self.spec.batch, self.spec.concurrency - busy))
 
     # -- reading -----------------------------------------------------------------------
 
@@ -269,19 +330,21 @@ class GroupConsumer:
         order = self._scheduler.order()
         if self._script is not None:
             try:
-                resp = await self._script(
-                    keys=[self.keys[i].key for i in order], args=[self.name, self.me, count]
-                )
+                first = await self._script(keys=[self.keys[i].key for i in order], args=[self.name])
             except ResponseError as exc:
                 if "NOGROUP" in str(exc):
                     raise
                 self.log.info("group %s: server-side fetch unavailable (%s)", self.name, exc)
                 self._script = None
-                resp = None
-            if resp:
-                index = order[int(resp[0]) - 1]
-                self._scheduler.served(index)
-                return self._parse(self.keys[index], resp[1], 1)
+                first = 0
+            if first:
+                index = order[int(first) - 1]
+                key = self.keys[index]
+                resp = await self.client.xreadgroup(self.name, self.me, {key.key: ">"}, count=count)
+                if resp and resp[0][1]:
+                    self._scheduler.served(index)
+                    return self._parse(key, resp[0][1], 1)
+                return []  # another consumer of the group took them meanwhile: look again
         else:
             for index in order:
                 key = self.keys[index]
@@ -316,12 +379,20 @@ class GroupConsumer:
             return
         for entry in entries:
             self._inflight.add((entry.key.key, entry.id))
-            task = asyncio.create_task(self._handle_one(entry))
+            self._backlog.append(entry)
+        self._start_backlog()
+
+    def _start_backlog(self) -> None:
+        # Claims and re-reads may bring more than `concurrency` entries at once; they
+        # wait here so that no more than `concurrency` handlers ever run together.
+        while self._backlog and len(self._tasks) < self.spec.concurrency:
+            task = asyncio.create_task(self._handle_one(self._backlog.popleft()))
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        self._start_backlog()
         self._wake.set()
 
     async def _handle_one(self, entry: Entry) -> None:
@@ -339,7 +410,16 @@ class GroupConsumer:
                             entry.id,
                             exc,
                         )
+                        break
                     await asyncio.sleep(0.2 * (attempt + 1))
+        except Exception:
+            # nobody awaits this task: an error left unlogged here would vanish
+            self.log.exception(
+                "group %s: %s from %s could not be finished; it stays pending and is retried",
+                self.name,
+                entry.id,
+                entry.key.key,
+            )
         finally:
             self._inflight.discard((entry.key.key, entry.id))
 
@@ -349,22 +429,14 @@ class GroupConsumer:
         except DecodeError as exc:
             return Outcome(entry, DEAD, [], f"cannot decode: {exc}")
         key = entry.key
-        bound = {"priority": key.priority, "agent": key.agent, **self._base_vars}
+        bound = self._bound.get(key.key)
+        if bound is None:
+            bound = {"priority": key.priority, "agent": key.agent, **self._base_vars}
+            self._bound[key.key] = bound
         table = self.table
         ctx = None
         if table.needs_context:
-            ctx = make_context(
-                {
-                    **bound,
-                    "msg": msg,
-                    "agents": table.agents,
-                    "id": entry.id,
-                    "stream": key.key,
-                    "group": self.name,
-                    "deliveries": entry.deliveries,
-                    "now": Now(),
-                }
-            )
+            ctx = self._context(entry, msg, bound, table)
         publishes: list[Publish] = []
         matched = False
         started = time.perf_counter()
@@ -399,6 +471,22 @@ class GroupConsumer:
                 return Outcome(entry, DEAD, [], "no route matched")
         return Outcome(entry, ACK, publishes)
 
+    def _context(self, entry: Entry, msg: Any, bound: dict[str, Any], table: RouteTable) -> Context:
+        """The template context of one message; what its key and table fix is built once."""
+        key = entry.key.key
+        if self._ctx_table is not table:  # a route-only reload may change ``agents``
+            self._ctx_table, self._ctx_base = table, {}
+        base = self._ctx_base.get(key)
+        if base is None:
+            base = {**bound, "agents": table.agents, "stream": key, "group": self.name}
+            base = self._ctx_base[key] = context_base(base)
+        values = base.copy()
+        values["msg"] = msg
+        values["id"] = entry.id
+        values["deliveries"] = entry.deliveries
+        values["now"] = Now()
+        return context_over(values)
+
     def _failed(self, entry: Entry, error: str) -> Outcome:
         if entry.deliveries >= self.max_deliveries:
             return Outcome(entry, DEAD, [], error)
@@ -431,12 +519,12 @@ class GroupConsumer:
             dlq_at=_iso_now(),
         )
         assert self.group.dead_letter is not None
-        return Publish(self.group.dead_letter, fields, None)
+        return Publish(self.group.dead_letter, fields, self._dlq_maxlen)
 
     async def _commit(self, outcomes: list[Outcome]) -> None:
         """Apply a batch of outcomes: publishes, dead letters and XACKs together."""
         acks: dict[str, list[str]] = {}
-        adds: list[tuple[str, Publish]] = []  # (source key, publish)
+        adds: list[tuple[Outcome, Publish]] = []
         done: list[Outcome] = []
         for outcome in outcomes:
             entry = outcome.entry
@@ -464,9 +552,9 @@ class GroupConsumer:
                         outcome.error,
                     )
                     continue
-                adds.append((source, self._dead_letter(outcome)))
+                adds.append((outcome, self._dead_letter(outcome)))
             else:
-                adds.extend((source, p) for p in outcome.publishes)
+                adds.extend((outcome, p) for p in outcome.publishes)
             acks.setdefault(source, []).append(entry.id)
             done.append(outcome)
         if not acks:
@@ -486,9 +574,12 @@ class GroupConsumer:
                 pipe.xadd(p.key, p.fields, maxlen=p.maxlen, approximate=True)
             for key, ids in acks.items():
                 pipe.xack(key, self.name, *ids)
-            await pipe.execute()
+            results = await pipe.execute(raise_on_error=False)
+            lost = await self._rescue(adds, results)
+            done = [o for o in done if id(o) not in lost]
         else:
-            await self._commit_cluster(adds, acks)
+            lost = await self._commit_cluster(adds, acks)
+            done = [o for o in done if id(o) not in lost]
         for outcome in done:
             stats = self._key_stats[outcome.entry.key.key]
             if outcome.kind == DEAD:
@@ -509,21 +600,73 @@ class GroupConsumer:
                 stats.retried += 1
 
     async def _commit_cluster(
-        self, adds: list[tuple[str, Publish]], acks: dict[str, list[str]]
-    ) -> None:
+        self, adds: list[tuple[Outcome, Publish]], acks: dict[str, list[str]]
+    ) -> set[int]:
         """Cluster: atomic per source key where targets share its slot, else add then ack."""
+        lost: set[int] = set()
         for source, ids in acks.items():
-            mine = [p for s, p in adds if s == source]
-            atomic = same_slot(source, *[p.key for p in mine])
+            mine = [(o, p) for o, p in adds if o.entry.key.key == source]
+            atomic = same_slot(source, *[p.key for _, p in mine])
             pipe = self.client.pipeline(transaction=atomic)
-            for p in mine:
+            for _, p in mine:
                 pipe.xadd(p.key, p.fields, maxlen=p.maxlen, approximate=True)
             if atomic:
                 pipe.xack(source, self.name, *ids)
-                await pipe.execute()
+                lost |= await self._rescue(mine, await pipe.execute(raise_on_error=False))
             else:
                 await pipe.execute()  # publish first: a crash now duplicates, never loses
                 await self.client.xack(source, self.name, *ids)
+        return lost
+
+    async def _rescue(self, adds: list[tuple[Outcome, Publish]], results: list[Any]) -> set[int]:
+        """Dead-letter entries whose publish Redis rejected inside an applied MULTI/EXEC.
+
+        EXEC does not roll back: a command failing at run time (WRONGTYPE: the target key
+        is not a stream) leaves the rest applied, the entry's XACK included. Rather than
+        lose the message, send it to the dead-letter stream now, or log its fields.
+        Returns ``id()`` of the outcomes concerned.
+        """
+        failed = [
+            (o, p, r) for (o, p), r in zip(adds, results, strict=False) if isinstance(r, Exception)
+        ]
+        rescued: set[int] = set()
+        for outcome, publish, exc in failed:
+            if id(outcome) in rescued:
+                continue
+            rescued.add(id(outcome))
+            entry = outcome.entry
+            reason = str(exc).rpartition("caused error: ")[2].strip("(),'\"")
+            error = f"publishing to {publish.key} failed: {reason}"
+            dlq = self.group.dead_letter
+            if dlq is not None and publish.key != dlq:
+                dead = self._dead_letter(Outcome(entry, DEAD, [], error))
+                try:
+                    await self.client.xadd(
+                        dead.key, dead.fields, maxlen=dead.maxlen, approximate=True
+                    )
+                except Exception as again:
+                    error += f"; dead-lettering failed too: {again}"
+                else:
+                    self._key_stats[entry.key.key].dead_lettered += 1
+                    self.log.error(
+                        "group %s: %s from %s was acknowledged but %s; dead-lettered to %s",
+                        self.name,
+                        entry.id,
+                        entry.key.key,
+                        error,
+                        dlq,
+                    )
+                    continue
+            self.log.error(
+                "group %s: %s from %s was acknowledged but %s; its fields, to send again by "
+                "hand: %s",
+                self.name,
+                entry.id,
+                entry.key.key,
+                error,
+                json.dumps(entry.fields),
+            )
+        return rescued
 
     # -- pending, retries, claims ---------------------------------------------------------
 
@@ -540,22 +683,38 @@ class GroupConsumer:
         claimed = await self.client.xclaim(
             key.key, self.name, self.me, min_idle_time=min_idle, message_ids=list(counts)
         )
-        await self._process_claimed(key, claimed, counts, increment=1)
+        entries = self._claimed_entries(key, claimed, counts)
+        returned = {e.id for e in entries}
+        missing = [i for i in counts if i not in returned]
+        if missing:
+            await self._ack_deleted(key, missing)
+        await self._process_claimed(key, entries)
 
-    async def _process_claimed(
-        self, key: StreamKey, claimed: list[Any], counts: dict[str, int], increment: int
-    ) -> None:
+    def _claimed_entries(
+        self, key: StreamKey, claimed: list[Any], counts: dict[str, int]
+    ) -> list[Entry]:
         entries = []
-        seen = set()
         for item in claimed or []:
             entry_id, fields = item[0], item[1]
-            seen.add(entry_id)
-            if fields is None:
+            if entry_id is None or fields is None:  # deleted (Redis 6.2 sends a nil)
                 continue
             if isinstance(fields, list):
                 fields = _pairs(fields)
-            entries.append(Entry(key, entry_id, fields, counts.get(entry_id, 0) + increment))
-        gone = [i for i in counts if i not in seen or i not in {e.id for e in entries}]
+            entries.append(Entry(key, entry_id, fields, counts.get(entry_id, 0) + 1))
+        return entries
+
+    async def _ack_deleted(self, key: StreamKey, missing: list[str]) -> None:
+        """Acknowledge pending IDs XCLAIM gave us without an entry: trimmed or deleted.
+
+        Redis 7 drops such IDs from the PEL itself; 6.2 moves them to us with a nil that
+        names no ID. An ID that is not ours now was not claimed at all (another consumer
+        took it meanwhile): it is left alone.
+        """
+        rows = await self.client.xpending_range(
+            key.key, self.name, missing[0], missing[-1], len(missing) * 2 + 10, consumername=self.me
+        )
+        mine = {r["message_id"] for r in rows}
+        gone = [i for i in missing if i in mine and (key.key, i) not in self._inflight]
         if gone:
             self.log.warning(
                 "group %s: %d pending entr%s of %s no longer exist (trimmed or "
@@ -566,15 +725,18 @@ class GroupConsumer:
                 key.key,
             )
             await self.client.xack(key.key, self.name, *gone)
+
+    async def _process_claimed(self, key: StreamKey, entries: list[Entry]) -> None:
         if not entries:
             return
         dead = [e for e in entries if e.deliveries > self.max_deliveries]
         live = [e for e in entries if e.deliveries <= self.max_deliveries]
         if dead:
+            # this claim is not a delivery to a handler: report the ones that were
             await self._commit(
                 [
                     Outcome(
-                        e,
+                        Entry(e.key, e.id, e.fields, e.deliveries - 1),
                         DEAD,
                         [],
                         f"delivered {e.deliveries - 1} times without being "
@@ -610,7 +772,8 @@ class GroupConsumer:
                 r
                 for r in rows
                 if r["time_since_delivered"] >= self._backoff_ms(int(r["times_delivered"]))
-            ]
+                and (key.key, r["message_id"]) not in self._inflight
+            ][: self._capacity()]
             if due:
                 await self._take(key, due, first)
 
@@ -633,16 +796,32 @@ class GroupConsumer:
                     self._key_stats[key.key].claimed += len(rows)
                     await self._take(key, rows, 0)
 
-    async def _autoclaim(self) -> None:
+    async def _autoclaim(self) -> bool:
+        """XAUTOCLAIM what we have room for; True if it found some (claim again soon).
+
+        Taking no more than the free capacity keeps claimed entries from idling in our
+        backlog until yet another consumer claims them; the cursor is kept per key so a
+        long PEL is walked through rather than rescanned from its start each time.
+        """
         idle = int(self.spec.retry.claim_idle * 1000)
+        more = False
         for key in self.keys:
+            capacity = self._capacity()
+            if capacity == 0:
+                return True
+            cursor = self._autoclaim_cursor.get(key.key, "0-0")
             reply = await self.client.xautoclaim(
-                key.key, self.name, self.me, idle, "0-0", count=self.spec.batch
+                key.key, self.name, self.me, idle, cursor, count=capacity
             )
-            # Redis 6.2 replies [cursor, entries]; 7.x adds the IDs it found deleted
-            claimed = [c for c in reply[1] if (key.key, c[0]) not in self._inflight]
+            self._autoclaim_cursor[key.key] = reply[0]
+            # Redis 6.2 replies [cursor, entries], a deleted entry as a nil without its ID
+            # (the next retry round finds and acknowledges it); 7.x adds the deleted IDs.
+            claimed = [
+                c for c in reply[1] if c[0] is not None and (key.key, c[0]) not in self._inflight
+            ]
             if not claimed:
                 continue
+            more = True
             ids = [c[0] for c in claimed]
             rows = await self.client.xpending_range(
                 key.key, self.name, ids[0], ids[-1], len(ids) * 2 + 10, consumername=self.me
@@ -657,4 +836,5 @@ class GroupConsumer:
                 key.key,
                 self.spec.retry.claim_idle,
             )
-            await self._process_claimed(key, claimed, counts, increment=1)
+            await self._process_claimed(key, self._claimed_entries(key, claimed, counts))
+        return more

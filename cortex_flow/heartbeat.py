@@ -122,7 +122,9 @@ class HeartbeatMonitor:
 
     async def _watch(self) -> None:
         assert self.key is not None
-        last_id = "$"
+        # Not "$": that only sees entries added while XREAD blocks, so a beat arriving
+        # between two reads would be missed. An empty seed means an empty stream anyway.
+        last_id = "0-0"
         try:
             seed = await self.client.xrevrange(self.key, count=SEED_SCAN)
             for entry_id, fields in reversed(seed):

@@ -10,8 +10,10 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +31,7 @@ from cortex_flow.stats import GroupStats, RunnerStats
 from cortex_flow.topology import Resolved, ResolvedGroup, resolve
 
 log = logging.getLogger("cortex_flow.runner")
+CALL_THREAD_PREFIX = "cortex-call"  # the threads sync `call` routes run in
 
 Watcher = Callable[[], AsyncIterator[Any]]
 
@@ -41,18 +44,13 @@ def route_tables(resolved: Resolved) -> dict[str, RouteTable]:
     for name, group in resolved.groups.items():
         try:
             tables[name] = RouteTable(group, streams, agents)
-        except (ImportError, AttributeError, TypeError) as exc:
+        except Exception as exc:  # importing user code can raise anything (SyntaxError, ...)
             origin = resolved.topology.origin("groups", name)
-            problems.append(origin.problem(("routes",), f"cannot load a call target: {exc}"))
+            what = str(exc) if isinstance(exc, ImportError) else f"{type(exc).__name__}: {exc}"
+            problems.append(origin.problem(("routes",), f"cannot load a call target: {what}"))
     if problems:
         raise ValidationFailed(problems)
     return tables
-
-
-def _routes_only(old: ResolvedGroup, new: ResolvedGroup) -> bool:
-    a = old.spec.model_dump(mode="json", exclude={"routes"})
-    b = new.spec.model_dump(mode="json", exclude={"routes"})
-    return a == b and old.keys == new.keys and old.dead_letter == new.dead_letter
 
 
 class Runner:
@@ -89,7 +87,8 @@ class Runner:
         self._heartbeats: HeartbeatMonitor | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._retiring: set[asyncio.Task[bool]] = set()
-        self.executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="cortex-call")
+        self._draining: dict[str, GroupConsumer] = {}  # retired, maybe still finishing
+        self.executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix=CALL_THREAD_PREFIX)
         if str(project.base_dir) not in sys.path:
             sys.path.insert(0, str(project.base_dir))
 
@@ -168,6 +167,11 @@ class Runner:
         table: RouteTable,
         predecessor: asyncio.Event | None = None,
     ) -> GroupConsumer:
+        draining = self._draining.get(group.name)
+        if predecessor is None and draining is not None:
+            # a group removed and added back: its old consumer (same name) must finish
+            # before the new one re-reads the pending entries they share
+            predecessor = draining.done
         stats = self.stats.groups.get(group.name) or GroupStats(group.name, group.consumer)
         self.stats.groups[group.name] = stats
         consumer = GroupConsumer(
@@ -191,7 +195,14 @@ class Runner:
         """Stop a replaced or removed consumer in the background; shutdown awaits it."""
         task = asyncio.create_task(consumer.stop(self.config.runner.shutdown_grace))
         self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self._draining[consumer.name] = consumer
+
+        def finished(task: asyncio.Task[bool]) -> None:
+            self._retiring.discard(task)
+            if self._draining.get(consumer.name) is consumer:
+                del self._draining[consumer.name]
+
+        task.add_done_callback(finished)
 
     def _agent_down(self, name: str) -> None:
         for consumer in self.consumers.values():
@@ -268,13 +279,32 @@ class Runner:
     async def _watch(self) -> None:
         from cortex_flow.reload import watch_changes
 
-        source = self._watcher() if self._watcher else watch_changes(self.project, self._stop)
-        async for _ in source:
-            if self._stop.is_set():
-                break
-            await self.reload("file change")
+        while not self._stop.is_set():
+            debounce = self.config.reload.debounce
+            source = self._watcher() if self._watcher else watch_changes(self.project, self._stop)
+            try:
+                async for _ in source:
+                    if self._stop.is_set():
+                        return
+                    try:
+                        await self.reload("file change")
+                    except Exception:  # the watcher must outlive one failed reload
+                        log.exception("reload after a file change failed; still watching")
+                    if self._watcher is None and self.config.reload.debounce != debounce:
+                        break  # watch again with the new debounce
+                else:
+                    return
+            finally:
+                close = getattr(source, "aclose", None)
+                if close is not None:
+                    await close()
 
     # -- stop --------------------------------------------------------------------------
+
+    @property
+    def stopping(self) -> bool:
+        """True once a stop was requested: reloads are refused from then on."""
+        return self._stop.is_set()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -331,7 +361,14 @@ async def run(project: Project) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop)
         installed.append(sig)
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(runner.reload("SIGHUP")))
+    reloads: set[asyncio.Task[Any]] = set()  # keep a reference until each one is done
+
+    def on_hup() -> None:
+        task = asyncio.ensure_future(runner.reload("SIGHUP"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     installed.append(signal.SIGHUP)
     try:
         start = asyncio.create_task(runner.start())
@@ -351,15 +388,37 @@ async def run(project: Project) -> int:
             loop.remove_signal_handler(sig)
 
 
+def _calls_still_running(wait: float = 0.5) -> bool:
+    """True if a sync ``call`` thread outlived the drain (idle workers exit at once)."""
+    deadline = time.monotonic() + wait
+    for thread in threading.enumerate():
+        if thread.name.startswith(CALL_THREAD_PREFIX):
+            thread.join(max(0.0, deadline - time.monotonic()))
+    return any(
+        t.name.startswith(CALL_THREAD_PREFIX) and t.is_alive() for t in threading.enumerate()
+    )
+
+
 def command(args: argparse.Namespace) -> int:
     project = load_project(args.config)
     setup_logging(project.config.log.level, project.config.log.format)
     try:
-        return asyncio.run(run(project))
+        code = asyncio.run(run(project))
     except CortexFlowError:
         raise
     except KeyboardInterrupt:
-        return 130
+        code = 130
+    except SystemExit as exc:  # a second signal: stop now
+        code = exc.code if isinstance(exc.code, int) else 1
+    if _calls_still_running():
+        # Python would wait for the thread at exit, for as long as the call takes. Its
+        # message is still pending, so the next consumer gets it: leave now.
+        log.warning("a sync call is still running after the drain; exiting without it")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 __all__ = ["Path", "Runner", "command", "route_tables", "run"]
