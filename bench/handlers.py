@@ -1,0 +1,35 @@
+"""The trivial handlers every benchmark uses, for cortex-flow (``call:``) and the baselines alike.
+
+cortex-flow imports them by name (``bench.handlers:noop``); the baselines call the same
+functions, so both sides pay the same handler cost.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+COUNTER = [0]
+SAMPLES: list[float] = []
+
+
+def noop(msg: Mapping[str, Any]) -> None:
+    """Does nothing: the figure is the runtime's own cost."""
+
+
+def count(msg: Mapping[str, Any]) -> None:
+    """Counts handled messages (the memory benchmark reads the count)."""
+    COUNTER[0] += 1
+
+
+def record_latency(msg: Mapping[str, Any]) -> None:
+    """For entries with a ``sent`` field (epoch seconds): record now - sent."""
+    sent = msg.get("sent")
+    if sent is not None:
+        SAMPLES.append(time.time() - float(sent))
+
+
+def reset() -> None:
+    COUNTER[0] = 0
+    SAMPLES.clear()

@@ -1,0 +1,175 @@
+"""Benchmark 3, latency: how long a critical entry waits while a low-priority backlog drains.
+
+A publisher process loads ``backlog`` entries into the low stream, then every ~10 ms
+publishes one critical entry holding its publish time (``sent``, epoch seconds). The
+handler (in the consumer's process) records now - sent. Whenever the low backlog falls
+under half of ``backlog`` the publisher tops it up by 1,000 entries per tick, so every
+sample is taken with a low backlog waiting. The run ends after ``samples`` samples.
+
+cortex-flow: a Runner, strict priority over the four keys, batch 100, ``inline: true``
+handler. Baseline: the hand-written strict-fallback loop (consume's baseline B).
+Target: cortex-flow's p99 <= 20 ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import multiprocessing as mp
+import time
+from typing import Any
+
+import redis
+
+from bench import handlers
+from bench.common import (
+    GROUP,
+    Figure,
+    Server,
+    create_groups,
+    id_tuple,
+    preload,
+    priority_flow,
+    priority_keys,
+    project,
+    run_cortex,
+    strict_loop,
+)
+
+PREFIX = "bench:lat"
+TARGET_MS = 20.0
+INTERVAL = 0.01
+REFILL = 1000
+
+
+class Backlog:
+    """Estimates the entries of one key not yet read by the group, from IDs we added."""
+
+    def __init__(self, client: redis.Redis, key: str) -> None:
+        self.client, self.key = client, key
+        self.added = 0
+        self.marks: list[tuple[tuple[int, int], int]] = []  # (last ID of a chunk, added so far)
+
+    def add(self, last_id: str, n: int) -> None:
+        self.added += n
+        self.marks.append((id_tuple(last_id), self.added))
+
+    def waiting(self) -> int:
+        groups = self.client.xinfo_groups(self.key)
+        info = next(g for g in groups if g["name"] == GROUP)
+        read = id_tuple(info["last-delivered-id"])
+        i = bisect.bisect_right(self.marks, (read, float("inf")))
+        done = self.marks[i - 1][1] if i else 0
+        del self.marks[: max(0, i - 1)]
+        return self.added - done
+
+
+def publisher(port: int, backlog: int, ready: Any, go: Any, stop: Any) -> None:
+    """Runs in its own process: load the backlog, then a critical entry every INTERVAL."""
+    client = redis.Redis(port=port, decode_responses=True)
+    critical, low = priority_keys(PREFIX)[0], priority_keys(PREFIX)[-1]
+    waiting = Backlog(client, low)
+    last = preload(client, {low: backlog})
+    waiting.add(last[low], backlog)
+    ready.set()
+    go.wait()
+    tick = time.perf_counter()
+    while not stop.is_set():
+        client.xadd(critical, {"kind": "task", "sent": repr(time.time())})
+        if waiting.waiting() < backlog // 2:
+            waiting.add(preload(client, {low: REFILL}, chunk=REFILL)[low], REFILL)
+        tick += INTERVAL
+        time.sleep(max(0.0, tick - time.perf_counter()))
+    client.close()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def _until_samples(samples: int, timeout: float = 120.0) -> float:
+    deadline = time.perf_counter() + timeout
+    while len(handlers.SAMPLES) < samples:
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"only {len(handlers.SAMPLES)} latency samples in {timeout:.0f}s")
+        await asyncio.sleep(0.02)
+    return time.perf_counter()
+
+
+async def _baseline(server: Server, samples: int, go: Any) -> None:
+    client = server.aclient()
+    stop = asyncio.Event()
+    try:
+        task = asyncio.create_task(
+            strict_loop(client, priority_keys(PREFIX), handlers.record_latency, stop=stop)
+        )
+        go.set()
+        await _until_samples(samples)
+        stop.set()
+        await task
+    finally:
+        await client.aclose()
+
+
+async def _cortex(server: Server, samples: int, go: Any, profile: Any) -> None:
+    async def until() -> float:
+        go.set()
+        return await _until_samples(samples)
+
+    with project(server, priority_flow(PREFIX, "bench.handlers:record_latency")) as proj:
+        await run_cortex(proj, until, profile)
+
+
+def measure(server: Server, name: str, backlog: int, samples: int, profile: Any) -> list[float]:
+    server.flush()
+    with server.client() as client:
+        create_groups(client, priority_keys(PREFIX))
+    ctx = mp.get_context("spawn")
+    ready, go, stop = ctx.Event(), ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=publisher, args=(server.port, backlog, ready, go, stop))
+    proc.start()
+    try:
+        if not ready.wait(120):
+            raise RuntimeError("latency publisher did not start")
+        handlers.reset()
+        if name == "cortex":
+            asyncio.run(_cortex(server, samples, go, profile))
+        else:
+            asyncio.run(_baseline(server, samples, go))
+        return [s * 1000 for s in handlers.SAMPLES]
+    finally:
+        stop.set()
+        go.set()
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+def run(server: Server, backlog: int, samples: int, profile: Any = None) -> list[Figure]:
+    base = measure(server, "baseline", backlog, samples, None)
+    mine = measure(server, "cortex", backlog, samples, profile)
+    p99 = percentile(mine, 0.99)
+    note = f"{len(mine)} samples, {backlog:,} low backlog"
+    return [
+        Figure(
+            "latency",
+            "critical p50, ms",
+            percentile(mine, 0.50),
+            "hand loop, strict fallback",
+            percentile(base, 0.50),
+            "(reference)",
+            None,
+        ),
+        Figure(
+            "latency",
+            "critical p99, ms",
+            p99,
+            "hand loop, strict fallback",
+            percentile(base, 0.99),
+            f"<= {TARGET_MS:g} ms",
+            p99 <= TARGET_MS,
+            note=f"{note}; max {max(mine):.1f} ms",
+        ),
+    ]
