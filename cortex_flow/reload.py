@@ -1,8 +1,19 @@
 """Hot reload: validate everything first, diff, then apply only the difference.
 
-Triggers (file watcher, SIGHUP, ``POST /reload``) all call :func:`reload_runner`.
-Outcomes: ``applied``, ``unchanged``, ``rejected`` (invalid or needs a restart;
-nothing touched), ``rolled_back`` (applying failed before any consumer changed).
+Triggers (file watcher, SIGHUP, ``POST /reload``) all call :meth:`Runner.reload`, which
+runs :func:`reload_runner` under the runner's reload lock, so two reloads never overlap.
+The difference is :func:`cortex_flow.plan.diff`, the same plan ``cortex-flow plan``
+prints. Outcomes:
+
+- ``applied``: the plan was applied; ``unchanged``: there was nothing to apply;
+- ``rejected``: the files are invalid, a setting that needs a restart changed, or the
+  runner is starting or stopping; nothing was touched;
+- ``rolled_back``: creating the new groups in Redis failed (Redis unreachable for
+  ``PROVISION_TIMEOUT``); no consumer was changed, the previous topology keeps running.
+
+Applying is make-before-break: a changed group's new consumer (same consumer name) is
+started before the old one is told to stop, and re-reads its pending entries only once
+the old one has finished and acknowledged what it held.
 """
 
 from __future__ import annotations
@@ -10,27 +21,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cortex_flow.config import Config
+from redis.exceptions import ResponseError
+
+from cortex_flow.consumer import TRANSIENT, ensure_group
 from cortex_flow.errors import ValidationFailed
 from cortex_flow.loader import Project, load_project
-from cortex_flow.topology import Resolved, resolve
+from cortex_flow.plan import Plan, diff
+from cortex_flow.routes import RouteTable
+from cortex_flow.topology import Resolved, ResolvedGroup, StreamKey, resolve
 
 if TYPE_CHECKING:
     from cortex_flow.runner import Runner
 
 log = logging.getLogger("cortex_flow.reload")
 
-# settings read once at start; changing them needs a restart
-FIXED: dict[str, Callable[[Config], object]] = {
-    "redis.url": lambda c: c.redis.url,
-    "runner.name": lambda c: c.runner.name,
-    "admin.listen": lambda c: c.admin.listen,
-    "log": lambda c: (c.log.level, c.log.format),
-}
+# how long a reload keeps trying to reach Redis to create new groups before rolling back
+PROVISION_TIMEOUT = 10.0
 
 
 def _record(
@@ -51,146 +61,181 @@ def _record(
     }
 
 
-def describe(old: Resolved, new: Resolved) -> tuple[list[str], dict[str, list[str]]]:
-    """Plain-words changes and the group actions: add, remove, restart, routes."""
-    from cortex_flow.runner import _routes_only
+def _reject(runner: Runner, reason: str, started: float, errors: list[str]) -> dict[str, Any]:
+    log.error(
+        "rejecting update (%s): %d problem(s); still running the previous topology",
+        reason,
+        len(errors),
+    )
+    for line in errors:
+        log.error("  %s", line)
+    return _record(runner, "rejected", started, [], errors)
 
-    lines: list[str] = []
-    actions: dict[str, list[str]] = {"add": [], "remove": [], "restart": [], "routes": []}
-    for name in sorted(new.groups.keys() - old.groups.keys()):
-        actions["add"].append(name)
-        keys = ", ".join(k.key for k in new.groups[name].keys)
-        lines.append(f"group {name}: added (reads {keys})")
-    for name in sorted(old.groups.keys() - new.groups.keys()):
-        actions["remove"].append(name)
-        lines.append(f"group {name}: removed (drains, then stops)")
-    for name in sorted(old.groups.keys() & new.groups.keys()):
-        a, b = old.groups[name], new.groups[name]
-        if a.fingerprint() == b.fingerprint():
-            continue
-        if _routes_only(a, b):
-            actions["routes"].append(name)
-            ra, rb = a.spec.routes, b.spec.routes
-            for i in range(max(len(ra), len(rb))):
-                if i >= len(ra):
-                    lines.append(f"group {name}: added route {i + 1}")
-                elif i >= len(rb):
-                    lines.append(f"group {name}: removed route {i + 1}")
-                elif ra[i] != rb[i]:
-                    lines.append(f"group {name}: changed route {i + 1}")
-        else:
-            actions["restart"].append(name)
-            da = a.spec.model_dump(mode="json", exclude={"routes"})
-            db = b.spec.model_dump(mode="json", exclude={"routes"})
-            what = [f"{k} {da.get(k)} -> {db.get(k)}" for k in sorted(db) if da.get(k) != db.get(k)]
-            if a.keys != b.keys:
-                what.append("keys " + ", ".join(k.key for k in b.keys))
-            lines.append(f"group {name}: changed {'; '.join(what) or 'settings'} (restarted)")
-    old_keys, new_keys = old.keys(), new.keys()
-    for key in sorted(new_keys.keys() - old_keys.keys()):
-        k = new_keys[key]
-        who = (
-            f"agent {k.agent}: inbox"
-            if k.agent and k.agent not in old.agents
-            else f"stream {k.stream}:"
+
+def _load(runner: Runner) -> tuple[Project, Resolved, dict[str, RouteTable]]:
+    from cortex_flow.runner import route_tables
+
+    config_path = runner.project.config_path or (runner.project.base_dir / "config.yaml")
+    project = load_project(config_path)
+    new = resolve(project.topology, runner.name)
+    return project, new, route_tables(new)
+
+
+async def _provision(runner: Runner, new: Resolved, plan: Plan) -> None:
+    """Create the groups the plan starts, retrying a lost Redis until the deadline."""
+    wanted = [
+        (new.groups[n], key)
+        for n in (*plan.groups_to_add, *plan.groups_to_restart)
+        for key in new.groups[n].keys
+    ]
+    deadline = time.monotonic() + PROVISION_TIMEOUT
+    delay = 0.05
+    while True:
+        try:
+            for group, key in wanted:
+                await _create(runner, group, key)
+            return
+        except TRANSIENT as exc:
+            if runner.stopping or time.monotonic() + delay > deadline:
+                raise
+            log.warning("reload: cannot reach Redis to create groups (%s); retrying", exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+async def _create(runner: Runner, group: ResolvedGroup, key: StreamKey) -> None:
+    start = group.spec.start
+    try:
+        created = await ensure_group(runner.client, key.key, group.name, start)
+    except ResponseError as exc:  # e.g. WRONGTYPE: the key holds something else
+        raise ResponseError(f"group {group.name} on {key.key}: {exc}") from exc
+    if created:
+        log.info("created group %s on %s (from %s)", group.name, key.key, start)
+
+
+def _apply(
+    runner: Runner, project: Project, new: Resolved, tables: dict[str, RouteTable], plan: Plan
+) -> None:
+    """Start, swap and retire consumers. No awaits: a reload is never half applied."""
+    if runner._http is None and any(r.http for g in new.groups.values() for r in g.spec.routes):
+        import aiohttp
+
+        runner._http = aiohttp.ClientSession()
+        for consumer in runner.consumers.values():
+            consumer.http = runner._http  # a route swap may bring the first http route
+    for name in plan.groups_to_add:
+        runner._start_group(new, new.groups[name], tables[name])
+    for name in plan.groups_to_restart:
+        old = runner.consumers[name]
+        # make-before-break: the successor waits for old.done before re-reading pending
+        runner._start_group(new, new.groups[name], tables[name], predecessor=old.done)
+        runner._retire(old)
+    for name in plan.groups_to_remove:
+        runner._retire(runner.consumers.pop(name))
+        runner.stats.groups.pop(name, None)
+    for name in plan.groups_routes_only:
+        runner.consumers[name].swap_routes(tables[name])
+    if project.config.log.level != runner.config.log.level:
+        logging.getLogger().setLevel(project.config.log.level.upper())
+    if runner._heartbeats is not None:
+        runner._heartbeats.runner_interval = project.config.runner.heartbeat_interval
+        runner._heartbeats.update(new)
+    runner.project, runner.config = project, project.config
+    runner.resolved, runner.tables = new, tables
+
+
+def _summary(plan: Plan) -> str:
+    parts = [
+        f"{what} {', '.join(names)}"
+        for what, names in (
+            ("started", plan.groups_to_add),
+            ("restarted", plan.groups_to_restart),
+            ("stopped", plan.groups_to_remove),
+            ("routes swapped", plan.groups_routes_only),
         )
-        lines.append(f"{who} {key} provisioned")
-    for agent in sorted(new.agents.keys() - old.agents.keys()):
-        lines.append(f"agent {agent}: added")
-    for agent in sorted(old.agents.keys() - new.agents.keys()):
-        lines.append(f"agent {agent}: removed")
-    for agent in sorted(old.agents.keys() & new.agents.keys()):
-        if old.agents[agent] != new.agents[agent]:
-            lines.append(f"agent {agent}: heartbeat policy changed")
-    for name in sorted(old.streams.keys() & new.streams.keys()):
-        if old.streams[name].spec != new.streams[name].spec:
-            lines.append(f"stream {name}: settings changed")
-    return lines, actions
+        if names
+    ]
+    return "; groups " + "; ".join(parts) if parts else ""
 
 
 async def reload_runner(runner: Runner, reason: str) -> dict[str, Any]:
     """One reload; never raises for bad input, the running topology stays as it was."""
     started = time.monotonic()
-    config_path = runner.project.config_path or (runner.project.base_dir / "config.yaml")
-    try:
-        project: Project = await asyncio.to_thread(load_project, config_path)
-        new = resolve(project.topology, runner.name)
-        from cortex_flow.runner import route_tables
-
-        tables = route_tables(new)
-    except ValidationFailed as exc:
-        errors = [str(p) for p in exc.problems]
-        log.error(
-            "rejecting update (%s): %d problem(s); still running the previous topology",
-            reason,
-            len(errors),
-        )
-        for line in errors:
-            log.error("  %s", line)
-        return _record(runner, "rejected", started, [], errors)
-    fixed = [
-        f"{name} changed: restart the runner to apply it"
-        for name, get in FIXED.items()
-        if get(project.config) != get(runner.config)
-    ]
-    if fixed:
-        for line in fixed:
-            log.error("rejecting update (%s): %s", reason, line)
-        return _record(runner, "rejected", started, [], fixed)
     old = runner.resolved
-    assert old is not None
-    lines, actions = describe(old, new)
-    if not lines:
-        runner.project = project
-        log.info("reload (%s): nothing changed", reason)
-        return _record(runner, "unchanged", started, [], [])
+    if old is None or runner.stopping:
+        state = "stopping" if runner.stopping else "still starting"
+        return _reject(runner, reason, started, [f"runner is {state}: reload not applied"])
     try:
-        await runner._provision(new)
-    except Exception as exc:
+        project, new, tables = await asyncio.to_thread(_load, runner)
+    except ValidationFailed as exc:
+        return _reject(runner, reason, started, [str(p) for p in exc.problems])
+    plan = diff(old, new, runner.config, project.config)
+    if plan.restart_required:
+        return _reject(runner, reason, started, list(plan.restart_required))
+    if plan.empty:
+        runner.project = project
+        result = _record(runner, "unchanged", started, [], [])
+        log.info("reload (%s): nothing changed (%.0fms)", reason, result["duration_ms"])
+        return result
+    stopping = ["runner is stopping: reload not applied"]
+    if runner.stopping:
+        return _reject(runner, reason, started, stopping)
+    try:
+        await _provision(runner, new, plan)
+    except (*TRANSIENT, ResponseError) as exc:
+        if runner.stopping:
+            return _reject(runner, reason, started, stopping)
+        hint = (
+            "Reload again once Redis is back"
+            if isinstance(exc, TRANSIENT)
+            else "If that key is not a stream, rename the stream's key or remove the key"
+        )
         log.error(
-            "reload (%s) failed while provisioning (%s); rolled back, still running the "
-            "previous topology",
+            "reload (%s) rolled back: cannot create groups in Redis (%s); still running the "
+            "previous topology. %s",
             reason,
             exc,
+            hint,
         )
         return _record(runner, "rolled_back", started, [], [f"provisioning failed: {exc}"])
-    for name in actions["add"]:
-        runner._start_group(new, new.groups[name], tables[name])
-    for name in actions["restart"]:
-        old_consumer = runner.consumers[name]
-        runner._start_group(new, new.groups[name], tables[name], predecessor=old_consumer.done)
-        runner._retire(old_consumer)  # make-before-break: the new one already reads
-    for name in actions["routes"]:
-        runner.consumers[name].swap_routes(tables[name])
-    for name in actions["remove"]:
-        runner._retire(runner.consumers.pop(name))
-        runner.stats.groups.pop(name, None)
-    if runner._heartbeats is not None:
-        runner._heartbeats.update(new)
-    runner.project, runner.resolved, runner.tables = project, new, tables
+    if runner.stopping:  # stop() began while we provisioned: start nothing now
+        return _reject(runner, reason, started, stopping)
+    _apply(runner, project, new, tables, plan)
+    lines = [str(c) for c in plan.changes]
     result = _record(runner, "applied", started, lines, [])
     for line in lines:
         log.info("%s", line)
     log.info(
-        "reload (%s) applied in %.0fms: %d change(s)", reason, result["duration_ms"], len(lines)
+        "reload (%s) applied in %.0fms: %d change(s)%s",
+        reason,
+        result["duration_ms"],
+        len(lines),
+        _summary(plan),
     )
     return result
 
 
 async def watch_changes(project: Project, stop: asyncio.Event) -> AsyncIterator[set[Any]]:
-    """Yield once per debounced batch of changes to config.yaml or the flows folder."""
+    """Yield once per debounced batch of changes to config.yaml or the flows folder.
+
+    Folders are watched, not files: an editor that saves by renaming a new file over the
+    old one would leave a watch on the file itself pointing at the deleted inode.
+    """
     import watchfiles
 
-    paths: list[Path] = [project.flows_dir]
-    if project.config_path is not None:
-        paths.append(project.config_path.resolve())
+    flows = project.flows_dir.resolve()
+    config = project.config_path.resolve() if project.config_path is not None else None
+    paths = {flows} | ({config.parent} if config is not None else set())
     debounce = int(project.config.reload.debounce * 1000)
 
     def relevant(change: Any, path: str) -> bool:
-        return path.endswith((".yaml", ".yml"))
+        p = Path(path)
+        if config is not None and p == config:
+            return True
+        return p.parent == flows and p.suffix in (".yaml", ".yml")
 
     async for changes in watchfiles.awatch(
-        *paths,
+        *sorted(paths),
         debounce=debounce,
         step=20,
         stop_event=stop,
