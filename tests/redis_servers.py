@@ -201,3 +201,43 @@ class PrivateCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+class PrivateSentinel:
+    """One Redis Sentinel watching a :class:`PrivateRedis` master named ``service``."""
+
+    def __init__(self, directory: Path, master: PrivateRedis, service: str = "mymaster") -> None:
+        self.master = master
+        self.service = service
+        self.node = PrivateRedis(directory, args=())
+        self.conf = directory / "sentinel.conf"
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.node.port}/{self.service}"
+
+    def start(self) -> PrivateSentinel:
+        self.node.directory.mkdir(parents=True, exist_ok=True)
+        self.conf.write_text(
+            f"port {self.node.port}\nbind 127.0.0.1\ndir {self.node.directory}\n"
+            f"sentinel monitor {self.service} 127.0.0.1 {self.master.port} 1\n"
+            f"sentinel down-after-milliseconds {self.service} 2000\n"
+        )
+        log = (self.node.directory / "redis.log").open("ab")
+        with log:
+            self.node.process = subprocess.Popen(
+                [server_binary(), str(self.conf), "--sentinel"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + self.node.start_timeout
+        while not answers_ping(self.node.url, timeout=0.2):
+            if self.node.process.poll() is not None or time.monotonic() > deadline:
+                self.node.kill()
+                raise RuntimeError("private sentinel did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.node.stop()
