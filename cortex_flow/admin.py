@@ -163,7 +163,9 @@ class AdminServer:
                 listening,
             )
         else:
-            self._log.info("admin endpoint listening on http://%s", listening)
+            self._log.info(
+                "admin endpoint on http://%s (/healthz, /readyz, /metrics, POST /reload)", listening
+            )
 
     async def stop(self) -> None:
         """Stop listening, letting in-flight requests finish briefly. Safe to call twice."""

@@ -111,8 +111,8 @@ class Runner:
                     if self._embedded
                     else f"using the embedded Redis already running at {self.url}"
                 )
-                log.info("%s", hint)
-                print(hint, file=sys.stderr, flush=True)
+                # stdout, not the log: it is what a person copies into another terminal
+                print(hint, flush=True)
             self.client = redis_from_url(self.url)
         log.info("connecting to Redis at %s", describe_url(self.url) if self.url else "(given)")
         await wait_for_redis(self.client, timeout=None, log=log)
@@ -224,9 +224,6 @@ class Runner:
             log=logging.getLogger("cortex_flow.admin"),
         )
         await self._admin.start()
-        log.info(
-            "admin endpoint on http://%s (healthz, readyz, metrics, POST reload)", self._admin.where
-        )
 
     # -- state -------------------------------------------------------------------------
 

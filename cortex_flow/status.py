@@ -281,11 +281,13 @@ async def probe_admin(admin: AdminSettings) -> dict[str, Any]:
         return {"admin": admin.listen, "reachable": False, "reason": describe_error(exc)}
     if not isinstance(body, dict):
         return {"admin": admin.listen, "reachable": False, "reason": "not a cortex-flow runner"}
+    # /readyz answers {"status": "ready" | "not ready", "detail": {..., "reload": {...}}}
+    detail = body.get("detail") if isinstance(body.get("detail"), dict) else {}
     return {
         "admin": admin.listen,
         "reachable": True,
-        "ready": bool(body.get("ready")),
-        "reload": body.get("reload"),
+        "ready": body.get("status") == "ready",
+        "reload": detail.get("reload"),
     }
 
 

@@ -281,12 +281,15 @@ def admin_server() -> Iterator[str]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             body = json.dumps(
-                {
-                    "ready": True,
-                    "reload": {
-                        "last_outcome": "rejected",
-                        "last_at": "2024-05-01T10:00:00Z",
-                        "errors": ["flows/a.yaml:3:5: groups.x.stream: unknown stream"],
+                {  # the shape AdminServer's /readyz answers (pinned in test_admin.py)
+                    "status": "ready",
+                    "detail": {
+                        "runner": "r1",
+                        "reload": {
+                            "last_outcome": "rejected",
+                            "last_at": "2024-05-01T10:00:00Z",
+                            "errors": ["flows/a.yaml:3:5: groups.x.stream: unknown stream"],
+                        },
                     },
                 }
             ).encode()
