@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import ResponseError
 
+from cortex_flow.callpool import threads_needed
 from cortex_flow.consumer import TRANSIENT, ensure_group
 from cortex_flow.errors import ValidationFailed
 from cortex_flow.loader import Project, load_project
@@ -117,6 +118,8 @@ def _apply(
     runner: Runner, project: Project, new: Resolved, tables: dict[str, RouteTable], plan: Plan
 ) -> None:
     """Start, swap and retire consumers. No awaits: a reload is never half applied."""
+    if runner.executor.grow(threads_needed(new, tables)):
+        log.info("sync calls now run in a pool of %d threads", runner.executor.threads)
     if runner._http is None and any(r.http for g in new.groups.values() for r in g.spec.routes):
         import aiohttp
 

@@ -16,10 +16,11 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from cortex_flow.callpool import THREAD_PREFIX as CALL_THREAD_PREFIX
+from cortex_flow.callpool import CallPool, threads_needed
 from cortex_flow.connection import describe_url, is_cluster, redis_from_url, wait_for_redis
 from cortex_flow.consumer import GroupConsumer, ensure_group
 from cortex_flow.errors import CortexFlowError, ValidationFailed
@@ -31,7 +32,6 @@ from cortex_flow.stats import GroupStats, RunnerStats
 from cortex_flow.topology import Resolved, ResolvedGroup, resolve
 
 log = logging.getLogger("cortex_flow.runner")
-CALL_THREAD_PREFIX = "cortex-call"  # the threads sync `call` routes run in
 
 Watcher = Callable[[], AsyncIterator[Any]]
 
@@ -88,7 +88,7 @@ class Runner:
         self._tasks: list[asyncio.Task[Any]] = []
         self._retiring: set[asyncio.Task[bool]] = set()
         self._draining: dict[str, GroupConsumer] = {}  # retired, maybe still finishing
-        self.executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix=CALL_THREAD_PREFIX)
+        self.executor = CallPool()  # sized from the topology in start(), grown on reload
         if str(project.base_dir) not in sys.path:
             sys.path.insert(0, str(project.base_dir))
 
@@ -99,6 +99,7 @@ class Runner:
         self.stats.started_at = time.time()
         resolved = resolve(self.project.topology, self.name)
         tables = route_tables(resolved)
+        self.executor.grow(threads_needed(resolved, tables))
         if self.client is None:
             if self.url == "embedded":
                 from cortex_flow.embedded import resolve_url

@@ -518,3 +518,129 @@ async def test_claimed_and_reread_entries_respect_concurrency(
         await wait_for(lambda: len(set(handlers.handled)) == 60, what="all 60")
         await wait_for(lambda: _zero(redis_client, src, "work"), what="nothing pending")
     assert handlers.peak <= 3
+
+
+BACKED_OFF = """
+    calls = []
+
+    def handle(msg):
+        calls.append(msg["n"])
+        if msg["n"].startswith("old") or calls.count(msg["n"]) == 1:
+            raise ValueError("not yet")
+"""
+
+
+async def test_entry_due_for_retry_is_not_hidden_by_older_ones_backing_off(
+    tmp_path: Path, redis_url: str, redis_client: Any, key_prefix: str
+) -> None:
+    """A failed entry is retried after its backoff though a batch of older ones waits longer."""
+    mod = write_module(tmp_path, BACKED_OFF)
+    config = make_project(
+        tmp_path,
+        """
+        version: 1
+        streams:
+          jobs: {key: "{P}jobs"}
+        groups:
+          work:
+            stream: jobs
+            batch: 5
+            concurrency: 5
+            retry:
+              max_deliveries: 10
+              backoff: {initial: 100ms, multiplier: 100, max: 1h}
+              claim_idle: 1h
+            routes:
+              - call: {M}:handle
+        """,
+        url=redis_url,
+        prefix=key_prefix,
+        mod=mod,
+    )
+    src = f"{key_prefix}jobs"
+    async with running(config):
+        calls = module(mod).calls
+        for n in range(5):  # a whole batch of older entries: after two failures, 10s backoff
+            await redis_client.xadd(src, {"n": f"old{n}"})
+        await wait_for(lambda: len(calls) == 10, what="two deliveries of the old ones")
+        await redis_client.xadd(src, {"n": "fresh"})  # fails once, due again after 100ms
+        await wait_for(lambda: calls.count("fresh") == 2, what="the retry of the fresh entry")
+        await wait_for(lambda: _is(pending(redis_client, src, "work"), 5), what="its ack")
+    assert sorted(calls) == sorted([f"old{n}" for n in range(5)] * 2 + ["fresh"] * 2)
+
+
+BARRIER = """
+    import threading
+
+    barriers = {"narrow": threading.Barrier(4, timeout=5), "wide": threading.Barrier(40, timeout=5)}
+    passed = []
+
+    def handle(msg):
+        barriers[msg["g"]].wait()  # breaks unless every handler of the group has a thread
+        passed.append((msg["g"], msg["n"]))
+"""
+
+NARROW = """
+    version: 1
+    streams:
+      narrow: {key: "{P}narrow"}
+      wide: {key: "{P}wide"}
+    groups:
+      narrow:
+        stream: narrow
+        concurrency: 4
+        routes:
+          - call: {M}:handle
+"""
+
+WIDE = """
+      wide:
+        stream: wide
+        concurrency: 40
+        routes:
+          - call: {M}:handle
+"""
+
+
+async def _all_at_once(
+    client: Any, prefix: str, group: str, numbers: range, passed: list[Any]
+) -> None:
+    """Send one message per number to ``group``'s stream; wait until all passed the barrier."""
+    key = f"{prefix}{group}"
+    pipe = client.pipeline(transaction=False)
+    for n in numbers:
+        pipe.xadd(key, {"g": group, "n": str(n)})
+    await pipe.execute()
+    wanted = {(group, str(n)) for n in numbers}
+    await wait_for(lambda: wanted <= set(passed), what=f"{group}: all handlers at once")
+    await wait_for(lambda: _zero(client, key, group), what=f"{group} acknowledged")
+
+
+async def test_sync_calls_have_a_thread_for_every_handler(
+    tmp_path: Path, redis_url: str, redis_client: Any, key_prefix: str
+) -> None:
+    """The call thread pool has a thread per handler of groups with sync calls (44 > 32)."""
+    mod = write_module(tmp_path, BARRIER)
+    config = make_project(tmp_path, NARROW + WIDE, url=redis_url, prefix=key_prefix, mod=mod)
+    async with running(config) as runner:
+        assert runner.executor.threads == 44
+        passed = module(mod).passed
+        await _all_at_once(redis_client, key_prefix, "wide", range(40), passed)
+        await _all_at_once(redis_client, key_prefix, "narrow", range(4), passed)
+
+
+async def test_reload_grows_the_call_thread_pool(
+    tmp_path: Path, redis_url: str, redis_client: Any, key_prefix: str
+) -> None:
+    """A group with sync calls added by a reload gets threads for all its handlers."""
+    mod = write_module(tmp_path, BARRIER)
+    config = make_project(tmp_path, NARROW, url=redis_url, prefix=key_prefix, mod=mod)
+    async with running(config) as runner:
+        assert runner.executor.threads == 8
+        passed = module(mod).passed
+        await _all_at_once(redis_client, key_prefix, "narrow", range(4), passed)
+        make_project(tmp_path, NARROW + WIDE, url=redis_url, prefix=key_prefix, mod=mod)
+        assert (await runner.reload("test"))["outcome"] == "applied"
+        assert runner.executor.threads == 44
+        await _all_at_once(redis_client, key_prefix, "wide", range(40), passed)
+        await _all_at_once(redis_client, key_prefix, "narrow", range(4, 8), passed)

@@ -316,6 +316,66 @@ async def test_deleted_pending_entries_are_acknowledged(
         await client.aclose()
 
 
+PEAK = """
+    import asyncio
+
+    running = 0
+    peak = 0
+    handled = []
+
+    async def handle(msg):
+        global running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0)
+        running -= 1
+        handled.append(msg["n"])
+"""
+
+
+DOWN_FLOW = """
+    version: 1
+    streams:
+      jobs: {key: "{P}jobs"}
+    groups:
+      work:
+        stream: jobs
+        concurrency: 4
+        retry: {claim_idle: 1h}
+        routes:
+          - call: {M}:handle
+"""
+
+
+async def test_every_pending_entry_of_a_down_consumer_is_claimed(
+    tmp_path: Path, server_url: str, key_prefix: str
+) -> None:
+    """All of a down consumer's pending entries are claimed, past 1000, within concurrency."""
+    total = 1500
+    mod = write_module(tmp_path, PEAK)
+    config = make_project(tmp_path, DOWN_FLOW, url=server_url, prefix=key_prefix, mod=mod)
+    key = f"{key_prefix}jobs"
+    client = aioredis.Redis.from_url(server_url, decode_responses=True)
+    try:
+        await client.xgroup_create(key, "work", id="0", mkstream=True)
+        pipe = client.pipeline(transaction=False)
+        for n in range(total):
+            pipe.xadd(key, {"n": str(n)})
+        await pipe.execute()
+        await client.xreadgroup("work", "ghost", {key: ">"}, count=total)  # then it went down
+        async with running(config) as runner:
+            handlers = module(mod)
+            runner.consumers["work"].request_claim(["ghost"])
+            await wait_for(lambda: len(handlers.handled) == total, timeout=30, what="all claimed")
+            await wait_for(lambda: _none_pending(client, key, "work"), what="nothing pending")
+            assert runner.stats.groups["work"].keys[key].claimed == total
+        assert sorted(handlers.handled, key=int) == [str(n) for n in range(total)]
+        assert handlers.peak <= 4
+    finally:
+        await client.delete(key)
+        await client.aclose()
+
+
 BROKEN_TARGET_FLOW = """
     version: 1
     streams:
