@@ -282,7 +282,8 @@ async def probe_admin(admin: AdminSettings) -> dict[str, Any]:
     if not isinstance(body, dict):
         return {"admin": admin.listen, "reachable": False, "reason": "not a cortex-flow runner"}
     # /readyz answers {"status": "ready" | "not ready", "detail": {..., "reload": {...}}}
-    detail = body.get("detail") if isinstance(body.get("detail"), dict) else {}
+    raw = body.get("detail")
+    detail: dict[str, Any] = raw if isinstance(raw, dict) else {}
     return {
         "admin": admin.listen,
         "reachable": True,

@@ -163,6 +163,14 @@ class PrivateRedis:
         self.stop()
 
 
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is a valid port too."""
+    while True:
+        port = free_port()
+        if port + 10000 <= 65535:
+            return port
+
+
 class PrivateCluster:
     """A three-master Redis Cluster on loopback ports, built with CLUSTER MEET/ADDSLOTS.
 
@@ -176,6 +184,7 @@ class PrivateCluster:
         self.nodes = [
             PrivateRedis(
                 directory / f"node{i}",
+                port=_cluster_port(),
                 args=(
                     "--cluster-enabled",
                     "yes",
