@@ -125,10 +125,18 @@ def test_undefined_name_raises_in_templates() -> None:
         Template("a:{{ msg.missing }}").render(ctx())
 
 
-def test_undefined_name_raises_in_expressions() -> None:
-    """A missing field in an expression raises when the result is used."""
+def test_missing_field_in_an_expression_is_falsy() -> None:
+    """In a `when`, a field the message lacks is undefined and falsy: no match, no error."""
+    assert Expression("msg.missing == 'x'").evaluate(ctx()) is False
+    assert Expression("msg.missing in agents").evaluate(ctx()) is False
+    assert Expression("msg.missing.deeper == 1").evaluate(ctx()) is False
+    assert Expression("not msg.missing").evaluate(ctx()) is True
+
+
+def test_missing_field_in_a_template_raises() -> None:
+    """In a template (vars, set, keys), a missing field is an error, never an empty string."""
     with pytest.raises(UndefinedError):
-        bool(Expression("msg.missing == 'x'").evaluate(ctx()))
+        compile_template("{{ msg.missing }}").render(make_context({"msg": {}}))
 
 
 # --- expressions ----------------------------------------------------------------------
