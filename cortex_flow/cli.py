@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schema", parents=[common], help="write or check schemas/*.json")
     p.add_argument("--out", type=Path, default=None, help="folder (default: schemas/ by config)")
     p.add_argument("--check", action="store_true", help="fail when the files are stale")
-    p.add_argument("--print", dest="print_", choices=["flow", "config"], help="print one schema")
+    p.add_argument(
+        "--print", dest="print_", choices=["flow", "config", "flowtest"], help="print one schema"
+    )
 
     p = sub.add_parser("graph", parents=[common], help="the topology as a Mermaid diagram")
     p.add_argument("paths", nargs="*", type=Path)

@@ -7,7 +7,6 @@ import importlib
 import sys
 from pathlib import Path
 
-from cortex_flow import schema as schemas
 from cortex_flow.checks import check_imports
 from cortex_flow.errors import Problem
 from cortex_flow.graph import mermaid
@@ -52,6 +51,8 @@ def validate(args: argparse.Namespace) -> int:
 
 
 def schema(args: argparse.Namespace) -> int:
+    from cortex_flow import schema as schemas  # here: validate need not import the test models
+
     if args.print_:
         name = f"{args.print_}.schema.json"
         print(schemas.render(schemas.SCHEMAS[name]), end="")

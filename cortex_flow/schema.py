@@ -10,10 +10,12 @@ from pydantic import BaseModel
 
 from cortex_flow.config import Config
 from cortex_flow.models import FlowFile
+from cortex_flow.testfile import FlowTestFile
 
 SCHEMAS: dict[str, type[BaseModel]] = {
     "flow.schema.json": FlowFile,
     "config.schema.json": Config,
+    "flowtest.schema.json": FlowTestFile,  # *.test.yaml (cortex-flow test)
 }
 
 
