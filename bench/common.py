@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import bisect
 import contextlib
+import multiprocessing as mp
 import os
 import shutil
 import signal
@@ -234,6 +236,32 @@ def id_tuple(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+class Backlog:
+    """Estimates the entries of one key not yet read by the group, from IDs we added."""
+
+    def __init__(self, client: redis.Redis, key: str) -> None:
+        self.client, self.key = client, key
+        self.added = 0
+        self.marks: list[tuple[tuple[int, int], int]] = []  # (last ID of a chunk, added so far)
+
+    def add(self, last_id: str, n: int) -> None:
+        self.added += n
+        self.marks.append((id_tuple(last_id), self.added))
+
+    def fill(self, n: int) -> None:
+        """Add ``n`` task entries to the key (``preload``) and count them."""
+        self.add(preload(self.client, {self.key: n})[self.key], n)
+
+    def waiting(self) -> int:
+        groups = self.client.xinfo_groups(self.key)
+        info = next(g for g in groups if g["name"] == GROUP)
+        read = id_tuple(info["last-delivered-id"])
+        i = bisect.bisect_right(self.marks, (read, float("inf")))
+        done = self.marks[i - 1][1] if i else 0
+        del self.marks[: max(0, i - 1)]
+        return self.added - done
+
+
 async def wait_acked(
     client: aioredis.Redis,
     last_ids: Mapping[str, str],
@@ -349,6 +377,26 @@ async def strict_loop(
             handler(fields)
             ids.append(entry_id)
         await client.xack(key, GROUP, *ids)
+
+
+@contextlib.contextmanager
+def side_process(target: Callable[..., None], *args: Any, wake: Sequence[Any]) -> Iterator[None]:
+    """``target(*args)`` in a spawned process while the block runs (a producer, say).
+
+    On leaving, each event of ``wake`` is set, for the process to end by, and the
+    process is joined; one still alive after 10 s is killed.
+    """
+    proc = mp.get_context("spawn").Process(target=target, args=args)
+    proc.start()
+    try:
+        yield
+    finally:
+        for event in wake:
+            event.set()
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
 
 
 def rss_bytes() -> int:

@@ -14,7 +14,6 @@ Target: cortex-flow's p99 <= 20 ms.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import multiprocessing as mp
 import time
 from typing import Any
@@ -23,16 +22,15 @@ import redis
 
 from bench import handlers
 from bench.common import (
-    GROUP,
+    Backlog,
     Figure,
     Server,
     create_groups,
-    id_tuple,
-    preload,
     priority_flow,
     priority_keys,
     project,
     run_cortex,
+    side_process,
     strict_loop,
 )
 
@@ -42,42 +40,19 @@ INTERVAL = 0.01
 REFILL = 1000
 
 
-class Backlog:
-    """Estimates the entries of one key not yet read by the group, from IDs we added."""
-
-    def __init__(self, client: redis.Redis, key: str) -> None:
-        self.client, self.key = client, key
-        self.added = 0
-        self.marks: list[tuple[tuple[int, int], int]] = []  # (last ID of a chunk, added so far)
-
-    def add(self, last_id: str, n: int) -> None:
-        self.added += n
-        self.marks.append((id_tuple(last_id), self.added))
-
-    def waiting(self) -> int:
-        groups = self.client.xinfo_groups(self.key)
-        info = next(g for g in groups if g["name"] == GROUP)
-        read = id_tuple(info["last-delivered-id"])
-        i = bisect.bisect_right(self.marks, (read, float("inf")))
-        done = self.marks[i - 1][1] if i else 0
-        del self.marks[: max(0, i - 1)]
-        return self.added - done
-
-
 def publisher(port: int, backlog: int, ready: Any, go: Any, stop: Any) -> None:
     """Runs in its own process: load the backlog, then a critical entry every INTERVAL."""
     client = redis.Redis(port=port, decode_responses=True)
     critical, low = priority_keys(PREFIX)[0], priority_keys(PREFIX)[-1]
     waiting = Backlog(client, low)
-    last = preload(client, {low: backlog})
-    waiting.add(last[low], backlog)
+    waiting.fill(backlog)
     ready.set()
     go.wait()
     tick = time.perf_counter()
     while not stop.is_set():
         client.xadd(critical, {"kind": "task", "sent": repr(time.time())})
         if waiting.waiting() < backlog // 2:
-            waiting.add(preload(client, {low: REFILL}, chunk=REFILL)[low], REFILL)
+            waiting.fill(REFILL)
         tick += INTERVAL
         time.sleep(max(0.0, tick - time.perf_counter()))
     client.close()
@@ -127,9 +102,7 @@ def measure(server: Server, name: str, backlog: int, samples: int, profile: Any)
         create_groups(client, priority_keys(PREFIX))
     ctx = mp.get_context("spawn")
     ready, go, stop = ctx.Event(), ctx.Event(), ctx.Event()
-    proc = ctx.Process(target=publisher, args=(server.port, backlog, ready, go, stop))
-    proc.start()
-    try:
+    with side_process(publisher, server.port, backlog, ready, go, stop, wake=(stop, go)):
         if not ready.wait(120):
             raise RuntimeError("latency publisher did not start")
         handlers.reset()
@@ -138,13 +111,6 @@ def measure(server: Server, name: str, backlog: int, samples: int, profile: Any)
         else:
             asyncio.run(_baseline(server, samples, go))
         return [s * 1000 for s in handlers.SAMPLES]
-    finally:
-        stop.set()
-        go.set()
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
 
 
 def run(server: Server, backlog: int, samples: int, profile: Any = None) -> list[Figure]:

@@ -23,18 +23,18 @@ import redis
 from bench import handlers
 from bench.common import (
     GROUP,
+    Backlog,
     Figure,
     Server,
     create_groups,
     id_tuple,
-    preload,
     priority_flow,
     priority_keys,
     project,
     rss_bytes,
     run_cortex,
+    side_process,
 )
-from bench.latency import Backlog
 
 PREFIX = "bench:mem"
 TARGET = 0.10
@@ -58,13 +58,11 @@ def producer(port: int, window: int, stop: Any) -> None:
     client = redis.Redis(port=port, decode_responses=True)
     low = priority_keys(PREFIX)[-1]
     waiting = Backlog(client, low)
-    last = preload(client, {low: window})
-    waiting.add(last[low], window)
+    waiting.fill(window)
     next_trim = 0.0
     while not stop.is_set():
         if waiting.waiting() < window // 2:
-            last = preload(client, {low: CHUNK}, chunk=CHUNK)
-            waiting.add(last[low], CHUNK)
+            waiting.fill(CHUNK)
         else:
             time.sleep(0.002)
         now = time.monotonic()
@@ -78,10 +76,7 @@ def run(server: Server, first: int, last: int, window: int = 20_000) -> list[Fig
     server.flush()
     with server.client() as client:
         create_groups(client, priority_keys(PREFIX))
-    ctx = mp.get_context("spawn")
-    stop = ctx.Event()
-    proc = ctx.Process(target=producer, args=(server.port, window, stop))
-    proc.start()
+    stop = mp.get_context("spawn").Event()
     handlers.reset()
     rss: dict[int, int] = {}
     redis_mem: dict[int, int] = {}
@@ -102,15 +97,11 @@ def run(server: Server, first: int, last: int, window: int = 20_000) -> list[Fig
             await client.aclose()
         return time.perf_counter()
 
-    try:
-        with project(server, priority_flow(PREFIX, "bench.handlers:count")) as proj:
-            timing = asyncio.run(run_cortex(proj, until))
-    finally:
-        stop.set()
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
+    with (
+        side_process(producer, server.port, window, stop, wake=(stop,)),
+        project(server, priority_flow(PREFIX, "bench.handlers:count")) as proj,
+    ):
+        timing = asyncio.run(run_cortex(proj, until))
     growth = rss[last] / rss[first] - 1
     return [
         Figure(

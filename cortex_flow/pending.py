@@ -40,16 +40,22 @@ class _DownConsumer:
     claimed: int = 0
 
 
-def claimed_entries(key: StreamKey, claimed: list[Any], counts: dict[str, int]) -> list[Entry]:
-    """Entries of an XCLAIM or XAUTOCLAIM reply; ``counts``: deliveries before this one."""
+def reply_entries(
+    key: StreamKey, items: list[Any] | None, counts: Mapping[str, int] | None = None
+) -> list[Entry]:
+    """Entries of ``key`` in an XREADGROUP, XCLAIM or XAUTOCLAIM reply.
+
+    ``counts``: each entry's deliveries before this one (none when not given).
+    """
+    before = counts or {}
     entries = []
-    for item in claimed or []:
+    for item in items or []:
         entry_id, fields = item[0], item[1]
         if entry_id is None or fields is None:  # deleted (Redis 6.2 sends a nil)
             continue
         if isinstance(fields, list):
             fields = pairs(fields)
-        entries.append(Entry(key, entry_id, fields, counts.get(entry_id, 0) + 1))
+        entries.append(Entry(key, entry_id, fields, before.get(entry_id, 0) + 1))
     return entries
 
 
@@ -250,7 +256,7 @@ class PendingWork:
                 key.key,
                 self.spec.retry.claim_idle,
             )
-            await self._process(claimed_entries(key, claimed, counts))
+            await self._process(reply_entries(key, claimed, counts))
         return more
 
     # -- claiming ----------------------------------------------------------------------
@@ -264,7 +270,7 @@ class PendingWork:
         claimed = await self.client.xclaim(
             key.key, self.name, self.me, min_idle_time=min_idle, message_ids=list(counts)
         )
-        entries = claimed_entries(key, claimed, counts)
+        entries = reply_entries(key, claimed, counts)
         returned = {e.id for e in entries}
         missing = [i for i in counts if i not in returned]
         if missing:

@@ -17,9 +17,10 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from cortex_flow.connection import same_slot
-from cortex_flow.delivery import Entry, pairs
+from cortex_flow.delivery import Entry
+from cortex_flow.pending import reply_entries
 from cortex_flow.scheduler import Scheduler
-from cortex_flow.topology import ResolvedGroup, StreamKey
+from cortex_flow.topology import ResolvedGroup
 
 # The index (from 1) of the first of KEYS, in the order given, holding entries group
 # ARGV[1] has not read yet, or 0. It reads nothing: the consumer then XREADGROUPs that
@@ -76,17 +77,6 @@ class GroupReader:
         if len(self.keys) > 1 and (not cluster or same_slot(*[k.key for k in self.keys])):
             self._script = client.register_script(FIND_FIRST)
 
-    def _parse(self, key: StreamKey, raw: list[Any]) -> list[Entry]:
-        out = []
-        for item in raw:
-            entry_id, fields = item[0], item[1]
-            if fields is None:
-                continue
-            if isinstance(fields, list):
-                fields = pairs(fields)
-            out.append(Entry(key, entry_id, fields, 1))
-        return out
-
     async def fetch(self, count: int, block: bool = True) -> list[Entry]:
         """Read up to ``count`` new entries, waiting up to ``block_ms`` for some if ``block``."""
         block_ms = self.block_ms if block else None
@@ -95,7 +85,7 @@ class GroupReader:
             resp = await self.client.xreadgroup(
                 self.name, self.me, {key.key: ">"}, count=count, block=block_ms
             )
-            return self._parse(key, resp[0][1]) if resp else []
+            return reply_entries(key, resp[0][1]) if resp else []
         order = self._scheduler.order()
         if self._script is not None:
             try:
@@ -112,7 +102,7 @@ class GroupReader:
                 resp = await self.client.xreadgroup(self.name, self.me, {key.key: ">"}, count=count)
                 if resp and resp[0][1]:
                     self._scheduler.served(index)
-                    return self._parse(key, resp[0][1])
+                    return reply_entries(key, resp[0][1])
                 return []  # another consumer of the group took them meanwhile: look again
         else:
             for index in order:
@@ -120,7 +110,7 @@ class GroupReader:
                 resp = await self.client.xreadgroup(self.name, self.me, {key.key: ">"}, count=count)
                 if resp and resp[0][1]:
                     self._scheduler.served(index)
-                    return self._parse(key, resp[0][1])
+                    return reply_entries(key, resp[0][1])
         if block_ms is None:
             return []  # not waiting: every key was looked at above
         if self.cluster and self._script is None:
@@ -138,5 +128,5 @@ class GroupReader:
         rank = {k.key: i for i, k in enumerate(self.keys)}
         entries: list[Entry] = []
         for stream, items in sorted(resp, key=lambda r: rank[r[0]]):
-            entries.extend(self._parse(by_key[stream], items))
+            entries.extend(reply_entries(by_key[stream], items))
         return entries

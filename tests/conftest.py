@@ -8,10 +8,13 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 from fakeredis.aioredis import FakeRedis
+from projects import NewProject, make_project, write_module
 from redis_servers import PrivateRedis, answers_ping
 
 # --- Redis servers -----------------------------------------------------------------------
@@ -76,6 +79,19 @@ async def key_prefix(redis_url: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture
+def prefix(key_prefix: str) -> str:
+    """``key_prefix``, under the shorter name some tests use."""
+    return key_prefix
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    """A plain (non-async) client, decoded responses, to the session's real Redis."""
+    with redis.Redis.from_url(redis_url, decode_responses=True) as client:
+        yield client
+
+
+@pytest.fixture
 async def fake_redis() -> AsyncIterator[FakeRedis]:
     """An in-memory fakeredis server (decoded responses) for fast unit tests."""
     client = FakeRedis(decode_responses=True)
@@ -83,3 +99,22 @@ async def fake_redis() -> AsyncIterator[FakeRedis]:
         yield client
     finally:
         await client.aclose()
+
+
+# --- Projects ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def new_project(tmp_path: Path, redis_url: str, key_prefix: str) -> NewProject:
+    """``new_project(flows, handlers="", **make_project_options)``: (config, module name).
+
+    Writes ``handlers`` (if any) as a module and a project in ``tmp_path`` on the session's
+    Redis, its keys under ``key_prefix`` (see ``projects.make_project``).
+    """
+
+    def write(flows: str, handlers: str = "", **options: Any) -> tuple[Path, str]:
+        mod = write_module(tmp_path, handlers) if handlers else ""
+        config = make_project(tmp_path, flows, url=redis_url, prefix=key_prefix, mod=mod, **options)
+        return config, mod
+
+    return write

@@ -16,7 +16,7 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import ModuleType
@@ -26,6 +26,9 @@ from cortex_flow.loader import load_project
 from cortex_flow.runner import Runner
 
 Predicate = Callable[[], Any]
+
+# the ``new_project`` fixture: (flows, handlers="", **make_project options) -> (config, module)
+NewProject = Callable[..., tuple[Path, str]]
 
 
 async def wait_for(pred: Predicate, timeout: float = 10.0, what: str = "condition") -> Any:
@@ -62,6 +65,28 @@ def write_module(folder: Path, source: str) -> str:
     return name
 
 
+def peak_handlers(pause: float) -> str:
+    """Handler source: ``handle`` appends each ``n`` to ``handled`` after ``pause`` seconds.
+
+    ``peak`` is the most calls that ran at once (for concurrency limits).
+    """
+    return f"""
+    import asyncio
+
+    running = 0
+    peak = 0
+    handled = []
+
+    async def handle(msg):
+        global running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep({pause})
+        running -= 1
+        handled.append(msg["n"])
+    """
+
+
 def module(name: str) -> ModuleType:
     """The handler module as the in-process runner imported it."""
     return sys.modules[name]
@@ -72,19 +97,16 @@ def make_project(
     flows: str,
     *,
     url: str,
-    prefix: str = "",
-    mod: str = "",
     name: str = "t1",
     grace: str = "10s",
     runner_extra: str = "",
-    config_name: str = "config.yaml",
+    **options: str,
 ) -> Path:
-    """Write ``config_name`` and ``flows/main.yaml``; returns the config path."""
-    (folder / "flows").mkdir(parents=True, exist_ok=True)
-    text = textwrap.dedent(flows).replace("{P}", prefix).replace("{M}", mod)
-    (folder / "flows" / "main.yaml").write_text(text)
-    config = folder / config_name
-    config.write_text(
+    """Write ``flows/main.yaml`` and a config for ``url``; returns the config path.
+
+    ``options`` (``prefix``, ``mod``, ``config_name``) are ``write_project``'s.
+    """
+    config = (
         f"redis: {{url: '{url}'}}\n"
         "flows: flows/\n"
         f"runner: {{name: {name}, shutdown_grace: {grace}{runner_extra}}}\n"
@@ -92,7 +114,28 @@ def make_project(
         "admin: {listen: 'off'}\n"
         "log: {level: info}\n"
     )
-    return config
+    return write_project(folder, flows, config=config, **options)
+
+
+def write_project(
+    folder: Path,
+    flows: str,
+    *,
+    config: str,
+    prefix: str = "",
+    mod: str = "",
+    config_name: str = "config.yaml",
+) -> Path:
+    """Write ``flows/main.yaml`` and ``config_name`` (``config``); returns the config path.
+
+    The flows are dedented, ``{P}`` replaced by ``prefix`` and ``{M}`` by ``mod``.
+    """
+    (folder / "flows").mkdir(parents=True, exist_ok=True)
+    text = textwrap.dedent(flows).replace("{P}", prefix).replace("{M}", mod)
+    (folder / "flows" / "main.yaml").write_text(text)
+    path = folder / config_name
+    path.write_text(config)
+    return path
 
 
 @asynccontextmanager
@@ -109,6 +152,16 @@ async def running(config: Path, *, grace: float = 5.0, **kwargs: Any) -> AsyncIt
 async def pending(client: Any, key: str, group: str) -> int:
     """How many entries of ``key`` are pending in ``group`` (XPENDING summary)."""
     return int((await client.xpending(key, group))["pending"])
+
+
+async def none_pending(client: Any, key: str, group: str) -> bool:
+    """Whether nothing of ``key`` is pending in ``group`` (a ``wait_for`` predicate)."""
+    return await pending(client, key, group) == 0
+
+
+async def equals(value: Awaitable[Any], expected: Any) -> bool:
+    """Whether ``value``, once awaited, equals ``expected`` (a ``wait_for`` predicate)."""
+    return bool(await value == expected)
 
 
 async def entries(client: Any, key: str) -> list[tuple[str, dict[str, str]]]:

@@ -11,15 +11,26 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from projects import entries, make_project, module, pending, running, wait_for, write_module
+from projects import (
+    NewProject,
+    entries,
+    equals,
+    make_project,
+    module,
+    none_pending,
+    peak_handlers,
+    pending,
+    running,
+    wait_for,
+    write_module,
+)
 
 
 async def test_to_routes_by_agent_and_unmatched_goes_to_dlq(
-    tmp_path: Path, redis_url: str, redis_client: Any, key_prefix: str
+    new_project: NewProject, redis_client: Any, key_prefix: str
 ) -> None:
     """`to` with vars reaches each agent's inbox; a missing field or no match dead-letters."""
-    config = make_project(
-        tmp_path,
+    config, _ = new_project(
         """
         version: 1
         streams:
@@ -39,8 +50,6 @@ async def test_to_routes_by_agent_and_unmatched_goes_to_dlq(
               - when: "msg.kind == 'misc'"
                 to: other
         """,
-        url=redis_url,
-        prefix=key_prefix,
     )
     async with running(config):
         src = f"{key_prefix}in"
@@ -53,7 +62,7 @@ async def test_to_routes_by_agent_and_unmatched_goes_to_dlq(
             lambda: redis_client.xlen(f"{key_prefix}dlq"), what="the unmatched entry in the DLQ"
         )
         await wait_for(
-            lambda: _is(redis_client.xlen(f"{key_prefix}other"), 2), what="the misc entries"
+            lambda: equals(redis_client.xlen(f"{key_prefix}other"), 2), what="the misc entries"
         )
         assert [f for _, f in await entries(redis_client, f"{key_prefix}messages:alice")] == [
             {"to": "alice", "text": "hi"}
@@ -69,19 +78,14 @@ async def test_to_routes_by_agent_and_unmatched_goes_to_dlq(
         assert dead["dlq_id"] == lost
         assert dead["dlq_error"] == "no route matched"
         assert dead["text"] == "neither to nor kind"
-        await wait_for(lambda: _zero(redis_client, src, "router"), what="nothing pending")
-
-
-async def _zero(client: Any, key: str, group: str) -> bool:
-    return await pending(client, key, group) == 0
+        await wait_for(lambda: none_pending(redis_client, src, "router"), what="nothing pending")
 
 
 async def test_set_json_codecs_drop_and_continue(
-    tmp_path: Path, redis_url: str, redis_client: Any, key_prefix: str
+    new_project: NewProject, redis_client: Any, key_prefix: str
 ) -> None:
     """`set` builds a new message, json decodes in and encodes out, drop acks, continue fans out."""
-    config = make_project(
-        tmp_path,
+    config, _ = new_project(
         """
         version: 1
         streams:
@@ -102,8 +106,6 @@ async def test_set_json_codecs_drop_and_continue(
                 set: {kind: reply, text: "{{ msg.text | upper }}", to: "{{ msg.user.name }}"}
               - to: replies
         """,
-        url=redis_url,
-        prefix=key_prefix,
     )
     src = f"{key_prefix}in"
     note = {"type": "note", "n": 3, "user": {"name": "bo"}, "tags": ["a", "b"]}
@@ -114,19 +116,15 @@ async def test_set_json_codecs_drop_and_continue(
         )
         await redis_client.xadd(src, {"data": json.dumps(note)})
         await wait_for(
-            lambda: _is(redis_client.xlen(f"{key_prefix}replies"), 2), what="two replies"
+            lambda: equals(redis_client.xlen(f"{key_prefix}replies"), 2), what="two replies"
         )
-        await wait_for(lambda: _zero(redis_client, src, "g"), what="nothing pending")
+        await wait_for(lambda: none_pending(redis_client, src, "g"), what="nothing pending")
     replies = [f for _, f in await entries(redis_client, f"{key_prefix}replies")]
     assert [set(r) for r in replies] == [{"data"}, {"data"}]
     assert json.loads(replies[0]["data"]) == {"kind": "reply", "text": "HI", "to": "ann"}
     assert json.loads(replies[1]["data"]) == note  # passed through, types intact
     audit = [f for _, f in await entries(redis_client, f"{key_prefix}audit")]
     assert audit == [{"seen": "ask", "user": "ann"}, {"seen": "note", "user": "bo"}]
-
-
-async def _is(value: Any, expected: Any) -> bool:
-    return bool(await value == expected)
 
 
 HANDLERS = """
@@ -148,12 +146,10 @@ HANDLERS = """
 
 
 async def test_call_sync_in_thread_inline_and_async(
-    tmp_path: Path, redis_url: str, redis_client: Any, key_prefix: str
+    new_project: NewProject, redis_client: Any, key_prefix: str
 ) -> None:
     """Sync calls run in a worker thread, inline ones and async ones on the event loop."""
-    mod = write_module(tmp_path, HANDLERS)
-    config = make_project(
-        tmp_path,
+    config, mod = new_project(
         """
         version: 1
         streams:
@@ -173,9 +169,7 @@ async def test_call_sync_in_thread_inline_and_async(
             routes:
               - call: {function: "{M}:inline", inline: true}
         """,
-        url=redis_url,
-        prefix=key_prefix,
-        mod=mod,
+        HANDLERS,
     )
     loop_thread = threading.get_ident()
     async with running(config):
@@ -186,7 +180,9 @@ async def test_call_sync_in_thread_inline_and_async(
             await redis_client.xadd(f"{key_prefix}fast", {"n": str(n)})
         await wait_for(lambda: len(seen) == 6, what="six calls")
         for key, group in ((f"{key_prefix}mixed", "mixed"), (f"{key_prefix}fast", "fast")):
-            await wait_for(lambda k=key, g=group: _zero(redis_client, k, g), what="all acked")
+            await wait_for(
+                lambda k=key, g=group: none_pending(redis_client, k, g), what="all acked"
+            )
     by_n = {n: (kind, ident, name) for kind, n, ident, name in seen}
     assert by_n["0"][0] == "sync" and by_n["0"][1] != loop_thread
     assert by_n["0"][2].startswith("cortex-call")
@@ -230,16 +226,14 @@ async def http_server() -> AsyncIterator[tuple[str, dict[str, list[dict[str, Any
 
 
 async def test_http_route_posts_json_and_retries_on_500(
-    tmp_path: Path,
-    redis_url: str,
+    new_project: NewProject,
     redis_client: Any,
     key_prefix: str,
     http_server: tuple[str, dict[str, list[dict[str, Any]]]],
 ) -> None:
     """An http route POSTs the message; a 2xx acks, a 500 is retried, always-500 dead-letters."""
     base, posted = http_server
-    config = make_project(
-        tmp_path,
+    config, _ = new_project(
         f"""
         version: 1
         streams:
@@ -257,8 +251,6 @@ async def test_http_route_posts_json_and_retries_on_500(
                 http: {{url: "{base}/flaky", timeout: 5s}}
               - http: {{url: "{base}/down", timeout: 5s}}
         """,
-        url=redis_url,
-        prefix=key_prefix,
     )
     src = f"{key_prefix}in"
     async with running(config):
@@ -267,7 +259,7 @@ async def test_http_route_posts_json_and_retries_on_500(
         down = await redis_client.xadd(src, {"kind": "down", "n": "3"})
         await wait_for(lambda: redis_client.xlen(f"{key_prefix}dlq"), what="a dead letter")
         await wait_for(lambda: len(posted["flaky"]) == 2, what="the retried POST")
-        await wait_for(lambda: _zero(redis_client, src, "bridge"), what="nothing pending")
+        await wait_for(lambda: none_pending(redis_client, src, "bridge"), what="nothing pending")
     assert posted["ok"] == [{"kind": "ok", "n": "1"}]
     assert posted["flaky"] == [{"kind": "flaky", "n": "2"}] * 2
     assert len(posted["down"]) == 2
@@ -300,12 +292,10 @@ FAILING = """
 
 
 async def test_retry_then_dead_letter_with_metadata(
-    tmp_path: Path, redis_url: str, redis_client: Any, key_prefix: str
+    new_project: NewProject, redis_client: Any, key_prefix: str
 ) -> None:
     """A failing message is retried to max_deliveries, then dead-lettered with all metadata."""
-    mod = write_module(tmp_path, FAILING)
-    config = make_project(
-        tmp_path,
+    config, mod = new_project(
         """
         version: 1
         streams:
@@ -320,9 +310,7 @@ async def test_retry_then_dead_letter_with_metadata(
             routes:
               - call: {M}:handle
         """,
-        url=redis_url,
-        prefix=key_prefix,
-        mod=mod,
+        FAILING,
     )
     src = f"{key_prefix}jobs"
     bad = await redis_client.xadd(src, {"n": "bad", "payload": "keep me"})
@@ -332,7 +320,7 @@ async def test_retry_then_dead_letter_with_metadata(
         handlers = module(mod)
         await wait_for(lambda: redis_client.xlen(f"{key_prefix}dlq"), what="the dead letter")
         await wait_for(lambda: len(handlers.good) == 20, what="the good messages")
-        await wait_for(lambda: _zero(redis_client, src, "work"), what="nothing pending")
+        await wait_for(lambda: none_pending(redis_client, src, "work"), what="nothing pending")
     assert sorted(handlers.good, key=int) == [str(n) for n in range(20)]
     assert len(handlers.bad_calls) == 3
     [(_, dead)] = await entries(redis_client, f"{key_prefix}dlq")
@@ -351,12 +339,10 @@ async def test_retry_then_dead_letter_with_metadata(
 
 
 async def test_undecodable_entry_is_dead_lettered_at_once(
-    tmp_path: Path, redis_url: str, redis_client: Any, key_prefix: str
+    new_project: NewProject, redis_client: Any, key_prefix: str
 ) -> None:
     """An entry a json stream cannot decode goes to the DLQ on its first delivery."""
-    mod = write_module(tmp_path, FAILING)
-    config = make_project(
-        tmp_path,
+    config, mod = new_project(
         """
         version: 1
         streams:
@@ -370,9 +356,7 @@ async def test_undecodable_entry_is_dead_lettered_at_once(
             routes:
               - call: {M}:handle_json
         """,
-        url=redis_url,
-        prefix=key_prefix,
-        mod=mod,
+        FAILING,
     )
     src = f"{key_prefix}jobs"
     broken = await redis_client.xadd(src, {"data": "{not json"})
@@ -381,7 +365,7 @@ async def test_undecodable_entry_is_dead_lettered_at_once(
         handlers = module(mod)
         await wait_for(lambda: redis_client.xlen(f"{key_prefix}dlq"), what="the dead letter")
         await wait_for(lambda: handlers.decoded, what="the good message")
-        await wait_for(lambda: _zero(redis_client, src, "work"), what="nothing pending")
+        await wait_for(lambda: none_pending(redis_client, src, "work"), what="nothing pending")
     assert handlers.decoded == [{"n": 1, "ok": True}]
     [(_, dead)] = await entries(redis_client, f"{key_prefix}dlq")
     assert dead["dlq_id"] == broken and dead["dlq_deliveries"] == "1"
@@ -390,12 +374,10 @@ async def test_undecodable_entry_is_dead_lettered_at_once(
 
 
 async def test_restart_first_rereads_own_pending_and_dead_letters_crash_loops(
-    tmp_path: Path, redis_url: str, redis_client: Any, key_prefix: str
+    new_project: NewProject, redis_client: Any, key_prefix: str
 ) -> None:
     """On start a runner takes back its own pending at once; one delivered max times dies."""
-    mod = write_module(tmp_path, FAILING)
-    config = make_project(
-        tmp_path,
+    config, mod = new_project(
         """
         version: 1
         streams:
@@ -409,9 +391,7 @@ async def test_restart_first_rereads_own_pending_and_dead_letters_crash_loops(
             routes:
               - call: {M}:handle
         """,
-        url=redis_url,
-        prefix=key_prefix,
-        mod=mod,
+        FAILING,
         name="stable",
     )
     src = f"{key_prefix}jobs"
@@ -424,7 +404,7 @@ async def test_restart_first_rereads_own_pending_and_dead_letters_crash_loops(
         handlers = module(mod)
         await wait_for(lambda: sorted(handlers.good) == ["0", "1", "2"], what="the pending ones")
         await wait_for(lambda: redis_client.xlen(f"{key_prefix}dlq"), what="the crash loop")
-        await wait_for(lambda: _zero(redis_client, src, "work"), what="nothing pending")
+        await wait_for(lambda: none_pending(redis_client, src, "work"), what="nothing pending")
     [(_, dead)] = await entries(redis_client, f"{key_prefix}dlq")
     assert (dead["n"], dead["dlq_id"], dead["dlq_deliveries"]) == ("3", ids[3], "3")
     assert dead["dlq_error"] == (
@@ -433,12 +413,10 @@ async def test_restart_first_rereads_own_pending_and_dead_letters_crash_loops(
 
 
 async def test_dead_letters_respect_the_dlq_maxlen(
-    tmp_path: Path, redis_url: str, redis_client: Any, key_prefix: str
+    new_project: NewProject, redis_client: Any, key_prefix: str
 ) -> None:
     """Dead letters are added with the dead-letter stream's MAXLEN ~, like every publish."""
-    mod = write_module(tmp_path, FAILING)
-    config = make_project(
-        tmp_path,
+    config, _ = new_project(
         """
         version: 1
         streams:
@@ -451,9 +429,7 @@ async def test_dead_letters_respect_the_dlq_maxlen(
             routes:
               - call: {M}:handle_json
         """,
-        url=redis_url,
-        prefix=key_prefix,
-        mod=mod,
+        FAILING,
     )
     src = f"{key_prefix}jobs"
     pipe = redis_client.pipeline(transaction=False)
@@ -463,34 +439,15 @@ async def test_dead_letters_respect_the_dlq_maxlen(
     async with running(config) as runner:
         stats = runner.stats.groups["work"].keys[src]
         await wait_for(lambda: stats.dead_lettered == 400, what="400 dead letters")
-        await wait_for(lambda: _zero(redis_client, src, "work"), what="nothing pending")
+        await wait_for(lambda: none_pending(redis_client, src, "work"), what="nothing pending")
     assert 20 <= await redis_client.xlen(f"{key_prefix}dlq") <= 200  # approximate trimming
 
 
-PEAK = """
-    import asyncio
-
-    running = 0
-    peak = 0
-    handled = []
-
-    async def handle(msg):
-        global running, peak
-        running += 1
-        peak = max(peak, running)
-        await asyncio.sleep(0.02)
-        running -= 1
-        handled.append(msg["n"])
-"""
-
-
 async def test_claimed_and_reread_entries_respect_concurrency(
-    tmp_path: Path, redis_url: str, redis_client: Any, key_prefix: str
+    new_project: NewProject, redis_client: Any, key_prefix: str
 ) -> None:
     """Own pending re-read at start and entries claimed from others never exceed concurrency."""
-    mod = write_module(tmp_path, PEAK)
-    config = make_project(
-        tmp_path,
+    config, mod = new_project(
         """
         version: 1
         streams:
@@ -503,9 +460,7 @@ async def test_claimed_and_reread_entries_respect_concurrency(
             routes:
               - call: {M}:handle
         """,
-        url=redis_url,
-        prefix=key_prefix,
-        mod=mod,
+        peak_handlers(0.02),
     )
     src = f"{key_prefix}jobs"
     await redis_client.xgroup_create(src, "work", id="0", mkstream=True)
@@ -516,7 +471,7 @@ async def test_claimed_and_reread_entries_respect_concurrency(
     async with running(config):
         handlers = module(mod)
         await wait_for(lambda: len(set(handlers.handled)) == 60, what="all 60")
-        await wait_for(lambda: _zero(redis_client, src, "work"), what="nothing pending")
+        await wait_for(lambda: none_pending(redis_client, src, "work"), what="nothing pending")
     assert handlers.peak <= 3
 
 
@@ -531,12 +486,10 @@ BACKED_OFF = """
 
 
 async def test_entry_due_for_retry_is_not_hidden_by_older_ones_backing_off(
-    tmp_path: Path, redis_url: str, redis_client: Any, key_prefix: str
+    new_project: NewProject, redis_client: Any, key_prefix: str
 ) -> None:
     """A failed entry is retried after its backoff though a batch of older ones waits longer."""
-    mod = write_module(tmp_path, BACKED_OFF)
-    config = make_project(
-        tmp_path,
+    config, mod = new_project(
         """
         version: 1
         streams:
@@ -553,9 +506,7 @@ async def test_entry_due_for_retry_is_not_hidden_by_older_ones_backing_off(
             routes:
               - call: {M}:handle
         """,
-        url=redis_url,
-        prefix=key_prefix,
-        mod=mod,
+        BACKED_OFF,
     )
     src = f"{key_prefix}jobs"
     async with running(config):
@@ -565,7 +516,7 @@ async def test_entry_due_for_retry_is_not_hidden_by_older_ones_backing_off(
         await wait_for(lambda: len(calls) == 10, what="two deliveries of the old ones")
         await redis_client.xadd(src, {"n": "fresh"})  # fails once, due again after 100ms
         await wait_for(lambda: calls.count("fresh") == 2, what="the retry of the fresh entry")
-        await wait_for(lambda: _is(pending(redis_client, src, "work"), 5), what="its ack")
+        await wait_for(lambda: equals(pending(redis_client, src, "work"), 5), what="its ack")
     assert sorted(calls) == sorted([f"old{n}" for n in range(5)] * 2 + ["fresh"] * 2)
 
 
@@ -613,7 +564,7 @@ async def _all_at_once(
     await pipe.execute()
     wanted = {(group, str(n)) for n in numbers}
     await wait_for(lambda: wanted <= set(passed), what=f"{group}: all handlers at once")
-    await wait_for(lambda: _zero(client, key, group), what=f"{group} acknowledged")
+    await wait_for(lambda: none_pending(client, key, group), what=f"{group} acknowledged")
 
 
 async def test_sync_calls_have_a_thread_for_every_handler(

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
+from projects import write_project
 from redis.asyncio import Redis
 from redis_servers import free_port
 
@@ -22,25 +21,9 @@ Sync = Any  # a decoded sync client; redis-py types its replies as bytes | str |
 
 
 @pytest.fixture
-def prefix(key_prefix: str) -> str:
-    """conftest's unique, cleaned-up key prefix, under the name these tests use."""
-    return key_prefix
-
-
-@pytest.fixture
-def r(redis_url: str) -> Iterator[Sync]:
-    with redis.Redis.from_url(redis_url, decode_responses=True) as client:
-        yield client
-
-
-@pytest.fixture
 def config(tmp_path: Path, redis_url: str, prefix: str) -> Path:
     """A project with priority task streams, a per-agent inbox and one dead-letter stream."""
-    (tmp_path / "flows").mkdir()
-    path = tmp_path / "config.yaml"
-    path.write_text(f'redis: {{url: "{redis_url}"}}\nadmin: {{listen: "off"}}\n')
-    (tmp_path / "flows" / "main.yaml").write_text(
-        f"""version: 1
+    flows = f"""version: 1
 streams:
   tasks: {{key: "{prefix}tasks:{{{{ priority }}}}", priorities: [high, low]}}
   inbox: {{key: "{prefix}messages:{{{{ agent }}}}"}}
@@ -58,8 +41,8 @@ groups:
     dead_letter: dlq
     routes: [{{drop: true}}]
 """
-    )
-    return path
+    config = f'redis: {{url: "{redis_url}"}}\nadmin: {{listen: "off"}}\n'
+    return write_project(tmp_path, flows, config=config)
 
 
 def dead_letter(

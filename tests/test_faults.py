@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +17,12 @@ import redis_servers
 from projects import (
     end,
     entries,
+    equals,
     lines,
     make_project,
     module,
+    none_pending,
+    peak_handlers,
     pending,
     running,
     spawn_runner,
@@ -103,16 +106,12 @@ async def test_sigkill_mid_batch_another_runner_claims_and_finishes(
         await wait_for(
             lambda: set(lines(handled)) == everything, timeout=30, what="all 500 handled"
         )
-        await wait_for(lambda: _none_pending(redis_client, key, "work"), what="nothing pending")
+        await wait_for(lambda: none_pending(redis_client, key, "work"), what="nothing pending")
         assert runner.stats.groups["work"].keys[key].claimed >= consumers["r1"]
     done = lines(handled)
     assert set(done) == everything
     assert len(done) - total <= 4, "more duplicates than messages in flight at the kill"
     assert await redis_client.xlen(f"{key_prefix}dlq") == 0
-
-
-async def _none_pending(client: Any, key: str, group: str) -> bool:
-    return await pending(client, key, group) == 0
 
 
 @pytest.fixture
@@ -173,7 +172,7 @@ async def test_redis_restart_mid_run_loses_nothing(
             await wait_for(lambda: set(handled) == everything, timeout=30, what="all handled")
             for level in ("high", "low"):
                 await wait_for(
-                    lambda k=f"cf:tasks:{level}": _none_pending(client, k, "work"),
+                    lambda k=f"cf:tasks:{level}": none_pending(client, k, "work"),
                     what="nothing pending",
                 )
     finally:
@@ -202,7 +201,7 @@ async def test_start_waits_for_redis_that_comes_up_later(
         try:
             await client.xadd("cf:jobs", {"n": "late"})
             await wait_for(lambda: module(mod).handled == ["late"], what="the message")
-            await wait_for(lambda: _none_pending(client, "cf:jobs", "work"), what="its ack")
+            await wait_for(lambda: none_pending(client, "cf:jobs", "work"), what="its ack")
         finally:
             await client.aclose()
     finally:
@@ -280,6 +279,17 @@ def server_url(
         yield server.url
 
 
+@pytest.fixture
+async def server_client(server_url: str, key_prefix: str) -> AsyncIterator[aioredis.Redis]:
+    """A client (decoded responses) to ``server_url``; the test's jobs key is deleted after."""
+    client = aioredis.Redis.from_url(server_url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        await client.delete(f"{key_prefix}jobs")
+        await client.aclose()
+
+
 CLAIM_FLOW = """
     version: 1
     streams:
@@ -294,43 +304,22 @@ CLAIM_FLOW = """
 
 
 async def test_deleted_pending_entries_are_acknowledged(
-    tmp_path: Path, server_url: str, key_prefix: str
+    tmp_path: Path, server_url: str, server_client: aioredis.Redis, key_prefix: str
 ) -> None:
     """Pending entries deleted from the stream (own or a dead consumer's) end up acknowledged."""
     mod = write_module(tmp_path, RECORDER)
     config = make_project(tmp_path, CLAIM_FLOW, url=server_url, prefix=key_prefix, mod=mod)
     key = f"{key_prefix}jobs"
-    client = aioredis.Redis.from_url(server_url, decode_responses=True)
-    try:
-        await client.xgroup_create(key, "work", id="0", mkstream=True)
-        ids = [await client.xadd(key, {"n": str(n)}) for n in range(6)]
-        await client.xreadgroup("work", "t1", {key: ">"}, count=3)  # our own, from a past run
-        await client.xreadgroup("work", "ghost", {key: ">"}, count=3)  # a crashed consumer's
-        await client.xdel(key, ids[1], ids[3])
-        async with running(config):
-            handled = module(mod).handled
-            await wait_for(lambda: sorted(handled) == ["0", "2", "4", "5"], what="the live four")
-            await wait_for(lambda: _none_pending(client, key, "work"), what="nothing pending")
-    finally:
-        await client.delete(key)
-        await client.aclose()
-
-
-PEAK = """
-    import asyncio
-
-    running = 0
-    peak = 0
-    handled = []
-
-    async def handle(msg):
-        global running, peak
-        running += 1
-        peak = max(peak, running)
-        await asyncio.sleep(0)
-        running -= 1
-        handled.append(msg["n"])
-"""
+    client = server_client
+    await client.xgroup_create(key, "work", id="0", mkstream=True)
+    ids = [await client.xadd(key, {"n": str(n)}) for n in range(6)]
+    await client.xreadgroup("work", "t1", {key: ">"}, count=3)  # our own, from a past run
+    await client.xreadgroup("work", "ghost", {key: ">"}, count=3)  # a crashed consumer's
+    await client.xdel(key, ids[1], ids[3])
+    async with running(config):
+        handled = module(mod).handled
+        await wait_for(lambda: sorted(handled) == ["0", "2", "4", "5"], what="the live four")
+        await wait_for(lambda: none_pending(client, key, "work"), what="nothing pending")
 
 
 DOWN_FLOW = """
@@ -348,32 +337,28 @@ DOWN_FLOW = """
 
 
 async def test_every_pending_entry_of_a_down_consumer_is_claimed(
-    tmp_path: Path, server_url: str, key_prefix: str
+    tmp_path: Path, server_url: str, server_client: aioredis.Redis, key_prefix: str
 ) -> None:
     """All of a down consumer's pending entries are claimed, past 1000, within concurrency."""
     total = 1500
-    mod = write_module(tmp_path, PEAK)
+    mod = write_module(tmp_path, peak_handlers(0))
     config = make_project(tmp_path, DOWN_FLOW, url=server_url, prefix=key_prefix, mod=mod)
     key = f"{key_prefix}jobs"
-    client = aioredis.Redis.from_url(server_url, decode_responses=True)
-    try:
-        await client.xgroup_create(key, "work", id="0", mkstream=True)
-        pipe = client.pipeline(transaction=False)
-        for n in range(total):
-            pipe.xadd(key, {"n": str(n)})
-        await pipe.execute()
-        await client.xreadgroup("work", "ghost", {key: ">"}, count=total)  # then it went down
-        async with running(config) as runner:
-            handlers = module(mod)
-            runner.consumers["work"].request_claim(["ghost"])
-            await wait_for(lambda: len(handlers.handled) == total, timeout=30, what="all claimed")
-            await wait_for(lambda: _none_pending(client, key, "work"), what="nothing pending")
-            assert runner.stats.groups["work"].keys[key].claimed == total
-        assert sorted(handlers.handled, key=int) == [str(n) for n in range(total)]
-        assert handlers.peak <= 4
-    finally:
-        await client.delete(key)
-        await client.aclose()
+    client = server_client
+    await client.xgroup_create(key, "work", id="0", mkstream=True)
+    pipe = client.pipeline(transaction=False)
+    for n in range(total):
+        pipe.xadd(key, {"n": str(n)})
+    await pipe.execute()
+    await client.xreadgroup("work", "ghost", {key: ">"}, count=total)  # then it went down
+    async with running(config) as runner:
+        handlers = module(mod)
+        runner.consumers["work"].request_claim(["ghost"])
+        await wait_for(lambda: len(handlers.handled) == total, timeout=30, what="all claimed")
+        await wait_for(lambda: none_pending(client, key, "work"), what="nothing pending")
+        assert runner.stats.groups["work"].keys[key].claimed == total
+    assert sorted(handlers.handled, key=int) == [str(n) for n in range(total)]
+    assert handlers.peak <= 4
 
 
 BROKEN_TARGET_FLOW = """
@@ -405,19 +390,15 @@ async def test_publish_rejected_by_redis_dead_letters_and_consumer_goes_on(
             pipe.xadd(key, {"to": "bad" if n == 3 else "good", "n": str(n)})
         await pipe.execute()
         await wait_for(lambda: redis_client.xlen(f"{key_prefix}dlq"), what="the dead letter")
-        await wait_for(lambda: _none_pending(redis_client, key, "work"), what="nothing pending")
+        await wait_for(lambda: none_pending(redis_client, key, "work"), what="nothing pending")
         await redis_client.xadd(key, {"to": "good", "n": "later"})
         await wait_for(
-            lambda: _is(redis_client.xlen(f"{key_prefix}out:good"), 10), what="all good ones"
+            lambda: equals(redis_client.xlen(f"{key_prefix}out:good"), 10), what="all good ones"
         )
         assert not runner.consumers["work"]._task.done()  # type: ignore[union-attr]
     [(_, dead)] = await entries(redis_client, f"{key_prefix}dlq")
     assert (dead["n"], dead["dlq_deliveries"]) == ("3", "1")
     assert dead["dlq_error"].startswith(f"publishing to {key_prefix}out:bad failed: WRONGTYPE")
-
-
-async def _is(value: Any, expected: Any) -> bool:
-    return bool(await value == expected)
 
 
 STUCK_SYNC = """

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import textwrap
-import uuid
 from pathlib import Path
 
 import pytest
+from projects import write_module, write_project
 
 from cortex_flow.cli import cli
 
@@ -46,16 +46,18 @@ def work(msg):
 
 def make(tmp_path: Path, tests: str, *, prefix: str = "", url: str = "embedded") -> Path:
     """A project in ``tmp_path`` (flows, a handler module, one test file); returns config."""
-    mod = f"flowtest_handlers_{uuid.uuid4().hex[:8]}"
-    (tmp_path / f"{mod}.py").write_text(HANDLERS)
-    (tmp_path / "flows").mkdir()
-    flows = FLOWS.replace("{P}", prefix).replace("{M}", mod)
-    (tmp_path / "flows" / "main.yaml").write_text(flows)
+    mod = write_module(tmp_path, HANDLERS)
+    config = f'redis: {{url: "{url}"}}\nadmin: {{listen: "off"}}\n'
+    path = write_project(tmp_path, FLOWS, config=config, prefix=prefix, mod=mod)
     tests = textwrap.dedent(tests).replace("{M}", mod)
     (tmp_path / "flows" / "main.test.yaml").write_text(tests)
-    config = tmp_path / "config.yaml"
-    config.write_text(f'redis: {{url: "{url}"}}\nadmin: {{listen: "off"}}\n')
-    return config
+    return path
+
+
+def flow_test(config: Path, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """``cortex-flow test --config CONFIG ARGS``: the exit code and what it printed."""
+    code = cli("test", "--config", str(config), *args)
+    return code, capsys.readouterr().out
 
 
 PASSING = """\
@@ -86,8 +88,7 @@ cases:
 
 def test_repository_flow_tests_pass(capsys: pytest.CaptureFixture[str]) -> None:
     """The repo's own flows/routing.test.yaml passes with the default discovery."""
-    code = cli("test", "--config", str(REPO / "config.yaml"))
-    out = capsys.readouterr().out
+    code, out = flow_test(REPO / "config.yaml", capsys)
     assert code == 0, out
     assert out.splitlines()[-1] == "6 passed, 0 failed"
     assert "PASS direct message goes to harold's inbox and his handler" in out
@@ -95,8 +96,7 @@ def test_repository_flow_tests_pass(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_passing_case_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A file whose cases all pass prints PASS lines and exits 0."""
-    code = cli("test", "--config", str(make(tmp_path, PASSING)))
-    out = capsys.readouterr().out
+    code, out = flow_test(make(tmp_path, PASSING), capsys)
     assert code == 0, out
     assert out.splitlines() == ["PASS direct message reaches the inbox", "1 passed, 0 failed"]
 
@@ -105,8 +105,7 @@ def test_failing_case_shows_a_diff_and_exits_1(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A failed expectation prints FAIL with the case's place and an expected/actual diff."""
-    code = cli("test", "--config", str(make(tmp_path, FAILING)))
-    out = capsys.readouterr().out
+    code, out = flow_test(make(tmp_path, FAILING), capsys)
     assert code == 1
     assert "PASS direct message reaches the inbox" in out
     assert "FAIL expects the wrong text (" in out and "main.test.yaml:8)" in out
@@ -126,8 +125,8 @@ def test_missing_entry_says_where_messages_went(
         send: [{stream: tasks, msg: {to: alice}}]
         expect: [{stream: tasks, priority: high}]
     """
-    assert cli("test", "--config", str(make(tmp_path, tests))) == 1
-    out = capsys.readouterr().out
+    code, out = flow_test(make(tmp_path, tests), capsys)
+    assert code == 1
     assert "expect[0]: t:high is empty; entries went to: m:alice (1)" in out
 
 
@@ -160,8 +159,7 @@ def test_dead_letter_after_retries_and_stubbed_handlers(
         send: [{stream: plain, msg: {bad: "yes"}}]
         pending: 1
     """
-    code = cli("test", "--config", str(make(tmp_path, tests)))
-    out = capsys.readouterr().out
+    code, out = flow_test(make(tmp_path, tests), capsys)
     assert code == 0, out
     assert out.splitlines()[-1] == "6 passed, 0 failed"
 
@@ -176,8 +174,8 @@ def test_unexpected_dead_letter_fails_the_case(
       - name: job that fails
         send: [{stream: tasks, msg: {kind: job, bad: "yes", id: "9"}}]
     """
-    assert cli("test", "--config", str(make(tmp_path, tests))) == 1
-    out = capsys.readouterr().out
+    code, out = flow_test(make(tmp_path, tests), capsys)
+    assert code == 1
     assert "  dead_letters: expected 0, got 1" in out
     assert "(group router, 3 deliveries): route 2: ValueError: bad job 9" in out
     assert "runner log:" in out and "will retry" in out
@@ -187,8 +185,7 @@ def test_github_format_annotates_the_failing_case(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """--format github emits an ::error annotation at the failing case's line."""
-    code = cli("test", "--config", str(make(tmp_path, FAILING)), "--format", "github")
-    out = capsys.readouterr().out
+    code, out = flow_test(make(tmp_path, FAILING), capsys, "--format", "github")
     assert code == 1
     [annotation] = [line for line in out.splitlines() if line.startswith("::error ")]
     assert "main.test.yaml,line=8,title=flow test failed::expects the wrong text%0A" in annotation
@@ -207,15 +204,15 @@ def test_invalid_test_file_reports_file_line_and_exits_1(
         send: [{stream: tasks, msg: {a: b}}]
     """
     config = make(tmp_path, tests)
-    assert cli("test", "--config", str(config)) == 1
-    out = capsys.readouterr().out
+    code, out = flow_test(config, capsys)
+    assert code == 1
     assert 'main.test.yaml:4:5: cases[0].sned: unknown key "sned"; did you mean "send"?' in out
     (tmp_path / "flows" / "main.test.yaml").write_text(
         "version: 1\ncases:\n  - name: x\n    send: [{stream: taks, msg: {a: b}}]\n"
         "    handlers: {nope.mod:fn: ok}\n"
     )
-    assert cli("test", "--config", str(config)) == 1
-    out = capsys.readouterr().out
+    code, out = flow_test(config, capsys)
+    assert code == 1
     assert 'main.test.yaml:4:21: cases[0].send[0].stream: "taks" is not a declared stream' in out
     assert 'main.test.yaml:5:16: cases[0].handlers.nope.mod:fn: "nope.mod:fn" is not the' in out
 
@@ -224,12 +221,15 @@ def test_paths_keyword_and_no_tests(tmp_path: Path, capsys: pytest.CaptureFixtur
     """PATHS pick files, -k picks cases; nothing to run, or a missing path, exits 1."""
     config = make(tmp_path, FAILING)
     test_file = str(tmp_path / "flows" / "main.test.yaml")
-    assert cli("test", "--config", str(config), test_file, "-k", "reaches") == 0
-    assert capsys.readouterr().out.splitlines()[-1] == "1 passed, 0 failed"
-    assert cli("test", "--config", str(config), "-k", "no such case") == 1
-    assert "no flow test cases found" in capsys.readouterr().out
-    assert cli("test", "--config", str(config), str(tmp_path / "missing")) == 1
-    assert "missing:1:1: no such file or folder" in capsys.readouterr().out
+    code, out = flow_test(config, capsys, test_file, "-k", "reaches")
+    assert code == 0
+    assert out.splitlines()[-1] == "1 passed, 0 failed"
+    code, out = flow_test(config, capsys, "-k", "no such case")
+    assert code == 1
+    assert "no flow test cases found" in out
+    code, out = flow_test(config, capsys, str(tmp_path / "missing"))
+    assert code == 1
+    assert "missing:1:1: no such file or folder" in out
 
 
 def test_url_runs_on_a_given_server(
@@ -237,6 +237,6 @@ def test_url_runs_on_a_given_server(
 ) -> None:
     """--url runs the cases on that server, clearing only the flows' keys."""
     config = make(tmp_path, PASSING, prefix=key_prefix)
-    code = cli("test", "--config", str(config), "--url", redis_url)
-    assert code == 0, capsys.readouterr().out
-    assert capsys.readouterr().out.splitlines()[-1] == "1 passed, 0 failed"
+    code, out = flow_test(config, capsys, "--url", redis_url)
+    assert code == 0, out
+    assert out.splitlines()[-1] == "1 passed, 0 failed"

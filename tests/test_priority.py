@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
-from projects import make_project, module, running, wait_for, write_module
+from projects import NewProject, module, running, wait_for
 
 LEVELS = ("critical", "high", "normal", "low")
 
@@ -16,6 +16,25 @@ RECORDER = """
     def record(msg):
         handled.append(msg["level"])
 """
+
+FLOW = """
+    version: 1
+    streams:
+      tasks:
+        key: "{P}tasks:{{ priority }}"
+        priorities: [critical, high, normal, low]
+    groups:
+      agents:
+        stream: tasks
+        concurrency: 1
+        routes:
+          - call: {M}:record
+"""
+
+
+def _flow(settings: str = "") -> str:
+    """``FLOW`` with ``settings`` (YAML: how the group picks a level) added to its group."""
+    return FLOW + textwrap.indent(textwrap.dedent(settings), " " * 8)
 
 
 async def _publish(client: Any, prefix: str, counts: dict[str, int]) -> None:
@@ -27,30 +46,10 @@ async def _publish(client: Any, prefix: str, counts: dict[str, int]) -> None:
 
 
 async def test_strict_priority_serves_every_higher_level_first(
-    tmp_path: Path, redis_url: str, redis_client: Any, key_prefix: str
+    new_project: NewProject, redis_client: Any, key_prefix: str
 ) -> None:
     """With a low backlog waiting, every critical is handled before any high, and so on down."""
-    mod = write_module(tmp_path, RECORDER)
-    config = make_project(
-        tmp_path,
-        """
-        version: 1
-        streams:
-          tasks:
-            key: "{P}tasks:{{ priority }}"
-            priorities: [critical, high, normal, low]
-        groups:
-          agents:
-            stream: tasks
-            concurrency: 1
-            priority: strict
-            routes:
-              - call: {M}:record
-        """,
-        url=redis_url,
-        prefix=key_prefix,
-        mod=mod,
-    )
+    config, mod = new_project(_flow("priority: strict"), RECORDER)
     counts = {"low": 40, "normal": 10, "high": 10, "critical": 10}  # low published first
     await _publish(redis_client, key_prefix, counts)
     async with running(config):
@@ -61,31 +60,14 @@ async def test_strict_priority_serves_every_higher_level_first(
 
 
 async def test_weighted_priority_shares_follow_weights_and_none_starves(
-    tmp_path: Path, redis_url: str, redis_client: Any, key_prefix: str
+    new_project: NewProject, redis_client: Any, key_prefix: str
 ) -> None:
     """Under backlogs on every level, weighted reads split by weight and low still gets a share."""
-    mod = write_module(tmp_path, RECORDER)
-    config = make_project(
-        tmp_path,
-        """
-        version: 1
-        streams:
-          tasks:
-            key: "{P}tasks:{{ priority }}"
-            priorities: [critical, high, normal, low]
-        groups:
-          agents:
-            stream: tasks
-            concurrency: 1
-            priority: weighted
-            weights: {critical: 8, high: 4, normal: 2, low: 1}
-            routes:
-              - call: {M}:record
-        """,
-        url=redis_url,
-        prefix=key_prefix,
-        mod=mod,
-    )
+    weighted = """
+        priority: weighted
+        weights: {critical: 8, high: 4, normal: 2, low: 1}
+    """
+    config, mod = new_project(_flow(weighted), RECORDER)
     await _publish(redis_client, key_prefix, dict.fromkeys(LEVELS, 60))
     async with running(config):
         handled = module(mod).handled
@@ -109,29 +91,10 @@ SLOW_RECORDER = """
 
 
 async def test_critical_arriving_during_a_low_backlog_is_taken_next(
-    tmp_path: Path, redis_url: str, redis_client: Any, key_prefix: str
+    new_project: NewProject, redis_client: Any, key_prefix: str
 ) -> None:
     """A critical message published while a low backlog drains is taken before the next low."""
-    mod = write_module(tmp_path, SLOW_RECORDER)
-    config = make_project(
-        tmp_path,
-        """
-        version: 1
-        streams:
-          tasks:
-            key: "{P}tasks:{{ priority }}"
-            priorities: [critical, high, normal, low]
-        groups:
-          agents:
-            stream: tasks
-            concurrency: 1
-            routes:
-              - call: {M}:record
-        """,
-        url=redis_url,
-        prefix=key_prefix,
-        mod=mod,
-    )
+    config, mod = new_project(_flow(), SLOW_RECORDER)  # default: strict
     await _publish(redis_client, key_prefix, {"low": 100})
     async with running(config):
         handled = module(mod).handled

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import redis
+from projects import write_project
 from redis.asyncio import Redis
 from redis_servers import free_port
 from rich.console import Console
@@ -23,27 +24,10 @@ from cortex_flow.statusview import humanize, render
 from cortex_flow.topology import resolve
 
 
-@pytest.fixture
-def prefix(key_prefix: str) -> str:
-    """conftest's unique, cleaned-up key prefix, under the name these tests use."""
-    return key_prefix
-
-
-@pytest.fixture
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    with redis.Redis.from_url(redis_url, decode_responses=True) as client:
-        yield client
-
-
 def project(
     tmp_path: Path, url: str, prefix: str, *, agents: bool = True, admin: str = "off"
 ) -> Path:
     """Write config.yaml and one flow file whose keys all start with ``prefix``."""
-    (tmp_path / "flows").mkdir(exist_ok=True)
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f'redis: {{url: "{url}"}}\nrunner: {{name: test-runner}}\nadmin: {{listen: "{admin}"}}\n'
-    )
     agent_part = (
         "agents:\n"
         "  harold: {heartbeat: {interval: 10s}}\n"
@@ -52,8 +36,7 @@ def project(
         if agents
         else ""
     )
-    (tmp_path / "flows" / "main.yaml").write_text(
-        f"""version: 1
+    flows = f"""version: 1
 streams:
   tasks: {{key: "{prefix}tasks:{{{{ priority }}}}", priorities: [high, low]}}
   inbox: {{key: "{prefix}messages:{{{{ agent }}}}"}}
@@ -65,8 +48,10 @@ streams:
     dead_letter: dlq
     routes: [{{drop: true}}]
 """
+    config = (
+        f'redis: {{url: "{url}"}}\nrunner: {{name: test-runner}}\nadmin: {{listen: "{admin}"}}\n'
     )
-    return config
+    return write_project(tmp_path, flows, config=config)
 
 
 def status_json(config: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:

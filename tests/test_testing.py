@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+from projects import write_module, write_project
 
 from cortex_flow import FlowHarness
 
@@ -52,14 +52,8 @@ async def work(msg):
 
 def make(tmp_path: Path, prefix: str = "") -> Path:
     """A project with a handler module of a unique name; returns its config path."""
-    mod = f"testing_handlers_{uuid.uuid4().hex[:8]}"
-    (tmp_path / f"{mod}.py").write_text(HANDLERS)
-    (tmp_path / "flows").mkdir()
-    flows = FLOWS.replace("{P}", prefix).replace("{M}", mod)
-    (tmp_path / "flows" / "main.yaml").write_text(flows)
-    config = tmp_path / "config.yaml"
-    config.write_text('admin: {listen: "off"}\n')
-    return config
+    mod = write_module(tmp_path, HANDLERS)
+    return write_project(tmp_path, FLOWS, config='admin: {listen: "off"}\n', prefix=prefix, mod=mod)
 
 
 def targets(h: FlowHarness) -> list[str]:
@@ -102,7 +96,7 @@ async def test_handlers_and_http_are_stubbed(tmp_path: Path) -> None:
     """handlers= replaces call targets (ok, fail, a callable); http routes answer ok."""
     got: list[Any] = []
     config = make(tmp_path)
-    mod = next(p.stem for p in tmp_path.glob("testing_handlers_*.py"))
+    mod = next(p.stem for p in tmp_path.glob("handlers_*.py"))
     handlers = {f"{mod}:work": got.append}
     async with FlowHarness(config, fake=True, handlers=handlers) as h:
         await h.send("tasks", {"kind": "job", "bad": "1"})
