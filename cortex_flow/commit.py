@@ -6,7 +6,9 @@ like MULTI/EXEC, one command per batch instead of one per publish, and unlike EX
 can leave an entry unacknowledged when Redis rejects one of its publishes (WRONGTYPE:
 the target is not a stream). In a cluster, a source key whose targets live in other
 slots publishes first and acknowledges after: a crash in between delivers the message
-again, it never loses it. Where scripts cannot run, MULTI/EXEC is the fallback.
+again, it never loses it; an entry one of whose publishes Redis refused is acknowledged
+only once dead-lettered, else it stays pending for a retry. Where scripts cannot run at
+all, MULTI/EXEC is the fallback; a passing refusal (OOM, BUSY, ...) is raised instead.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from cortex_flow.connection import same_slot
-from cortex_flow.delivery import DEAD, RETRY, Outcome
+from cortex_flow.delivery import DEAD, RETRY, Outcome, backoff_ms, scripting_unavailable
+from cortex_flow.durations import format_duration
 from cortex_flow.models import StreamSpec
 from cortex_flow.routes import Publish
 from cortex_flow.stats import KeyStats
@@ -78,6 +81,7 @@ class Committer:
         *,
         cluster: bool,
         log: logging.Logger,
+        stuck: set[tuple[str, str]] | None = None,
     ) -> None:
         self.client = client
         self.name = group.name
@@ -85,9 +89,13 @@ class Committer:
         dlq = group.spec.dead_letter
         self._dlq_maxlen = streams[dlq].maxlen if dlq is not None and dlq in streams else None
         self.max_deliveries = group.spec.retry.max_deliveries
+        self._backoff = group.spec.retry.backoff
         self.cluster = cluster
         self.log = log
         self._key_stats = key_stats
+        # (key, id) of entries reported as failed for good with no dead_letter to go to;
+        # shared with PendingWork, which stops claiming them
+        self.stuck = stuck if stuck is not None else set()
         self._script: Any = client.register_script(COMMIT)
 
     def dead_letter(self, outcome: Outcome) -> Publish:
@@ -120,25 +128,19 @@ class Committer:
             if outcome.kind == RETRY:
                 self._key_stats[source].failed += 1
                 self.log.warning(
-                    "group %s: %s from %s failed (delivery %d of %d): %s; will retry",
+                    "group %s: %s from %s failed (delivery %d of %d): %s; will retry in %s",
                     self.name,
                     entry.id,
                     source,
                     entry.deliveries,
                     self.max_deliveries,
                     outcome.error,
+                    format_duration(backoff_ms(self._backoff, entry.deliveries) / 1000),
                 )
                 continue
             if outcome.kind == DEAD:
                 if self.dead_letter_key is None:
-                    self.log.error(
-                        "group %s: %s from %s failed for good (%s) and the group has no "
-                        "dead_letter; it stays pending. Add dead_letter: to the group",
-                        self.name,
-                        entry.id,
-                        source,
-                        outcome.error,
-                    )
+                    self._stuck(outcome)
                     continue
                 adds.append((outcome, self.dead_letter(outcome)))
             else:
@@ -167,7 +169,7 @@ class Committer:
                 for key, ids in acks.items():
                     pipe.xack(key, self.name, *ids)
                 results = await pipe.execute(raise_on_error=False)
-                lost = await self._rescue(adds, results)
+                lost, _ = await self._rescue(adds, results)
                 done = [o for o in done if id(o) not in lost]
         else:
             lost = await self._commit_cluster(adds, acks, done)
@@ -190,6 +192,24 @@ class Committer:
                 stats.processed += 1
             if outcome.entry.deliveries > 1:
                 stats.retried += 1
+
+    def _stuck(self, outcome: Outcome) -> None:
+        """Report an entry that failed for good with no dead_letter: it stays pending."""
+        entry = outcome.entry
+        source = entry.key.key
+        if (source, entry.id) not in self.stuck:
+            if len(self.stuck) >= 100_000:
+                self.stuck.clear()  # a bound, not a cache: at worst some are reported again
+            self.stuck.add((source, entry.id))
+            self._key_stats[source].stuck += 1
+        self.log.error(
+            "group %s: %s from %s failed for good (%s) and the group has no dead_letter; it "
+            "stays pending and this runner no longer retries it. Add dead_letter: to the group",
+            self.name,
+            entry.id,
+            source,
+            outcome.error,
+        )
 
     def _publishes(self, outcome: Outcome) -> list[Publish]:
         return [self.dead_letter(outcome)] if outcome.kind == DEAD else outcome.publishes
@@ -222,11 +242,16 @@ class Committer:
         try:
             failed = await self._script(keys=list(index), args=args)
         except ResponseError as exc:
-            if "NOGROUP" in str(exc):
-                raise
-            # a server without scripting (or a fake): MULTI/EXEC from now on
-            self.log.info(
-                "group %s: commit script unavailable (%s); using MULTI/EXEC", self.name, exc
+            if not scripting_unavailable(exc):
+                raise  # NOGROUP, OOM, BUSY, ...: the consumer loop backs off and tries again
+            # a server without scripting: plain commands from now on
+            self.log.warning(
+                "group %s: the commit script cannot run (%s); publishes are now committed with %s",
+                self.name,
+                exc,
+                "publish-then-ack (a crash in between delivers again)"
+                if self.cluster
+                else "MULTI/EXEC",
             )
             self._script = None
             await self.commit(outcomes)
@@ -261,33 +286,51 @@ class Committer:
         acks: dict[str, list[str]],
         done: list[Outcome],
     ) -> set[int]:
-        """Cluster: atomic per source key where targets share its slot, else add then ack."""
+        """Cluster: atomic per source key where targets share its slot, else add then ack.
+
+        Publishing first, a crash before the XACK duplicates, never loses. An entry one of
+        whose publishes Redis refused is acknowledged once dead-lettered, else left pending
+        (its retry may publish the others again: at least once).
+        """
         lost: set[int] = set()
         for source, ids in acks.items():
             mine = [(o, p) for o, p in adds if o.entry.key.key == source]
             if same_slot(source, *[p.key for _, p in mine]) and self._script is not None:
                 lost |= await self._run_script([o for o in done if o.entry.key.key == source])
                 continue
-            pipe = self.client.pipeline(transaction=False)
-            for _, p in mine:
-                pipe.xadd(p.key, p.fields, maxlen=p.maxlen, approximate=True)
-            results = await pipe.execute(raise_on_error=False)  # publish first: a crash
-            lost |= await self._rescue(mine, results)  # now duplicates, never loses
-            await self.client.xack(source, self.name, *ids)
+            if mine:
+                pipe = self.client.pipeline(transaction=False)
+                for _, p in mine:
+                    pipe.xadd(p.key, p.fields, maxlen=p.maxlen, approximate=True)
+                results = await pipe.execute(raise_on_error=False)
+                failed, unsaved = await self._rescue(mine, results, acked=False)
+                lost |= failed
+                if unsaved:
+                    keep = {o.entry.id for o, _ in mine if id(o) in unsaved}
+                    ids = [i for i in ids if i not in keep]
+            if ids:
+                await self.client.xack(source, self.name, *ids)
         return lost
 
-    async def _rescue(self, adds: list[tuple[Outcome, Publish]], results: list[Any]) -> set[int]:
-        """Dead-letter entries whose publish Redis rejected inside an applied MULTI/EXEC.
+    async def _rescue(
+        self, adds: list[tuple[Outcome, Publish]], results: list[Any], *, acked: bool = True
+    ) -> tuple[set[int], set[int]]:
+        """Dead-letter entries one of whose publishes Redis rejected.
 
-        EXEC does not roll back: a command failing at run time (WRONGTYPE: the target key
-        is not a stream) leaves the rest applied, the entry's XACK included. Rather than
-        lose the message, send it to the dead-letter stream now, or log its fields.
-        Returns ``id()`` of the outcomes concerned.
+        Inside an applied MULTI/EXEC (``acked``), EXEC does not roll back: a command failing
+        at run time (WRONGTYPE: the target key is not a stream) leaves the rest applied, the
+        entry's XACK included. Rather than lose the message, send it to the dead-letter
+        stream now, or log its fields. Publishing before acknowledging (a cluster), an
+        entry that cannot be dead-lettered is not acknowledged: it stays pending.
+
+        Returns ``id()`` of the outcomes concerned, and of those neither published nor
+        dead-lettered.
         """
         failed = [
             (o, p, r) for (o, p), r in zip(adds, results, strict=False) if isinstance(r, Exception)
         ]
         rescued: set[int] = set()
+        unsaved: set[int] = set()
         for outcome, publish, exc in failed:
             if id(outcome) in rescued:
                 continue
@@ -307,14 +350,26 @@ class Committer:
                 else:
                     self._key_stats[entry.key.key].dead_lettered += 1
                     self.log.error(
-                        "group %s: %s from %s was acknowledged but %s; dead-lettered to %s",
+                        "group %s: %s from %s: %s%s; dead-lettered to %s",
                         self.name,
                         entry.id,
                         entry.key.key,
+                        "acknowledged but " if acked else "",
                         error,
                         dlq,
                     )
                     continue
+            unsaved.add(id(outcome))
+            if not acked:
+                self.log.error(
+                    "group %s: %s from %s: %s; it stays pending and is retried%s",
+                    self.name,
+                    entry.id,
+                    entry.key.key,
+                    error,
+                    "" if dlq is not None else " (the group has no dead_letter)",
+                )
+                continue
             self.log.error(
                 "group %s: %s from %s was acknowledged but %s; its fields, to send again by "
                 "hand: %s",
@@ -324,4 +379,4 @@ class Committer:
                 error,
                 json.dumps(entry.fields),
             )
-        return rescued
+        return rescued, unsaved

@@ -8,9 +8,9 @@ Delivery rules (see SPEC "Delivery semantics"):
 - A failure leaves the entry pending; it is claimed back (XCLAIM) once its
   idle time passes the backoff for its delivery count. At ``max_deliveries``
   it goes to the dead-letter stream, atomically with its XACK.
-- Entries idle past ``claim_idle`` in any consumer are taken with XAUTOCLAIM.
+- Entries idle past ``claim_idle`` in any consumer are claimed (XPENDING IDLE, XCLAIM).
 - On start (and after a lost connection) the consumer first takes back its own
-  pending entries, then reads new ones (``>``).
+  pending entries, a page at a time as slots free up, then reads new ones (``>``).
 
 :class:`GroupConsumer` is the orchestration: its main loop, its concurrency and
 its backlog. It composes a :class:`~cortex_flow.reader.GroupReader` (new entries), an
@@ -103,6 +103,8 @@ class GroupConsumer:
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._inflight: set[tuple[str, str]] = set()
+        # failed for good with no dead_letter: left pending, no longer claimed
+        self._stuck: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         # claimed or re-read entries beyond `concurrency`: in flight for us, not started yet
         self._backlog: deque[Entry] = deque()
@@ -112,10 +114,16 @@ class GroupConsumer:
         )
         codec = streams[group.stream].codec
         self.handler = EntryHandler(
-            group, table, codec, self._key_stats, executor=executor, http=http
+            group, table, codec, self._key_stats, executor=executor, http=http, log=self.log
         )
         self.committer = Committer(
-            client, group, streams, self._key_stats, cluster=cluster, log=self.log
+            client,
+            group,
+            streams,
+            self._key_stats,
+            cluster=cluster,
+            log=self.log,
+            stuck=self._stuck,
         )
         self.pending = PendingWork(
             client,
@@ -126,6 +134,7 @@ class GroupConsumer:
             dispatch=self._dispatch,
             commit=self.committer.commit,
             log=self.log,
+            stuck=self._stuck,
         )
         # bound once: the hot path calls these per message (or per batch)
         self._fetch = self.reader.fetch
@@ -213,8 +222,17 @@ class GroupConsumer:
                     if recover:
                         if self.predecessor is not None:
                             await self.predecessor.wait()
-                        await pending.take_own()
+                            if self._stopping.is_set():
+                                break  # stopped while waiting: take nothing new
+                        pending.recover()
                         recover = False
+                    if pending.recovering:  # our own pending entries first, as room frees up
+                        await pending.take_own()
+                        if pending.recovering:
+                            if self._capacity() == 0:
+                                self._wake.clear()
+                                await self._wake.wait()
+                            continue
                     now = time.monotonic()
                     if now >= next_retry:
                         next_retry = now + self.block_ms / 1000

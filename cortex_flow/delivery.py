@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoPermissionError, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from cortex_flow.models import BackoffPolicy
 from cortex_flow.routes import Publish
 from cortex_flow.topology import StreamKey
 
@@ -23,6 +25,10 @@ TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 # Outcome.kind: acknowledge (with the publishes), leave pending for a retry, dead-letter.
 # Plain ints rather than an Enum: the hot path compares one per message.
 ACK, RETRY, DEAD = 0, 1, 2
+
+# What a server (or a fake) says when it cannot run a script at all, as opposed to a
+# passing refusal (OOM, BUSY, MISCONF, NOGROUP) that the consumer loop backs off from.
+_NO_SCRIPTING = ("unknown command", "error running script", "not supported", "noscript")
 
 
 @dataclass(slots=True)
@@ -49,3 +55,24 @@ def pairs(flat: list[Any]) -> dict[str, str]:
     """Entry fields given as a flat ``[name, value, ...]`` list, as a dict."""
     it = iter(flat)
     return dict(zip(it, it, strict=True))
+
+
+def backoff_ms(policy: BackoffPolicy, deliveries: int) -> int:
+    """How long an entry delivered ``deliveries`` times waits before the next try."""
+    delay = policy.initial * policy.multiplier ** max(deliveries - 1, 0)
+    return int(min(delay, policy.max) * 1000)
+
+
+def scripting_unavailable(exc: ResponseError) -> bool:
+    """Whether ``exc``, raised running a script, means scripts cannot run here at all.
+
+    An unknown EVALSHA or SCRIPT command, scripts refused by ACL, a server (or fake) that
+    cannot run this one, or NOSCRIPT again after loading it: falling back to plain commands
+    is right. Anything else (OOM, BUSY, MISCONF, NOGROUP, ...) passes: it is raised.
+    """
+    if isinstance(exc, NoScriptError):
+        return True
+    text = str(exc).lower()
+    if isinstance(exc, NoPermissionError):
+        return "eval" in text or "script" in text
+    return any(marker in text for marker in _NO_SCRIPTING)

@@ -1,14 +1,17 @@
 """Turning one entry into an :class:`~cortex_flow.delivery.Outcome`: run the group's routes.
 
 Decoding, the template context, matching, and executing ``to`` (a publish to commit
-later), ``call`` and ``http``; then the verdict: ACK with its publishes, RETRY, or
-DEAD for a failure retrying cannot fix or the last allowed delivery. Nothing here
-touches Redis: :mod:`cortex_flow.commit` applies the outcome.
+later), ``call`` and ``http``; then the verdict: ACK with its publishes, RETRY (a
+``call`` or ``http`` that failed), or DEAD for a failure retrying cannot fix (an
+undecodable entry; a ``when``, ``vars``, ``set`` or URL that cannot be evaluated) or
+the last allowed delivery. Nothing here touches Redis: :mod:`cortex_flow.commit`
+applies the outcome.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -21,6 +24,9 @@ from cortex_flow.routes import CompiledRoute, PermanentError, Publish, RouteTabl
 from cortex_flow.stats import KeyStats
 from cortex_flow.templates import Now, context_base, context_over
 from cortex_flow.topology import ResolvedGroup
+
+# at most one "matched no route" warning per group in this many seconds
+UNMATCHED_WARN_EVERY = 60.0
 
 
 class EntryHandler:
@@ -39,6 +45,7 @@ class EntryHandler:
         *,
         executor: Any = None,
         http: Any = None,
+        log: logging.Logger | None = None,
     ) -> None:
         self.table = table
         self.executor = executor
@@ -48,6 +55,9 @@ class EntryHandler:
         self.max_deliveries = group.spec.retry.max_deliveries
         self._has_dead_letter = group.dead_letter is not None
         self._key_stats = key_stats
+        self.log = log or logging.getLogger("cortex_flow.consumer")
+        self._unmatched = 0  # acknowledged unmatched since the last warning
+        self._unmatched_warn_at = 0.0  # time.monotonic() of the next allowed warning
         self._base_vars: dict[str, Any] = dict(group.spec.vars)
         # per source key, built once: the key's variables (read-only), and the names a
         # template context holds for every message of that key under ``_ctx_table``
@@ -102,7 +112,23 @@ class EntryHandler:
             self._key_stats[key.key].unmatched += 1
             if self._has_dead_letter:
                 return Outcome(entry, DEAD, [], "no route matched")
+            self._warn_unmatched()
         return Outcome(entry, ACK, publishes)
+
+    def _warn_unmatched(self) -> None:
+        """Say (at most once a minute) that unmatched messages are being acknowledged."""
+        self._unmatched += 1
+        now = time.monotonic()
+        if now < self._unmatched_warn_at:
+            return
+        self._unmatched_warn_at = now + UNMATCHED_WARN_EVERY
+        count, self._unmatched = self._unmatched, 0
+        self.log.warning(
+            "group %s: %d message(s) matched no route and were acknowledged; add a final "
+            "`drop: true` route to make that explicit or a dead_letter to keep them",
+            self.name,
+            count,
+        )
 
     def _context(self, entry: Entry, msg: Any, bound: dict[str, Any], table: RouteTable) -> Context:
         """The template context of one message; what its key and table fix is built once."""
@@ -132,7 +158,7 @@ class EntryHandler:
             raise RuntimeError("no HTTP client available")
         spec = route.route.http
         assert spec is not None
-        url = route.url.render(ctx) if not route.url.is_literal else route.url.source
+        url = route.url.source if route.url.is_literal else route.render_url(ctx)
         async with asyncio.timeout(route.timeout):
             async with self.http.request(
                 spec.method, url, json=dict(msg), headers=spec.headers

@@ -3,8 +3,10 @@
 With one key, a blocking XREADGROUP. With several, the :class:`Scheduler` gives the
 order to try them in (strict or weighted priority) and a server-side script finds the
 first key holding unread entries, so one read takes them; where the script cannot run
-(keys in different cluster slots) each key is tried in turn. When none has any, one
-blocking XREADGROUP over every key waits for the next entry.
+(keys in different cluster slots, a server without scripting) each key is tried in
+turn. When none has any, one blocking XREADGROUP over every key waits for the next
+entry. A passing error running the script (BUSY, NOGROUP, ...) is raised, not a reason
+to give the script up.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from cortex_flow.connection import same_slot
-from cortex_flow.delivery import Entry
+from cortex_flow.delivery import Entry, scripting_unavailable
 from cortex_flow.pending import reply_entries
 from cortex_flow.scheduler import Scheduler
 from cortex_flow.topology import ResolvedGroup
@@ -87,15 +89,20 @@ class GroupReader:
             )
             return reply_entries(key, resp[0][1]) if resp else []
         order = self._scheduler.order()
+        first = None
         if self._script is not None:
             try:
                 first = await self._script(keys=[self.keys[i].key for i in order], args=[self.name])
             except ResponseError as exc:
-                if "NOGROUP" in str(exc):
-                    raise
-                self.log.info("group %s: server-side fetch unavailable (%s)", self.name, exc)
+                if not scripting_unavailable(exc):
+                    raise  # NOGROUP, BUSY, ...: the consumer loop backs off and tries again
+                self.log.warning(
+                    "group %s: the fetch script cannot run (%s); keys are now read one by one",
+                    self.name,
+                    exc,
+                )
                 self._script = None
-                first = 0
+        if first is not None:
             if first:
                 index = order[int(first) - 1]
                 key = self.keys[index]
@@ -104,7 +111,7 @@ class GroupReader:
                     self._scheduler.served(index)
                     return reply_entries(key, resp[0][1])
                 return []  # another consumer of the group took them meanwhile: look again
-        else:
+        else:  # no script (or it just turned out it cannot run): each key in turn
             for index in order:
                 key = self.keys[index]
                 resp = await self.client.xreadgroup(self.name, self.me, {key.key: ">"}, count=count)

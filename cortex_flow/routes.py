@@ -34,6 +34,17 @@ class PermanentError(Exception):
     """A failure retrying cannot fix (bad template data, unknown target): dead-letter now."""
 
 
+def _failure(label: str, what: str, exc: Exception, raw: bool) -> PermanentError:
+    """``exc``, raised evaluating ``what`` of a route, as a PermanentError that says why.
+
+    The same message fails the same way every time: retrying is pointless.
+    """
+    text = f"{label}: {what} failed: {type(exc).__name__}: {exc}"
+    if raw and isinstance(exc, TypeError) and "str" in str(exc):
+        text += " (message fields are strings on a raw stream; convert, e.g. msg.n | int)"
+    return PermanentError(text)
+
+
 @dataclass(frozen=True, slots=True)
 class Publish:
     """One XADD the route asks for; committed together with the source entry's XACK."""
@@ -61,6 +72,7 @@ class CompiledRoute:
         self.when = Expression(route.when) if route.when is not None else None
         self.continue_ = route.continue_
         self.agents = agents
+        self.raw = streams[group.stream].codec == "raw"
         self.fn: Callable[..., Any] | None = None
         self.is_async = False
         self.inline = False
@@ -100,7 +112,10 @@ class CompiledRoute:
             self.needs_context = True
 
     def matches(self, ctx: Context | None) -> bool:
-        """Whether the route applies; a missing message field means no match."""
+        """Whether the route applies; a missing message field means no match.
+
+        Any other error (``msg.n > 3`` with ``n`` a string) raises PermanentError.
+        """
         if self.when is None:
             return True
         assert ctx is not None
@@ -108,6 +123,17 @@ class CompiledRoute:
             return bool(self.when.evaluate(ctx))
         except UndefinedError:
             return False
+        except Exception as exc:
+            raise _failure(self.label, f"when {self.when.source!r}", exc, self.raw) from exc
+
+    def render_url(self, ctx: Context) -> str:
+        """The ``http`` URL for this message; raises PermanentError when it cannot render."""
+        try:
+            return self.url.render(ctx)
+        except UndefinedError as exc:
+            raise PermanentError(f"{self.label}: url: {exc.message}") from None
+        except Exception as exc:
+            raise _failure(self.label, "url", exc, self.raw) from exc
 
     def publish(self, msg: Any, ctx: Context | None, bound: Mapping[str, str | None]) -> Publish:
         """The XADD this route makes for ``msg``; raises PermanentError on bad data."""
@@ -125,6 +151,8 @@ class CompiledRoute:
                 out = msg
         except UndefinedError as exc:
             raise PermanentError(f"{self.label}: {exc.message}") from None
+        except Exception as exc:  # TypeError, SecurityError, ...: the same every time
+            raise _failure(self.label, self._failing(ctx), exc, self.raw) from exc
         priorities = self.target.priorities
         if priorities and values.get("priority") not in priorities:
             raise PermanentError(
@@ -138,6 +166,17 @@ class CompiledRoute:
                 f"or guard the route with `when: msg.to in agents`"
             )
         return Publish(key, encode(self.target.codec, out), self.target.maxlen)
+
+    def _failing(self, ctx: Context | None) -> str:
+        """Which of the route's templates fails for this message (for the error)."""
+        if ctx is not None:
+            for section, templates in (("vars", self.vars), ("set", self.set)):
+                for name, template in templates.items():
+                    try:
+                        template.render(ctx)
+                    except Exception:
+                        return f"{section}.{name}"
+        return "key"
 
 
 class RouteTable:
@@ -156,7 +195,6 @@ class RouteTable:
         self.needs_context = any(r.needs_context for r in self.routes)
         # every action completes without a thread or socket: process whole batches inline
         self.inline = all(r.action in ("to", "drop") or r.inline for r in self.routes)
-        self.fingerprint = [r.route.model_dump_json() for r in self.routes]
 
 
 async def call_route(route: CompiledRoute, msg: Any, executor: Any = None) -> None:

@@ -54,6 +54,7 @@ class KeyStats:
     dead_lettered: int = 0
     unmatched: int = 0  # no route matched
     claimed: int = 0  # taken over from another consumer
+    stuck: int = 0  # failed for good with no dead_letter: left pending, no longer retried
     latency: Latency = field(default_factory=Latency)
 
 
