@@ -41,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--config",
         type=Path,
-        default=Path("config.yaml"),
-        help="runner settings (default ./config.yaml)",
+        default=None,
+        help="runner settings (default ./config.yaml when present, else built-in defaults); "
+        "a file named here must exist",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -66,7 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", parents=[common], help="what run or a reload would change")
     p.add_argument("paths", nargs="*", type=Path)
     p.add_argument("--format", choices=["text", "json"], default="text")
-    p.add_argument("--admin", default=None, help="a running runner's admin host:port")
 
     p = sub.add_parser("send", parents=[common], help="publish a message")
     p.add_argument("stream", help="stream name from the flows (or a raw key with --raw)")
@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
             d.add_argument("--dry-run", action="store_true")
         if name == "purge":
             d.add_argument("--yes", action="store_true", help="purge all without IDs or filters")
+        if name == "replay":
+            d.add_argument(
+                "--yes",
+                action="store_true",
+                help="replay to a source key that several groups read (each gets it again)",
+            )
         if name in ("list", "show"):
             d.add_argument("--json", action="store_true")
         d.add_argument("--dlq", help="dead-letter stream name or key (default: all declared)")

@@ -57,7 +57,7 @@ def schema(args: argparse.Namespace) -> int:
         name = f"{args.print_}.schema.json"
         print(schemas.render(schemas.SCHEMAS[name]), end="")
         return 0
-    out = args.out or Path(args.config).resolve().parent / "schemas"
+    out = args.out or Path(args.config or "config.yaml").resolve().parent / "schemas"
     if args.check:
         stale = schemas.stale(out)
         if stale:

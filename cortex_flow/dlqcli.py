@@ -1,7 +1,9 @@
 """``cortex-flow dlq list|show|replay|purge``: the dead-letter library on the command line.
 
 Parses the filters, calls :mod:`cortex_flow.dlq` and prints for people (or ``--json``).
-Replaying or purging more than a screenful shows a progress bar on a terminal.
+Replaying or purging more than a screenful shows a progress bar on a terminal. A replay
+appends to the source key, which every group reading that key receives: when that is more
+than one group, replay warns and needs ``--yes`` (``--dry-run`` only warns).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import asyncio
 import json
 import re
+import sys
 import time
 from dataclasses import asdict
 from typing import Any
@@ -28,7 +31,7 @@ from cortex_flow.errors import CortexFlowError, UsageError
 from cortex_flow.statusview import humanize, wide_console
 from cortex_flow.topology import Resolved, resolve
 
-__all__ = ["NotFound", "command", "dlq_keys", "filters_from"]
+__all__ = ["NotFound", "command", "dlq_keys", "filters_from", "shared_sources"]
 
 PROGRESS_ABOVE = 100
 _ID = re.compile(r"^\d+(-\d+)?$")
@@ -197,6 +200,8 @@ async def _change(
     if not entries:
         console.print(f"no dead letters match; nothing to {verb}", highlight=False)
         return 0
+    if replaying:
+        _confirm_shared_sources(entries, resolved, args.yes, args.dry_run)
     caps = {
         k.key: s.spec.maxlen for s in resolved.streams.values() if s.spec.maxlen for k in s.keys
     }
@@ -216,6 +221,38 @@ async def _change(
             outcome = await purge(client, entries, args.dry_run, advance)
     _report(console, outcome, verb, args.dry_run, entries)
     return 1 if outcome.skipped else 0
+
+
+def shared_sources(entries: list[DlqEntry], resolved: Resolved) -> dict[str, list[str]]:
+    """Source keys of ``entries`` that more than one declared group reads, with the groups.
+
+    A replay appends to the source key, so every group reading it receives the entry
+    again, not only the one (``dlq_group``) that dead-lettered it.
+    """
+    readers: dict[str, list[str]] = {}
+    for group in resolved.groups.values():
+        for key in group.keys:
+            readers.setdefault(key.key, []).append(group.name)
+    sources = sorted({e.source for e in entries if e.source})
+    return {key: readers[key] for key in sources if len(readers.get(key, [])) > 1}
+
+
+def _confirm_shared_sources(
+    entries: list[DlqEntry], resolved: Resolved, yes: bool, dry_run: bool
+) -> None:
+    """Warn when a replay reaches groups besides the one that failed; real ones need --yes."""
+    shared = shared_sources(entries, resolved)
+    if not shared:
+        return
+    lines = [
+        f"{key} is read by groups {', '.join(groups)}: replaying delivers it to all of them"
+        for key, groups in shared.items()
+    ]
+    if not yes and not dry_run:
+        raise UsageError("\n".join(f"{line}; pass --yes to confirm" for line in lines))
+    hint = "; pass --yes to confirm" if not yes else ""
+    for line in lines:
+        print(f"warning: {line}{hint}", file=sys.stderr)
 
 
 def _same_id(given: str, entry_id: str) -> bool:

@@ -192,7 +192,7 @@ def command(args: argparse.Namespace) -> int:
         files = discover(project, args.paths)
         cases = load_cases(project, files)
     except ValidationFailed as exc:
-        shown = [str(p) for p in files or args.paths] or [str(args.config)]
+        shown = [str(p) for p in files or args.paths] or [str(args.config or "config.yaml")]
         print(format_problems(exc.problems, fmt, shown))
         return 1
     keyword = getattr(args, "keyword", None)

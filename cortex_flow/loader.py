@@ -21,6 +21,7 @@ from cortex_flow.models import AgentSpec, FlowFile, GroupSpec, HeartbeatsSpec, S
 from cortex_flow.source import Document, load_yaml
 
 SECTIONS = ("streams", "agents", "groups")
+DEFAULT_CONFIG = "config.yaml"
 FLOW_SUFFIXES = (".yaml", ".yml")
 
 
@@ -192,19 +193,31 @@ def _merge(topo: Topology, flow: FlowFile, doc: Document, problems: list[Problem
 
 
 def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Config:
-    """Read ``config.yaml``; a missing default file means all defaults."""
+    """Read a config file; ``None`` means ``./config.yaml`` when present, else all defaults.
+
+    A path given explicitly must exist, whatever its name.
+    """
     problems: list[Problem] = []
-    config = _load_config(path, os.environ if env is None else env, problems)
+    config = _load_config(_default_config(path), os.environ if env is None else env, problems)
     if problems:
         raise ValidationFailed(problems)
     return config
 
 
+def _default_config(path: Path | None) -> Path | None:
+    """The config file to read: ``path`` as given, or ``./config.yaml`` when present."""
+    if path is not None:
+        return path
+    default = Path(DEFAULT_CONFIG)
+    return default if default.exists() else None
+
+
 def _load_config(path: Path | None, env: Mapping[str, str], problems: list[Problem]) -> Config:
-    if path is None or not path.exists():
-        if path is not None and path.name != "config.yaml":
-            message = "config file not found; check the --config path"
-            problems.append(Problem(_display(path), 1, 1, "", message))
+    if path is None:
+        return Config()
+    if not path.exists():
+        message = "config file not found; check the --config path"
+        problems.append(Problem(_display(path), 1, 1, "", message))
         return Config()
     doc = _read(path, _display(path), env, problems)
     config = _validate(Config, doc, problems, "config file") if doc is not None else None
@@ -225,13 +238,18 @@ def check_project(
     paths: Sequence[Path] | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Checked:
-    """Read and check config and flows; never raises for problems in the user's files."""
+    """Read and check config and flows; never raises for problems in the user's files.
+
+    ``config_path`` None reads ``./config.yaml`` when present and uses all defaults when
+    not; a path given explicitly that does not exist is a problem.
+    """
     env = os.environ if env is None else env
-    config_path = config_path or Path("config.yaml")
+    config_path = _default_config(config_path)
     problems: list[Problem] = []
     config = _load_config(config_path, env, problems)
-    files = [_display(config_path)] if config_path.exists() else []
-    base_dir = config_path.resolve().parent
+    found = config_path if config_path is not None and config_path.exists() else None
+    files = [_display(found)] if found is not None else []
+    base_dir = (config_path or Path(DEFAULT_CONFIG)).resolve().parent
     flows_dir = Path(config.flows)
     if not flows_dir.is_absolute():
         flows_dir = base_dir / flows_dir
@@ -247,9 +265,7 @@ def check_project(
         files.extend(topology.files)
     if problems:
         return Checked(None, sorted(set(problems)), files)
-    project = Project(
-        config, config_path if config_path.exists() else None, base_dir, flows_dir, topology
-    )
+    project = Project(config, found, base_dir, flows_dir, topology)
     return Checked(project, [], files)
 
 

@@ -8,6 +8,7 @@ It knows nothing of Redis: :func:`cortex_flow.drift.drift` compares with what is
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -35,6 +36,10 @@ RESTART_SETTINGS = (
     "reload.watch",
 )
 SHOWN_KEYS = 4
+HIDDEN = "(value hidden)"
+# Values a plan never prints: they end up in logs, in /readyz and on terminals.
+_SECRET_NAME = re.compile(r"password|token|secret|authorization|api[-_]?key", re.IGNORECASE)
+_HEADERS = re.compile(r"(^|\.)http\.headers(\.|$)")
 STREAM_FIELDS = ("key", "priorities", "maxlen", "codec")
 
 
@@ -113,16 +118,27 @@ def _dump(model: BaseModel | None, *drop: str) -> Any:
     return data
 
 
-def _show(value: Any) -> str:
+def _secret(path: str) -> bool:
+    """True for a value under ``http.headers`` or a key named like a credential."""
+    return bool(_HEADERS.search(path) or _SECRET_NAME.search(path.rpartition(".")[2]))
+
+
+def _show(value: Any, path: str = "") -> str:
+    """``value`` in words, with secrets hidden and passwords cut out of URLs."""
     if value is None:
         return "none"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, list):
-        return "[" + ", ".join(_show(v) for v in value) + "]"
+        return "[" + ", ".join(_show(v, path) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
-    return str(value)
+        shown = []
+        for key, item in value.items():
+            sub = f"{path}.{key}" if path else str(key)
+            shown.append(f"{key}: {HIDDEN if _secret(sub) else _show(item, sub)}")
+        return "{" + ", ".join(shown) + "}"
+    text = str(value)
+    return describe_url(text) if "://" in text else text
 
 
 def _differences(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any]]:
@@ -137,8 +153,15 @@ def _differences(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any
     return [(path, old, new)]
 
 
+def _change_text(path: str, old: Any, new: Any) -> str:
+    """``path old -> new``, or ``path changed (value hidden)`` for a secret."""
+    if _secret(path):
+        return f"{path} changed {HIDDEN}"
+    return f"{path} {_show(old, path)} -> {_show(new, path)}"
+
+
 def _changed(old: Any, new: Any) -> list[str]:
-    return [f"{path} {_show(a)} -> {_show(b)}" for path, a, b in _differences(old, new)]
+    return [_change_text(path, a, b) for path, a, b in _differences(old, new)]
 
 
 def _keys_text(keys: list[str]) -> str:
@@ -156,7 +179,7 @@ def describe_route(route: Route) -> str:
     elif route.call is not None:
         action = f"call {route.call.function}"
     elif route.http is not None:
-        action = f"http {route.http.method} {route.http.url}"
+        action = f"http {route.http.method} {describe_url(route.http.url)}"
     else:
         action = "drop"
     text = f"{f'when {route.when}' if route.when else 'always'} -> {action}"
@@ -225,11 +248,10 @@ def _describe_agent(spec: AgentSpec) -> str:
 def _settings(current: Config, target: Config) -> tuple[list[Change], list[str]]:
     changes, restart = [], []
     for path, a, b in _differences(_dump(current), _dump(target)):
-        if path == "redis.url":
-            a, b = describe_url(str(a)), describe_url(str(b))
-        text = f"{_show(a)} -> {_show(b)}"
+        text = f"changed {HIDDEN}" if _secret(path) else f"{_show(a, path)} -> {_show(b, path)}"
         if path in RESTART_SETTINGS:
-            restart.append(f"{path} changed ({text}): it is read only at start; restart the runner")
+            why = f"{path} {text}" if _secret(path) else f"{path} changed ({text})"
+            restart.append(f"{why}: it is read only at start; restart the runner")
             text += " (needs a restart)"
         changes.append(Change("change", "setting", path, text))
     return changes, restart
@@ -241,7 +263,8 @@ def _heartbeats(current: Resolved, target: Resolved) -> list[Change]:
         return []
     if old is None or new is None:
         kind: Kind = "add" if old is None else "remove"
-        return [Change(kind, "setting", "heartbeats", f"{kind}ed {_show(new or old)}")]
+        shown = _show(new or old, "heartbeats")
+        return [Change(kind, "setting", "heartbeats", f"{kind}ed {shown}")]
     return [Change("change", "setting", "heartbeats", t) for t in _changed(old, new)]
 
 

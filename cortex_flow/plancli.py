@@ -1,7 +1,10 @@
 """``cortex-flow plan``: what ``run`` would create in Redis, and what it finds there.
 
-Reads Redis through :func:`cortex_flow.drift.drift`; when Redis is out of reach it falls
-back to the pure :func:`cortex_flow.plan.diff` from nothing, so the plan is always shown.
+The current side is read from Redis (its streams, groups and consumers) through
+:func:`cortex_flow.drift.drift`, never from a running runner: a reload's view of what
+changed is the runner's own (``POST /reload`` on its admin endpoint). When Redis is out
+of reach it falls back to the pure :func:`cortex_flow.plan.diff` from nothing, so the plan
+is always shown.
 """
 
 from __future__ import annotations
@@ -85,8 +88,6 @@ def command(args: argparse.Namespace) -> int:
     project = load(args)
     resolved = resolve(project.topology, project.config.runner.name)
     notes = []
-    if args.admin:
-        notes.append("--admin: the runner does not expose its topology yet; comparing with Redis")
     url: str | None
     why = ""
     try:

@@ -21,9 +21,18 @@ def _plural(count: int, word: str) -> str:
 
 
 def summary(problems: Sequence[Problem], files: Sequence[str]) -> str:
-    """``3 problems in 2 of 4 files``: how many problems, in how many of the files read."""
-    bad = len({p.file for p in problems})
-    return f"{_plural(len(problems), 'problem')} in {bad} of {_plural(len(files), 'file')}"
+    """``3 problems in 2 of 4 files``: how many problems, in how many of the files read.
+
+    A problem can name a file that was never read (a missing config, flows folder or path):
+    it counts among the files, so the total is never below the files with problems. With
+    nothing read at all the summary reads ``2 problems in 2 files``.
+    """
+    bad = {p.file for p in problems}
+    total = len(bad | set(files))
+    head = _plural(len(problems), "problem")
+    if not files:
+        return f"{head} in {_plural(len(bad), 'file')}"
+    return f"{head} in {len(bad)} of {_plural(total, 'file')}"
 
 
 def format_problems(problems: Sequence[Problem], fmt: str, files: Sequence[str]) -> str:

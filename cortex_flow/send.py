@@ -9,16 +9,13 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from cortex_flow.access import connect_project, project_url
+from cortex_flow.access import connect_project
 from cortex_flow.codec import encode
 from cortex_flow.errors import UsageError
 from cortex_flow.loader import Project, load_project
 from cortex_flow.modelerrors import did_you_mean
 from cortex_flow.models import StreamSpec
 from cortex_flow.topology import key_variables, render_key
-
-# The old name of access.project_url; cortex_flow.client still imports it from here.
-connect_url = project_url
 
 
 def target_key(
@@ -79,7 +76,10 @@ def command(args: argparse.Namespace) -> int:
         raise UsageError(f"JSON argument is not valid JSON: {exc}") from None
     if not isinstance(msg, dict):
         raise UsageError('JSON argument must be an object, e.g. \'{"type": "chat"}\'')
-    extra = dict(v.split("=", 1) for v in args.var if "=" in v)
+    bad = [v for v in args.var if "=" not in v]
+    if bad:
+        raise UsageError(f"--var takes NAME=VALUE, got {bad[0]!r}")
+    extra = dict(v.split("=", 1) for v in args.var)
     key, spec = target_key(
         project, args.stream, priority=args.priority, agent=args.agent, extra=extra
     )

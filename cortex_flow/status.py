@@ -307,6 +307,25 @@ async def snapshot(client: RedisClient, project: Project, resolved: Resolved) ->
     return data
 
 
+async def _watch_json(
+    client: RedisClient, project: Project, resolved: Resolved, interval: float
+) -> int:
+    """``--watch --json``: one JSON document per line and interval, until Ctrl-C.
+
+    A round that cannot reach Redis prints ``{"redis": ..., "error": ...}`` and the
+    next round tries again, as the table view does.
+    """
+    while True:
+        doc: dict[str, Any]
+        try:
+            doc = await snapshot(client, project, resolved)
+        except (RedisError, OSError) as exc:
+            where, why = describe_client(client), describe_error(exc)
+            doc = {"redis": where, "error": f"Redis at {where} is not reachable ({why})"}
+        print(json.dumps(doc), flush=True)
+        await asyncio.sleep(interval)
+
+
 async def _main(args: argparse.Namespace) -> int:
     if args.interval <= 0:
         raise UsageError(f"--interval must be a positive number of seconds, got {args.interval:g}")
@@ -321,6 +340,8 @@ async def _main(args: argparse.Namespace) -> int:
             else:
                 wide_console().print(render(data))
             return 0
+        if args.json:
+            return await _watch_json(client, project, resolved, args.interval)
         from rich.live import Live
 
         with Live(Text("reading…"), console=wide_console(), auto_refresh=False) as live:
@@ -346,7 +367,10 @@ async def _main(args: argparse.Namespace) -> int:
 
 
 def command(args: argparse.Namespace) -> int:
-    """``cortex-flow status``; with ``--watch``, Ctrl-C ends it with exit code 0."""
+    """``cortex-flow status``; with ``--watch``, Ctrl-C ends it with exit code 0.
+
+    ``--watch --json`` prints one JSON document per interval, one per line.
+    """
     try:
         return asyncio.run(_main(args))
     except KeyboardInterrupt:

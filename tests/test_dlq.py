@@ -373,3 +373,48 @@ def test_redis_down_exits_1_with_a_clear_message(
     assert cli("dlq", "list", "--config", str(tmp_path / "config.yaml")) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot reach Redis at {url}") and "Traceback" not in err
+
+
+def test_replay_to_a_key_several_groups_read_needs_yes(
+    tmp_path: Path, redis_url: str, r: Sync, prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Replaying to a key that more groups read warns and needs --yes (dry runs do not)."""
+    flows = f"""version: 1
+streams:
+  tasks: {{key: "{prefix}tasks:{{{{ priority }}}}", priorities: [high, low]}}
+  inbox: {{key: "{prefix}messages:{{{{ agent }}}}"}}
+  dlq: {{key: "{prefix}dlq"}}
+agents:
+  harold: {{}}
+groups:
+  agents: {{stream: tasks, dead_letter: dlq, routes: [{{drop: true}}]}}
+  audit: {{stream: tasks, routes: [{{drop: true}}]}}
+  harold: {{stream: inbox, vars: {{agent: harold}}, dead_letter: dlq, routes: [{{drop: true}}]}}
+"""
+    config = write_project(
+        tmp_path, flows, config=f'redis: {{url: "{redis_url}"}}\nadmin: {{listen: "off"}}\n'
+    )
+    shared = dead_letter(r, prefix, "tasks:high")
+    warning = (
+        f"{prefix}tasks:high is read by groups agents, audit: replaying delivers it to all "
+        "of them; pass --yes to confirm"
+    )
+    assert cli("dlq", "replay", "--config", str(config)) == 2
+    assert warning in capsys.readouterr().err
+    assert r.xlen(f"{prefix}dlq") == 1 and not r.exists(f"{prefix}tasks:high")
+
+    assert cli("dlq", "replay", "--dry-run", "--config", str(config)) == 0
+    captured = capsys.readouterr()
+    assert f"warning: {warning}" in captured.err
+    assert "would replay 1 entry" in captured.out
+    assert r.xlen(f"{prefix}dlq") == 1 and not r.exists(f"{prefix}tasks:high")
+
+    assert cli("dlq", "replay", shared, "--yes", "--config", str(config)) == 0
+    captured = capsys.readouterr()
+    assert "warning: " + warning.removesuffix("; pass --yes to confirm") + "\n" == captured.err
+    assert r.xlen(f"{prefix}tasks:high") == 1 and r.xlen(f"{prefix}dlq") == 0
+
+    dead_letter(r, prefix, "messages:harold", group="harold")  # one reader: no question
+    assert cli("dlq", "replay", "--config", str(config)) == 0
+    assert capsys.readouterr().err == ""
+    assert r.xlen(f"{prefix}messages:harold") == 1

@@ -174,6 +174,51 @@ def test_changed_heartbeat_policy_is_an_agent_change(tmp_path: Path) -> None:
     assert plan.groups_to_restart == plan.groups_routes_only == ()
 
 
+def test_secrets_in_routes_are_never_printed(tmp_path: Path) -> None:
+    """Header values, credential-named fields and URL passwords are never shown."""
+
+    def hook(token: str, headers: dict[str, str]) -> dict[str, Any]:
+        return {"http": {"url": f"https://bot:{token}@a2a.example/hook", "headers": headers}}
+
+    def secrets(old: bool) -> Any:
+        def change(f: dict[str, Any]) -> None:
+            routes = f["groups"]["agents"]["routes"]
+            routes[0]["set"] = {"type": "{{ msg.type }}", "Api-Key": f"k-{old}"}
+            auth = {"Authorization": "Bearer s3cret-old" if old else "Bearer s3cret-new"}
+            routes[1] = hook("pw-old" if old else "pw-new", auth)
+
+        return change
+
+    before, after = flow(), flow()
+    secrets(True)(before)
+    secrets(False)(after)
+    plan = diff(resolved(tmp_path, before), resolved(tmp_path, after))
+    assert texts(plan) == [
+        "group agents: changed route 1: set.Api-Key changed (value hidden)",
+        "group agents: changed route 2: http.url https://bot:***@a2a.example/hook -> "
+        "https://bot:***@a2a.example/hook; http.headers.Authorization changed (value hidden)",
+    ]
+    grown = flow()
+    grown["groups"]["agents"]["routes"].append(hook("pw-new", {"Authorization": "s3cret"}))
+    added = diff(resolved(tmp_path, flow()), resolved(tmp_path, grown))
+    assert texts(added) == [
+        "group agents: added route 3 (always -> http POST https://bot:***@a2a.example/hook)"
+    ]
+
+
+def test_added_headers_are_hidden(tmp_path: Path) -> None:
+    """Headers added to a route read "changed (value hidden)", whatever their names."""
+    before, after = flow(), flow()
+    before["groups"]["agents"]["routes"][1] = {"http": {"url": "https://a2a.example/hook"}}
+    after["groups"]["agents"]["routes"][1] = {
+        "http": {"url": "https://a2a.example/hook", "headers": {"X-Api-Key": "abc123"}}
+    }
+    plan = diff(resolved(tmp_path, before), resolved(tmp_path, after))
+    assert texts(plan) == [
+        "group agents: changed route 2: http.headers.X-Api-Key changed (value hidden)"
+    ]
+
+
 def test_settings_read_at_start_require_a_restart(tmp_path: Path) -> None:
     """redis.url and runner.name cannot change while running; log.level can."""
     topology = resolved(tmp_path, flow())
@@ -339,3 +384,23 @@ def test_command_exits_1_on_invalid_flows(
     (tmp_path / "flows" / "flow.yaml").write_text("version: 1\ngroups: {g: {stream: nope}}\n")
     assert cli("plan", "--config", str(config)) == 1
     assert "flow.yaml" in capsys.readouterr().err
+
+
+def test_route_tables_keep_no_unused_fingerprint(tmp_path: Path) -> None:
+    """Route changes are found by :func:`diff`; a compiled table carries no copy of its routes."""
+    from cortex_flow.routes import RouteTable
+
+    data = flow()
+    data["groups"]["agents"]["routes"][1] = {"drop": True}
+    topology = resolved(tmp_path, data)
+    streams = {name: s.spec for name, s in topology.streams.items()}
+    table = RouteTable(topology.groups["agents"], streams, frozenset(topology.agents))
+    assert len(table.routes) == 2
+    assert not hasattr(table, "fingerprint")
+
+
+def test_plan_has_no_admin_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`plan` reads the current side from Redis only; `--admin` is refused, not ignored."""
+    config = str(project(tmp_path, "redis://127.0.0.1:1", "t:"))
+    assert cli("plan", "--config", config, "--admin", "127.0.0.1:9000") == 2
+    assert "unrecognized arguments: --admin" in capsys.readouterr().err

@@ -388,3 +388,70 @@ def test_problem_free_render_says_all_healthy() -> None:
     console = Console(width=120, record=True)
     console.print(render(data))
     assert "all healthy" in console.export_text()
+
+
+def test_watch_json_prints_one_document_per_interval(
+    tmp_path: Path,
+    redis_url: str,
+    prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--watch --json prints one JSON document per line and round, until Ctrl-C."""
+    rounds: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds: float) -> None:
+        if seconds != 0.5:
+            await real_sleep(seconds)
+            return
+        rounds.append(seconds)
+        if len(rounds) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    config = project(tmp_path, redis_url, prefix, agents=False)
+    args = ("status", "--watch", "--json", "--interval", "0.5", "--config", str(config))
+    assert cli(*args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3
+    docs = [json.loads(line) for line in lines]
+    assert all(f"{prefix}tasks:high" in [s["key"] for s in d["streams"]] for d in docs)
+    assert all(d["runner"]["name"] == "test-runner" for d in docs)
+
+
+def test_watch_json_reports_a_lost_redis_as_a_document(
+    tmp_path: Path,
+    redis_url: str,
+    prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A round that cannot reach Redis is one `{"error": ...}` line; the next round retries."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    import cortex_flow.status as status_module
+
+    real_snapshot, real_sleep = status_module.snapshot, asyncio.sleep
+    calls: list[int] = []
+
+    async def snapshot(*args: Any) -> dict[str, Any]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RedisConnectionError("connection refused")
+        return await real_snapshot(*args)
+
+    async def sleep(seconds: float) -> None:
+        if seconds != 0.5:
+            await real_sleep(seconds)
+        elif len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(status_module, "snapshot", snapshot)
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    config = project(tmp_path, redis_url, prefix, agents=False)
+    args = ("status", "--watch", "--json", "--interval", "0.5", "--config", str(config))
+    assert cli(*args) == 0
+    first, second = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert first["error"].endswith("is not reachable (connection refused)")
+    assert "streams" in second

@@ -662,6 +662,36 @@ def test_claim_idle_below_initial_backoff(project: Project) -> None:
     ]
 
 
+def test_claim_idle_not_longer_than_a_call_timeout(project: Project) -> None:
+    """A message still being handled must not idle into claim_idle: it would be claimed."""
+    text = group(
+        "stream: tasks\nretry: {claim_idle: 1m}\nroutes:\n"
+        "  - {when: 'msg.a', http: {url: 'http://h/x', timeout: 2m}}\n"
+        "  - call: {function: a.b:c, timeout: 5m}\n"
+    )
+    assert project.problems(text) == [
+        "flows/groups.yaml:5:25: groups.g.retry.claim_idle: claim_idle (1m) must be longer than "
+        "the longest call timeout in this group (5m, routes[1]): another runner would claim a "
+        "message while it is still being handled; raise claim_idle or lower the timeout"
+    ]
+
+
+def test_default_claim_idle_not_longer_than_an_http_timeout(project: Project) -> None:
+    """With the default claim_idle (60s), the problem is shown at the timeout that exceeds it."""
+    text = group("stream: tasks\nroutes:\n  - http: {url: 'http://h/x', timeout: 60s}\n")
+    assert project.problems(text) == [
+        "flows/groups.yaml:6:44: groups.g.routes[0].http.timeout: claim_idle (1m) must be longer "
+        "than the longest http timeout in this group (1m, routes[0]): another runner would claim "
+        "a message while it is still being handled; raise claim_idle or lower the timeout"
+    ]
+    text = group(
+        "stream: tasks\nretry: {claim_idle: 61s}\n"
+        "routes:\n  - http: {url: 'http://h/x', timeout: 60s}\n"
+    )
+    project.write("flows/groups.yaml", text)
+    assert project.run()[0] == 0
+
+
 def test_weighted_without_priorities(project: Project) -> None:
     """Weighted priority needs a stream with priority levels."""
     text = group("stream: dlq\npriority: weighted\nroutes: [{drop: true}]\n")
@@ -814,8 +844,8 @@ def test_config_and_flow_errors_are_reported_together(project: Project) -> None:
     assert project.problems(group("stream: taks\nroutes: [{drop: true}]\n")) == [
         'config.yaml:1:14: redis.url: "http://localhost" is not a Redis URL; use '
         "redis://host:port, rediss://host:port, unix:///path/to/socket, "
-        "redis+sentinel://host:port/service, redis+cluster://host:port, or embedded for a "
-        "private server",
+        "redis+sentinel://host:port/service, redis+cluster://host:port (rediss+sentinel:// "
+        "and rediss+cluster:// for TLS), or embedded for a private server",
         'config.yaml:2:17: admin.listen: must be host:port (e.g. 127.0.0.1:8477) or "off" to '
         'disable, got "garbage"',
         'config.yaml:3:1: flow: unknown key "flow"; did you mean "flows"?',
@@ -847,9 +877,51 @@ def test_missing_config_file_given_explicitly(project: Project) -> None:
 def test_admin_listen_off_and_false(project: Project) -> None:
     """admin.listen takes "off" or false to disable the endpoint."""
     project.write("flows/streams.yaml", STREAMS)
-    for value in ("off", "false", "OFF", "0.0.0.0:9000", "[::1]:9000"):
+    for value in ("off", "false", "OFF", "127.0.0.1:9000", "[::1]:9000", "localhost:9000"):
         project.write("config.yaml", f"admin: {{listen: {value!r}}}\n".replace("'false'", "false"))
         assert project.run()[0] == 0, value
+
+
+def test_admin_listen_beyond_loopback_needs_allow_public(project: Project) -> None:
+    """A non-loopback admin.listen is a validation error unless admin.allow_public is true."""
+    project.write("config.yaml", "admin:\n  listen: 0.0.0.0:8477\n")
+    assert project.problems() == [
+        "config.yaml:2:3: admin.listen: admin.listen 0.0.0.0:8477 is not a loopback address; "
+        "set admin.allow_public: true to expose /metrics and POST /reload beyond this machine"
+    ]
+    project.write("config.yaml", "admin:\n  listen: 0.0.0.0:8477\n  allow_public: true\n")
+    assert project.run()[0] == 0
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "rediss+sentinel://s1:26379,s2:26379/mymaster",
+        "rediss+cluster://n1:7000,n2:7000",
+        "redis+sentinel://s1:26379/mymaster",
+        "unix:///run/redis.sock",
+        "embedded",
+    ],
+)
+def test_every_url_the_runner_can_connect_with_is_valid(project: Project, url: str) -> None:
+    """redis.url accepts what the connection layer accepts, TLS Sentinel and Cluster too."""
+    project.write("flows/streams.yaml", STREAMS)
+    project.write("config.yaml", f"redis: {{url: '{url}'}}\n")
+    assert project.run()[0] == 0, url
+
+
+def test_unusable_redis_url_is_one_sentence_without_the_password(project: Project) -> None:
+    """A URL the connection layer refuses is reported whole, the password masked."""
+    project.write("config.yaml", "redis: {url: 'redis+sentinel://:hunter2@s1:26379'}\n")
+    assert project.problems() == [
+        'config.yaml:1:14: redis.url: "redis+sentinel://:***@s1:26379" names no sentinel '
+        "service; add it: .../service_name"
+    ]
+    project.write("config.yaml", "redis: {url: 'redis://:hunter2@'}\n")
+    assert project.problems() == [
+        'config.yaml:1:14: redis.url: "redis://:***@" names no host; write it as '
+        "scheme://host:port, e.g. redis://127.0.0.1:6379"
+    ]
 
 
 def test_missing_environment_variable_in_config(project: Project) -> None:
@@ -991,3 +1063,105 @@ def test_jinja_globals_are_known_names(project: Project) -> None:
     )
     project.write("flows/groups.yaml", group(body))
     assert project.run()[0] == 0
+
+
+# --- a --config that names no file ----------------------------------------------------
+
+
+def test_explicit_config_yaml_that_does_not_exist_is_an_error(project: Project) -> None:
+    """`--config dir/config.yaml` naming no file fails instead of running on the defaults."""
+    project.write("flows/streams.yaml", STREAMS)
+    project.write("dir/flows/streams.yaml", STREAMS)
+    code, out, _ = project.run("--config", "dir/config.yaml")
+    assert code == 1
+    assert out.splitlines()[0] == (
+        "dir/config.yaml:1:1: config file not found; check the --config path"
+    )
+    assert project.run("--config", "config.yaml")[0] == 0
+    project.root.joinpath("config.yaml").unlink()
+    assert project.run("--config", "config.yaml")[0] == 1  # named, so it must exist
+    assert project.run()[0] == 0  # not named: ./config.yaml is optional
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["graph"],
+        ["plan"],
+        ["send", "tasks", "{}"],
+        ["status"],
+        ["dlq", "list"],
+        ["run"],
+        ["test"],
+    ],
+)
+def test_every_command_refuses_a_missing_config_file(project: Project, command: list[str]) -> None:
+    """Every command fails with exit 1 on a named config file that is not there."""
+    project.write("flows/streams.yaml", STREAMS)
+    project.write("dir/flows/streams.yaml", STREAMS)
+    head, *rest = command
+    if head == "dlq":
+        args = [head, rest[0], "--config", "dir/config.yaml", *rest[1:]]
+    else:
+        args = [head, "--config", "dir/config.yaml", *rest]
+    assert cli(*args) == 1
+    out, err = project.capsys.readouterr()
+    assert "dir/config.yaml:1:1: config file not found; check the --config path" in out + err
+    assert not project.root.joinpath("dir", ".cortex").exists()  # no embedded server started
+
+
+def test_load_project_without_a_path_reads_config_yaml_when_present(project: Project) -> None:
+    """`load_project()` reads ./config.yaml when there is one and uses defaults otherwise."""
+    project.write("flows/streams.yaml", STREAMS)
+    project.write("config.yaml", "runner: {name: from-file}\n")
+    loaded = load_project()
+    assert loaded.config.runner.name == "from-file"
+    assert loaded.config_path == Path("config.yaml")
+    project.root.joinpath("config.yaml").unlink()
+    loaded = load_project()
+    assert loaded.config_path is None
+    assert loaded.base_dir == project.root.resolve()
+    with pytest.raises(ValidationFailed, match="config file not found"):
+        load_project(Path("config.yaml"))
+
+
+# --- the summary line -----------------------------------------------------------------
+
+
+def test_summary_never_counts_problems_in_files_out_of_zero(project: Project) -> None:
+    """With nothing read the summary names the files with problems, never "of 0 files"."""
+    code, out, _ = project.run("--config", "nope.yaml")
+    assert code == 1
+    assert out.splitlines() == [
+        "flows:1:1: no such flows folder; create it or set flows: in config.yaml",
+        "nope.yaml:1:1: config file not found; check the --config path",
+        "2 problems in 2 files",
+    ]
+
+
+def test_summary_counts_missing_paths_among_the_files() -> None:
+    """A problem in a file that was not read still counts: never "2 of 1 files"."""
+    from cortex_flow.errors import Problem
+    from cortex_flow.report import summary
+
+    read = Problem("config.yaml", 1, 1, "", "bad")
+    missing = Problem("nowhere.yaml", 1, 1, "", "no such file or folder")
+    assert summary([read, missing], ["config.yaml"]) == "2 problems in 2 of 2 files"
+    assert summary([read], ["config.yaml", "flows/a.yaml"]) == "1 problem in 1 of 2 files"
+    assert summary([missing], []) == "1 problem in 1 file"
+
+
+def test_reload_of_a_project_without_config_file_keeps_the_defaults(project: Project) -> None:
+    """A runner started without config.yaml reloads on the defaults (named files must exist)."""
+    from types import SimpleNamespace
+
+    from cortex_flow.reload import _load
+
+    project.write("flows/streams.yaml", STREAMS)
+    project.root.joinpath("config.yaml").unlink()
+    runner = SimpleNamespace(project=load_project(), name="cortex")
+    reloaded, _, _ = _load(runner)  # type: ignore[arg-type]
+    assert reloaded.config_path is None and reloaded.config.redis.url == "embedded"
+    project.write("config.yaml", "runner: {name: later}\n")
+    reloaded, _, _ = _load(runner)  # type: ignore[arg-type]
+    assert reloaded.config.runner.name == "later"
