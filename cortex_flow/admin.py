@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -19,6 +18,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from cortex_flow.config import is_loopback
 from cortex_flow.errors import CortexFlowError
 from cortex_flow.metrics import CONTENT_TYPE, SUCCESSFUL_RELOADS, build_registry, render
 from cortex_flow.stats import RunnerStats
@@ -37,16 +37,6 @@ ENDPOINTS = {
     "GET /metrics": "Prometheus metrics",
     "POST /reload": "reload config and flows; 200 applied or unchanged, 409 rejected, 500 failed",
 }
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` names only this machine (``localhost``, ``127.0.0.0/8``, ``::1``)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # another host name: it may resolve to anything
 
 
 def _where(host: str, port: int) -> str:
@@ -135,8 +125,8 @@ class AdminServer:
             raise CortexFlowError(
                 f"admin endpoint will not listen on {self.where}: it is not a loopback address "
                 "and /metrics and POST /reload have no authentication; set admin.listen to "
-                f"127.0.0.1:{self.port} (and let a proxy expose it) or allow public binding "
-                "explicitly"
+                f"127.0.0.1:{self.port} (and let a proxy expose it) or set "
+                "admin.allow_public: true"
             )
         # no access log: a scrape every few seconds would bury the lines that matter
         runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)

@@ -2,34 +2,57 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from cortex_flow.durations import Duration, PositiveDuration
 from cortex_flow.modelerrors import show
-from cortex_flow.models import Model
+from cortex_flow.models import Model, field_error
 
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
+URL_FORMS = (
+    "use redis://host:port, rediss://host:port, unix:///path/to/socket, "
+    "redis+sentinel://host:port/service, redis+cluster://host:port (rediss+sentinel:// and "
+    "rediss+cluster:// for TLS), or embedded for a private server"
+)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names only this machine (``localhost``, ``127.0.0.0/8``, ``::1``)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # another host name: it may resolve to anything
 
 
 class RedisSettings(Model):
     url: str = Field(
         default="embedded",
         description="redis://, rediss://, unix://, redis+sentinel://, redis+cluster://, "
-        "or `embedded` (a private server under .cortex/).",
+        "rediss+sentinel://, rediss+cluster://, or `embedded` (a private server under .cortex/).",
     )
 
     @field_validator("url")
     @classmethod
     def _scheme(cls, value: str) -> str:
-        if value != "embedded" and not value.startswith(REDIS_SCHEMES):
-            raise ValueError(
-                f"{show(value)} is not a Redis URL; use redis://host:port, rediss://host:port, "
-                "unix:///path/to/socket, redis+sentinel://host:port/service, "
-                "redis+cluster://host:port, or embedded for a private server"
-            )
-        return value
+        if value == "embedded":
+            return value
+        # imported here: it loads redis-py, which `validate` needs for no other reason
+        from cortex_flow.connection import describe_url, validate_url
+
+        try:
+            return validate_url(value)
+        except ValueError as exc:
+            masked = describe_url(value)  # never the password
+            if "is not a supported Redis URL" in str(exc):
+                raise ValueError(f"{show(masked)} is not a Redis URL; {URL_FORMS}") from None
+            text = str(exc).replace(repr(masked), show(masked), 1)
+            if ";" not in text:
+                text += "; write it as scheme://host:port, e.g. redis://127.0.0.1:6379"
+            raise ValueError(text) from None
 
 
 class RunnerSettings(Model):
@@ -59,6 +82,11 @@ class AdminSettings(Model):
         default="127.0.0.1:8477",
         description='host:port for /healthz, /readyz, /metrics; "off" (or false) disables.',
     )
+    allow_public: bool = Field(
+        default=False,
+        description="Allow a non-loopback `listen`: /metrics and POST /reload have no "
+        "authentication, so anyone who can reach the port can read and reload.",
+    )
 
     @field_validator("listen", mode="before")
     @classmethod
@@ -72,6 +100,17 @@ class AdminSettings(Model):
         raise ValueError(
             f'must be host:port (e.g. 127.0.0.1:8477) or "off" to disable, got {show(value)}'
         )
+
+    @model_validator(mode="after")
+    def _loopback(self) -> AdminSettings:
+        where = self.host_port
+        if where is not None and not self.allow_public and not is_loopback(where[0]):
+            raise field_error(
+                "listen",
+                f"admin.listen {self.listen} is not a loopback address; set admin.allow_public: "
+                "true to expose /metrics and POST /reload beyond this machine",
+            )
+        return self
 
     @property
     def host_port(self) -> tuple[str, int] | None:

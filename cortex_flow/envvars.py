@@ -14,6 +14,12 @@ the line and column the user typed. What it leaves alone:
   one-line scalars of flow files; a ``#`` line inside a block scalar (``|``) counts as a
   comment here.
 
+``HOSTNAME`` is special: shells set it without exporting it, so systemd units, cron jobs
+and most ``bash -c`` children do not have it. When it is not in the environment at all,
+the machine's host name (``socket.gethostname()``) is used, so ``${HOSTNAME:-cortex}``
+gives each machine its own runner name. Set ``HOSTNAME`` (even to the empty string) to
+override it.
+
 Values are inserted as text, unescaped: a value holding YAML syntax (``: ``, a quote, a
 newline) changes what the YAML parser sees. Secrets such as passwords are safest inside
 a plain scalar or a double-quoted one without ``"`` or ``\\`` in the value.
@@ -79,6 +85,8 @@ def _interpolate_line(
             continue
         name, default = reference.group(1), reference.group(2)
         value = env.get(name)
+        if value is None and name == "HOSTNAME":
+            value = _hostname()
         if default is not None and not value:
             value = default[2:]
         if value is None:
@@ -92,6 +100,13 @@ def _interpolate_line(
         copied = reference.end()
     out.append(line[copied:])
     return "".join(out)
+
+
+def _hostname() -> str:
+    """This machine's host name: what an interactive shell's unexported $HOSTNAME holds."""
+    import socket  # only when a file uses ${HOSTNAME} and the environment lacks it
+
+    return socket.gethostname()
 
 
 def _comment_start(line: str) -> int:

@@ -76,7 +76,9 @@ def _reject(runner: Runner, reason: str, started: float, errors: list[str]) -> d
 def _load(runner: Runner) -> tuple[Project, Resolved, dict[str, RouteTable]]:
     from cortex_flow.runner import route_tables
 
-    config_path = runner.project.config_path or (runner.project.base_dir / "config.yaml")
+    # started without a config file: read one that appeared since, else keep the defaults
+    default = runner.project.base_dir / "config.yaml"
+    config_path = runner.project.config_path or (default if default.exists() else None)
     project = load_project(config_path)
     new = resolve(project.topology, runner.name)
     return project, new, route_tables(new)
@@ -142,7 +144,8 @@ def _apply(
         logging.getLogger().setLevel(project.config.log.level.upper())
     if runner._heartbeats is not None:
         runner._heartbeats.runner_interval = project.config.runner.heartbeat_interval
-        runner._heartbeats.update(new)
+        if runner._heartbeats.update(new):  # a new heartbeat key: beat and watch moved there
+            log.info("heartbeats: now on %s", new.heartbeat_key or "no stream (removed)")
     runner.project, runner.config = project, project.config
     runner.resolved, runner.tables = new, tables
 

@@ -24,7 +24,7 @@ from cortex_flow.callpool import CallPool, threads_needed
 from cortex_flow.connection import describe_url, is_cluster, redis_from_url, wait_for_redis
 from cortex_flow.consumer import GroupConsumer, ensure_group
 from cortex_flow.errors import CortexFlowError, ValidationFailed
-from cortex_flow.heartbeat import HeartbeatMonitor
+from cortex_flow.heartbeat import HeartbeatMonitor, check_runner_name, runner_instance
 from cortex_flow.loader import Project, load_project
 from cortex_flow.logs import setup_logging
 from cortex_flow.routes import RouteTable
@@ -89,16 +89,23 @@ class Runner:
         self._retiring: set[asyncio.Task[bool]] = set()
         self._draining: dict[str, GroupConsumer] = {}  # retired, maybe still finishing
         self.executor = CallPool()  # sized from the topology in start(), grown on reload
+        self.instance = runner_instance()  # host:pid:start_ms, in this runner's beats
         if str(project.base_dir) not in sys.path:
             sys.path.insert(0, str(project.base_dir))
 
     # -- start -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect (waiting out an outage), provision, and start every consumer."""
+        """Connect (waiting out an outage), provision, and start every consumer.
+
+        What can refuse to start (the admin port, the runner name) is settled before the
+        first consumer starts, so a failed start leaves nothing running.
+        """
         self.stats.started_at = time.time()
+        self.instance = runner_instance(self.stats.started_at)
         resolved = resolve(self.project.topology, self.name)
         tables = route_tables(resolved)
+        await self._start_admin()  # a port in use fails now, not after Redis is reached
         self.executor.grow(threads_needed(resolved, tables))
         if self.client is None:
             if self.url == "embedded":
@@ -119,6 +126,7 @@ class Runner:
         await wait_for_redis(self.client, timeout=None, log=log)
         self.stats.connected = True
         self.cluster = is_cluster(self.client)
+        await self._check_name(resolved)
         if any(r.http for g in resolved.groups.values() for r in g.spec.routes):
             import aiohttp
 
@@ -131,6 +139,7 @@ class Runner:
             runner_interval=self.config.runner.heartbeat_interval,
             on_down=self._agent_down,
             log=logging.getLogger("cortex_flow.heartbeat"),
+            instance=self.instance,
         )
         await self._heartbeats.start()
         for name in resolved.groups:
@@ -146,7 +155,6 @@ class Runner:
                 for n, g in resolved.groups.items()
             ),
         )
-        await self._start_admin()
         if self._watcher is not None or self.config.reload.watch:
             self._tasks.append(asyncio.create_task(self._watch(), name="reload:watch"))
 
@@ -205,6 +213,32 @@ class Runner:
 
         task.add_done_callback(finished)
 
+    async def _check_name(self, resolved: Resolved) -> None:
+        """Refuse to run under a name another live runner beats with (see heartbeat)."""
+        key = resolved.heartbeat_key
+        if key is None:
+            return  # no heartbeat stream: runners cannot see each other
+        heartbeats = resolved.topology.heartbeats
+        codec = resolved.topology.streams[heartbeats.stream].codec if heartbeats else "raw"
+        try:
+            await check_runner_name(
+                self.client,
+                key,
+                name=self.name,
+                instance=self.instance,
+                interval=self.config.runner.heartbeat_interval,
+                codec=codec,
+            )
+        except CortexFlowError:
+            raise
+        except Exception as exc:  # e.g. the key holds something else: the watch says so too
+            log.warning(
+                "cannot read %s to check that no other runner is named %s (%s); starting anyway",
+                key,
+                self.name,
+                exc,
+            )
+
     def _agent_down(self, name: str) -> None:
         for consumer in self.consumers.values():
             consumer.request_claim([name])
@@ -215,7 +249,7 @@ class Runner:
             return
         from cortex_flow.admin import AdminServer
 
-        self._admin = AdminServer(
+        admin = AdminServer(
             where[0],
             where[1],
             stats=self.stats,
@@ -223,8 +257,10 @@ class Runner:
             reload=lambda: self.reload("admin endpoint"),
             refresh=self.refresh,
             log=logging.getLogger("cortex_flow.admin"),
+            allow_public=self.config.admin.allow_public,
         )
-        await self._admin.start()
+        await admin.start()
+        self._admin = admin
 
     # -- state -------------------------------------------------------------------------
 
@@ -247,23 +283,59 @@ class Runner:
         return ok, detail
 
     async def refresh(self) -> None:
-        """Update pending/lag gauges from Redis (before a metrics scrape)."""
-        if self.resolved is None:
+        """Update pending/lag gauges from Redis (before a metrics scrape).
+
+        One pipeline for every group and key: XPENDING per group and key, XINFO GROUPS per
+        key. A command that fails (a key deleted under us, ...) leaves its gauges as they
+        were; a pipeline that cannot run at all raises, and the scrape says so.
+        """
+        resolved = self.resolved
+        if resolved is None:
             return
+        pairs = [(g.name, k.key) for g in resolved.groups.values() for k in g.keys]
+        keys = sorted({key for _, key in pairs})
+        pipe = self.client.pipeline(transaction=False)
+        for group, key in pairs:
+            pipe.xpending(key, group)
+        for key in keys:
+            pipe.xinfo_groups(key)
+        replies = await pipe.execute(raise_on_error=False)
+        self._prune_gauges(set(pairs))
         now_ms = time.time() * 1000
-        for group in self.resolved.groups.values():
-            for key in group.keys:
-                summary = await self.client.xpending(key.key, group.name)
-                self.stats.pending[(group.name, key.key)] = int(summary["pending"])
-                oldest = summary.get("min")
-                age = (now_ms - int(str(oldest).split("-")[0])) / 1000 if oldest else 0.0
-                self.stats.oldest_pending_age[(group.name, key.key)] = max(age, 0.0)
-                for c in summary.get("consumers") or []:
-                    self.stats.consumers[(group.name, key.key, c["name"])] = int(c["pending"])
-                with contextlib.suppress(Exception):
-                    for info in await self.client.xinfo_groups(key.key):
-                        if info.get("name") == group.name and info.get("lag") is not None:
-                            self.stats.lag[(group.name, key.key)] = int(info["lag"])
+        for (group, key), summary in zip(pairs, replies[: len(pairs)], strict=True):
+            if isinstance(summary, BaseException):
+                log.debug("metrics: XPENDING %s %s failed (%s); gauges kept", key, group, summary)
+                continue
+            self._pending_gauges(group, key, summary, now_ms)
+        wanted = {key: {g for g, k in pairs if k == key} for key in keys}
+        for key, infos in zip(keys, replies[len(pairs) :], strict=True):
+            if isinstance(infos, BaseException):
+                log.debug("metrics: XINFO GROUPS %s failed (%s); lag kept", key, infos)
+                continue
+            for info in infos:
+                name = info.get("name")
+                if name in wanted[key] and info.get("lag") is not None:  # 7.0+; else unknown
+                    self.stats.lag[(name, key)] = int(info["lag"])
+
+    def _pending_gauges(self, group: str, key: str, summary: Any, now_ms: float) -> None:
+        self.stats.pending[(group, key)] = int(summary["pending"])
+        oldest = summary.get("min")
+        age = (now_ms - int(str(oldest).split("-")[0])) / 1000 if oldest else 0.0
+        self.stats.oldest_pending_age[(group, key)] = max(age, 0.0)
+        listed = {c["name"]: int(c["pending"]) for c in summary.get("consumers") or []}
+        for gauge in [g for g in self.stats.consumers if g[:2] == (group, key)]:
+            if gauge[2] not in listed:
+                self.stats.consumers[gauge] = 0  # XPENDING lists consumers with entries only
+        for consumer, count in listed.items():
+            self.stats.consumers[(group, key, consumer)] = count
+
+    def _prune_gauges(self, current: set[tuple[str, str]]) -> None:
+        """Forget the gauges of groups and keys no longer in the topology."""
+        for gauges in (self.stats.pending, self.stats.oldest_pending_age, self.stats.lag):
+            for gone in [pair for pair in gauges if pair not in current]:
+                del gauges[gone]
+        for consumer in [c for c in self.stats.consumers if c[:2] not in current]:
+            del self.stats.consumers[consumer]
 
     # -- reload ------------------------------------------------------------------------
 
@@ -373,7 +445,15 @@ async def run(project: Project) -> int:
         stop = asyncio.create_task(runner.wait())
         await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
         if start.done():
-            start.result()
+            if start.exception() is not None:
+                stop.cancel()
+                # what started before the failure (admin, Redis client, embedded server,
+                # threads) must end, or the process would hang on its way out
+                try:
+                    await runner.stop()
+                except Exception:
+                    log.exception("stopping after a failed start failed too")
+                start.result()  # raises: the CLI prints the error and exits 1
             await stop
         else:
             start.cancel()

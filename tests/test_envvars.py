@@ -158,3 +158,12 @@ def test_malformed_and_missing_are_reported_together() -> None:
     """Malformed references and missing variables end up in one error."""
     found = problems("a: ${1X}\nb: ${MISSING}\n")
     assert [(p.line, p.col) for p in found] == [(1, 4), (2, 4)]
+
+
+def test_hostname_not_in_the_environment_is_the_machines_host_name() -> None:
+    """bash and systemd do not export HOSTNAME: without it, ${HOSTNAME} is the host name."""
+    import socket
+
+    assert run("name: ${HOSTNAME:-cortex}") == f"name: {socket.gethostname()}"
+    assert run("name: ${HOSTNAME}") == f"name: {socket.gethostname()}"
+    assert run("name: ${HOSTNAME:-cortex}", HOSTNAME="box1") == "name: box1"

@@ -6,14 +6,24 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
-from projects import end, lines, make_project, spawn_runner, wait_for_sync, write_module
+from projects import (
+    end,
+    lines,
+    make_project,
+    spawn_runner,
+    wait_for_sync,
+    write_module,
+    write_project,
+)
 from redis_servers import free_port
 
 from cortex_flow.cli import cli
@@ -202,3 +212,106 @@ def test_send_to_embedded_needs_a_running_runner(
     assert _send(config, "tasks", "{}") == 1
     err = capsys.readouterr().err
     assert "no embedded Redis is running" in err and "`cortex-flow run`" in err
+
+
+def test_send_var_without_equals_is_a_usage_error(
+    send_project: Path, sync_client: redis.Redis, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--var BAD` (no `=`) is refused with exit 2, not silently dropped."""
+    assert _send(send_project, "tasks", "{}", "--var", "BAD") == 2
+    assert "--var takes NAME=VALUE, got 'BAD'" in capsys.readouterr().err
+
+
+def test_send_has_no_old_connect_url_alias() -> None:
+    """`send.connect_url` was an unused alias of `access.project_url`; it is gone."""
+    import cortex_flow.send as send_module
+
+    assert not hasattr(send_module, "connect_url")
+
+
+def _run_command(config: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cortex_flow", "run", "--config", str(config)],
+        cwd=config.parent,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_run_exits_1_at_once_when_the_admin_port_is_in_use(
+    tmp_path: Path, redis_url: str, key_prefix: str
+) -> None:
+    """A start that fails (admin port taken) ends `run` with the error and exit 1, no hang."""
+    mod = write_module(tmp_path, _writer(tmp_path / "handled.txt"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_project(
+            tmp_path,
+            FLOW,
+            config=(
+                f"redis: {{url: '{redis_url}'}}\nrunner: {{name: t1}}\nreload: {{watch: false}}\n"
+                f"admin: {{listen: '127.0.0.1:{port}'}}\n"
+            ),
+            prefix=key_prefix,
+            mod=mod,
+        )
+        started = time.monotonic()
+        done = _run_command(config)
+    assert done.returncode == 1, done.stderr
+    assert time.monotonic() - started < 15
+    assert done.stderr.splitlines()[-1] == (
+        f"error: admin endpoint cannot listen on 127.0.0.1:{port}: address already in use; "
+        'set admin.listen to another port or "off"'
+    )
+    assert "running 1 group(s)" not in done.stderr  # refused before any consumer started
+
+
+def test_second_runner_with_the_same_name_is_refused(
+    tmp_path: Path, redis_url: str, key_prefix: str
+) -> None:
+    """`run` under a runner.name another live runner beats with exits 1 and says why."""
+    flow = (
+        FLOW.replace("      events:", '      heartbeats: {key: "{P}heartbeats"}\n      events:')
+        + "    heartbeats: {stream: heartbeats}\n"
+    )
+    mod = write_module(tmp_path, _writer(tmp_path / "handled.txt"))
+    config = make_project(
+        tmp_path,
+        flow,
+        url=redis_url,
+        prefix=key_prefix,
+        mod=mod,
+        name="twin",
+        runner_extra=", heartbeat_interval: 1s",
+    )
+    log = tmp_path / "first.log"
+    first = spawn_runner(config, log)
+    try:
+        wait_for_sync(lambda: "running 1 group(s)" in log.read_text(), 30, "the first runner")
+        done = _run_command(config)
+        assert done.returncode == 1, done.stderr
+        assert re.fullmatch(
+            rf"error: runner\.name twin is already used by another runner \(host "
+            rf"{re.escape(socket.gethostname())} pid {first.pid}, beat \d+s ago\); give each "
+            "runner its own name",
+            done.stderr.splitlines()[-1],
+        ), done.stderr
+        assert "running 1 group(s)" not in done.stderr
+        assert first.poll() is None  # the first one runs on
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=30)
+        end(first)
+    # it said it stopped: the same name may start again at once
+    log = tmp_path / "again.log"
+    again = spawn_runner(config, log)
+    try:
+        wait_for_sync(lambda: "running 1 group(s)" in log.read_text(), 30, "the restarted runner")
+    finally:
+        again.send_signal(signal.SIGTERM)
+        again.wait(timeout=30)
+        end(again)
