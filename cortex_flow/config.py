@@ -41,7 +41,7 @@ class RedisSettings(Model):
         if value == "embedded":
             return value
         # imported here: it loads redis-py, which `validate` needs for no other reason
-        from cortex_flow.connection import describe_url, validate_url
+        from cortex_flow.urls import describe_url, validate_url
 
         try:
             return validate_url(value)

@@ -20,7 +20,6 @@ import asyncio
 import logging
 import os
 import random
-import re
 import time
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
@@ -33,6 +32,7 @@ from redis.crc import key_slot
 from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError
 
 from cortex_flow.errors import ConnectionFailed
+from cortex_flow.urls import _hosts, describe_url, validate_url
 
 __all__ = [
     "SOCKET_TIMEOUT",
@@ -57,35 +57,7 @@ CONNECT_TIMEOUT = 5.0
 # A pooled connection idle this long is PINGed before reuse, so a dead one is replaced.
 HEALTH_CHECK_INTERVAL = 30
 LOG_EVERY = 5.0
-_QUERY_PASSWORD = re.compile(r"([?&][^=&#]*password[^=&#]*=)[^&#]*")
-
-_PLAIN = frozenset(("redis", "rediss", "unix"))
-_SCHEMES = _PLAIN | {
-    f"{tcp}+{kind}" for tcp in ("redis", "rediss") for kind in ("sentinel", "cluster")
-}
 _TRUE = ("1", "true", "yes", "on")
-
-
-def validate_url(url: str) -> str:
-    """Return ``url`` unchanged if cortex-flow can connect with it, else raise ``ValueError``.
-
-    Pure (no I/O), so config validation can call it; the message never shows the password.
-    """
-    parts = urlsplit(url)
-    shown = describe_url(url)
-    if parts.scheme not in _SCHEMES:
-        raise ValueError(
-            f"{shown!r} is not a supported Redis URL; use redis://host:port, rediss://, "
-            "unix:///path, redis+sentinel://host:port/service or redis+cluster://host:port"
-        )
-    if parts.scheme.endswith("+sentinel") and not parts.path.strip("/"):
-        raise ValueError(f"{shown!r} names no sentinel service; add it: .../service_name")
-    if parts.scheme == "unix" and "cluster=" in parts.query:
-        raise ValueError(f"{shown!r}: a Redis Cluster cannot be reached over a unix socket")
-    if parts.scheme != "unix" and not parts.netloc.rpartition("@")[2]:
-        raise ValueError(f"{shown!r} names no host")
-    _hosts(url, 6379)
-    return url
 
 
 def redis_from_url(
@@ -124,24 +96,6 @@ def redis_from_url(
     if any(key == "cluster" for key, _ in pairs):  # ours, not redis-py's: drop it
         url = urlunsplit(parts._replace(query=urlencode([p for p in pairs if p[0] != "cluster"])))
     return aioredis.Redis.from_url(url, **options)
-
-
-def _host_port(host: str, url: str, default: int = 6379) -> tuple[str, int]:
-    host = unquote(host)
-    name, sep, port = host.rpartition(":")
-    if not sep or name.endswith(":") or (host.startswith("[") and not name.endswith("]")):
-        name, port = host, ""  # no port, or a bare IPv6 address
-    try:
-        number = int(port) if port else default
-    except ValueError:
-        raise ValueError(f"{describe_url(url)!r}: port {port!r} is not a number") from None
-    return name.strip("[]"), number
-
-
-def _hosts(url: str, default: int) -> list[tuple[str, int]]:
-    # urlsplit cannot parse a comma-separated host list (its .port raises), so split by hand.
-    hosts = urlsplit(url).netloc.rpartition("@")[2]
-    return [_host_port(host, url, default) for host in hosts.split(",")]
 
 
 def _typed(query: dict[str, str], url: str) -> dict[str, Any]:
@@ -193,20 +147,6 @@ def _cluster_client(url: str, query: dict[str, str], options: dict[str, Any]) ->
         return RedisCluster(startup_nodes=nodes, **options)
     except TypeError as exc:  # an option in the query that RedisCluster does not take
         raise ValueError(f"{describe_url(url)!r}: {exc}") from None
-
-
-def describe_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, for logs and error messages."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    cut = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
-    netloc, tail = rest[:cut], rest[cut:]
-    userinfo, at, hosts = netloc.rpartition("@")
-    if at and ":" in userinfo:
-        netloc = userinfo.partition(":")[0] + ":***@" + hosts
-    tail = _QUERY_PASSWORD.sub(r"\1***", tail)
-    return f"{scheme}://{netloc}{tail}"
 
 
 def describe_client(client: RedisClient) -> str:

@@ -16,10 +16,10 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from cortex_flow.config import Config
-from cortex_flow.connection import describe_url
 from cortex_flow.durations import format_duration
 from cortex_flow.models import AgentSpec, Route
 from cortex_flow.topology import Resolved, ResolvedGroup, StreamKey
+from cortex_flow.urls import describe_url
 
 __all__ = ["Change", "Plan", "declared_keys", "describe_route", "diff"]
 
