@@ -25,6 +25,7 @@ from cortex_flow.connection import describe_url, is_cluster, redis_from_url, wai
 from cortex_flow.consumer import GroupConsumer, ensure_group
 from cortex_flow.errors import CortexFlowError, ValidationFailed
 from cortex_flow.heartbeat import HeartbeatMonitor, check_runner_name, runner_instance
+from cortex_flow.lag import METRICS_CAP, count_unread
 from cortex_flow.loader import Project, load_project
 from cortex_flow.logs import setup_logging
 from cortex_flow.routes import RouteTable
@@ -308,14 +309,26 @@ class Runner:
                 continue
             self._pending_gauges(group, key, summary, now_ms)
         wanted = {key: {g for g, k in pairs if k == key} for key in keys}
+        uncounted: dict[tuple[str, str], str] = {}  # (key, last-delivered) -> group
         for key, infos in zip(keys, replies[len(pairs) :], strict=True):
             if isinstance(infos, BaseException):
                 log.debug("metrics: XINFO GROUPS %s failed (%s); lag kept", key, infos)
                 continue
             for info in infos:
                 name = info.get("name")
-                if name in wanted[key] and info.get("lag") is not None:  # 7.0+; else unknown
+                if name not in wanted[key]:
+                    continue
+                if info.get("lag") is not None:  # Redis 7.0+
                     self.stats.lag[(name, key)] = int(info["lag"])
+                else:  # 6.2: count what follows the last delivered entry
+                    uncounted[(key, str(info["last-delivered-id"]))] = name
+        counted = await count_unread(self.client, list(uncounted), METRICS_CAP)
+        for pair, lag in counted.items():
+            key, group = pair[0], uncounted[pair]
+            if lag is None:
+                self.stats.lag.pop((group, key), None)  # past the cap: unknown, not stale
+            else:
+                self.stats.lag[(group, key)] = lag
 
     def _pending_gauges(self, group: str, key: str, summary: Any, now_ms: float) -> None:
         self.stats.pending[(group, key)] = int(summary["pending"])

@@ -25,6 +25,7 @@ from cortex_flow.config import AdminSettings
 from cortex_flow.connection import RedisClient, describe_client, describe_error, is_cluster
 from cortex_flow.entryids import id_key, id_ms
 from cortex_flow.errors import ConnectionFailed, UsageError
+from cortex_flow.lag import STATUS_CAP, count_unread
 from cortex_flow.loader import Project
 from cortex_flow.statusview import humanize, render, wide_console
 from cortex_flow.topology import Resolved, resolve
@@ -168,6 +169,15 @@ async def _groups(
                 ],
             }
             out.append(row)
+    behind = [
+        (r["key"], r["last_delivered_id"])
+        for r in out
+        if r.get("status") == "ok" and r["lag"] is None
+    ]
+    counted = await count_unread(client, behind, STATUS_CAP)  # Redis 6.2 reports no lag
+    for row in out:
+        if row.get("status") == "ok" and row["lag"] is None:
+            row["lag"] = counted.get((row["key"], row["last_delivered_id"]))
     return out
 
 
