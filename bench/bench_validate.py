@@ -86,7 +86,7 @@ groups:
     batch: 50
     priority: weighted
     weights: {{critical: 8, high: 4, normal: 2, low: 1}}
-    retry: {{max_deliveries: 5, backoff: {{initial: 500ms, max: 30s}}, claim_idle: 60s}}
+    retry: {{max_deliveries: 5, backoff: {{initial: 500ms, max: 30s}}, claim_idle: 5m}}
     dead_letter: dlq
     routes:
       - name: direct
