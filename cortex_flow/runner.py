@@ -24,8 +24,8 @@ from cortex_flow.callpool import CallPool, threads_needed
 from cortex_flow.connection import describe_url, is_cluster, redis_from_url, wait_for_redis
 from cortex_flow.consumer import GroupConsumer, ensure_group
 from cortex_flow.errors import CortexFlowError, ValidationFailed
+from cortex_flow.gauges import refresh_gauges
 from cortex_flow.heartbeat import HeartbeatMonitor, check_runner_name, runner_instance
-from cortex_flow.lag import METRICS_CAP, count_unread
 from cortex_flow.loader import Project, load_project
 from cortex_flow.logs import setup_logging
 from cortex_flow.routes import RouteTable
@@ -284,71 +284,8 @@ class Runner:
         return ok, detail
 
     async def refresh(self) -> None:
-        """Update pending/lag gauges from Redis (before a metrics scrape).
-
-        One pipeline for every group and key: XPENDING per group and key, XINFO GROUPS per
-        key. A command that fails (a key deleted under us, ...) leaves its gauges as they
-        were; a pipeline that cannot run at all raises, and the scrape says so.
-        """
-        resolved = self.resolved
-        if resolved is None:
-            return
-        pairs = [(g.name, k.key) for g in resolved.groups.values() for k in g.keys]
-        keys = sorted({key for _, key in pairs})
-        pipe = self.client.pipeline(transaction=False)
-        for group, key in pairs:
-            pipe.xpending(key, group)
-        for key in keys:
-            pipe.xinfo_groups(key)
-        replies = await pipe.execute(raise_on_error=False)
-        self._prune_gauges(set(pairs))
-        now_ms = time.time() * 1000
-        for (group, key), summary in zip(pairs, replies[: len(pairs)], strict=True):
-            if isinstance(summary, BaseException):
-                log.debug("metrics: XPENDING %s %s failed (%s); gauges kept", key, group, summary)
-                continue
-            self._pending_gauges(group, key, summary, now_ms)
-        wanted = {key: {g for g, k in pairs if k == key} for key in keys}
-        uncounted: dict[tuple[str, str], str] = {}  # (key, last-delivered) -> group
-        for key, infos in zip(keys, replies[len(pairs) :], strict=True):
-            if isinstance(infos, BaseException):
-                log.debug("metrics: XINFO GROUPS %s failed (%s); lag kept", key, infos)
-                continue
-            for info in infos:
-                name = info.get("name")
-                if name not in wanted[key]:
-                    continue
-                if info.get("lag") is not None:  # Redis 7.0+
-                    self.stats.lag[(name, key)] = int(info["lag"])
-                else:  # 6.2: count what follows the last delivered entry
-                    uncounted[(key, str(info["last-delivered-id"]))] = name
-        counted = await count_unread(self.client, list(uncounted), METRICS_CAP)
-        for pair, lag in counted.items():
-            key, group = pair[0], uncounted[pair]
-            if lag is None:
-                self.stats.lag.pop((group, key), None)  # past the cap: unknown, not stale
-            else:
-                self.stats.lag[(group, key)] = lag
-
-    def _pending_gauges(self, group: str, key: str, summary: Any, now_ms: float) -> None:
-        self.stats.pending[(group, key)] = int(summary["pending"])
-        oldest = summary.get("min")
-        age = (now_ms - int(str(oldest).split("-")[0])) / 1000 if oldest else 0.0
-        self.stats.oldest_pending_age[(group, key)] = max(age, 0.0)
-        listed = {c["name"]: int(c["pending"]) for c in summary.get("consumers") or []}
-        for gauge in [g for g in self.stats.consumers if g[:2] == (group, key)]:
-            if gauge[2] not in listed:
-                self.stats.consumers[gauge] = 0  # XPENDING lists consumers with entries only
-        for consumer, count in listed.items():
-            self.stats.consumers[(group, key, consumer)] = count
-
-    def _prune_gauges(self, current: set[tuple[str, str]]) -> None:
-        """Forget the gauges of groups and keys no longer in the topology."""
-        for gauges in (self.stats.pending, self.stats.oldest_pending_age, self.stats.lag):
-            for gone in [pair for pair in gauges if pair not in current]:
-                del gauges[gone]
-        for consumer in [c for c in self.stats.consumers if c[:2] not in current]:
-            del self.stats.consumers[consumer]
+        """Update pending/lag gauges from Redis (before a metrics scrape)."""
+        await refresh_gauges(self.client, self.resolved, self.stats)
 
     # -- reload ------------------------------------------------------------------------
 
