@@ -6,6 +6,7 @@ import logging
 import time
 from typing import Any
 
+from cortex_flow.entryids import id_ms
 from cortex_flow.lag import METRICS_CAP, count_unread
 from cortex_flow.stats import RunnerStats
 from cortex_flow.topology import Resolved
@@ -63,7 +64,7 @@ async def refresh_gauges(client: Any, resolved: Resolved | None, stats: RunnerSt
 def _pending_gauges(stats: RunnerStats, group: str, key: str, summary: Any, now_ms: float) -> None:
     stats.pending[(group, key)] = int(summary["pending"])
     oldest = summary.get("min")
-    age = (now_ms - int(str(oldest).split("-")[0])) / 1000 if oldest else 0.0
+    age = (now_ms - id_ms(str(oldest))) / 1000 if oldest else 0.0
     stats.oldest_pending_age[(group, key)] = max(age, 0.0)
     listed = {c["name"]: int(c["pending"]) for c in summary.get("consumers") or []}
     for gauge in [g for g in stats.consumers if g[:2] == (group, key)]:

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cortex_flow.codec import DecodeError, decode, encode
+from cortex_flow.entryids import id_ms
 from cortex_flow.errors import CortexFlowError
 from cortex_flow.stats import AgentState, RunnerStats
 from cortex_flow.topology import Resolved, key_template, render_key
@@ -89,7 +90,7 @@ def _timestamp(fields: Mapping[str, Any], entry_id: str) -> float:
     try:
         return int(fields["ts"]) / 1000
     except (KeyError, TypeError, ValueError):
-        return int(entry_id.split("-")[0]) / 1000
+        return id_ms(entry_id) / 1000
 
 
 async def check_runner_name(

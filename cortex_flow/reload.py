@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import ResponseError
 
 from cortex_flow.callpool import threads_needed
-from cortex_flow.consumer import TRANSIENT, ensure_group
+from cortex_flow.consumer import TRANSIENT
 from cortex_flow.errors import ValidationFailed
 from cortex_flow.loader import Project, load_project
 from cortex_flow.plan import Plan, diff
 from cortex_flow.routes import RouteTable
-from cortex_flow.topology import Resolved, ResolvedGroup, StreamKey, resolve
+from cortex_flow.topology import Resolved, resolve
 
 if TYPE_CHECKING:
     from cortex_flow.runner import Runner
@@ -96,7 +96,7 @@ async def _provision(runner: Runner, new: Resolved, plan: Plan) -> None:
     while True:
         try:
             for group, key in wanted:
-                await _create(runner, group, key)
+                await runner._create_group(group, key.key)
             return
         except TRANSIENT as exc:
             if runner.stopping or time.monotonic() + delay > deadline:
@@ -106,28 +106,13 @@ async def _provision(runner: Runner, new: Resolved, plan: Plan) -> None:
             delay = min(delay * 2, 1.0)
 
 
-async def _create(runner: Runner, group: ResolvedGroup, key: StreamKey) -> None:
-    start = group.spec.start
-    try:
-        created = await ensure_group(runner.client, key.key, group.name, start)
-    except ResponseError as exc:  # e.g. WRONGTYPE: the key holds something else
-        raise ResponseError(f"group {group.name} on {key.key}: {exc}") from exc
-    if created:
-        log.info("created group %s on %s (from %s)", group.name, key.key, start)
-
-
 def _apply(
     runner: Runner, project: Project, new: Resolved, tables: dict[str, RouteTable], plan: Plan
 ) -> None:
     """Start, swap and retire consumers. No awaits: a reload is never half applied."""
     if runner.executor.grow(threads_needed(new, tables)):
         log.info("sync calls now run in a pool of %d threads", runner.executor.threads)
-    if runner._http is None and any(r.http for g in new.groups.values() for r in g.spec.routes):
-        import aiohttp
-
-        runner._http = aiohttp.ClientSession()
-        for consumer in runner.consumers.values():
-            consumer.http = runner._http  # a route swap may bring the first http route
+    runner._ensure_http(new)
     for name in plan.groups_to_add:
         runner._start_group(new, new.groups[name], tables[name])
     for name in plan.groups_to_restart:

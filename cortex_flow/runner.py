@@ -19,6 +19,8 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from redis.exceptions import ResponseError
+
 from cortex_flow.callpool import THREAD_PREFIX as CALL_THREAD_PREFIX
 from cortex_flow.callpool import CallPool, threads_needed
 from cortex_flow.connection import describe_url, is_cluster, redis_from_url, wait_for_redis
@@ -128,10 +130,7 @@ class Runner:
         self.stats.connected = True
         self.cluster = is_cluster(self.client)
         await self._check_name(resolved)
-        if any(r.http for g in resolved.groups.values() for r in g.spec.routes):
-            import aiohttp
-
-            self._http = aiohttp.ClientSession()
+        self._ensure_http(resolved)
         await self._provision(resolved)
         self._heartbeats = HeartbeatMonitor(
             self.client,
@@ -159,16 +158,31 @@ class Runner:
         if self._watcher is not None or self.config.reload.watch:
             self._tasks.append(asyncio.create_task(self._watch(), name="reload:watch"))
 
-    async def _provision(self, resolved: Resolved) -> list[str]:
-        created = []
+    async def _provision(self, resolved: Resolved) -> None:
         for group in resolved.groups.values():
             for key in group.keys:
-                if await ensure_group(self.client, key.key, group.name, group.spec.start):
-                    created.append(f"group {group.name} on {key.key}")
-                    log.info(
-                        "created group %s on %s (from %s)", group.name, key.key, group.spec.start
-                    )
-        return created
+                await self._create_group(group, key.key)
+
+    async def _create_group(self, group: ResolvedGroup, key: str) -> None:
+        """XGROUP CREATE ... MKSTREAM for one key; errors name the group and key."""
+        start = group.spec.start
+        try:
+            created = await ensure_group(self.client, key, group.name, start)
+        except ResponseError as exc:  # e.g. WRONGTYPE: the key holds something else
+            raise ResponseError(f"group {group.name} on {key}: {exc}") from exc
+        if created:
+            log.info("created group %s on %s (from %s)", group.name, key, start)
+
+    def _ensure_http(self, resolved: Resolved) -> None:
+        """One HTTP client for every `http` route, made when the first such route appears."""
+        if self._http is not None:
+            return
+        if any(r.http for g in resolved.groups.values() for r in g.spec.routes):
+            import aiohttp
+
+            self._http = aiohttp.ClientSession()
+            for consumer in self.consumers.values():
+                consumer.http = self._http  # a route swap may bring the first http route
 
     def _start_group(
         self,

@@ -31,6 +31,7 @@ from reload_helpers import (
 )
 
 import cortex_flow.reload as reload_module
+import cortex_flow.runner as runner_module
 from cortex_flow.metrics import build_registry, render
 
 
@@ -330,15 +331,15 @@ async def test_stop_during_provisioning_starts_nothing(
 ) -> None:
     """A stop that begins while a reload provisions makes that reload start nothing."""
     entered, release = asyncio.Event(), asyncio.Event()
-    real = reload_module.ensure_group
+    real = runner_module.ensure_group
 
     async def blocked(*args: Any) -> bool:
         entered.set()
         await release.wait()
         return await real(*args)
 
-    monkeypatch.setattr(reload_module, "ensure_group", blocked)
     async with running(project) as (runner, _):
+        monkeypatch.setattr(runner_module, "ensure_group", blocked)  # reload's group creation
         consumers = dict(runner.consumers)
         project.groups["extra"] = {"stream": "tasks", "routes": [{"drop": True}]}
         project.write()
