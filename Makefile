@@ -31,11 +31,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check cortex_flow tests bench agents_example
 	$(BIN)/ruff format --check cortex_flow tests bench agents_example
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache   # layers, a pure flow/, no import circles (pyproject.toml)
 
 validate: $(STAMP)
 	$(BIN)/cortex-flow validate
 	$(BIN)/cortex-flow schema --check
-	$(BIN)/python -m cortex_flow.docgen --check
+	$(BIN)/python -m cortex_flow.flow.docgen --check
 
 bench: $(STAMP)          ## benchmarks: figures and ratios against hand-written baselines
 	$(BIN)/python bench/run.py

@@ -48,9 +48,9 @@ import redis  # noqa: E402
 import yaml  # noqa: E402
 
 from bench.common import Server, rss_bytes  # noqa: E402
-from cortex_flow.connection import CLIENT_NAME  # noqa: E402
-from cortex_flow.loader import load_project  # noqa: E402
-from cortex_flow.runner import Runner  # noqa: E402
+from cortex_flow.flow.loader import load_project  # noqa: E402
+from cortex_flow.runtime.runner import Runner  # noqa: E402
+from cortex_flow.wire.connection import CLIENT_NAME  # noqa: E402
 
 PREFIX = "bench:reload"
 PRIORITIES = ("critical", "high", "normal", "low")
@@ -274,7 +274,7 @@ async def until(predicate: Any, timeout: float = 30.0) -> float:
 
 async def settle(runner: Runner) -> None:
     """Wait until every replaced consumer has exited."""
-    await until(lambda: not runner._retiring, timeout=60)
+    await until(lambda: not runner.running.retiring, timeout=60)
 
 
 def footprint(runner: Runner, server: Server) -> dict[str, float]:

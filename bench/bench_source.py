@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from cortex_flow.errors import ValidationFailed
-from cortex_flow.source import load_yaml
+from cortex_flow.flow.source import load_yaml
 
 
 def billion_laughs(levels: int = 9, width: int = 9) -> str:

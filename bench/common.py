@@ -23,8 +23,8 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from cortex_flow.loader import Project, load_project
-from cortex_flow.runner import Runner
+from cortex_flow.flow.loader import Project, load_project
+from cortex_flow.runtime.runner import Runner
 
 GROUP = "workers"
 CONSUMER = "bench"

@@ -9,21 +9,21 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from cortex_flow.version import __version__
 
 __all__ = ["Client", "FlowHarness", "Runner", "__version__", "load_project"]
 
 _LAZY = {
     "Client": "cortex_flow.client",
     "FlowHarness": "cortex_flow.testing",
-    "Runner": "cortex_flow.runner",
-    "load_project": "cortex_flow.loader",
+    "Runner": "cortex_flow.runtime.runner",
+    "load_project": "cortex_flow.flow.loader",
 }
 
 if TYPE_CHECKING:
     from cortex_flow.client import Client
-    from cortex_flow.loader import load_project
-    from cortex_flow.runner import Runner
+    from cortex_flow.flow.loader import load_project
+    from cortex_flow.runtime.runner import Runner
     from cortex_flow.testing import FlowHarness
 
 

@@ -1,3 +1,3 @@
-from cortex_flow.cli import main
+from cortex_flow.cli.main import main
 
 main()

@@ -27,15 +27,15 @@ from typing import Any, Self
 
 from redis.exceptions import RedisError
 
-from cortex_flow.access import project_url
-from cortex_flow.codec import decode
-from cortex_flow.connection import redis_from_url, wait_for_redis
-from cortex_flow.consumer import ensure_group
 from cortex_flow.errors import CortexFlowError
-from cortex_flow.heartbeat import beat_fields
-from cortex_flow.loader import Project, load_project
-from cortex_flow.send import publish, target_key
-from cortex_flow.topology import render_key, resolve
+from cortex_flow.flow.loader import Project, load_project
+from cortex_flow.flow.topology import render_key, resolve
+from cortex_flow.ops.send import publish, target_key
+from cortex_flow.runtime.consumer import ensure_group
+from cortex_flow.runtime.heartbeat import beat_fields
+from cortex_flow.wire.access import project_url
+from cortex_flow.wire.codec import decode
+from cortex_flow.wire.connection import redis_from_url, wait_for_redis
 
 __all__ = ["Client", "Message"]
 

@@ -22,8 +22,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from cortex_flow.loader import load_project
-from cortex_flow.runner import Runner
+from cortex_flow.flow.loader import load_project
+from cortex_flow.runtime.runner import Runner
 
 Predicate = Callable[[], Any]
 

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from cortex_flow.loader import Project, load_project
+from cortex_flow.flow.loader import Project, load_project
 
 # --- handlers (call targets of the test flows) -------------------------------------------
 
@@ -131,7 +131,7 @@ async def running(
     project: FlowProject, **options: Any
 ) -> AsyncIterator[tuple[Any, ScriptedWatcher]]:
     """A started runner on ``project`` with a scripted watcher; stopped at the end."""
-    from cortex_flow.runner import Runner
+    from cortex_flow.runtime.runner import Runner
 
     HANDLED.reset()
     STALLED.clear()

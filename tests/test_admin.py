@@ -12,10 +12,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from cortex_flow.admin import AdminServer, is_loopback
 from cortex_flow.errors import CortexFlowError
-from cortex_flow.metrics import CONTENT_TYPE, RunnerCollector, build_registry, render
-from cortex_flow.stats import BUCKETS, AgentState, GroupStats, RunnerStats
+from cortex_flow.runtime.admin import AdminServer, is_loopback
+from cortex_flow.runtime.metrics import CONTENT_TYPE, RunnerCollector, build_registry, render
+from cortex_flow.runtime.stats import BUCKETS, AgentState, GroupStats, RunnerStats
 
 LOG = logging.getLogger("cortex_flow.test_admin")
 HIGH = "cortex:tasks:high"

@@ -17,7 +17,8 @@ from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis_servers import PrivateRedis, free_port
 
-from cortex_flow.connection import (
+from cortex_flow.errors import ConnectionFailed
+from cortex_flow.wire.connection import (
     Backoff,
     RedisClient,
     describe_client,
@@ -28,7 +29,6 @@ from cortex_flow.connection import (
     validate_url,
     wait_for_redis,
 )
-from cortex_flow.errors import ConnectionFailed
 
 LOG = logging.getLogger("test.connection")
 

@@ -12,9 +12,9 @@ from projects import write_project
 from redis.asyncio import Redis
 from redis_servers import free_port
 
-from cortex_flow import dlq as dlq_module
 from cortex_flow.cli import cli
-from cortex_flow.dlq import Filters, list_entries
+from cortex_flow.ops import dlq as dlq_module
+from cortex_flow.ops.dlq import Filters, list_entries
 
 _SEQUENCE = itertools.count()
 Sync = Any  # a decoded sync client; redis-py types its replies as bytes | str | None unions

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cortex_flow import docgen
+from cortex_flow.flow import docgen
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,7 +16,7 @@ def test_reference_matches_models() -> None:
 
 def test_reference_documents_every_group_field() -> None:
     """Every GroupSpec field appears in the reference by its YAML name."""
-    from cortex_flow.models import GroupSpec
+    from cortex_flow.flow.models import GroupSpec
 
     text = docgen.render()
     for name, field in GroupSpec.model_fields.items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from cortex_flow.durations import Duration, PositiveDuration, format_duration, parse_duration
+from cortex_flow.flow.durations import Duration, PositiveDuration, format_duration, parse_duration
 
 
 @pytest.mark.parametrize(

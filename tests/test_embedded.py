@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from cortex_flow import embedded
-from cortex_flow.embedded import EmbeddedRedis, find_server_binary, resolve_url
 from cortex_flow.errors import ConnectionFailed
+from cortex_flow.wire import embedded
+from cortex_flow.wire.embedded import EmbeddedRedis, find_server_binary, resolve_url
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cortex_flow.envvars import interpolate
 from cortex_flow.errors import Problem, ValidationFailed
+from cortex_flow.flow.envvars import interpolate
 
 HINT = "write ${NAME} or ${NAME:-default} (NAME: letters, digits, _), or $${ for a literal ${"
 

@@ -31,8 +31,8 @@ from projects import (
 )
 from redis_servers import PrivateRedis
 
-from cortex_flow.loader import load_project
-from cortex_flow.runner import Runner
+from cortex_flow.flow.loader import load_project
+from cortex_flow.runtime.runner import Runner
 
 WORK_FLOW = """
     version: 1

@@ -19,11 +19,11 @@ import pytest
 from projects import entries, make_project, module, pending, running, wait_for, write_module
 
 from cortex_flow.errors import CortexFlowError
-from cortex_flow.heartbeat import HeartbeatMonitor
-from cortex_flow.loader import load_project
-from cortex_flow.runner import Runner
-from cortex_flow.stats import RunnerStats
-from cortex_flow.topology import resolve
+from cortex_flow.flow.loader import load_project
+from cortex_flow.flow.topology import resolve
+from cortex_flow.runtime.heartbeat import HeartbeatMonitor
+from cortex_flow.runtime.runner import Runner
+from cortex_flow.runtime.stats import RunnerStats
 
 FLOW = """
     version: 1
@@ -144,7 +144,7 @@ async def test_runner_that_stops_beating_has_its_pending_claimed(
     try:
         async with running(config) as runner:
             handled = module(mod).handled
-            await wait_for(lambda: "crashed" in runner._heartbeats.runners, what="its beats")  # type: ignore[union-attr]
+            await wait_for(lambda: "crashed" in runner.heartbeats.runners, what="its beats")  # type: ignore[union-attr]
             assert handled == []
             beating.cancel()
             await wait_for(lambda: sorted(handled) == ["0", "1"], what="its pending claimed")
@@ -242,7 +242,7 @@ async def test_beats_of_the_same_name_from_another_instance_are_not_ignored(
     """Only the runner's own instance is ignored: a twin appearing later is warned about."""
     config = _named(tmp_path, redis_url, key_prefix)
     async with running(config) as runner:
-        monitor = runner._heartbeats
+        monitor = runner.heartbeats
         assert monitor is not None
         await _runner_beat(redis_client, f"{key_prefix}heartbeats", "elsewhere:77:1")
         await wait_for(
@@ -339,7 +339,7 @@ async def test_reload_keeps_known_runners_and_moves_to_a_new_heartbeat_stream(
     )
     key_a, key_b = f"{key_prefix}beats:a", f"{key_prefix}beats:b"
     async with running(config) as runner:
-        monitor = runner._heartbeats
+        monitor = runner.heartbeats
         assert monitor is not None
         await redis_client.xadd(key_a, {"agent": "peer", "kind": "runner", "ts": _now()})
         await wait_for(lambda: "peer" in monitor.runners, what="the peer runner")

@@ -13,11 +13,11 @@ import redis.asyncio as aioredis
 import yaml
 
 from cortex_flow.cli import cli
-from cortex_flow.config import Config
-from cortex_flow.drift import drift
-from cortex_flow.loader import load_topology
-from cortex_flow.plan import Change, Plan, diff
-from cortex_flow.topology import Resolved, resolve
+from cortex_flow.flow.config import Config
+from cortex_flow.flow.loader import load_topology
+from cortex_flow.flow.plan import Change, Plan, diff
+from cortex_flow.flow.topology import Resolved, resolve
+from cortex_flow.ops.drift import drift
 
 
 def flow(prefix: str = "t:") -> dict[str, Any]:
@@ -388,7 +388,7 @@ def test_command_exits_1_on_invalid_flows(
 
 def test_route_tables_keep_no_unused_fingerprint(tmp_path: Path) -> None:
     """Route changes are found by :func:`diff`; a compiled table carries no copy of its routes."""
-    from cortex_flow.routes import RouteTable
+    from cortex_flow.runtime.routes import RouteTable
 
     data = flow()
     data["groups"]["agents"]["routes"][1] = {"drop": True}

@@ -30,9 +30,9 @@ from reload_helpers import (
     wait_for,
 )
 
-import cortex_flow.reload as reload_module
-import cortex_flow.runner as runner_module
-from cortex_flow.metrics import build_registry, render
+import cortex_flow.runtime.reload as reload_module
+import cortex_flow.runtime.running as running_module
+from cortex_flow.runtime.metrics import build_registry, render
 
 
 @pytest.fixture
@@ -269,7 +269,7 @@ async def test_ten_reloads_back_to_back(
             assert await edit(project, runner, watcher) == "applied", runner.stats.reload
         published = await producer.stop()
         await assert_exact(redis_client, runner, published, also=removed)
-        await wait_for(lambda: not runner._retiring, what="retired consumers to exit")
+        await wait_for(lambda: not runner.running.retiring, what="retired consumers to exit")
         assert len(runner.consumers) == 2
 
         def consumer_tasks() -> list[str]:
@@ -331,7 +331,7 @@ async def test_stop_during_provisioning_starts_nothing(
 ) -> None:
     """A stop that begins while a reload provisions makes that reload start nothing."""
     entered, release = asyncio.Event(), asyncio.Event()
-    real = runner_module.ensure_group
+    real = running_module.ensure_group
 
     async def blocked(*args: Any) -> bool:
         entered.set()
@@ -339,7 +339,7 @@ async def test_stop_during_provisioning_starts_nothing(
         return await real(*args)
 
     async with running(project) as (runner, _):
-        monkeypatch.setattr(runner_module, "ensure_group", blocked)  # reload's group creation
+        monkeypatch.setattr(running_module, "ensure_group", blocked)  # reload's group creation
         consumers = dict(runner.consumers)
         project.groups["extra"] = {"stream": "tasks", "routes": [{"drop": True}]}
         project.write()

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from cortex_flow import schema as schemas
 from cortex_flow.cli import cli
-from cortex_flow.graph import mermaid
-from cortex_flow.loader import load_project
-from cortex_flow.topology import resolve
+from cortex_flow.flow import schema as schemas
+from cortex_flow.flow.graph import mermaid
+from cortex_flow.flow.loader import load_project
+from cortex_flow.flow.topology import resolve
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "config.yaml"

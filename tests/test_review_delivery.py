@@ -17,15 +17,15 @@ from redis.crc import key_slot
 from redis.exceptions import ResponseError
 from redis_servers import PrivateRedis
 
-from cortex_flow.commit import Committer
-from cortex_flow.consumer import GroupConsumer, ensure_group
-from cortex_flow.delivery import ACK, DEAD, Entry, Outcome
-from cortex_flow.loader import load_project
-from cortex_flow.pending import PendingWork
-from cortex_flow.reader import GroupReader
-from cortex_flow.routes import Publish, RouteTable
-from cortex_flow.stats import GroupStats, KeyStats
-from cortex_flow.topology import Resolved, resolve
+from cortex_flow.flow.loader import load_project
+from cortex_flow.flow.topology import Resolved, resolve
+from cortex_flow.runtime.commit import Committer
+from cortex_flow.runtime.consumer import GroupConsumer, ensure_group
+from cortex_flow.runtime.delivery import ACK, DEAD, Entry, Outcome
+from cortex_flow.runtime.pending import PendingWork
+from cortex_flow.runtime.reader import GroupReader
+from cortex_flow.runtime.routes import Publish, RouteTable
+from cortex_flow.runtime.stats import GroupStats, KeyStats
 
 LOG = logging.getLogger("cortex_flow.consumer")
 

@@ -224,7 +224,7 @@ def test_send_var_without_equals_is_a_usage_error(
 
 def test_send_has_no_old_connect_url_alias() -> None:
     """`send.connect_url` was an unused alias of `access.project_url`; it is gone."""
-    import cortex_flow.send as send_module
+    import cortex_flow.ops.send as send_module
 
     assert not hasattr(send_module, "connect_url")
 

@@ -11,8 +11,8 @@ from typing import Any, NoReturn
 import pytest
 from projects import make_project, running, write_project
 
-from cortex_flow.loader import load_project
-from cortex_flow.runner import Runner
+from cortex_flow.flow.loader import load_project
+from cortex_flow.runtime.runner import Runner
 
 FLOW = """
     version: 1
@@ -122,7 +122,7 @@ async def test_admin_allow_public_reaches_the_endpoint(
     runner = Runner(load_project(config), block=0.2)
     await runner.start()
     try:
-        port = runner._admin.bound_port
+        port = runner.admin.bound_port
         assert await asyncio.to_thread(_status, f"http://127.0.0.1:{port}/healthz") == 200
     finally:
         await runner.stop(2)

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import yaml
 
-from cortex_flow import source
 from cortex_flow.errors import Problem, ValidationFailed
-from cortex_flow.source import MAX_BYTES, Document, format_path, load_yaml
+from cortex_flow.flow import source
+from cortex_flow.flow.source import MAX_BYTES, Document, format_path, load_yaml
 
 FILE = "flows/a.yaml"
 LOADERS = ["python"] + (["libyaml"] if hasattr(yaml, "CSafeLoader") else [])

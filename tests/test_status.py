@@ -18,10 +18,10 @@ from redis_servers import free_port
 from rich.console import Console
 
 from cortex_flow.cli import cli
-from cortex_flow.loader import load_project
-from cortex_flow.status import HEARTBEAT_PAGE, collect
-from cortex_flow.statusview import humanize, render
-from cortex_flow.topology import resolve
+from cortex_flow.cli.views import humanize, render
+from cortex_flow.flow.loader import load_project
+from cortex_flow.flow.topology import resolve
+from cortex_flow.ops.status import HEARTBEAT_PAGE, collect
 
 
 def project(
@@ -430,7 +430,7 @@ def test_watch_json_reports_a_lost_redis_as_a_document(
     """A round that cannot reach Redis is one `{"error": ...}` line; the next round retries."""
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    import cortex_flow.status as status_module
+    import cortex_flow.cli.status as status_module
 
     real_snapshot, real_sleep = status_module.snapshot, asyncio.sleep
     calls: list[int] = []

@@ -7,7 +7,7 @@ from jinja2 import TemplateSyntaxError, UndefinedError
 from jinja2.exceptions import SecurityError
 from jinja2.runtime import Context
 
-from cortex_flow.templates import (
+from cortex_flow.flow.templates import (
     Expression,
     Template,
     compile_expression,
@@ -72,7 +72,7 @@ def test_placeholder_names_match_jinja(source: str) -> None:
     """The names found without jinja2 are the names jinja2 itself finds."""
     from jinja2 import meta
 
-    from cortex_flow.templates import environment
+    from cortex_flow.flow.templates import environment
 
     expected = meta.find_undeclared_variables(environment().parse(source))
     assert Template(source).variables == expected
@@ -80,7 +80,7 @@ def test_placeholder_names_match_jinja(source: str) -> None:
 
 def test_rendering_matches_jinja_for_placeholders() -> None:
     """A placeholder template renders exactly as jinja2 renders it."""
-    from cortex_flow.templates import environment
+    from cortex_flow.flow.templates import environment
 
     values = {"x": "1", "y": {"z": "2"}, "w": 5}
     for source in ["a:{{ x }}:b", "{{x}}{{ y.z }}", "{{ w }}-{{ x }}", "{{ x }}\n"]:
@@ -208,7 +208,7 @@ def test_statement_errors_are_found_at_compile_time() -> None:
 
 def test_now_renders_iso_utc() -> None:
     """{{ now }} renders ISO 8601 UTC and now.ts is epoch seconds."""
-    from cortex_flow.templates import Now
+    from cortex_flow.flow.templates import Now
 
     now = Now()
     text = Template("{{ now }}").render(make_context({"now": now}))

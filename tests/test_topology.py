@@ -5,9 +5,9 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from cortex_flow.loader import load_topology
-from cortex_flow.models import StreamSpec
-from cortex_flow.topology import StreamKey, expand, key_variables, render_key, resolve
+from cortex_flow.flow.loader import load_topology
+from cortex_flow.flow.models import StreamSpec
+from cortex_flow.flow.topology import StreamKey, expand, key_variables, render_key, resolve
 
 AGENTS = ["harold", "planner", "worker"]
 

@@ -14,7 +14,7 @@ import pytest
 
 from cortex_flow.cli import cli
 from cortex_flow.errors import ValidationFailed
-from cortex_flow.loader import load_project
+from cortex_flow.flow.loader import load_project
 
 # Streams and agents most tests build on; their groups go to flows/groups.yaml.
 STREAMS = """\
@@ -1142,7 +1142,7 @@ def test_summary_never_counts_problems_in_files_out_of_zero(project: Project) ->
 def test_summary_counts_missing_paths_among_the_files() -> None:
     """A problem in a file that was not read still counts: never "2 of 1 files"."""
     from cortex_flow.errors import Problem
-    from cortex_flow.report import summary
+    from cortex_flow.flow.report import summary
 
     read = Problem("config.yaml", 1, 1, "", "bad")
     missing = Problem("nowhere.yaml", 1, 1, "", "no such file or folder")
@@ -1153,15 +1153,13 @@ def test_summary_counts_missing_paths_among_the_files() -> None:
 
 def test_reload_of_a_project_without_config_file_keeps_the_defaults(project: Project) -> None:
     """A runner started without config.yaml reloads on the defaults (named files must exist)."""
-    from types import SimpleNamespace
-
-    from cortex_flow.reload import _load
+    from cortex_flow.runtime.reload import load_again
 
     project.write("flows/streams.yaml", STREAMS)
     project.root.joinpath("config.yaml").unlink()
-    runner = SimpleNamespace(project=load_project(), name="cortex")
-    reloaded, _, _ = _load(runner)  # type: ignore[arg-type]
+    started = load_project()
+    reloaded, _, _ = load_again(started, "cortex")
     assert reloaded.config_path is None and reloaded.config.redis.url == "embedded"
     project.write("config.yaml", "runner: {name: later}\n")
-    reloaded, _, _ = _load(runner)  # type: ignore[arg-type]
+    reloaded, _, _ = load_again(started, "cortex")
     assert reloaded.config.runner.name == "later"

@@ -1,0 +1,141 @@
+"""How ``cortex-flow status`` looks: rich tables, problems first, ages humanised.
+
+:func:`render` draws the plain data :func:`cortex_flow.ops.status.collect` returns; it reads
+nothing itself, so ``--json`` and the tables always show the same thing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console, Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from cortex_flow.flow.durations import humanize
+
+__all__ = ["count", "humanize", "render", "wide_console"]
+
+
+def count(value: int | None) -> str:
+    """``1,234``; ``-`` for unknown."""
+    return "-" if value is None else f"{value:,}"
+
+
+def _table(title: str, *columns: str) -> Table:
+    table = Table(title=title, title_justify="left", title_style="bold", expand=False)
+    for column in columns:
+        numeric = column in ("Length", "Pending", "Lag", "Entries", "Inbox")
+        table.add_column(column, justify="right" if numeric else "left")
+    return table
+
+
+def render(data: dict[str, Any]) -> RenderableType:
+    """Tables for people on call: problems first, in colour; ages humanised."""
+    parts: list[RenderableType] = [_heading(data)]
+    parts.extend(Text(f"  ! {issue}", style="red") for issue in data["problems"])
+    parts += [_streams(data["streams"]), _groups(data["groups"]), _agents(data["agents"])]
+    if data["dead_letters"]:
+        parts.append(_dead_letters(data["dead_letters"]))
+    parts.append(_runner(data["runner"]))
+    return Group(*parts)
+
+
+def _heading(data: dict[str, Any]) -> Text:
+    where = data.get("redis", "")
+    issues = data["problems"]
+    head = Text(f"cortex-flow status{f' · {where}' if where else ''} · ", style="bold")
+    head.append(
+        f"{len(issues)} problem(s)" if issues else "all healthy",
+        style="bold red" if issues else "bold green",
+    )
+    return head
+
+
+def _streams(rows: list[dict[str, Any]]) -> Table:
+    streams = _table("Streams", "Stream", "Key", "Length", "Oldest", "Newest")
+    for s in rows:
+        missing = s["status"] != "ok"
+        length: Text | str = Text(s["status"], style="yellow") if missing else count(s["length"])
+        streams.add_row(
+            s["name"],
+            s["key"],
+            length,
+            humanize(s.get("oldest_age")),
+            humanize(s.get("newest_age")),
+        )
+    return streams
+
+
+def _groups(rows: list[dict[str, Any]]) -> Table:
+    groups = _table("Groups", "Group", "Key", "Pending", "Lag", "Oldest pending", "Consumers")
+    for g in rows:
+        if g["status"] != "ok":
+            groups.add_row(g["name"], g["key"], Text(g["status"], style="yellow"), "", "", "")
+            continue
+        idle = g["oldest_pending_idle"]
+        oldest = Text("-")
+        if idle is not None:
+            oldest = Text(
+                f"{humanize(g['oldest_pending_age'])} old, idle {humanize(idle)}, "
+                f"{g['oldest_pending_deliveries']}x",
+                style="red" if g["stale"] else "",
+            )
+        consumers = "\n".join(
+            f"{c['name']}: {count(c['pending'])} pending, idle {humanize(c['idle'])}"
+            for c in g["consumers"]
+        )
+        lag = count(g["lag"]) if g["lag"] is not None else "unknown"
+        groups.add_row(g["name"], g["key"], count(g["pending"]), lag, oldest, consumers or "-")
+    return groups
+
+
+def _agents(rows: list[dict[str, Any]]) -> Table:
+    agents = _table("Agents", "Agent", "Status", "Last heartbeat", "Timeout", "Inbox")
+    colours = {"up": "green", "down": "bold red", "never seen": "yellow", "unwatched": "dim"}
+    for a in rows:
+        status = Text(a["status"], style=colours.get(a["status"], ""))
+        if a["reported"]:
+            status.append(f" ({a['reported']})", style="dim")
+        beat = f"{humanize(a['heartbeat_age'])} ago" if a["heartbeat_age"] is not None else "-"
+        agents.add_row(a["name"], status, beat, humanize(a["timeout"]), count(a["inbox"]))
+    return agents
+
+
+def _dead_letters(rows: list[dict[str, Any]]) -> Table:
+    dead = _table("Dead letters", "Key", "Entries", "Oldest", "Newest")
+    for d in rows:
+        entries = Text(count(d["length"]) if d["status"] == "ok" else d["status"])
+        if d["length"]:
+            entries.stylize("bold red")
+        dead.add_row(
+            d["key"], entries, humanize(d.get("oldest_age")), humanize(d.get("newest_age"))
+        )
+    return dead
+
+
+def _runner(runner: dict[str, Any]) -> Text:
+    """Readiness and the last reload from the admin endpoint, and the last heartbeat."""
+    line = Text(f"Runner {runner['name']}: ", style="bold")
+    admin = runner.get("admin_status") or {}
+    if admin.get("reachable"):
+        line.append(
+            "ready" if admin["ready"] else "not ready", "green" if admin["ready"] else "red"
+        )
+        reload = admin.get("reload") or {}
+        if reload:
+            line.append(f"; last reload {reload.get('last_outcome')} at {reload.get('last_at')}")
+            for error in reload.get("errors") or []:
+                line.append(f"\n  reload error: {error}", style="red")
+    elif admin:
+        line.append(f"not reachable ({admin.get('admin') or 'admin off'}: {admin['reason']})")
+        line.stylize("yellow", len(f"Runner {runner['name']}: "))
+    beat = runner["heartbeat_age"]
+    line.append(f"; last heartbeat {humanize(beat)} ago" if beat is not None else "")
+    return line
+
+
+def wide_console() -> Console:
+    """A console on stdout; 200 columns wide when piped, so tables are not cut to 80."""
+    console = Console()
+    return console if console.is_terminal else Console(width=200)

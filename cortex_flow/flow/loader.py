@@ -1,0 +1,244 @@
+"""Read config.yaml and the flows folder into one validated :class:`Project`.
+
+Pure: reads files, knows nothing of Redis. Every problem of every file is
+collected and raised together as :class:`ValidationFailed`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from cortex_flow.errors import Problem, ValidationFailed
+from cortex_flow.flow.checks import check_topology
+from cortex_flow.flow.config import Config
+from cortex_flow.flow.declared import Origin, Topology
+from cortex_flow.flow.modelerrors import problems_from
+from cortex_flow.flow.models import AgentSpec, FlowFile
+from cortex_flow.flow.source import Document, load_yaml
+
+SECTIONS = ("streams", "agents", "groups")
+DEFAULT_CONFIG = "config.yaml"
+FLOW_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass(frozen=True)
+class Project:
+    """A validated config plus its topology: what ``run``, ``plan`` and ``graph`` work from."""
+
+    config: Config
+    config_path: Path | None
+    base_dir: Path
+    flows_dir: Path
+    topology: Topology
+
+
+def _validate(model: type[BaseModel], doc: Document, problems: list[Problem], what: str) -> Any:
+    start = "start it with version: 1" if model is FlowFile else "write settings as key: value"
+    if doc.data is None:
+        if model is FlowFile:
+            problems.append(Problem(doc.file, 1, 1, "", f"{what} is empty; {start}"))
+            return None
+        return model.model_validate({})  # an empty config.yaml means all defaults
+    if not isinstance(doc.data, dict):
+        kinds = {"list": "list", "str": "string", "int": "number", "float": "number"}
+        kind = kinds.get(type(doc.data).__name__, type(doc.data).__name__)
+        line, col = doc.locate(())
+        message = f"{what} must be a mapping (key: value lines) at the top level, got a {kind}"
+        problems.append(Problem(doc.file, line, col, "", f"{message}; {start}"))
+        return None
+    try:
+        return model.model_validate(doc.data)
+    except ValidationError as exc:
+        problems.extend(problems_from(exc, model, doc, doc.data))
+        return None
+
+
+def _read(
+    path: Path, display: str, env: Mapping[str, str], problems: list[Problem]
+) -> Document | None:
+    try:
+        return load_yaml(path, display=display, env=env)
+    except ValidationFailed as exc:
+        problems.extend(exc.problems)
+    except OSError as exc:
+        problems.append(Problem(display, 1, 1, "", f"cannot read file: {exc.strerror or exc}"))
+    return None
+
+
+def flow_paths(paths: Sequence[Path]) -> list[Path]:
+    """Expand folders into their ``*.yaml``/``*.yml`` files, sorted; files stay as given."""
+    out: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            out.extend(
+                sorted(
+                    p
+                    for p in path.iterdir()
+                    if p.suffix in FLOW_SUFFIXES
+                    and p.is_file()
+                    and not p.name.endswith((".test.yaml", ".test.yml"))
+                )
+            )
+        else:
+            out.append(path)
+    return out
+
+
+def _display(path: Path) -> str:
+    try:
+        return os.path.relpath(path)
+    except ValueError:
+        return str(path)
+
+
+def load_topology(paths: Sequence[Path], env: Mapping[str, str] | None = None) -> Topology:
+    """Load flow files (or folders of them) into one checked topology."""
+    problems: list[Problem] = []
+    topo = _load_topology(paths, os.environ if env is None else env, problems)
+    if problems:
+        raise ValidationFailed(problems)
+    return topo
+
+
+def _load_topology(
+    paths: Sequence[Path], env: Mapping[str, str], problems: list[Problem]
+) -> Topology:
+    found = len(problems)
+    topo = Topology()
+    for path in flow_paths(paths):
+        display = _display(path)
+        topo.files.append(display)
+        doc = _read(path, display, env, problems)
+        if doc is None:
+            continue
+        flow = _validate(FlowFile, doc, problems, "flow file")
+        if flow is None:
+            continue
+        _merge(topo, flow, doc, problems)
+    # cross-file rules would mostly repeat what a broken file already reported
+    if len(problems) == found:
+        problems.extend(check_topology(topo))
+    return topo
+
+
+def _twice(doc: Document, path: tuple[str, ...], what: str, first: Origin, fix: str) -> Problem:
+    line, col = doc.key_position(path)
+    return Problem(
+        doc.file, line, col, ".".join(path), f"{what} is defined twice: here and at {first}; {fix}"
+    )
+
+
+def _merge(topo: Topology, flow: FlowFile, doc: Document, problems: list[Problem]) -> None:
+    for section in SECTIONS:
+        target: dict[str, Any] = getattr(topo, section)
+        for name, spec in getattr(flow, section).items():
+            if name in target:
+                first = topo.origins[(section, name)]
+                what = f'{section[:-1]} "{name}"'
+                problems.append(_twice(doc, (section, name), what, first, "rename or remove one"))
+                continue
+            target[name] = spec if spec is not None else AgentSpec()
+            topo.origins[(section, name)] = Origin(doc, (section, name))
+    if flow.heartbeats is not None:
+        if topo.heartbeats is not None:
+            first = topo.origins[("heartbeats", "")]
+            fix = "a topology follows one heartbeat stream, so keep one"
+            problems.append(_twice(doc, ("heartbeats",), "heartbeats", first, fix))
+        else:
+            topo.heartbeats = flow.heartbeats
+            topo.origins[("heartbeats", "")] = Origin(doc, ("heartbeats",))
+
+
+def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Config:
+    """Read a config file; ``None`` means ``./config.yaml`` when present, else all defaults.
+
+    A path given explicitly must exist, whatever its name.
+    """
+    problems: list[Problem] = []
+    config = _load_config(_default_config(path), os.environ if env is None else env, problems)
+    if problems:
+        raise ValidationFailed(problems)
+    return config
+
+
+def _default_config(path: Path | None) -> Path | None:
+    """The config file to read: ``path`` as given, or ``./config.yaml`` when present."""
+    if path is not None:
+        return path
+    default = Path(DEFAULT_CONFIG)
+    return default if default.exists() else None
+
+
+def _load_config(path: Path | None, env: Mapping[str, str], problems: list[Problem]) -> Config:
+    if path is None:
+        return Config()
+    if not path.exists():
+        message = "config file not found; check the --config path"
+        problems.append(Problem(_display(path), 1, 1, "", message))
+        return Config()
+    doc = _read(path, _display(path), env, problems)
+    config = _validate(Config, doc, problems, "config file") if doc is not None else None
+    return config if isinstance(config, Config) else Config()
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What reading a project found: the project when valid, every problem, every file read."""
+
+    project: Project | None
+    problems: list[Problem]
+    files: list[str]
+
+
+def check_project(
+    config_path: Path | None = None,
+    paths: Sequence[Path] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Checked:
+    """Read and check config and flows; never raises for problems in the user's files.
+
+    ``config_path`` None reads ``./config.yaml`` when present and uses all defaults when
+    not; a path given explicitly that does not exist is a problem.
+    """
+    env = os.environ if env is None else env
+    config_path = _default_config(config_path)
+    problems: list[Problem] = []
+    config = _load_config(config_path, env, problems)
+    found = config_path if config_path is not None and config_path.exists() else None
+    files = [_display(found)] if found is not None else []
+    base_dir = (config_path or Path(DEFAULT_CONFIG)).resolve().parent
+    flows_dir = Path(config.flows)
+    if not flows_dir.is_absolute():
+        flows_dir = base_dir / flows_dir
+    targets = list(paths) if paths else [flows_dir]
+    missing = [p for p in targets if not p.exists()]
+    for p in missing:
+        what = "flows folder" if p == flows_dir else "file or folder"
+        fix = "; create it or set flows: in config.yaml" if p == flows_dir else ""
+        problems.append(Problem(_display(p), 1, 1, "", f"no such {what}{fix}"))
+    topology = Topology()
+    if not missing:
+        topology = _load_topology(targets, env, problems)
+        files.extend(topology.files)
+    if problems:
+        return Checked(None, sorted(set(problems)), files)
+    project = Project(config, found, base_dir, flows_dir, topology)
+    return Checked(project, [], files)
+
+
+def load_project(
+    config_path: Path | None = None,
+    paths: Sequence[Path] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Project:
+    """Load config and flows together; problems of both are reported in one error."""
+    checked = check_project(config_path, paths, env)
+    if checked.project is None:
+        raise ValidationFailed(checked.problems)
+    return checked.project

@@ -1,0 +1,286 @@
+"""Pydantic models of flow files (``flows/*.yaml``, ``version: 1``).
+
+Field-level rules live here; rules that span files (references, duplicates,
+loops) live in :mod:`cortex_flow.flow.checks`. Every model forbids unknown keys.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from cortex_flow.flow.durations import Duration, PositiveDuration
+from cortex_flow.flow.modelerrors import FIELD_RULE, show
+
+NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]*$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+CALL_PATTERN = rf"^{_IDENT}(\.{_IDENT})*:{_IDENT}(\.{_IDENT})*$"
+CallTarget = Annotated[str, Field(pattern=CALL_PATTERN)]
+DEFAULT_PRIORITIES = ("critical", "high", "normal", "low")
+
+
+def field_error(field: str, message: str) -> PydanticCustomError:
+    """A model-level rule reported at one of the model's fields (see modelerrors).
+
+    ``message`` must not contain ``{field}``: pydantic fills ``{name}`` from the context.
+    """
+    return PydanticCustomError(FIELD_RULE, message, {"field": field})
+
+
+class Model(BaseModel):
+    """Base of every flow and config model: strict keys, immutable values."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class StreamSpec(Model):
+    """A Redis stream, or a family of streams when ``key`` is a template."""
+
+    key: str = Field(
+        min_length=1,
+        description="Redis key; a jinja2 template. `{{ priority }}` expands over `priorities`, "
+        "`{{ agent }}` over the declared agents; other variables must be given by `vars`.",
+    )
+    priorities: list[Name] | None = Field(
+        default=None,
+        min_length=1,
+        description="Priority levels, highest first (needs `{{ priority }}`).",
+    )
+    maxlen: int | None = Field(
+        default=None, ge=1, description="Approximate cap on length: XADD MAXLEN ~ on every publish."
+    )
+    codec: Literal["raw", "json"] = Field(
+        default="raw",
+        description="raw: `msg` is the entry's fields; json: the entry holds one field `data` "
+        "with a JSON object, and `msg` is that object.",
+    )
+    description: str | None = None
+
+    @field_validator("priorities")
+    @classmethod
+    def _priorities_unique(cls, value: list[str] | None) -> list[str] | None:
+        if value and len(set(value)) != len(value):
+            dupes = sorted({p for p in value if value.count(p) > 1})
+            listed = ", ".join(f'"{d}"' for d in dupes)
+            raise ValueError(
+                f"priorities must be unique, but {listed} "
+                f"{'is' if len(dupes) == 1 else 'are'} listed more than once; remove the repeat"
+            )
+        return value
+
+
+class HeartbeatPolicy(Model):
+    """How often an agent beats, and how long silence means it is down."""
+
+    interval: PositiveDuration = Field(description="How often the agent publishes a heartbeat.")
+    timeout: PositiveDuration | None = Field(
+        default=None, description="Silence after which the agent is down; defaults to 3 x interval."
+    )
+
+    @property
+    def effective_timeout(self) -> float:
+        return self.timeout if self.timeout is not None else 3 * self.interval
+
+
+class AgentSpec(Model):
+    """An agent of the system: gets an inbox per inbox-style stream and may beat."""
+
+    heartbeat: HeartbeatPolicy | None = None
+    description: str | None = None
+
+
+class EventTarget(Model):
+    """Where agent up/down events are published."""
+
+    to: Name = Field(description="Stream that receives `agent_down` / `agent_up` events.")
+    vars: dict[Name, str] = Field(default_factory=dict)
+
+
+class HeartbeatsSpec(Model):
+    """The heartbeat stream the runner follows, and what happens on silence."""
+
+    stream: Name = Field(description="Stream agents publish heartbeats to (field `agent`).")
+    on_down: EventTarget | None = None
+
+
+class BackoffPolicy(Model):
+    """Exponential backoff between deliveries of a failed message."""
+
+    initial: Duration = 1.0
+    max: Duration = 60.0
+    multiplier: float = Field(default=2.0, ge=1.0, le=100.0)
+
+
+class RetryPolicy(Model):
+    """How failures are retried and when a message is dead-lettered."""
+
+    max_deliveries: int = Field(
+        default=5, ge=1, le=1000, description="Deliveries (Redis' count) before dead-lettering."
+    )
+    backoff: BackoffPolicy = Field(default_factory=lambda: BackoffPolicy())
+    claim_idle: PositiveDuration = Field(
+        default=60.0, description="Pending entries idle this long in any consumer are claimed."
+    )
+
+
+def _call_shorthand(value: Any) -> Any:
+    if isinstance(value, str):
+        return {"function": value}
+    if value is None or isinstance(value, dict):
+        return value
+    raise ValueError(
+        "call must be module.path:function, or a mapping with function: (and timeout:, "
+        f"inline:), got {show(value)}"
+    )
+
+
+class CallAction(Model):
+    """A Python callable: ``module.path:function``, sync or async; raising means failure."""
+
+    function: str = Field(pattern=CALL_PATTERN, description="`module.path:function`.")
+    timeout: PositiveDuration = Field(
+        default=30.0, description="Longest a call may take before it fails."
+    )
+    inline: bool = Field(
+        default=False,
+        description="Run a sync function on the event loop instead of a thread: "
+        "for fast, non-blocking functions only.",
+    )
+
+
+class HttpAction(Model):
+    """POST the message as JSON to an endpoint (the legacy A2A bridge); non-2xx fails."""
+
+    url: str = Field(pattern=r"^https?://", description="http:// or https:// URL.")
+    timeout: PositiveDuration = 10.0
+    method: Literal["POST", "PUT"] = "POST"
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Extra headers; use ${VAR} for secrets."
+    )
+
+
+ACTIONS = ("to", "call", "http", "drop")
+
+
+class Route(Model):
+    """One rule of a group's route table: first match wins unless `continue: true`."""
+
+    name: str | None = Field(default=None, description="Shown in logs, metrics and graph.")
+    when: str | None = Field(
+        default=None, description="jinja2 expression over `msg`; no `when` matches everything."
+    )
+    to: Name | None = Field(default=None, description="Publish to this stream.")
+    vars: dict[Name, str] = Field(
+        default_factory=dict, description="Templates for the target key's variables."
+    )
+    set: dict[str, str] | None = Field(
+        default=None, description="Build a new message from these templated fields (with `to`)."
+    )
+    call: Annotated[
+        CallAction | None,
+        BeforeValidator(_call_shorthand, json_schema_input_type=CallTarget | CallAction | None),
+        Field(description="`module.path:function`, or a mapping with function and timeout."),
+    ] = None
+    http: HttpAction | None = None
+    drop: Literal[True] | None = Field(default=None, description="Acknowledge and discard.")
+    continue_: bool = Field(
+        default=False,
+        alias="continue",
+        description="Go on to the next matching route after this one.",
+    )
+
+    @model_validator(mode="after")
+    def _one_action(self) -> Route:
+        actions = [n for n in ACTIONS if getattr(self, n) is not None]
+        if not actions:
+            raise ValueError(
+                "a route needs exactly one action (to, call, http or drop: true) but has none; "
+                "add one"
+            )
+        if len(actions) > 1:
+            raise ValueError(
+                "a route needs exactly one action (to, call, http or drop: true) but has "
+                f"{' and '.join(actions)}; split it into routes with continue: true, "
+                "or remove all but one"
+            )
+        if self.to is None:
+            for field in ("vars", "set"):
+                if getattr(self, field):
+                    raise field_error(
+                        field,
+                        f"{field} only applies to a route that publishes with to; "
+                        f"this route uses {actions[0]}, so remove {field}",
+                    )
+        return self
+
+    @property
+    def action(self) -> Literal["to", "call", "http", "drop"]:
+        if self.to is not None:
+            return "to"
+        if self.call is not None:
+            return "call"
+        return "http" if self.http is not None else "drop"
+
+
+class GroupSpec(Model):
+    """A Redis consumer group and the routes its messages take."""
+
+    stream: Name = Field(description="The stream (or stream family) the group reads.")
+    start: Literal["earliest", "latest"] = Field(
+        default="earliest", description="Where a group that does not exist yet starts reading."
+    )
+    concurrency: int = Field(
+        default=4, ge=1, le=10_000, description="In-flight messages per runner."
+    )
+    batch: int = Field(default=100, ge=1, le=10_000, description="XREADGROUP COUNT.")
+    priority: Literal["strict", "weighted"] = "strict"
+    weights: dict[Name, Annotated[int, Field(ge=1)]] | None = Field(
+        default=None,
+        description="Share per priority when `priority: weighted`; default halves per level.",
+    )
+    retry: RetryPolicy = Field(default_factory=lambda: RetryPolicy())
+    dead_letter: Name | None = Field(
+        default=None, description="Stream for messages that exhaust retries or cannot be decoded."
+    )
+    vars: dict[Name, str] = Field(
+        default_factory=dict, description="Bind the stream key's variables (e.g. agent)."
+    )
+    routes: list[Route] = Field(min_length=1)
+    description: str | None = None
+
+    @model_validator(mode="after")
+    def _weights(self) -> GroupSpec:
+        if self.weights is not None and self.priority != "weighted":
+            raise field_error(
+                "weights",
+                "weights only apply with priority: weighted; add priority: weighted "
+                "or remove weights",
+            )
+        return self
+
+
+class FlowFile(Model):
+    """One flow file; all files of the folder together form the topology."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        populate_by_name=True,
+        json_schema_extra={"title": "cortex-flow flow file"},
+    )
+
+    version: Literal[1] = Field(description="Format version; always 1.")
+    streams: dict[Name, StreamSpec] = Field(default_factory=dict)
+    agents: dict[Name, AgentSpec | None] = Field(default_factory=dict)
+    heartbeats: HeartbeatsSpec | None = None
+    groups: dict[Name, GroupSpec] = Field(default_factory=dict)

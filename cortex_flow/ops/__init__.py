@@ -1,0 +1,1 @@
+"""Operator tools over a live Redis: status, dead letters, drift and send."""

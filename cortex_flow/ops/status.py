@@ -1,0 +1,309 @@
+"""``cortex-flow status``: streams, groups, agents and dead letters at a glance.
+
+:func:`collect` reads what Redis knows in two pipelined rounds (plus a few pages of
+heartbeats when an agent is not among the newest) and never reads a stream in full:
+only XLEN, XINFO, XPENDING and ranges of COUNT 1. ``cortex-flow status``
+(:mod:`cortex_flow.cli.status`) turns the data into tables or prints it as JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+
+from cortex_flow.flow.config import AdminSettings
+from cortex_flow.flow.durations import humanize
+from cortex_flow.flow.loader import Project
+from cortex_flow.flow.topology import Resolved
+from cortex_flow.wire.connection import RedisClient, describe_client, describe_error, is_cluster
+from cortex_flow.wire.entryids import id_key, id_ms
+from cortex_flow.wire.lag import STATUS_CAP, count_unread
+
+__all__ = ["collect", "probe_admin", "snapshot"]
+
+HEARTBEAT_SCAN = 10_000  # newest heartbeat entries read at most to find every agent
+HEARTBEAT_PAGE = 1_000
+ADMIN_TIMEOUT = 1.0
+
+
+# --- collecting ------------------------------------------------------------------------------
+
+
+def _ok(value: Any) -> Any:
+    """A pipeline reply, or None when that command failed (missing key or group)."""
+    return None if isinstance(value, Exception) else value
+
+
+async def collect(
+    client: RedisClient, resolved: Resolved, *, now: float | None = None
+) -> dict[str, Any]:
+    """What Redis knows about ``resolved``: plain data (JSON-ready), ages in seconds.
+
+    ``now`` (epoch seconds) defaults to the server's clock, so ages do not depend on
+    this machine's. Missing streams and groups are reported as ``missing``.
+    """
+    keys = resolved.keys()
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.type(key)
+        pipe.xlen(key)
+        pipe.xrange(key, count=1)
+        pipe.xrevrange(key, count=1)
+    if resolved.heartbeat_key:
+        pipe.xrevrange(resolved.heartbeat_key, count=HEARTBEAT_PAGE)
+    if now is None and is_cluster(client):
+        now = time.time()  # TIME has no key, so a cluster pipeline cannot route it
+    if now is None:
+        pipe.time()
+    replies = list(await pipe.execute(raise_on_error=False))
+    if now is None:
+        seconds, micros = replies.pop()
+        now = seconds + micros / 1e6
+    now_ms = now * 1000
+
+    def age(entry_id: str | None) -> float | None:
+        return None if entry_id is None else round(max(0.0, now_ms - id_ms(entry_id)) / 1000, 3)
+
+    streams: dict[str, dict[str, Any]] = {}
+    for index, (key, sk) in enumerate(keys.items()):
+        kind, length, first, last = replies[index * 4 : index * 4 + 4]
+        status = "ok" if kind == "stream" else "missing" if kind == "none" else f"a {kind}"
+        first_id = first[0][0] if status == "ok" and _ok(first) else None
+        last_id = last[0][0] if status == "ok" and _ok(last) else None
+        streams[key] = {
+            "name": sk.stream,
+            "key": key,
+            "priority": sk.priority,
+            "agent": sk.agent,
+            "status": status if isinstance(kind, str) else "error",
+            "length": length if status == "ok" and not isinstance(length, Exception) else None,
+            "first_id": first_id,
+            "last_id": last_id,
+            "oldest_age": age(first_id),
+            "newest_age": age(last_id),
+        }
+    beats = replies[len(keys) * 4] if resolved.heartbeat_key else None
+    dynamic = [
+        {"name": s.name, "key": s.spec.key, "status": "dynamic", "length": None}
+        for s in resolved.streams.values()
+        if s.dynamic
+    ]
+    groups = await _groups(client, resolved, streams, age)
+    agents, runner_age = await _agents(client, resolved, streams, _ok(beats) or [], age)
+    dlq_keys = sorted({g.dead_letter for g in resolved.groups.values() if g.dead_letter})
+    dead_letters = [
+        {k: streams[key][k] for k in ("key", "status", "length", "oldest_age", "newest_age")}
+        if key in streams
+        else {"key": key, "status": "undeclared", "length": None}
+        for key in dlq_keys
+    ]
+    data: dict[str, Any] = {
+        "now": round(now, 3),
+        "runner": {"name": resolved.runner, "heartbeat_age": runner_age},
+        "streams": list(streams.values()) + dynamic,
+        "groups": groups,
+        "agents": agents,
+        "dead_letters": dead_letters,
+    }
+    data["problems"] = problems(data, resolved)
+    return data
+
+
+async def _groups(
+    client: RedisClient, resolved: Resolved, streams: dict[str, dict[str, Any]], age: Any
+) -> list[dict[str, Any]]:
+    live = [key for key, s in streams.items() if s["status"] == "ok"]
+    pairs = [(g, k.key) for g in resolved.groups.values() for k in g.keys if k.key in live]
+    pipe = client.pipeline(transaction=False)
+    for key in live:
+        pipe.xinfo_groups(key)
+    for group, key in pairs:
+        pipe.xinfo_consumers(key, group.name)
+        pipe.xpending_range(key, group.name, min="-", max="+", count=1)
+    replies = list(await pipe.execute(raise_on_error=False)) if live else []
+    infos = {key: _ok(reply) or [] for key, reply in zip(live, replies, strict=False)}
+    extra = iter(replies[len(live) :])
+    details = {(g.name, key): (_ok(next(extra)), _ok(next(extra))) for g, key in pairs}
+    out = []
+    for group in resolved.groups.values():
+        for sk in group.keys:
+            row: dict[str, Any] = {"name": group.name, "key": sk.key, "priority": sk.priority}
+            stream = streams.get(sk.key, {})
+            info = next((i for i in infos.get(sk.key, []) if i["name"] == group.name), None)
+            if info is None:
+                row["status"] = "missing" if stream.get("status") == "ok" else "stream missing"
+                out.append(row)
+                continue
+            consumers, oldest = details[(group.name, sk.key)]
+            first = (oldest or [None])[0]
+            last_delivered = info["last-delivered-id"]
+            lag = info.get("lag")
+            if lag is None and (
+                stream["last_id"] is None or id_key(last_delivered) >= id_key(stream["last_id"])
+            ):
+                lag = 0  # Redis 6.2 reports no lag; a group at the stream's end has none
+            row |= {
+                "status": "ok",
+                "pending": info["pending"],
+                "lag": lag,
+                "last_delivered_id": last_delivered,
+                "oldest_pending_age": age(first["message_id"]) if first else None,
+                "oldest_pending_idle": first["time_since_delivered"] / 1000 if first else None,
+                "oldest_pending_deliveries": first["times_delivered"] if first else None,
+                "stale": bool(first)
+                and first["time_since_delivered"] / 1000 > stale_after(resolved, group.name),
+                "consumers": [
+                    {"name": c["name"], "pending": c["pending"], "idle": c["idle"] / 1000}
+                    for c in consumers or []
+                ],
+            }
+            out.append(row)
+    behind = [
+        (r["key"], r["last_delivered_id"])
+        for r in out
+        if r.get("status") == "ok" and r["lag"] is None
+    ]
+    counted = await count_unread(client, behind, STATUS_CAP)  # Redis 6.2 reports no lag
+    for row in out:
+        if row.get("status") == "ok" and row["lag"] is None:
+            row["lag"] = counted.get((row["key"], row["last_delivered_id"]))
+    return out
+
+
+async def _agents(
+    client: RedisClient,
+    resolved: Resolved,
+    streams: dict[str, dict[str, Any]],
+    page: list[tuple[str, dict[str, str]]],
+    age: Any,
+) -> tuple[list[dict[str, Any]], float | None]:
+    """Each agent's last heartbeat, read newest first until all are found or the bound."""
+    wanted = {name for name, spec in resolved.agents.items() if spec.heartbeat is not None}
+    last: dict[str, tuple[str, dict[str, str]]] = {}
+    runner_beat: str | None = None
+    scanned = 0
+    hb_key = resolved.heartbeat_key
+    while page:
+        for entry_id, fields in page:
+            name, kind = fields.get("agent"), fields.get("kind", "agent")
+            if kind == "runner":
+                if name == resolved.runner and runner_beat is None:
+                    runner_beat = entry_id
+            elif name is not None and name not in last:
+                last[name] = (entry_id, fields)
+        scanned += len(page)
+        done = wanted <= last.keys()
+        if done or len(page) < HEARTBEAT_PAGE or scanned >= HEARTBEAT_SCAN or hb_key is None:
+            break
+        older: Any = await client.xrevrange(hb_key, max=f"({page[-1][0]}", count=HEARTBEAT_PAGE)
+        page = older
+    agents = []
+    for name, spec in sorted(resolved.agents.items()):
+        inbox = [s for s in streams.values() if s["agent"] == name]
+        row: dict[str, Any] = {
+            "name": name,
+            "inbox": sum(s["length"] or 0 for s in inbox) if inbox else None,
+            "inbox_keys": [s["key"] for s in inbox],
+            "timeout": spec.heartbeat.effective_timeout if spec.heartbeat else None,
+            "heartbeat_age": None,
+            "reported": None,
+        }
+        if name in last:
+            entry_id, fields = last[name]
+            row["heartbeat_age"] = age(entry_id)
+            row["reported"] = fields.get("status")
+        if spec.heartbeat is None or hb_key is None:
+            row["status"] = "unwatched"
+        elif row["heartbeat_age"] is None:
+            row["status"] = "never seen"
+        else:
+            row["status"] = "up" if row["heartbeat_age"] <= row["timeout"] else "down"
+        agents.append(row)
+    return agents, age(runner_beat)
+
+
+def problems(data: dict[str, Any], resolved: Resolved) -> list[str]:
+    """One sentence per thing that needs a person: agents down, dead letters, stuck work."""
+    found = []
+    for agent in data["agents"]:
+        if agent["status"] == "down":
+            found.append(
+                f"agent {agent['name']} is down: last heartbeat {humanize(agent['heartbeat_age'])}"
+                f" ago, timeout {humanize(agent['timeout'])}"
+            )
+        elif agent["status"] == "never seen":
+            found.append(
+                f"agent {agent['name']} has sent no heartbeat to {resolved.heartbeat_key} "
+                f"(checked the newest {HEARTBEAT_SCAN:,} entries)"
+            )
+    for dlq in data["dead_letters"]:
+        if dlq["length"]:
+            found.append(
+                f"{dlq['key']} holds {dlq['length']:,} dead letter(s), the oldest "
+                f"{humanize(dlq['oldest_age'])} old; inspect them with `cortex-flow dlq list`"
+            )
+    for stream in data["streams"]:
+        if stream["status"] not in ("ok", "missing", "dynamic"):
+            found.append(f"{stream['key']} is {stream['status']}, not a stream; rename one")
+    for group in data["groups"]:
+        where = f"group {group['name']} on {group['key']}"
+        if group["status"] == "missing":
+            found.append(f"{where} does not exist; `cortex-flow run` creates it")
+        if group.get("stale"):
+            found.append(
+                f"{where}: the oldest pending entry has waited "
+                f"{humanize(group['oldest_pending_idle'])} since its "
+                f"last delivery; is its consumer stuck?"
+            )
+    return found
+
+
+def stale_after(resolved: Resolved, group: str) -> float:
+    """How long a pending entry may sit idle before status calls it stuck."""
+    retry = resolved.groups[group].spec.retry
+    return 2 * max(retry.claim_idle, retry.backoff.max)
+
+
+async def probe_admin(admin: AdminSettings) -> dict[str, Any]:
+    """GET the runner's ``/readyz``: readiness and the outcome of its last reload."""
+    where = admin.host_port
+    if where is None:
+        return {"admin": None, "reachable": False, "reason": "admin endpoint is off"}
+    host, port = where
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/readyz"
+    try:
+        timeout = aiohttp.ClientTimeout(total=ADMIN_TIMEOUT)
+        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as reply:
+            body = await reply.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        return {"admin": admin.listen, "reachable": False, "reason": describe_error(exc)}
+    if not isinstance(body, dict):
+        return {"admin": admin.listen, "reachable": False, "reason": "not a cortex-flow runner"}
+    # /readyz answers {"status": "ready" | "not ready", "detail": {..., "reload": {...}}}
+    raw = body.get("detail")
+    detail: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    return {
+        "admin": admin.listen,
+        "reachable": True,
+        "ready": body.get("status") == "ready",
+        "reload": detail.get("reload"),
+    }
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+async def snapshot(client: RedisClient, project: Project, resolved: Resolved) -> dict[str, Any]:
+    """``collect`` plus where Redis is and what the runner's admin endpoint says."""
+    data, admin = await asyncio.gather(collect(client, resolved), probe_admin(project.config.admin))
+    data = {"redis": describe_client(client), **data}
+    data["runner"]["admin_status"] = admin
+    if not admin["reachable"] and admin["admin"] is not None:
+        data["problems"].append(
+            f"runner {resolved.runner} is not reachable at {admin['admin']} ({admin['reason']})"
+        )
+    return data

@@ -1,0 +1,174 @@
+"""Turning one entry into an :class:`~cortex_flow.runtime.delivery.Outcome`: run the group's routes.
+
+Decoding, the template context, matching, and executing ``to`` (a publish to commit
+later), ``call`` and ``http``; then the verdict: ACK with its publishes, RETRY (a
+``call`` or ``http`` that failed), or DEAD for a failure retrying cannot fix (an
+undecodable entry; a ``when``, ``vars``, ``set`` or URL that cannot be evaluated) or
+the last allowed delivery. Nothing here touches Redis: :mod:`cortex_flow.runtime.commit`
+applies the outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from jinja2.runtime import Context
+
+from cortex_flow.flow.templates import Now, context_base, context_over
+from cortex_flow.flow.topology import ResolvedGroup
+from cortex_flow.runtime.delivery import ACK, DEAD, RETRY, Entry, Outcome
+from cortex_flow.runtime.routes import (
+    CompiledRoute,
+    PermanentError,
+    Publish,
+    RouteTable,
+    call_route,
+)
+from cortex_flow.runtime.stats import KeyStats
+from cortex_flow.wire.codec import DecodeError, decode
+
+# at most one "matched no route" warning per group in this many seconds
+UNMATCHED_WARN_EVERY = 60.0
+
+
+class EntryHandler:
+    """Runs one group's route table on its entries.
+
+    ``table`` (a route-only reload) and ``http`` (the first ``http`` route arrived, or
+    a test stub) may be replaced while running; the next entry uses the new one.
+    """
+
+    def __init__(
+        self,
+        group: ResolvedGroup,
+        table: RouteTable,
+        codec: str,
+        key_stats: Mapping[str, KeyStats],
+        *,
+        executor: Any = None,
+        http: Any = None,
+        log: logging.Logger | None = None,
+    ) -> None:
+        self.table = table
+        self.executor = executor
+        self.http = http
+        self.name = group.name
+        self.codec = codec
+        self.max_deliveries = group.spec.retry.max_deliveries
+        self._has_dead_letter = group.dead_letter is not None
+        self._key_stats = key_stats
+        self.log = log or logging.getLogger("cortex_flow.consumer")
+        self._unmatched = 0  # acknowledged unmatched since the last warning
+        self._unmatched_warn_at = 0.0  # time.monotonic() of the next allowed warning
+        self._base_vars: dict[str, Any] = dict(group.spec.vars)
+        # per source key, built once: the key's variables (read-only), and the names a
+        # template context holds for every message of that key under ``_ctx_table``
+        self._bound: dict[str, dict[str, Any]] = {}
+        self._ctx_base: dict[str, dict[str, Any]] = {}
+        self._ctx_table: RouteTable | None = None
+
+    async def handle(self, entry: Entry) -> Outcome:
+        """Run the routes for ``entry``; never raises for a route's failure."""
+        try:
+            msg = decode(self.codec, entry.fields)
+        except DecodeError as exc:
+            return Outcome(entry, DEAD, [], f"cannot decode: {exc}")
+        key = entry.key
+        bound = self._bound.get(key.key)
+        if bound is None:
+            bound = {"priority": key.priority, "agent": key.agent, **self._base_vars}
+            self._bound[key.key] = bound
+        table = self.table
+        ctx = None
+        if table.needs_context:
+            ctx = self._context(entry, msg, bound, table)
+        publishes: list[Publish] = []
+        matched = False
+        started = time.perf_counter()
+        try:
+            for route in table.routes:
+                if route.when is not None and not route.matches(ctx):
+                    continue
+                matched = True
+                action = route.action
+                if action == "to":
+                    publishes.append(route.publish(msg, ctx, bound))
+                elif action == "call":
+                    if route.inline and not route.is_async:
+                        route.fn(msg)  # type: ignore[misc]
+                    else:
+                        await call_route(route, msg, self.executor)
+                elif action == "http":
+                    await self._post(route, msg, ctx)
+                if not route.continue_:
+                    break
+        except PermanentError as exc:
+            return Outcome(entry, DEAD, [], str(exc))
+        except TimeoutError:
+            return self._failed(entry, f"timed out after {route.timeout:g}s ({route.label})")
+        except Exception as exc:
+            return self._failed(entry, f"{route.label}: {type(exc).__name__}: {exc}")
+        finally:
+            self._key_stats[key.key].latency.observe(time.perf_counter() - started)
+        if not matched:
+            self._key_stats[key.key].unmatched += 1
+            if self._has_dead_letter:
+                return Outcome(entry, DEAD, [], "no route matched")
+            self._warn_unmatched()
+        return Outcome(entry, ACK, publishes)
+
+    def _warn_unmatched(self) -> None:
+        """Say (at most once a minute) that unmatched messages are being acknowledged."""
+        self._unmatched += 1
+        now = time.monotonic()
+        if now < self._unmatched_warn_at:
+            return
+        self._unmatched_warn_at = now + UNMATCHED_WARN_EVERY
+        count, self._unmatched = self._unmatched, 0
+        self.log.warning(
+            "group %s: %d message(s) matched no route and were acknowledged; add a final "
+            "`drop: true` route to make that explicit or a dead_letter to keep them",
+            self.name,
+            count,
+        )
+
+    def _context(self, entry: Entry, msg: Any, bound: dict[str, Any], table: RouteTable) -> Context:
+        """The template context of one message; what its key and table fix is built once."""
+        key = entry.key.key
+        if self._ctx_table is not table:  # a route-only reload may change ``agents``
+            self._ctx_table, self._ctx_base = table, {}
+        base = self._ctx_base.get(key)
+        if base is None:
+            base = {**bound, "agents": table.agents, "stream": key, "group": self.name}
+            base = self._ctx_base[key] = context_base(base)
+        values = base.copy()
+        values["msg"] = msg
+        values["id"] = entry.id
+        values["deliveries"] = entry.deliveries
+        values["now"] = Now()
+        return context_over(values)
+
+    def _failed(self, entry: Entry, error: str) -> Outcome:
+        # a failure on the last allowed delivery goes to the dead-letter stream now,
+        # atomically with its XACK, rather than waiting for a claim that would do the same
+        if entry.deliveries >= self.max_deliveries:
+            return Outcome(entry, DEAD, [], error)
+        return Outcome(entry, RETRY, [], error)
+
+    async def _post(self, route: CompiledRoute, msg: Any, ctx: Any) -> None:
+        if self.http is None:
+            raise RuntimeError("no HTTP client available")
+        spec = route.route.http
+        assert spec is not None
+        url = route.url.source if route.url.is_literal else route.render_url(ctx)
+        async with asyncio.timeout(route.timeout):
+            async with self.http.request(
+                spec.method, url, json=dict(msg), headers=spec.headers
+            ) as resp:
+                if resp.status >= 300:
+                    body = (await resp.text())[:200]
+                    raise RuntimeError(f"HTTP {resp.status} from {url}: {body}")

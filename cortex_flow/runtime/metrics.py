@@ -1,0 +1,236 @@
+"""Prometheus exposition of :class:`~cortex_flow.runtime.stats.RunnerStats`, built at scrape time.
+
+The hot path bumps plain ints in :mod:`cortex_flow.runtime.stats`; this collector turns
+them into metric families only when ``/metrics`` is scraped. Each runner gets a
+registry of its own (:func:`build_registry`), never prometheus-client's global
+one, so two runners in one process (tests, embedded use) never collide.
+
+Scrapes run on the event loop that bumps the counters, so a scrape sees one
+consistent moment and needs no locks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+
+from cortex_flow.runtime.stats import BUCKETS, KeyStats, Latency, RunnerStats
+from cortex_flow.version import __version__
+
+__all__ = ["CONTENT_TYPE", "SUCCESSFUL_RELOADS", "RunnerCollector", "build_registry", "render"]
+
+# what generate_latest writes: the classic Prometheus text format
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# reload outcomes after which the running topology is the one on disk
+SUCCESSFUL_RELOADS = frozenset({"applied", "unchanged"})
+
+KEY_LABELS = ("group", "stream", "consumer")
+PAIR_LABELS = ("group", "stream")
+
+# (metric name without _total, KeyStats attribute, help text)
+KEY_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("processed", "processed", "Messages acknowledged after a successful route (drops included)."),
+    ("failed", "failed", "Route attempts that raised; the entry stays pending for a retry."),
+    ("retried", "retried", "Deliveries after the first."),
+    ("dead_lettered", "dead_lettered", "Messages moved to the dead-letter stream."),
+    ("unmatched", "unmatched", "Messages no route matched."),
+    ("claimed", "claimed", "Entries taken over from another consumer."),
+)
+
+
+def cumulative_buckets(latency: Latency) -> list[tuple[str, float]]:
+    """Per-bucket counts as Prometheus ``le`` buckets: cumulative, ending with ``+Inf``."""
+    # repr matches prometheus-client's own ``le`` spelling ("0.0005", "1.0") for these bounds
+    bounds = [repr(float(bound)) for bound in BUCKETS] + ["+Inf"]
+    buckets: list[tuple[str, float]] = []
+    running = 0
+    for bound, count in zip(bounds, latency.counts, strict=True):
+        running += count
+        buckets.append((bound, float(running)))
+    return buckets
+
+
+def _flag(value: bool) -> float:
+    return 1.0 if value else 0.0
+
+
+class RunnerCollector:
+    """A custom collector that reads a :class:`RunnerStats` at scrape time.
+
+    ``refresh_success`` is set by the admin endpoint after it tried to update the
+    Redis-derived gauges (pending, lag, …); ``None`` until the first attempt.
+    ``clock`` gives epoch seconds, replaceable in tests.
+    """
+
+    def __init__(self, stats: RunnerStats, *, clock: Callable[[], float] = time.time) -> None:
+        self.stats = stats
+        self.clock = clock
+        self.refresh_success: bool | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._runner()
+        yield from self._keys()
+        yield from self._gauges()
+        yield from self._agents()
+        yield from self._reloads()
+
+    def _runner(self) -> Iterator[Metric]:
+        stats = self.stats
+        info = InfoMetricFamily("cortex_flow_runner", "The runner's name and cortex-flow version.")
+        info.add_metric([], {"runner": stats.runner, "version": __version__})
+        yield info
+        flags = (
+            ("up", True, "1 while the runner process serves this endpoint."),
+            ("connected", stats.connected, "1 while Redis answers."),
+            ("provisioned", stats.provisioned, "1 once streams and groups exist in Redis."),
+            ("draining", stats.draining, "1 while the runner finishes in-flight work to stop."),
+        )
+        for name, value, doc in flags:
+            yield GaugeMetricFamily(f"cortex_flow_{name}", doc, value=_flag(value))
+        yield GaugeMetricFamily(
+            "cortex_flow_start_time_seconds",
+            "When the runner started, in seconds since the epoch.",
+            value=stats.started_at,
+        )
+        if self.refresh_success is not None:
+            yield GaugeMetricFamily(
+                "cortex_flow_refresh_success",
+                "0 when the last scrape could not read pending/lag from Redis (values are stale).",
+                value=_flag(self.refresh_success),
+            )
+
+    def _keys(self) -> Iterator[Metric]:
+        rows: list[tuple[list[str], KeyStats]] = [
+            ([group.group, key, group.consumer], key_stats)
+            for group in self.stats.groups.values()
+            for key, key_stats in group.keys.items()
+        ]
+        for name, attribute, doc in KEY_COUNTERS:
+            counter = CounterMetricFamily(f"cortex_flow_{name}", doc, labels=KEY_LABELS)
+            for labels, key_stats in rows:
+                counter.add_metric(labels, float(getattr(key_stats, attribute)))
+            yield counter
+        histogram = HistogramMetricFamily(
+            "cortex_flow_handler_seconds",
+            "Time from taking a message to finishing its routes.",
+            labels=KEY_LABELS,
+        )
+        for labels, key_stats in rows:
+            latency = key_stats.latency
+            histogram.add_metric(labels, cumulative_buckets(latency), latency.total)
+        yield histogram
+
+    def _gauges(self) -> Iterator[Metric]:
+        stats = self.stats
+        pairs: tuple[
+            tuple[str, str, dict[tuple[str, str], int] | dict[tuple[str, str], float]], ...
+        ]
+        pairs = (
+            (
+                "cortex_flow_pending",
+                "Entries delivered to the group, not yet acknowledged.",
+                stats.pending,
+            ),
+            (
+                "cortex_flow_oldest_pending_age_seconds",
+                "Idle time of the group's oldest pending entry.",
+                stats.oldest_pending_age,
+            ),
+            ("cortex_flow_lag", "Entries in the stream not yet delivered to the group.", stats.lag),
+        )
+        for name, doc, values in pairs:
+            gauge = GaugeMetricFamily(name, doc, labels=PAIR_LABELS)
+            for (group, key), value in values.items():
+                gauge.add_metric([group, key], float(value))
+            yield gauge
+        consumers = GaugeMetricFamily(
+            "cortex_flow_consumer_pending",
+            "Pending entries held by each consumer of the group.",
+            labels=KEY_LABELS,
+        )
+        for (group, key, consumer), count in stats.consumers.items():
+            consumers.add_metric([group, key, consumer], float(count))
+        yield consumers
+
+    def _agents(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "cortex_flow_agent_up",
+            "1 while the agent's heartbeats arrive in time.",
+            labels=["agent"],
+        )
+        age = GaugeMetricFamily(
+            "cortex_flow_agent_heartbeat_age_seconds",
+            "Seconds since the agent's last heartbeat.",
+            labels=["agent"],
+        )
+        timeout = GaugeMetricFamily(
+            "cortex_flow_agent_heartbeat_timeout_seconds",
+            "Silence after which the agent is marked down.",
+            labels=["agent"],
+        )
+        now = self.clock()
+        for agent in self.stats.agents.values():
+            # an agent never seen since start has no up/down value yet: absent, not 0
+            if agent.up is not None:
+                up.add_metric([agent.name], _flag(agent.up))
+            if agent.last_beat is not None:
+                age.add_metric([agent.name], max(0.0, now - agent.last_beat))
+            timeout.add_metric([agent.name], agent.timeout)
+        yield up
+        yield age
+        yield timeout
+
+    def _reloads(self) -> Iterator[Metric]:
+        reload = self.stats.reload
+        totals = CounterMetricFamily(
+            "cortex_flow_reloads", "Reloads by outcome.", labels=["outcome"]
+        )
+        for outcome, count in sorted(reload.totals.items()):
+            totals.add_metric([outcome], float(count))
+        yield totals
+        # the topology loaded at start counts as a success until a reload says otherwise
+        success = reload.last_outcome is None or reload.last_outcome in SUCCESSFUL_RELOADS
+        yield GaugeMetricFamily(
+            "cortex_flow_last_reload_success",
+            "1 when the last reload left the files on disk running; 0 when it was refused.",
+            value=_flag(success),
+        )
+        yield GaugeMetricFamily(
+            "cortex_flow_last_reload_errors",
+            "Problems reported by the last reload.",
+            value=float(len(reload.last_errors)),
+        )
+        if reload.last_at is not None:
+            yield GaugeMetricFamily(
+                "cortex_flow_last_reload_timestamp_seconds",
+                "When the last reload finished, in seconds since the epoch.",
+                value=reload.last_at,
+            )
+            yield GaugeMetricFamily(
+                "cortex_flow_last_reload_duration_seconds",
+                "How long the last reload took.",
+                value=reload.last_duration,
+            )
+
+
+def build_registry(stats: RunnerStats) -> tuple[CollectorRegistry, RunnerCollector]:
+    """A fresh registry holding one :class:`RunnerCollector` over ``stats``."""
+    registry = CollectorRegistry(auto_describe=False)
+    collector = RunnerCollector(stats)
+    registry.register(collector)
+    return registry, collector
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The registry in the Prometheus text format (serve with :data:`CONTENT_TYPE`)."""
+    return generate_latest(registry)

@@ -1,0 +1,212 @@
+"""A group's route table, compiled once: expressions, templates, callables, targets.
+
+Executing a route is the consumer's job; this module decides *what* each route
+does for a message (match, target key, fields) so the decision is testable
+without Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+from jinja2.exceptions import UndefinedError
+from jinja2.runtime import Context
+
+from cortex_flow.flow.checks import resolve_callable
+from cortex_flow.flow.models import Route, StreamSpec
+from cortex_flow.flow.templates import Expression, Template, make_context
+from cortex_flow.flow.topology import ResolvedGroup, key_template, key_variables
+from cortex_flow.wire.codec import encode
+
+# How a ``call`` route's ``module:function`` becomes a callable when a table is compiled.
+# cortex_flow.testing.harness sets it around Runner.start to stub or record call targets.
+call_resolver: ContextVar[Callable[[str], object]] = ContextVar(
+    "cortex_flow_call_resolver", default=resolve_callable
+)
+
+
+class PermanentError(Exception):
+    """A failure retrying cannot fix (bad template data, unknown target): dead-letter now."""
+
+
+def _failure(label: str, what: str, exc: Exception, raw: bool) -> PermanentError:
+    """``exc``, raised evaluating ``what`` of a route, as a PermanentError that says why.
+
+    The same message fails the same way every time: retrying is pointless.
+    """
+    text = f"{label}: {what} failed: {type(exc).__name__}: {exc}"
+    if raw and isinstance(exc, TypeError) and "str" in str(exc):
+        text += " (message fields are strings on a raw stream; convert, e.g. msg.n | int)"
+    return PermanentError(text)
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """One XADD the route asks for; committed together with the source entry's XACK."""
+
+    key: str
+    fields: dict[str, str]
+    maxlen: int | None
+
+
+class CompiledRoute:
+    """One route with everything it needs at message time."""
+
+    def __init__(
+        self,
+        index: int,
+        route: Route,
+        streams: Mapping[str, StreamSpec],
+        group: ResolvedGroup,
+        agents: frozenset[str],
+    ) -> None:
+        self.index = index
+        self.route = route
+        self.label = route.name or f"route {index + 1}"
+        self.action = route.action
+        self.when = Expression(route.when) if route.when is not None else None
+        self.continue_ = route.continue_
+        self.agents = agents
+        self.raw = streams[group.stream].codec == "raw"
+        self.fn: Callable[..., Any] | None = None
+        self.is_async = False
+        self.inline = False
+        self.timeout = 0.0
+        if route.call is not None:
+            fn = call_resolver.get()(route.call.function)
+            assert callable(fn)
+            self.fn = fn
+            self.is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+                getattr(fn, "__call__", None)  # noqa: B004 - async callable objects
+            )
+            self.inline = route.call.inline
+            self.timeout = route.call.timeout
+        if route.http is not None:
+            self.timeout = route.http.timeout
+            self.url = Template(route.http.url)
+        self.target: StreamSpec | None = None
+        if route.to is not None:
+            self.target = streams[route.to]
+            self.target_name = route.to
+            needed = key_variables(self.target)
+            self.key = key_template(self.target.key)
+            self.vars = {k: Template(v) for k, v in route.vars.items()}
+            # variables neither the route nor a literal gives come from the source entry
+            self.inherit = tuple(v for v in sorted(needed) if v not in route.vars)
+            self.set = {k: Template(v) for k, v in (route.set or {}).items()}
+            self.set_given = route.set is not None
+        self.needs_context = self.when is not None or (
+            self.target is not None
+            and (
+                not self.key.is_literal
+                or any(not t.is_literal for t in self.vars.values())
+                or any(not t.is_literal for t in self.set.values())
+            )
+        )
+        if route.http is not None and not self.url.is_literal:
+            self.needs_context = True
+
+    def matches(self, ctx: Context | None) -> bool:
+        """Whether the route applies; a missing message field means no match.
+
+        Any other error (``msg.n > 3`` with ``n`` a string) raises PermanentError.
+        """
+        if self.when is None:
+            return True
+        assert ctx is not None
+        try:
+            return bool(self.when.evaluate(ctx))
+        except UndefinedError:
+            return False
+        except Exception as exc:
+            raise _failure(self.label, f"when {self.when.source!r}", exc, self.raw) from exc
+
+    def render_url(self, ctx: Context) -> str:
+        """The ``http`` URL for this message; raises PermanentError when it cannot render."""
+        try:
+            return self.url.render(ctx)
+        except UndefinedError as exc:
+            raise PermanentError(f"{self.label}: url: {exc.message}") from None
+        except Exception as exc:
+            raise _failure(self.label, "url", exc, self.raw) from exc
+
+    def publish(self, msg: Any, ctx: Context | None, bound: Mapping[str, str | None]) -> Publish:
+        """The XADD this route makes for ``msg``; raises PermanentError on bad data."""
+        assert self.target is not None
+        try:
+            values: dict[str, Any] = {v: bound.get(v) for v in self.inherit}
+            for name, template in self.vars.items():
+                values[name] = template.render(ctx) if ctx is not None else template.source
+            key = self.key.source if self.key.is_literal else self.key.render(make_context(values))
+            if self.set_given:
+                out: Mapping[str, Any] = {
+                    k: (t.render(ctx) if ctx is not None else t.source) for k, t in self.set.items()
+                }
+            else:
+                out = msg
+        except UndefinedError as exc:
+            raise PermanentError(f"{self.label}: {exc.message}") from None
+        except Exception as exc:  # TypeError, SecurityError, ...: the same every time
+            raise _failure(self.label, self._failing(ctx), exc, self.raw) from exc
+        priorities = self.target.priorities
+        if priorities and values.get("priority") not in priorities:
+            raise PermanentError(
+                f"{self.label}: priority {values.get('priority')!r} is not one of "
+                f"{', '.join(priorities)} of stream {self.target_name}"
+            )
+        agent = values.get("agent")
+        if "agent" in values and agent not in self.agents:
+            raise PermanentError(
+                f"{self.label}: agent {agent!r} is not declared; declare it under agents: "
+                f"or guard the route with `when: msg.to in agents`"
+            )
+        return Publish(key, encode(self.target.codec, out), self.target.maxlen)
+
+    def _failing(self, ctx: Context | None) -> str:
+        """Which of the route's templates fails for this message (for the error)."""
+        if ctx is not None:
+            for section, templates in (("vars", self.vars), ("set", self.set)):
+                for name, template in templates.items():
+                    try:
+                        template.render(ctx)
+                    except Exception:
+                        return f"{section}.{name}"
+        return "key"
+
+
+class RouteTable:
+    """All routes of a group, plus what the consumer needs to pick its fast path."""
+
+    def __init__(
+        self,
+        group: ResolvedGroup,
+        streams: Mapping[str, StreamSpec],
+        agents: frozenset[str],
+    ) -> None:
+        self.routes = [
+            CompiledRoute(i, r, streams, group, agents) for i, r in enumerate(group.spec.routes)
+        ]
+        self.agents = agents
+        self.needs_context = any(r.needs_context for r in self.routes)
+        # every action completes without a thread or socket: process whole batches inline
+        self.inline = all(r.action in ("to", "drop") or r.inline for r in self.routes)
+
+
+async def call_route(route: CompiledRoute, msg: Any, executor: Any = None) -> None:
+    """Run a ``call`` route: async awaited, sync in a thread (or inline), with its timeout."""
+    fn = route.fn
+    assert fn is not None
+    if route.is_async:
+        async with asyncio.timeout(route.timeout):
+            await fn(msg)
+    elif route.inline:
+        fn(msg)
+    else:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(route.timeout):
+            await loop.run_in_executor(executor, fn, msg)

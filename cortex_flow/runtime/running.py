@@ -1,0 +1,231 @@
+"""The running topology: the one object that owns the consumers, and its one ``apply``.
+
+Start and reload both go through :meth:`RunningTopology.apply`: start applies the plan
+from nothing (``plan.diff(None, resolved)``: every group an add), a reload applies the
+plan from the running topology. Applying is make-before-break: a changed group's new
+consumer (same consumer name) starts before the old one is told to stop, and re-reads
+its pending entries only once the old one has finished and acknowledged what it held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from redis.exceptions import ResponseError
+
+from cortex_flow.errors import ValidationFailed
+from cortex_flow.flow.callables import importable_from
+from cortex_flow.flow.plan import Plan
+from cortex_flow.flow.topology import Resolved, ResolvedGroup
+from cortex_flow.runtime.callpool import CallPool, threads_needed
+from cortex_flow.runtime.consumer import GroupConsumer, ensure_group
+from cortex_flow.runtime.heartbeat import HeartbeatMonitor
+from cortex_flow.runtime.routes import RouteTable
+from cortex_flow.runtime.stats import GroupStats, RunnerStats
+
+log = logging.getLogger("cortex_flow.runner")
+
+
+def route_tables(resolved: Resolved, base_dir: Path | None = None) -> dict[str, RouteTable]:
+    """Compile every group's routes; errors name the route.
+
+    ``call`` targets are imported from the installed packages and from ``base_dir`` (the
+    folder that holds config.yaml).
+    """
+    with contextlib.nullcontext() if base_dir is None else importable_from(base_dir):
+        return _compile(resolved)
+
+
+def _compile(resolved: Resolved) -> dict[str, RouteTable]:
+    streams = {n: s.spec for n, s in resolved.streams.items()}
+    agents = frozenset(resolved.agents)
+    tables, problems = {}, []
+    for name, group in resolved.groups.items():
+        try:
+            tables[name] = RouteTable(group, streams, agents)
+        except Exception as exc:  # importing user code can raise anything (SyntaxError, ...)
+            origin = resolved.topology.origin("groups", name)
+            what = str(exc) if isinstance(exc, ImportError) else f"{type(exc).__name__}: {exc}"
+            problems.append(origin.problem(("routes",), f"cannot load a call target: {what}"))
+    if problems:
+        raise ValidationFailed(problems)
+    return tables
+
+
+class RunningTopology:
+    """The consumers running for one resolved topology, and what they share.
+
+    ``http`` is the client every ``http`` route uses; given (a test stub) it is never
+    replaced or closed here, otherwise one aiohttp session is made when the first
+    ``http`` route appears.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        stats: RunnerStats,
+        *,
+        cluster: bool,
+        shutdown_grace: float,
+        block: float = 1.0,
+        http: Any = None,
+        executor: CallPool | None = None,
+    ) -> None:
+        self.client = client
+        self.stats = stats
+        self.cluster = cluster
+        self.shutdown_grace = shutdown_grace
+        self.block = block
+        self.http = http
+        self._own_http = http is None
+        self.executor = executor or CallPool()
+        self.resolved: Resolved | None = None
+        self.tables: dict[str, RouteTable] = {}
+        self.consumers: dict[str, GroupConsumer] = {}
+        self.heartbeats: HeartbeatMonitor | None = None
+        self.retiring: set[asyncio.Task[bool]] = set()
+        self.draining: dict[str, GroupConsumer] = {}  # retired, maybe still finishing
+
+    # -- provisioning (awaits; nothing running changes) ------------------------------------
+
+    async def provision(self, plan: Plan, target: Resolved) -> None:
+        """XGROUP CREATE ... MKSTREAM for every key of the groups the plan (re)starts."""
+        for name in (*plan.groups_to_add, *plan.groups_to_restart):
+            group = target.groups[name]
+            for key in group.keys:
+                await self.create_group(group, key.key)
+
+    async def create_group(self, group: ResolvedGroup, key: str) -> None:
+        """Create one group on one key; errors name the group and key."""
+        start = group.spec.start
+        try:
+            created = await ensure_group(self.client, key, group.name, start)
+        except ResponseError as exc:  # e.g. WRONGTYPE: the key holds something else
+            raise ResponseError(f"group {group.name} on {key}: {exc}") from exc
+        if created:
+            log.info("created group %s on %s (from %s)", group.name, key, start)
+
+    # -- apply (no awaits: a plan is applied whole or not at all) --------------------------
+
+    def apply(
+        self,
+        plan: Plan,
+        target: Resolved,
+        tables: dict[str, RouteTable],
+        *,
+        runner_interval: float | None = None,
+    ) -> None:
+        """Start, swap and retire consumers so that ``target`` runs; untouched ones stay."""
+        if self.executor.grow(threads_needed(target, tables)) and self.resolved is not None:
+            log.info("sync calls now run in a pool of %d threads", self.executor.threads)
+        self._ensure_http(target)
+        for name in plan.groups_to_add:
+            self._start(target, target.groups[name], tables[name])
+        for name in plan.groups_to_restart:
+            old = self.consumers[name]
+            self._start(target, target.groups[name], tables[name], predecessor=old.done)
+            self._retire(old)
+        for name in plan.groups_to_remove:
+            self._retire(self.consumers.pop(name))
+            self.stats.groups.pop(name, None)
+        for name in plan.groups_routes_only:
+            self.consumers[name].swap_routes(tables[name])
+        if self.heartbeats is not None:
+            if runner_interval is not None:
+                self.heartbeats.runner_interval = runner_interval
+            if self.heartbeats.update(target):  # a new key: beat and watch moved there
+                log.info("heartbeats: now on %s", target.heartbeat_key or "no stream (removed)")
+        self.resolved, self.tables = target, tables
+
+    def _ensure_http(self, resolved: Resolved) -> None:
+        if self.http is not None:
+            return
+        if any(r.http for g in resolved.groups.values() for r in g.spec.routes):
+            import aiohttp
+
+            self.http = aiohttp.ClientSession()
+            for consumer in self.consumers.values():
+                consumer.http = self.http  # a route swap may bring the first http route
+
+    def _start(
+        self,
+        resolved: Resolved,
+        group: ResolvedGroup,
+        table: RouteTable,
+        predecessor: asyncio.Event | None = None,
+    ) -> None:
+        draining = self.draining.get(group.name)
+        if predecessor is None and draining is not None:
+            # a group removed and added back: its old consumer (same name) must finish
+            # before the new one re-reads the pending entries they share
+            predecessor = draining.done
+        stats = self.stats.groups.get(group.name) or GroupStats(group.name, group.consumer)
+        self.stats.groups[group.name] = stats
+        consumer = GroupConsumer(
+            self.client,
+            group,
+            table,
+            {n: s.spec for n, s in resolved.streams.items()},
+            stats,
+            cluster=self.cluster,
+            executor=self.executor,
+            http=self.http,
+            predecessor=predecessor,
+            block=self.block,
+            log=logging.getLogger("cortex_flow.consumer"),
+        )
+        consumer.start()
+        self.consumers[group.name] = consumer
+
+    def _retire(self, consumer: GroupConsumer) -> None:
+        """Stop a replaced or removed consumer in the background; ``stop`` awaits it."""
+        task = asyncio.create_task(consumer.stop(self.shutdown_grace))
+        self.retiring.add(task)
+        self.draining[consumer.name] = consumer
+
+        def finished(task: asyncio.Task[bool]) -> None:
+            self.retiring.discard(task)
+            if self.draining.get(consumer.name) is consumer:
+                del self.draining[consumer.name]
+
+        task.add_done_callback(finished)
+
+    # -- heartbeats ------------------------------------------------------------------------
+
+    async def watch_heartbeats(
+        self, resolved: Resolved, *, runner_interval: float, instance: str
+    ) -> None:
+        """Start the runner's beat and the watch over agents; a down agent is claimed for."""
+        self.heartbeats = HeartbeatMonitor(
+            self.client,
+            resolved,
+            self.stats,
+            runner_interval=runner_interval,
+            on_down=self.claim_for,
+            log=logging.getLogger("cortex_flow.heartbeat"),
+            instance=instance,
+        )
+        await self.heartbeats.start()
+
+    def claim_for(self, name: str) -> None:
+        """An agent or runner went down: every group claims its consumers' entries now."""
+        for consumer in self.consumers.values():
+            consumer.request_claim([name])
+
+    # -- stop ------------------------------------------------------------------------------
+
+    async def stop(self, grace: float) -> bool:
+        """Drain every consumer (and those still retiring); True if none left work pending."""
+        results = await asyncio.gather(
+            *(c.stop(grace) for c in self.consumers.values()), *self.retiring
+        )
+        if self.heartbeats is not None:
+            await self.heartbeats.stop()
+        if self.http is not None and self._own_http:
+            await self.http.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        return all(results)

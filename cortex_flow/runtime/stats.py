@@ -1,0 +1,114 @@
+"""Plain counters the hot path bumps without locks; exported by :mod:`cortex_flow.runtime.metrics`.
+
+The consumer loop runs on one event loop thread, so ints suffice. Prometheus
+reads these at scrape time through a custom collector instead of the hot path
+paying for prometheus-client's locked counters on every message.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+# handler latency histogram buckets, seconds
+BUCKETS: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+
+@dataclass
+class Latency:
+    """A cumulative-on-export histogram: counts per bucket, plus sum and count."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
+    total: float = 0.0
+    count: int = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self.total += seconds
+        self.count += 1
+
+
+@dataclass
+class KeyStats:
+    """Counters of one group on one source key."""
+
+    processed: int = 0  # acknowledged after a successful route (including drop)
+    failed: int = 0  # a route raised; the entry stays pending for a retry
+    retried: int = 0  # deliveries after the first
+    dead_lettered: int = 0
+    unmatched: int = 0  # no route matched
+    claimed: int = 0  # taken over from another consumer
+    stuck: int = 0  # failed for good with no dead_letter: left pending, no longer retried
+    latency: Latency = field(default_factory=Latency)
+
+
+@dataclass
+class GroupStats:
+    """Counters of one consumer group, per source key."""
+
+    group: str
+    consumer: str
+    keys: dict[str, KeyStats] = field(default_factory=dict)
+
+    def key(self, key: str) -> KeyStats:
+        stats = self.keys.get(key)
+        if stats is None:
+            stats = self.keys[key] = KeyStats()
+        return stats
+
+
+@dataclass
+class AgentState:
+    """What the heartbeat monitor knows of one agent."""
+
+    name: str
+    up: bool | None = None  # None: never seen since the runner started
+    last_beat: float | None = None  # epoch seconds of the last heartbeat
+    timeout: float = 0.0
+
+
+@dataclass
+class ReloadState:
+    """The last reload and totals by outcome (applied / rejected / rolled_back)."""
+
+    last_outcome: str | None = None
+    last_at: float | None = None
+    last_errors: list[str] = field(default_factory=list)
+    last_changes: list[str] = field(default_factory=list)
+    last_duration: float = 0.0
+    totals: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class RunnerStats:
+    """Everything the admin endpoint and status show about a running runner."""
+
+    runner: str
+    started_at: float = 0.0
+    connected: bool = False
+    provisioned: bool = False
+    draining: bool = False
+    groups: dict[str, GroupStats] = field(default_factory=dict)
+    agents: dict[str, AgentState] = field(default_factory=dict)
+    reload: ReloadState = field(default_factory=ReloadState)
+    # gauges refreshed from Redis before each scrape: (group, key) -> value
+    pending: dict[tuple[str, str], int] = field(default_factory=dict)
+    oldest_pending_age: dict[tuple[str, str], float] = field(default_factory=dict)
+    lag: dict[tuple[str, str], int] = field(default_factory=dict)
+    consumers: dict[tuple[str, str, str], int] = field(default_factory=dict)  # pending by consumer
