@@ -32,10 +32,10 @@ from cortex_flow.flow.loader import Project, load_project
 from cortex_flow.flow.topology import render_key, resolve
 from cortex_flow.ops.send import publish, target_key
 from cortex_flow.runtime.consumer import ensure_group
-from cortex_flow.runtime.heartbeat import beat_fields
 from cortex_flow.wire.access import project_url
 from cortex_flow.wire.codec import decode
 from cortex_flow.wire.connection import redis_from_url, wait_for_redis
+from cortex_flow.wire.heartbeats import beat_fields, encode_beat
 
 __all__ = ["Client", "Message"]
 
@@ -130,7 +130,7 @@ class Client:
         spec = topo.streams[topo.heartbeats.stream]
         entry_id: str = await self.redis.xadd(
             render_key(spec, {}),
-            beat_fields(name, "agent", status),
+            encode_beat(spec.codec, beat_fields(name, "agent", status)),
             maxlen=spec.maxlen,
             approximate=True,
         )

@@ -20,12 +20,13 @@ from cortex_flow.flow.loader import Project
 from cortex_flow.flow.topology import Resolved
 from cortex_flow.wire.connection import RedisClient, describe_client, describe_error, is_cluster
 from cortex_flow.wire.entryids import id_key, id_ms
+from cortex_flow.wire.heartbeats import PAGE as HEARTBEAT_PAGE
+from cortex_flow.wire.heartbeats import LatestBeats, latest_beats
 from cortex_flow.wire.lag import STATUS_CAP, count_unread
 
 __all__ = ["collect", "probe_admin", "snapshot"]
 
 HEARTBEAT_SCAN = 10_000  # newest heartbeat entries read at most to find every agent
-HEARTBEAT_PAGE = 1_000
 ADMIN_TIMEOUT = 1.0
 
 
@@ -182,24 +183,16 @@ async def _agents(
 ) -> tuple[list[dict[str, Any]], float | None]:
     """Each agent's last heartbeat, read newest first until all are found or the bound."""
     wanted = {name for name, spec in resolved.agents.items() if spec.heartbeat is not None}
-    last: dict[str, tuple[str, dict[str, str]]] = {}
-    runner_beat: str | None = None
-    scanned = 0
     hb_key = resolved.heartbeat_key
-    while page:
-        for entry_id, fields in page:
-            name, kind = fields.get("agent"), fields.get("kind", "agent")
-            if kind == "runner":
-                if name == resolved.runner and runner_beat is None:
-                    runner_beat = entry_id
-            elif name is not None and name not in last:
-                last[name] = (entry_id, fields)
-        scanned += len(page)
-        done = wanted <= last.keys()
-        if done or len(page) < HEARTBEAT_PAGE or scanned >= HEARTBEAT_SCAN or hb_key is None:
-            break
-        older: Any = await client.xrevrange(hb_key, max=f"({page[-1][0]}", count=HEARTBEAT_PAGE)
-        page = older
+    latest = LatestBeats()
+    if hb_key is not None:
+        heartbeats = resolved.topology.heartbeats
+        codec = resolved.topology.streams[heartbeats.stream].codec if heartbeats else "raw"
+        latest = await latest_beats(
+            client, hb_key, codec, wanted=wanted, first_page=page, limit=HEARTBEAT_SCAN
+        )
+    own = latest.runner(resolved.runner)
+    runner_beat = own.entry_id if own is not None else None
     agents = []
     for name, spec in sorted(resolved.agents.items()):
         inbox = [s for s in streams.values() if s["agent"] == name]
@@ -211,10 +204,10 @@ async def _agents(
             "heartbeat_age": None,
             "reported": None,
         }
-        if name in last:
-            entry_id, fields = last[name]
-            row["heartbeat_age"] = age(entry_id)
-            row["reported"] = fields.get("status")
+        beat = latest.agents.get(name)
+        if beat is not None:
+            row["heartbeat_age"] = age(beat.entry_id)
+            row["reported"] = beat.status
         if spec.heartbeat is None or hb_key is None:
             row["status"] = "unwatched"
         elif row["heartbeat_age"] is None:

@@ -1,11 +1,10 @@
 """Heartbeats: the runner's own beat, and the watch over every declared agent.
 
-Agents (and runners) publish ``{agent: NAME, ts: EPOCH_MS[, kind: runner]}`` to the
-heartbeat stream; a runner's beats also carry ``instance`` (``host:pid:start_ms``), so a
-second process started under the same runner name is refused at start. An agent silent
-past its timeout is marked down: metrics and status show it, the optional ``on_down``
-event is published, and the pending entries of consumers named after it are claimed at
-once.
+Agents (and runners) publish beats (:mod:`cortex_flow.wire.heartbeats`) to the heartbeat
+stream; a runner's beats also carry ``instance`` (``host:pid:start_ms``), so a second
+process started under the same runner name is refused at start. An agent silent past its
+timeout is marked down: metrics and status show it, the optional ``on_down`` event is
+published, and the pending entries of consumers named after it are claimed at once.
 """
 
 from __future__ import annotations
@@ -16,30 +15,26 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from cortex_flow.errors import CortexFlowError
 from cortex_flow.flow.topology import Resolved, key_template, render_key
 from cortex_flow.runtime.stats import AgentState, RunnerStats
-from cortex_flow.wire.codec import DecodeError, decode, encode
-from cortex_flow.wire.entryids import id_ms
+from cortex_flow.wire.codec import encode
+from cortex_flow.wire.heartbeats import (
+    SCAN_LIMIT,
+    Beat,
+    beat_fields,
+    encode_beat,
+    latest_beats,
+    parse_beat,
+)
 
-SEED_SCAN = 10_000  # heartbeat entries read back at start to learn the last beats
 WARN_EVERY = 60.0  # a failing beat of the runner's own is logged at most this often
 STOP_BEAT_TIMEOUT = 1.0  # the last ("stopped") beat must not hold up a shutdown
 RUNNER_SILENCE = 3  # a runner silent for this many of its intervals is down
-
-
-def beat_fields(
-    name: str, kind: str = "agent", status: str = "ok", instance: str | None = None
-) -> dict[str, str]:
-    """A heartbeat entry; a runner's carries its ``instance`` (``host:pid:start_ms``)."""
-    fields = {"agent": name, "kind": kind, "status": status, "ts": str(int(time.time() * 1000))}
-    if instance is not None:
-        fields["instance"] = instance
-    return fields
 
 
 def runner_instance(started_at: float | None = None) -> str:
@@ -72,27 +67,6 @@ def _earlier_self(instance: str) -> bool:
     return pid == os.getpid() or not _pid_alive(pid)
 
 
-def _fields(codec: str, fields: Mapping[str, Any]) -> dict[str, Any] | None:
-    """A heartbeat entry's fields, decoded with the stream's codec; None if not a beat.
-
-    A raw entry in a ``codec: json`` stream (an agent that beats with plain fields) is
-    still read as a beat.
-    """
-    if codec != "raw":
-        try:
-            return dict(decode(codec, dict(fields)))
-        except DecodeError:
-            pass
-    return dict(fields) if "agent" in fields else None
-
-
-def _timestamp(fields: Mapping[str, Any], entry_id: str) -> float:
-    try:
-        return int(fields["ts"]) / 1000
-    except (KeyError, TypeError, ValueError):
-        return id_ms(entry_id) / 1000
-
-
 async def check_runner_name(
     client: Any,
     key: str,
@@ -113,20 +87,12 @@ async def check_runner_name(
     now = time.time()
     # entry IDs are the server's clock, the ``ts`` field the beating runner's: read
     # twice the window back, then judge by ``ts``
-    since = max(0, int((now - 2 * window) * 1000))
-    entries = await client.xrevrange(key, "+", f"{since}-0", count=SEED_SCAN)
-    latest: dict[str, tuple[float, dict[str, Any]]] = {}
-    for entry_id, raw in entries:
-        fields = _fields(codec, raw)
-        if fields is None or fields.get("kind") != "runner" or str(fields.get("agent")) != name:
-            continue
-        other = str(fields.get("instance") or "")
-        if not other or other == instance or other in latest:
-            continue  # an older runner without instances, ourselves, or an older beat
-        latest[other] = (_timestamp(fields, entry_id), fields)
-    for other, (ts, fields) in latest.items():
-        age = now - ts
-        if age > window or fields.get("status") == "stopped" or _earlier_self(other):
+    latest = await latest_beats(client, key, codec, since=now - 2 * window)
+    for other, beat in latest.runners.get(name, {}).items():
+        if not other or other == instance:
+            continue  # an older runner without instances, or ourselves
+        age = now - beat.ts
+        if age > window or beat.status == "stopped" or _earlier_self(other):
             continue
         host, _, rest = other.partition(":")
         pid = rest.partition(":")[0]
@@ -249,7 +215,7 @@ class HeartbeatMonitor:
         fields = beat_fields(self.resolved.runner, "runner", status, self.instance)
         await self.client.xadd(
             self.key,
-            encode(self.beat_codec, fields),
+            encode_beat(self.beat_codec, fields),
             maxlen=self.beat_maxlen,
             approximate=True,
         )
@@ -282,20 +248,15 @@ class HeartbeatMonitor:
                 exc,
             )
 
-    def _seen(self, raw: Mapping[str, Any], entry_id: str) -> None:
-        fields = _fields(self.beat_codec, raw)
-        if fields is None or not fields.get("agent"):
-            return
-        name = str(fields["agent"])
-        ts = _timestamp(fields, entry_id)
-        if fields.get("kind") == "runner":
-            instance = fields.get("instance")
-            if instance == self.instance:
+    def _seen(self, beat: Beat) -> None:
+        name, ts = beat.agent, beat.ts
+        if beat.kind == "runner":
+            if beat.instance == self.instance:
                 return  # our own beat
             if name == self.resolved.runner:
                 # our consumers' names: never claimed for (we re-read our own pending)
-                if instance and fields.get("status") != "stopped":
-                    self._twin(str(instance), ts)
+                if beat.instance and beat.status != "stopped":
+                    self._twin(beat.instance, ts)
                 return
             self.runners[name] = max(ts, self.runners.get(name, 0.0))
             return
@@ -325,11 +286,13 @@ class HeartbeatMonitor:
         # between two reads would be missed. An empty seed means an empty stream anyway.
         last_id = "0-0"
         try:
-            seed = await self.client.xrevrange(key, count=SEED_SCAN)
-            for entry_id, fields in reversed(seed):
-                self._seen(fields, entry_id)
-            if seed:
-                last_id = seed[0][0]
+            seed = await latest_beats(self.client, key, self.beat_codec, limit=SCAN_LIMIT)
+            for beat in seed.agents.values():
+                self._seen(beat)
+            for instances in seed.runners.values():
+                for beat in instances.values():
+                    self._seen(beat)
+            last_id = seed.newest_id or last_id
         except Exception as exc:
             self.log.warning("heartbeats: cannot read %s yet (%s)", key, exc)
         await self._check()
@@ -338,7 +301,9 @@ class HeartbeatMonitor:
                 resp = await self.client.xread({key: last_id}, count=1000, block=500)
                 for _, items in resp or []:
                     for entry_id, fields in items:
-                        self._seen(fields, entry_id)
+                        parsed = parse_beat(self.beat_codec, entry_id, fields)
+                        if parsed is not None:
+                            self._seen(parsed)
                         last_id = entry_id
                 await self._check()
             except asyncio.CancelledError:

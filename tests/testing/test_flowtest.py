@@ -10,7 +10,7 @@ from projects import write_module, write_project
 
 from cortex_flow.cli import cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 FLOWS = """\
 version: 1

@@ -13,7 +13,7 @@ from cortex_flow.flow.graph import mermaid
 from cortex_flow.flow.loader import load_project
 from cortex_flow.flow.topology import resolve
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "config.yaml"
 
 REFERENCE_KEYS = {

@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from redis_servers import free_port
 from rich.console import Console
 
+from cortex_flow import Client
 from cortex_flow.cli import cli
 from cortex_flow.cli.views import humanize, render
 from cortex_flow.flow.loader import load_project
@@ -25,7 +26,13 @@ from cortex_flow.ops.status import HEARTBEAT_PAGE, collect
 
 
 def project(
-    tmp_path: Path, url: str, prefix: str, *, agents: bool = True, admin: str = "off"
+    tmp_path: Path,
+    url: str,
+    prefix: str,
+    *,
+    agents: bool = True,
+    admin: str = "off",
+    beats_codec: str = "raw",
 ) -> Path:
     """Write config.yaml and one flow file whose keys all start with ``prefix``."""
     agent_part = (
@@ -41,7 +48,7 @@ streams:
   tasks: {{key: "{prefix}tasks:{{{{ priority }}}}", priorities: [high, low]}}
   inbox: {{key: "{prefix}messages:{{{{ agent }}}}"}}
   dlq: {{key: "{prefix}dlq"}}
-  heartbeats: {{key: "{prefix}heartbeats"}}
+  heartbeats: {{key: "{prefix}heartbeats", codec: {beats_codec}}}
 {agent_part}groups:
   agents:
     stream: tasks
@@ -182,6 +189,26 @@ def test_agent_without_heartbeat_is_never_seen(
         "harold": "never seen",
         "planner": "never seen",
     }
+
+
+def test_json_heartbeats_are_read_through_the_stream_codec(
+    tmp_path: Path, redis_url: str, prefix: str, r: redis.Redis, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With ``codec: json`` heartbeats, agents beating through the Client (one ``data``
+    field) and agents beating plain fields are both shown up, with what they reported."""
+    config = project(tmp_path, redis_url, prefix, beats_codec="json")
+
+    async def beat() -> None:
+        async with Client.from_config(config, agent="harold") as harold:
+            await harold.heartbeat("busy")
+
+    asyncio.run(beat())
+    [(_, fields)] = r.xrange(f"{prefix}heartbeats")
+    assert set(fields) == {"data"}  # the Client wrote the beat in the stream's codec
+    r.xadd(f"{prefix}heartbeats", {"agent": "planner", "ts": str(server_ms(r))})
+    agents = {a["name"]: a for a in status_json(config, capsys)["agents"]}
+    assert (agents["harold"]["status"], agents["harold"]["reported"]) == ("up", "busy")
+    assert agents["planner"]["status"] == "up"
 
 
 def test_heartbeats_are_searched_past_the_first_page(

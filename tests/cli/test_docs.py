@@ -6,7 +6,7 @@ from pathlib import Path
 
 from cortex_flow.flow import docgen
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_reference_matches_models() -> None:
