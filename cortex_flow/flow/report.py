@@ -10,7 +10,7 @@ from cortex_flow.errors import Problem
 FORMATS = ("text", "json", "github")
 
 
-def _escape(text: str, props: bool = False) -> str:
+def escape_annotation(text: str, props: bool = False) -> str:
     """GitHub workflow-command escaping; properties also escape ``:`` and ``,``."""
     text = text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
     return text.replace(":", "%3A").replace(",", "%2C") if props else text
@@ -60,8 +60,8 @@ def format_problems(problems: Sequence[Problem], fmt: str, files: Sequence[str])
         )
     if fmt == "github":
         return "\n".join(
-            f"::error file={_escape(p.file, True)},line={p.line},col={p.col},"
-            f"title={_escape(p.path or 'cortex-flow', True)}::{_escape(str(p))}"
+            f"::error file={escape_annotation(p.file, True)},line={p.line},col={p.col},"
+            f"title={escape_annotation(p.path or 'cortex-flow', True)}::{escape_annotation(str(p))}"
             for p in problems
         )
     if not problems:

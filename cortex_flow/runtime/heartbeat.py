@@ -31,6 +31,7 @@ from cortex_flow.wire.heartbeats import (
     latest_beats,
     parse_beat,
 )
+from cortex_flow.wire.processes import pid_alive
 
 WARN_EVERY = 60.0  # a failing beat of the runner's own is logged at most this often
 STOP_BEAT_TIMEOUT = 1.0  # the last ("stopped") beat must not hold up a shutdown
@@ -41,16 +42,6 @@ def runner_instance(started_at: float | None = None) -> str:
     """``host:pid:start_ms``: tells two processes using one runner name apart."""
     started = time.time() if started_at is None else started_at
     return f"{socket.gethostname()}:{os.getpid()}:{int(started * 1000)}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # someone else's process: it exists
-    return True
 
 
 def _earlier_self(instance: str) -> bool:
@@ -64,7 +55,7 @@ def _earlier_self(instance: str) -> bool:
     if host != socket.gethostname() or not pid_text.isdigit():
         return False
     pid = int(pid_text)
-    return pid == os.getpid() or not _pid_alive(pid)
+    return pid == os.getpid() or not pid_alive(pid)
 
 
 async def check_runner_name(

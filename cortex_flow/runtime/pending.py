@@ -118,6 +118,17 @@ class PendingWork:
         """
         self._own = {key.key: "-" for key in self.keys}
 
+    async def _page(
+        self, key: StreamKey, after: str, count: int, consumer: str, idle: int | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """One XPENDING page of ``consumer``'s entries from ``after`` on, and where the next
+        page starts (None: this was the last page)."""
+        rows: list[dict[str, Any]] = await self.client.xpending_range(
+            key.key, self.name, after, "+", count, consumername=consumer, idle=idle
+        )
+        following = "(" + rows[-1]["message_id"] if len(rows) == count else None
+        return rows, following
+
     @property
     def recovering(self) -> bool:
         """True while entries pending under our name remain to be taken back."""
@@ -137,13 +148,11 @@ class PendingWork:
                 room = self._capacity()
                 if room == 0:
                     return
-                rows = await self.client.xpending_range(
-                    key.key, self.name, self._own[key.key], "+", room, consumername=self.me
-                )
-                if len(rows) < room:
+                rows, following = await self._page(key, self._own[key.key], room, self.me)
+                if following is None:
                     del self._own[key.key]
                 else:
-                    self._own[key.key] = "(" + rows[-1]["message_id"]
+                    self._own[key.key] = following
                 if rows:
                     await self._take(key, rows, 0)
 
@@ -164,9 +173,7 @@ class PendingWork:
             start = self._retry_from.get(key.key, "-")
             due: list[dict[str, Any]] = []
             for _ in range(RETRY_SCAN_PAGES):
-                rows = await self.client.xpending_range(
-                    key.key, self.name, start, "+", batch, consumername=self.me, idle=first
-                )
+                rows, following = await self._page(key, start, batch, self.me, idle=first)
                 due.extend(
                     r
                     for r in rows
@@ -174,11 +181,8 @@ class PendingWork:
                     and (key.key, r["message_id"]) not in self._inflight
                     and (self._has_dead_letter or not self._given_up(key, r))
                 )
-                if len(rows) < batch:
-                    start = "-"
-                    break
-                start = "(" + rows[-1]["message_id"]
-                if len(due) >= room:
+                start = following or "-"
+                if following is None or len(due) >= room:
                     break
             if len(due) > room:
                 due = due[:room]
@@ -219,9 +223,7 @@ class PendingWork:
             if self._capacity() == 0:
                 return
             key = down.key
-            rows = await self.client.xpending_range(
-                key.key, self.name, down.after, "+", batch, consumername=down.name
-            )
+            rows, following = await self._page(key, down.after, batch, down.name)
             if rows:
                 if down.claimed == 0:
                     self.log.info(
@@ -232,7 +234,7 @@ class PendingWork:
                     )
                 down.after = "(" + rows[-1]["message_id"]
                 down.claimed += await self._take(key, rows, 0, claiming=True)
-            if len(rows) < batch:
+            if following is None:
                 self._down.remove(down)
                 if down.claimed:
                     self.log.info(

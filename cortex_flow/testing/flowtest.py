@@ -55,6 +55,7 @@ from typing import Any
 
 from cortex_flow.errors import CortexFlowError, ValidationFailed
 from cortex_flow.flow.loader import Project
+from cortex_flow.flow.report import escape_annotation
 from cortex_flow.flow.testfile import LoadedCase
 from cortex_flow.flow.topology import resolve
 from cortex_flow.ops.send import publish
@@ -157,11 +158,6 @@ async def run_cases(
 # -- output --------------------------------------------------------------------------------
 
 
-def _escape(text: str, props: bool = False) -> str:
-    text = text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-    return text.replace(":", "%3A").replace(",", "%2C") if props else text
-
-
 def render(result: CaseResult, fmt: str) -> str:
     case, loaded = result.loaded.case, result.loaded
     if result.passed:
@@ -174,7 +170,7 @@ def render(result: CaseResult, fmt: str) -> str:
     if fmt == "github":
         message = f"{case.name}\n" + "\n".join(result.failures)
         lines.append(
-            f"::error file={_escape(loaded.file, True)},line={loaded.line},"
-            f"title={_escape('flow test failed', True)}::{_escape(message)}"
+            f"::error file={escape_annotation(loaded.file, True)},line={loaded.line},"
+            f"title={escape_annotation('flow test failed', True)}::{escape_annotation(message)}"
         )
     return "\n".join(lines)

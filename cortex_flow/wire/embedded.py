@@ -33,6 +33,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from cortex_flow.errors import ConnectionFailed
+from cortex_flow.wire.processes import pid_alive
 
 __all__ = ["EmbeddedRedis", "find_server_binary", "resolve_url"]
 
@@ -82,16 +83,6 @@ def _client(url: str, timeout: float) -> redis.Redis:
     return redis.Redis.from_url(
         url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=no_retry
     )
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _answers(url: str, pid: int) -> bool:
@@ -151,7 +142,7 @@ class EmbeddedRedis:
             url, pid = str(state["url"]), int(state["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        return url if _pid_alive(pid) and _answers(url, pid) else None
+        return url if pid_alive(pid) and _answers(url, pid) else None
 
     def start(self) -> None:
         """Start the server and wait until it answers PING; raises ``ConnectionFailed``."""
