@@ -252,40 +252,6 @@ def _check_retry(origin: Origin, group: GroupSpec, problems: list[Problem]) -> N
                 "their retry is due; raise claim_idle or lower backoff.initial",
             )
         )
-    _check_claim_idle(origin, group, problems)
-
-
-def _check_claim_idle(origin: Origin, group: GroupSpec, problems: list[Problem]) -> None:
-    """A message may be handled for as long as its route's timeout: claim_idle must outlast it.
-
-    Only timeouts written in the file count: a written timeout says handlers may run that
-    long, while the defaults (30s, 10s) are upper bounds a short claim_idle may undercut
-    on purpose, for handlers known to be quick.
-    """
-    longest: tuple[float, str, int] | None = None
-    for index, route in enumerate(group.routes):
-        action = route.call or route.http
-        if action is None or "timeout" not in action.model_fields_set:
-            continue
-        if longest is None or action.timeout > longest[0]:
-            longest = (action.timeout, "call" if route.call else "http", index)
-    claim_idle = group.retry.claim_idle
-    if longest is None or claim_idle > longest[0]:
-        return
-    timeout, kind, index = longest
-    # at claim_idle when it is written, else at the timeout (the default claim_idle is
-    # longer than the default timeouts, so a written timeout is what made it too long)
-    sub: tuple[str | int, ...] = ("retry", "claim_idle")
-    if "claim_idle" not in group.retry.model_fields_set:
-        sub = ("routes", index, kind, "timeout")
-    problems.append(
-        origin.problem(
-            sub,
-            f"claim_idle ({dur(claim_idle)}) must be longer than the longest {kind} timeout "
-            f"in this group ({dur(timeout)}, routes[{index}]): another runner would claim a "
-            "message while it is still being handled; raise claim_idle or lower the timeout",
-        )
-    )
 
 
 def _check_weights(

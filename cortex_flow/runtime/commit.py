@@ -28,6 +28,7 @@ from cortex_flow.runtime.delivery import DEAD, RETRY, Outcome, backoff_ms, scrip
 from cortex_flow.runtime.routes import Publish
 from cortex_flow.runtime.stats import KeyStats
 from cortex_flow.wire.connection import same_slot
+from cortex_flow.wire.faults import passing_reason
 
 # ARGV[1] is the group, ARGV[2] the batch as JSON (one argument: packing thousands of
 # small arguments costs the client more than the work itself): a list of
@@ -65,6 +66,18 @@ return failed
 """
 
 
+class CommitDeferred(Exception):
+    """Redis refused part of a commit for a passing reason (out of memory, read-only,
+    loading, ...): ``outcomes`` were neither applied nor failed; commit them again later.
+    Everything else of the batch was applied."""
+
+    def __init__(self, outcomes: list[Outcome], reason: str, error: str) -> None:
+        super().__init__(f"{len(outcomes)} outcome(s) not committed: {error}")
+        self.outcomes = outcomes
+        self.reason = reason
+        self.error = error
+
+
 def _iso_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
@@ -97,6 +110,7 @@ class Committer:
         # shared with PendingWork, which stops claiming them
         self.stuck = stuck if stuck is not None else set()
         self._script: Any = client.register_script(COMMIT)
+        self._deferred: list[tuple[Outcome, str]] = []  # refused for a passing reason
 
     def dead_letter(self, outcome: Outcome) -> Publish:
         """The dead-letter entry for ``outcome``: its fields plus the ``dlq_*`` metadata."""
@@ -117,8 +131,39 @@ class Committer:
         """Apply a batch of outcomes: publishes, dead letters and XACKs together.
 
         A RETRY is only counted and logged: its entry stays pending until the backoff
-        for its delivery count has passed (see :mod:`cortex_flow.runtime.pending`).
+        for its delivery count has passed. A passing refusal of the whole batch (no
+        answer, out of memory, ...) is raised as it came; of some of its entries, as
+        :class:`CommitDeferred` once the rest is applied. Either way nothing of what was
+        not applied is counted: commit those outcomes again.
         """
+        self._deferred = []
+        await self._commit(outcomes)
+        for outcome in outcomes:
+            if outcome.kind == RETRY:
+                self._retrying(outcome)
+        if self._deferred:
+            deferred = [o for o, _ in self._deferred]
+            error = self._deferred[0][1]
+            raise CommitDeferred(deferred, passing_reason(error) or "refused", error)
+
+    def _retrying(self, outcome: Outcome) -> None:
+        entry = outcome.entry
+        self._key_stats[entry.key.key].failed += 1
+        self.log.warning(
+            "group %s: %s from %s failed (delivery %d of %d): %s; will retry in %s",
+            self.name,
+            entry.id,
+            entry.key.key,
+            entry.deliveries,
+            self.max_deliveries,
+            outcome.error,
+            format_duration(backoff_ms(self._backoff, entry.deliveries) / 1000),
+        )
+
+    def _defer(self, outcome: Outcome, error: str) -> None:
+        self._deferred.append((outcome, error))
+
+    async def _commit(self, outcomes: list[Outcome]) -> None:
         acks: dict[str, list[str]] = {}
         adds: list[tuple[Outcome, Publish]] = []
         done: list[Outcome] = []
@@ -126,17 +171,6 @@ class Committer:
             entry = outcome.entry
             source = entry.key.key
             if outcome.kind == RETRY:
-                self._key_stats[source].failed += 1
-                self.log.warning(
-                    "group %s: %s from %s failed (delivery %d of %d): %s; will retry in %s",
-                    self.name,
-                    entry.id,
-                    source,
-                    entry.deliveries,
-                    self.max_deliveries,
-                    outcome.error,
-                    format_duration(backoff_ms(self._backoff, entry.deliveries) / 1000),
-                )
                 continue
             if outcome.kind == DEAD:
                 if self.dead_letter_key is None:
@@ -254,7 +288,7 @@ class Committer:
                 else "MULTI/EXEC",
             )
             self._script = None
-            await self.commit(outcomes)
+            await self._commit(outcomes)
             return {id(o) for o in outcomes}
         if not failed:
             return set()
@@ -263,6 +297,9 @@ class Committer:
         for number, key, error in failed:
             outcome = outcomes[int(number) - 1]
             rejected.add(id(outcome))
+            if passing_reason(str(error)) is not None:
+                self._defer(outcome, str(error))  # OOM, READONLY, ...: not its fault
+                continue
             reason = f"publishing to {key} failed: {error}"
             fate = "it stays pending"
             if outcome.kind != DEAD and self.dead_letter_key is not None:
@@ -277,7 +314,7 @@ class Committer:
                 fate,
             )
         if retry:
-            await self.commit(retry)
+            await self._commit(retry)
         return rejected
 
     async def _commit_cluster(
@@ -337,6 +374,10 @@ class Committer:
             rescued.add(id(outcome))
             entry = outcome.entry
             reason = str(exc).rpartition("caused error: ")[2].strip("(),'\"")
+            if not acked and passing_reason(exc) is not None:
+                unsaved.add(id(outcome))  # not acknowledged: committed again later
+                self._defer(outcome, reason)
+                continue
             error = f"publishing to {publish.key} failed: {reason}"
             dlq = self.dead_letter_key
             if dlq is not None and publish.key != dlq:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import time
 from collections import deque
@@ -33,14 +34,22 @@ from redis.exceptions import ResponseError
 
 from cortex_flow.flow.models import StreamSpec
 from cortex_flow.flow.topology import ResolvedGroup
-from cortex_flow.runtime.commit import Committer
+from cortex_flow.runtime.commit import CommitDeferred, Committer
 from cortex_flow.runtime.delivery import ACK, DEAD, RETRY, TRANSIENT, Entry, Outcome
 from cortex_flow.runtime.handling import EntryHandler
+from cortex_flow.runtime.leases import Leases
 from cortex_flow.runtime.pending import PendingWork
 from cortex_flow.runtime.reader import FIND_FIRST, GroupReader
 from cortex_flow.runtime.routes import RouteTable
 from cortex_flow.runtime.stats import GroupStats, KeyStats
 from cortex_flow.wire.connection import Backoff
+from cortex_flow.wire.faults import passing_reason
+
+# finished outcomes wait at most this long to be committed with others (one round trip)
+FLUSH_DELAY = 0.002
+# a passing Redis error (out of memory, read-only, no answer) is logged once per group and
+# reason in this many seconds, with how often it happened meanwhile
+FAULT_LOG_EVERY = 10.0
 
 __all__ = [
     "ACK",
@@ -69,7 +78,15 @@ async def ensure_group(client: Any, key: str, group: str, start: str) -> bool:
 
 
 class GroupConsumer:
-    """Runs one Redis consumer (``runner.name``) of one group over all the group's keys."""
+    """Runs one Redis consumer (``runner.name``) of one group over all the group's keys.
+
+    Entries read or claimed wait in a backlog (highest priority first) and run up to
+    ``concurrency`` at a time; reads take up to a batch once there is room for one, so
+    the backlog holds at most about ``concurrency`` entries more. Finished outcomes are
+    committed together, after ``FLUSH_DELAY`` at most or when nothing else runs. What
+    the consumer holds keeps its lease (:mod:`cortex_flow.runtime.leases`); a failed
+    entry is taken back when its backoff is due, from a timer, not a poll.
+    """
 
     def __init__(
         self,
@@ -100,14 +117,29 @@ class GroupConsumer:
         retry = self.spec.retry
         self.block_ms = max(10, int(min(block, retry.backoff.initial) * 1000))
         self._claim_every = max(retry.claim_idle / 4, 0.05)
+        self._lease_every = max(retry.claim_idle / 3, 0.05)
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
+        # (key, id) this consumer holds: running, in the backlog or waiting to be committed
         self._inflight: set[tuple[str, str]] = set()
         # failed for good with no dead_letter: left pending, no longer claimed
         self._stuck: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        # claimed or re-read entries beyond `concurrency`: in flight for us, not started yet
-        self._backlog: deque[Entry] = deque()
+        # read or claimed, not started yet: one queue per key, in priority order
+        self._rank = {k.key: i for i, k in enumerate(self.keys)}
+        self._backlog: list[deque[Entry]] = [deque() for _ in self.keys]
+        self._waiting = 0  # entries in the backlog
+        # finished, to commit together; the flusher commits them
+        self._outbox: list[Outcome] = []
+        self._outbox_ready = asyncio.Event()
+        self._outbox_full = asyncio.Event()
+        self._running = 0  # handlers between start and outcome
+        self._flusher: asyncio.Task[None] | None = None
+        self._closing = False
+        # (due, key, id, deliveries) of our failed entries, soonest first
+        self._due: list[tuple[float, str, str, int]] = []
+        self._fault_counts: dict[str, int] = {}
+        self._fault_logged: dict[str, float] = {}
         self._key_stats: dict[str, KeyStats] = {k.key: stats.key(k.key) for k in self.keys}
         self.reader = GroupReader(
             client, group, block_ms=self.block_ms, cluster=cluster, sleep=self._sleep, log=self.log
@@ -125,6 +157,7 @@ class GroupConsumer:
             log=self.log,
             stuck=self._stuck,
         )
+        self.leases = Leases(client, self.name, self.me, self.log)
         self.pending = PendingWork(
             client,
             group,
@@ -132,14 +165,13 @@ class GroupConsumer:
             inflight=self._inflight,
             capacity=self._capacity,
             dispatch=self._dispatch,
-            commit=self.committer.commit,
+            commit=self._commit_until_done,
             log=self.log,
             stuck=self._stuck,
         )
         # bound once: the hot path calls these per message (or per batch)
         self._fetch = self.reader.fetch
         self._handle = self.handler.handle
-        self._commit = self.committer.commit
         self._task: asyncio.Task[None] | None = None
 
     # The handler's. A route-only reload swaps the table (swap_routes); the runner may
@@ -160,6 +192,16 @@ class GroupConsumer:
     @property
     def executor(self) -> Any:
         return self.handler.executor
+
+    @property
+    def held(self) -> int:
+        """Entries this consumer holds: running, waiting to start, or to be committed."""
+        return len(self._inflight)
+
+    @property
+    def overrunning(self) -> int:
+        """Sync calls past their timeout whose thread is still running."""
+        return self.handler.overrunning
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -196,9 +238,10 @@ class GroupConsumer:
             )
             self._drop_backlog()
             self._task.cancel()
-            for task in list(self._tasks):
+            others = [*self._tasks, *([self._flusher] if self._flusher else [])]
+            for task in others:
                 task.cancel()
-            await asyncio.wait([self._task, *self._tasks], timeout=1.0)
+            await asyncio.wait([self._task, *others], timeout=1.0)
             # what was in flight stays pending under our name: a successor may take it now
             self.done.set()
             return False
@@ -210,8 +253,10 @@ class GroupConsumer:
         pending = self.pending
         recover = True
         next_claim = 0.0
-        next_retry = 0.0
         recreate = False
+        lease = asyncio.create_task(self._renew_leases(), name=f"leases:{self.name}")
+        if not self.handler.table.inline:
+            self._flusher = asyncio.create_task(self._flush_loop(), name=f"commit:{self.name}")
         try:
             while not self._stopping.is_set():
                 try:
@@ -230,13 +275,11 @@ class GroupConsumer:
                         await pending.take_own()
                         if pending.recovering:
                             if self._capacity() == 0:
-                                self._wake.clear()
-                                await self._wake.wait()
+                                await self._idle()
                             continue
                     now = time.monotonic()
-                    if now >= next_retry:
-                        next_retry = now + self.block_ms / 1000
-                        await pending.retry_due()
+                    if self._due and self._due[0][0] <= now:
+                        await self._retry_due(now)
                     if pending.claiming:
                         await pending.claim_from_down()
                     if now >= next_claim:
@@ -245,51 +288,71 @@ class GroupConsumer:
                             next_claim = now  # a backlog of idle entries: keep taking it
                     capacity = self._capacity()
                     if capacity == 0:
-                        self._wake.clear()
-                        await self._wake.wait()
+                        await self._idle()
                         continue
-                    # while a down consumer's entries remain, only glance for new ones
-                    entries = await self._fetch(capacity, block=not pending.claiming)
+                    # while a down consumer's entries remain, only glance for new ones;
+                    # a retry falling due ends the wait for new entries in time
+                    block = not pending.claiming
+                    entries = await self._fetch(capacity, block=block, block_ms=self._block_ms())
                     if entries:
                         await self._dispatch(entries)
                     backoff.reset()
                 except TRANSIENT as exc:
                     delay = backoff.next_delay()
-                    self.log.warning(
-                        "group %s: lost Redis (%s); retrying in %.1fs, then re-reading "
-                        "pending entries",
-                        self.name,
-                        exc,
-                        delay,
-                    )
+                    self._fault("unreachable", exc, f"retrying in {delay:.1f}s")
                     recover = True
                     await self._sleep(delay)
                 except ResponseError as exc:
-                    if "NOGROUP" in str(exc):
+                    reason = passing_reason(exc)
+                    if reason is not None:
+                        delay = backoff.next_delay()
+                        self._fault(reason, exc, f"retrying in {delay:.1f}s")
+                        await self._sleep(delay)
+                    elif "NOGROUP" in str(exc):
                         self.log.warning(
                             "group %s: group or stream vanished from Redis; creating it again",
                             self.name,
                         )
                         recreate = True
+                        recover = True
                         await self._sleep(backoff.next_delay())
                     else:
                         await self._unexpected(backoff)
-                    recover = True
+                        recover = True
                 except Exception:
                     await self._unexpected(backoff)
                     recover = True
             while self._tasks:  # what we hold, the backlog included, is finished
                 await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._close_outbox()
         finally:
+            lease.cancel()
             self._drop_backlog()
             if not self._inflight:
                 self.done.set()
 
+    async def _idle(self) -> None:
+        """Wait for a free slot (or a stop), but no longer than the next retry's due time."""
+        self._wake.clear()
+        timeout = None
+        if self._due:
+            timeout = max(0.0, self._due[0][0] - time.monotonic())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _block_ms(self) -> int:
+        if not self._due:
+            return self.block_ms
+        until = int((self._due[0][0] - time.monotonic()) * 1000)
+        return max(1, min(self.block_ms, until))
+
     def _drop_backlog(self) -> None:
         """Give up entries not started: they stay pending under our name for a successor."""
-        for entry in self._backlog:
-            self._inflight.discard((entry.key.key, entry.id))
-        self._backlog.clear()
+        for queue in self._backlog:
+            for entry in queue:
+                self._inflight.discard((entry.key.key, entry.id))
+            queue.clear()
+        self._waiting = 0
 
     async def _unexpected(self, backoff: Backoff) -> None:
         # A consumer that dies here stops its group in silence while the runner looks
@@ -303,15 +366,98 @@ class GroupConsumer:
         )
         await self._sleep(delay)
 
+    def _fault(self, reason: str, exc: BaseException, then: str) -> None:
+        """Count a passing Redis error; log it at most once per ``FAULT_LOG_EVERY``."""
+        self.stats.redis_errors[reason] = self.stats.redis_errors.get(reason, 0) + 1
+        self._fault_counts[reason] = self._fault_counts.get(reason, 0) + 1
+        now = time.monotonic()
+        if now - self._fault_logged.get(reason, -FAULT_LOG_EVERY) < FAULT_LOG_EVERY:
+            return
+        self._fault_logged[reason] = now
+        count, self._fault_counts[reason] = self._fault_counts[reason], 0
+        what = {
+            "unreachable": "Redis does not answer",
+            "oom": "Redis is out of memory (maxmemory)",
+            "readonly": "Redis is read-only (a replica, or a failover under way)",
+            "loading": "Redis is loading its data",
+            "failover": "the Redis master is down or moving",
+            "busy": "Redis is busy running a script",
+            "misconf": "Redis refuses writes (MISCONF: it cannot persist)",
+        }.get(reason, f"Redis refused ({reason})")
+        self.log.warning(
+            "group %s: %s (%s); %s. Outcomes are kept and committed once it recovers; "
+            "nothing is counted as a failure or dead-lettered for it (%d time%s since "
+            "last said)",
+            self.name,
+            what,
+            str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
+            then,
+            count,
+            "" if count == 1 else "s",
+        )
+
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
     def _capacity(self) -> int:
+        """How many entries to read or claim now: up to a batch, once there is room for one.
+
+        At most ``concurrency`` run; about as many more may wait in the backlog, so a read
+        takes a whole batch instead of the one or two slots that just freed.
+        """
         if self.handler.table.inline:
             return self.spec.batch
-        busy = len(self._tasks) + len(self._backlog)
-        return max(0, min(self.spec.batch, self.spec.concurrency - busy))
+        concurrency, batch = self.spec.concurrency, self.spec.batch
+        busy = self.held
+        room = min(batch, 2 * concurrency - busy)
+        if busy and room < min(batch, concurrency):
+            return 0  # wait for a batch's worth of room
+        return max(0, room)
+
+    # -- leases and retries ------------------------------------------------------------
+
+    async def _renew_leases(self) -> None:
+        """Every third of ``claim_idle``: keep what we hold from being claimed by others."""
+        while True:
+            await asyncio.sleep(self._lease_every)
+            held: dict[str, list[str]] = {}
+            for key, entry_id in self._inflight:
+                held.setdefault(key, []).append(entry_id)
+            if not held:
+                continue
+            try:
+                await self.leases.renew(held)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                reason = passing_reason(exc) or "error"
+                self._fault(reason, exc, "leases are renewed again next time")
+
+    def _schedule_retry(self, outcome: Outcome) -> None:
+        entry = outcome.entry
+        wait = self.pending.backoff_ms(entry.deliveries) / 1000
+        item = (time.monotonic() + wait, entry.key.key, entry.id, entry.deliveries)
+        heapq.heappush(self._due, item)
+
+    async def _retry_due(self, now: float) -> None:
+        """Take back our failed entries whose backoff has passed, as many as there is room for."""
+        room = self._capacity()
+        by_key: dict[str, list[dict[str, Any]]] = {}
+        while self._due and self._due[0][0] <= now and room > 0:
+            _, source, entry_id, deliveries = heapq.heappop(self._due)
+            if (source, entry_id) in self._inflight:
+                continue
+            rows = by_key.setdefault(source, [])
+            rows.append({"message_id": entry_id, "times_delivered": deliveries})
+            room -= 1
+        for key in self.keys:
+            rows = by_key.get(key.key, [])
+            if rows:
+                # idle since our failed delivery, at least the smallest backoff: an entry
+                # another consumer took over meanwhile (idle less) is left to it
+                first = self.pending.backoff_ms(1)
+                await self.pending.take(key, rows, max(0, first - 50))
 
     # -- processing --------------------------------------------------------------------
 
@@ -319,18 +465,23 @@ class GroupConsumer:
         if self.handler.table.inline:
             handle = self._handle
             outcomes = [await handle(e) for e in entries]
-            await self._commit(outcomes)
+            await self._commit_until_done(outcomes)
             return
+        rank = self._rank
         for entry in entries:
             self._inflight.add((entry.key.key, entry.id))
-            self._backlog.append(entry)
+            self._backlog[rank[entry.key.key]].append(entry)
+        self._waiting += len(entries)
         self._start_backlog()
 
     def _start_backlog(self) -> None:
-        # Claims and re-reads may bring more than `concurrency` entries at once; they
-        # wait here so that no more than `concurrency` handlers ever run together.
-        while self._backlog and len(self._tasks) < self.spec.concurrency:
-            task = asyncio.create_task(self._handle_one(self._backlog.popleft()))
+        # Reads and claims bring more than the free slots; the rest waits here, highest
+        # priority first, so that no more than `concurrency` handlers ever run together.
+        limit = self.spec.concurrency
+        while self._waiting and len(self._tasks) < limit:
+            queue = next(q for q in self._backlog if q)
+            self._waiting -= 1
+            task = asyncio.create_task(self._handle_one(queue.popleft()))
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
 
@@ -340,22 +491,9 @@ class GroupConsumer:
         self._wake.set()
 
     async def _handle_one(self, entry: Entry) -> None:
+        self._running += 1
         try:
             outcome = await self._handle(entry)
-            for attempt in range(5):
-                try:
-                    await self._commit([outcome])
-                    break
-                except TRANSIENT as exc:
-                    if attempt == 4:
-                        self.log.warning(
-                            "group %s: cannot acknowledge %s (%s); it stays pending and is retried",
-                            self.name,
-                            entry.id,
-                            exc,
-                        )
-                        break
-                    await asyncio.sleep(0.2 * (attempt + 1))
         except Exception:
             # nobody awaits this task: an error left unlogged here would vanish
             self.log.exception(
@@ -364,5 +502,69 @@ class GroupConsumer:
                 entry.id,
                 entry.key.key,
             )
-        finally:
             self._inflight.discard((entry.key.key, entry.id))
+            return
+        finally:
+            self._running -= 1
+        self._outbox.append(outcome)
+        self._outbox_ready.set()
+        if len(self._outbox) >= self.spec.batch or self._running == 0:
+            self._outbox_full.set()
+
+    # -- committing --------------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        """Commit finished outcomes together: after ``FLUSH_DELAY`` at most, at once when a
+        batch is full or nothing else is running."""
+        while not self._closing:
+            await self._outbox_ready.wait()
+            if not self._outbox_full.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._outbox_full.wait(), FLUSH_DELAY)
+            await self._flush()
+
+    async def _flush(self) -> None:
+        outcomes, self._outbox = self._outbox, []
+        self._outbox_ready.clear()
+        self._outbox_full.clear()
+        if not outcomes:
+            return
+        try:
+            await self._commit_until_done(outcomes)
+        finally:
+            for outcome in outcomes:
+                self._inflight.discard((outcome.entry.key.key, outcome.entry.id))
+            self._wake.set()
+
+    async def _close_outbox(self) -> None:
+        """At stop: let the flusher commit what finished and end (never cut off mid-commit)."""
+        self._closing = True
+        self._outbox_ready.set()
+        self._outbox_full.set()
+        flusher, self._flusher = self._flusher, None
+        if flusher is not None:
+            await flusher
+        await self._flush()
+
+    async def _commit_until_done(self, outcomes: list[Outcome]) -> None:
+        """Commit, keeping outcomes through passing Redis errors (no answer, out of memory,
+        read-only, loading): they are committed again with backoff, counted neither as a
+        delivery nor as a failure. A stop whose grace runs out leaves them pending."""
+        retries = [o for o in outcomes if o.kind == RETRY]
+        delay = 0.05
+        while True:
+            try:
+                await self.committer.commit(outcomes)
+                break
+            except CommitDeferred as exc:
+                outcomes = exc.outcomes
+                self._fault(exc.reason, exc, f"committing again in {delay:.2g}s")
+            except (*TRANSIENT, ResponseError) as exc:
+                reason = passing_reason(exc)
+                if reason is None:
+                    raise
+                self._fault(reason, exc, f"committing again in {delay:.2g}s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        for outcome in retries:
+            self._schedule_retry(outcome)

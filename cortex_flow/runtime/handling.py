@@ -23,6 +23,7 @@ from cortex_flow.flow.topology import ResolvedGroup
 from cortex_flow.runtime.delivery import ACK, DEAD, RETRY, Entry, Outcome
 from cortex_flow.runtime.routes import (
     CompiledRoute,
+    Overran,
     PermanentError,
     Publish,
     RouteTable,
@@ -62,6 +63,7 @@ class EntryHandler:
         self._has_dead_letter = group.dead_letter is not None
         self._key_stats = key_stats
         self.log = log or logging.getLogger("cortex_flow.consumer")
+        self.overrunning = 0  # sync calls past their timeout whose thread still runs
         self._unmatched = 0  # acknowledged unmatched since the last warning
         self._unmatched_warn_at = 0.0  # time.monotonic() of the next allowed warning
         self._base_vars: dict[str, Any] = dict(group.spec.vars)
@@ -100,14 +102,18 @@ class EntryHandler:
                 elif action == "call":
                     if route.inline and not route.is_async:
                         route.fn(msg)  # type: ignore[misc]
-                    else:
+                    elif route.is_async:
                         await call_route(route, msg, self.executor)
+                    else:
+                        await self._call_sync(route, msg, entry)
                 elif action == "http":
                     await self._post(route, msg, ctx)
                 if not route.continue_:
                     break
         except PermanentError as exc:
             return Outcome(entry, DEAD, [], str(exc))
+        except Overran as exc:
+            return self._failed(entry, f"{route.label}: {exc}")
         except TimeoutError:
             return self._failed(entry, f"timed out after {route.timeout:g}s ({route.label})")
         except Exception as exc:
@@ -120,6 +126,30 @@ class EntryHandler:
                 return Outcome(entry, DEAD, [], "no route matched")
             self._warn_unmatched()
         return Outcome(entry, ACK, publishes)
+
+    async def _call_sync(self, route: CompiledRoute, msg: Any, entry: Entry) -> None:
+        """A sync call in the pool; past its timeout it is said to overrun until it returns."""
+        overran = False
+
+        def overrun(route: CompiledRoute) -> None:
+            nonlocal overran
+            overran = True
+            self.overrunning += 1
+            self.log.warning(
+                "group %s: %s (%s) timed out after %gs and is still running; a sync call "
+                "cannot be stopped: the message keeps its slot and is retried only once it "
+                "returns",
+                self.name,
+                entry.id,
+                route.label,
+                route.timeout,
+            )
+
+        try:
+            await call_route(route, msg, self.executor, overrun)
+        finally:
+            if overran:
+                self.overrunning -= 1
 
     def _warn_unmatched(self) -> None:
         """Say (at most once a minute) that unmatched messages are being acknowledged."""

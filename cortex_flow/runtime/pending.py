@@ -6,7 +6,8 @@ for that very entry:
 
 - its own pending entries, at start and after a lost connection (a previous run, or
   what it held when the connection dropped), a page at a time as slots free up;
-- its failed entries, once idle past the backoff for their delivery count;
+- its failed entries, when the backoff for their delivery count is due (the consumer
+  keeps the due times: :meth:`PendingWork.take`);
 - any consumer's entries idle past ``claim_idle`` (XPENDING IDLE), a crashed runner's;
 - the entries of consumers whose runner or agent went down, without waiting.
 
@@ -27,10 +28,6 @@ from typing import Any
 from cortex_flow.flow.topology import ResolvedGroup, StreamKey
 from cortex_flow.runtime.delivery import DEAD, Entry, Outcome, backoff_ms, pairs
 from cortex_flow.runtime.stats import KeyStats
-
-# XPENDING pages of ``batch`` rows scanned per key in one retry round, at most; the
-# scan goes on from there in the next round
-RETRY_SCAN_PAGES = 10
 
 
 @dataclass(slots=True)
@@ -101,7 +98,6 @@ class PendingWork:
         self._dispatch = dispatch
         self._commit = commit
         self._claim_from: dict[str, str] = {}
-        self._retry_from: dict[str, str] = {}
         self._own: dict[str, str] = {}
         self._down: list[_DownConsumer] = []
 
@@ -154,42 +150,7 @@ class PendingWork:
                 else:
                     self._own[key.key] = following
                 if rows:
-                    await self._take(key, rows, 0)
-
-    async def retry_due(self) -> None:
-        """Claim back our failed entries whose backoff has passed, as many as we have room for.
-
-        XPENDING lists entries in ID order, so an old entry waiting out a long backoff
-        comes before newer ones already due. The scan of each key goes on from where the
-        previous round stopped, ``RETRY_SCAN_PAGES`` pages at most per round, and starts
-        over once it reaches the end: every entry is looked at within a few rounds.
-        """
-        first = self.backoff_ms(1)
-        batch = self.spec.batch
-        for key in self.keys:
-            room = self._capacity()
-            if room == 0:
-                return
-            start = self._retry_from.get(key.key, "-")
-            due: list[dict[str, Any]] = []
-            for _ in range(RETRY_SCAN_PAGES):
-                rows, following = await self._page(key, start, batch, self.me, idle=first)
-                due.extend(
-                    r
-                    for r in rows
-                    if r["time_since_delivered"] >= self.backoff_ms(int(r["times_delivered"]))
-                    and (key.key, r["message_id"]) not in self._inflight
-                    and (self._has_dead_letter or not self._given_up(key, r))
-                )
-                start = following or "-"
-                if following is None or len(due) >= room:
-                    break
-            if len(due) > room:
-                due = due[:room]
-                start = "(" + due[-1]["message_id"]  # the rest are found from there next time
-            self._retry_from[key.key] = start
-            if due:
-                await self._take(key, due, first)
+                    await self.take(key, rows, 0)
 
     # -- other consumers' pending ------------------------------------------------------
 
@@ -233,7 +194,7 @@ class PendingWork:
                         down.name,
                     )
                 down.after = "(" + rows[-1]["message_id"]
-                down.claimed += await self._take(key, rows, 0, claiming=True)
+                down.claimed += await self.take(key, rows, 0, claiming=True)
             if following is None:
                 self._down.remove(down)
                 if down.claimed:
@@ -366,7 +327,7 @@ class PendingWork:
         )
         return True
 
-    async def _take(
+    async def take(
         self, key: StreamKey, rows: list[dict[str, Any]], min_idle: int, *, claiming: bool = False
     ) -> int:
         """XCLAIM ``rows`` (XPENDING rows) to this consumer and process them; how many.

@@ -79,9 +79,12 @@ class GroupReader:
         if len(self.keys) > 1 and (not cluster or same_slot(*[k.key for k in self.keys])):
             self._script = client.register_script(FIND_FIRST)
 
-    async def fetch(self, count: int, block: bool = True) -> list[Entry]:
-        """Read up to ``count`` new entries, waiting up to ``block_ms`` for some if ``block``."""
-        block_ms = self.block_ms if block else None
+    async def fetch(
+        self, count: int, block: bool = True, block_ms: int | None = None
+    ) -> list[Entry]:
+        """Read up to ``count`` new entries, waiting up to ``block_ms`` (default: the
+        reader's) for some if ``block``."""
+        block_ms = (block_ms or self.block_ms) if block else None
         if len(self.keys) == 1:
             key = self.keys[0]
             resp = await self.client.xreadgroup(

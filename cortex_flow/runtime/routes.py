@@ -8,6 +8,7 @@ without Redis.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
@@ -197,8 +198,28 @@ class RouteTable:
         self.inline = all(r.action in ("to", "drop") or r.inline for r in self.routes)
 
 
-async def call_route(route: CompiledRoute, msg: Any, executor: Any = None) -> None:
-    """Run a ``call`` route: async awaited, sync in a thread (or inline), with its timeout."""
+class Overran(TimeoutError):
+    """A sync call ran past its timeout; raised once its thread returned (it cannot be
+    killed), with how long it ran in all."""
+
+    def __init__(self, timeout: float, ran: float) -> None:
+        super().__init__(f"timed out after {timeout:g}s (it ran on for {ran:.1f}s in all)")
+        self.timeout = timeout
+        self.ran = ran
+
+
+async def call_route(
+    route: CompiledRoute,
+    msg: Any,
+    executor: Any = None,
+    on_overrun: Callable[[CompiledRoute], None] | None = None,
+) -> None:
+    """Run a ``call`` route: async awaited, sync in a thread (or inline), with its timeout.
+
+    An async call is cancelled at its timeout. A sync call cannot be: past its timeout
+    ``on_overrun`` is told, and this waits for the thread to return (the message keeps
+    its slot and its lease, and is not retried meanwhile), then raises :class:`Overran`.
+    """
     fn = route.fn
     assert fn is not None
     if route.is_async:
@@ -208,5 +229,13 @@ async def call_route(route: CompiledRoute, msg: Any, executor: Any = None) -> No
         fn(msg)
     else:
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(route.timeout):
-            await loop.run_in_executor(executor, fn, msg)
+        started = loop.time()
+        future = loop.run_in_executor(executor, fn, msg)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), route.timeout)
+        except TimeoutError:
+            if on_overrun is not None:
+                on_overrun(route)
+            with contextlib.suppress(Exception):  # its outcome is the timeout either way
+                await future
+            raise Overran(route.timeout, loop.time() - started) from None

@@ -65,6 +65,9 @@ class GroupStats:
     group: str
     consumer: str
     keys: dict[str, KeyStats] = field(default_factory=dict)
+    # passing Redis errors met (out of memory, read-only, no answer, ...), by reason
+    redis_errors: dict[str, int] = field(default_factory=dict)
+    overrunning: int = 0  # sync calls past their timeout still running (set at scrape)
 
     def key(self, key: str) -> KeyStats:
         stats = self.keys.get(key)

@@ -1,0 +1,89 @@
+"""Leases: while a consumer holds entries, it keeps them from idling into ``claim_idle``.
+
+Every third of ``claim_idle`` the consumer re-claims to itself what it holds (running,
+waiting in its backlog, or waiting to be committed): ``XCLAIM ... 0 ... JUSTID`` resets
+an entry's idle time without counting a delivery. Another runner's XAUTOCLAIM then
+takes only entries whose runner stopped renewing (it died or lost Redis), about
+``claim_idle`` after the last renewal. So ``claim_idle`` need not outlast the longest
+call: a ten-minute model call under ``claim_idle: 30s`` runs once.
+
+The renewal is one script per key, which re-claims an ID only while this consumer still
+owns it: an entry another consumer took over meanwhile is left to it (XCLAIM alone would
+take it back). Where scripts cannot run, plain XCLAIM JUSTID is the fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from redis.exceptions import ResponseError
+
+from cortex_flow.runtime.delivery import scripting_unavailable
+
+# KEYS[1] the stream, ARGV[1] the group, ARGV[2] this consumer, ARGV[3..] the IDs held.
+# Returns the IDs renewed: those still owned by this consumer.
+RENEW = """
+local renewed = {}
+for i = 3, #ARGV do
+  local row = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)[1]
+  if row and row[2] == ARGV[2] then renewed[#renewed + 1] = ARGV[i] end
+end
+for from = 1, #renewed, 1000 do
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0,
+    unpack(renewed, from, math.min(from + 999, #renewed)), 'JUSTID')
+end
+return renewed
+"""
+
+
+class Leases:
+    """Renews one consumer's hold on the entries it has, one round trip per key."""
+
+    def __init__(self, client: Any, group: str, consumer: str, log: logging.Logger) -> None:
+        self.client = client
+        self.group = group
+        self.consumer = consumer
+        self.log = log
+        self._script: Any = client.register_script(RENEW)
+        self.lost = 0  # entries found owned by another consumer at a renewal
+
+    async def renew(self, held: Mapping[str, Sequence[str]]) -> set[tuple[str, str]]:
+        """Re-claim ``held`` (key -> IDs); returns the (key, id) no longer ours."""
+        gone: set[tuple[str, str]] = set()
+        for key, ids in held.items():
+            if not ids:
+                continue
+            renewed = await self._renew_key(key, list(ids))
+            gone.update((key, i) for i in ids if i not in renewed)
+        if gone:
+            self.lost += len(gone)
+            self.log.warning(
+                "group %s: %d entr%s held by %s were taken over by another consumer (its "
+                "lease was not renewed in time, e.g. Redis did not answer); both may run them",
+                self.group,
+                len(gone),
+                "y" if len(gone) == 1 else "ies",
+                self.consumer,
+            )
+        return gone
+
+    async def _renew_key(self, key: str, ids: list[str]) -> set[str]:
+        if self._script is not None:
+            try:
+                reply = await self._script(keys=[key], args=[self.group, self.consumer, *ids])
+                return {str(i) for i in reply}
+            except ResponseError as exc:
+                if not scripting_unavailable(exc):
+                    raise
+                self.log.warning(
+                    "group %s: the lease script cannot run (%s); renewing with XCLAIM alone",
+                    self.group,
+                    exc,
+                )
+                self._script = None
+        reply = await self.client.xclaim(
+            key, self.group, self.consumer, min_idle_time=0, message_ids=ids, justid=True
+        )
+        return {str(i) for i in reply}
