@@ -146,7 +146,14 @@ class GroupConsumer:
         )
         codec = streams[group.stream].codec
         self.handler = EntryHandler(
-            group, table, codec, self._key_stats, executor=executor, http=http, log=self.log
+            group,
+            table,
+            codec,
+            self._key_stats,
+            executor=executor,
+            http=http,
+            log=self.log,
+            group_stats=stats,
         )
         self.committer = Committer(
             client,
@@ -197,11 +204,6 @@ class GroupConsumer:
     def held(self) -> int:
         """Entries this consumer holds: running, waiting to start, or to be committed."""
         return len(self._inflight)
-
-    @property
-    def overrunning(self) -> int:
-        """Sync calls past their timeout whose thread is still running."""
-        return self.handler.overrunning
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -427,7 +429,7 @@ class GroupConsumer:
             if not held:
                 continue
             try:
-                await self.leases.renew(held)
+                self.stats.leases_lost += len(await self.leases.renew(held))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

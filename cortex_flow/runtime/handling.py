@@ -29,7 +29,7 @@ from cortex_flow.runtime.routes import (
     RouteTable,
     call_route,
 )
-from cortex_flow.runtime.stats import KeyStats
+from cortex_flow.runtime.stats import GroupStats, KeyStats
 from cortex_flow.wire.codec import DecodeError, decode
 
 # at most one "matched no route" warning per group in this many seconds
@@ -53,6 +53,7 @@ class EntryHandler:
         executor: Any = None,
         http: Any = None,
         log: logging.Logger | None = None,
+        group_stats: GroupStats | None = None,
     ) -> None:
         self.table = table
         self.executor = executor
@@ -63,7 +64,7 @@ class EntryHandler:
         self._has_dead_letter = group.dead_letter is not None
         self._key_stats = key_stats
         self.log = log or logging.getLogger("cortex_flow.consumer")
-        self.overrunning = 0  # sync calls past their timeout whose thread still runs
+        self.group_stats = group_stats  # where overrunning sync calls are counted
         self._unmatched = 0  # acknowledged unmatched since the last warning
         self._unmatched_warn_at = 0.0  # time.monotonic() of the next allowed warning
         self._base_vars: dict[str, Any] = dict(group.spec.vars)
@@ -134,7 +135,8 @@ class EntryHandler:
         def overrun(route: CompiledRoute) -> None:
             nonlocal overran
             overran = True
-            self.overrunning += 1
+            if self.group_stats is not None:
+                self.group_stats.overrunning += 1
             self.log.warning(
                 "group %s: %s (%s) timed out after %gs and is still running; a sync call "
                 "cannot be stopped: the message keeps its slot and is retried only once it "
@@ -148,8 +150,8 @@ class EntryHandler:
         try:
             await call_route(route, msg, self.executor, overrun)
         finally:
-            if overran:
-                self.overrunning -= 1
+            if overran and self.group_stats is not None:
+                self.group_stats.overrunning -= 1
 
     def _warn_unmatched(self) -> None:
         """Say (at most once a minute) that unmatched messages are being acknowledged."""

@@ -31,8 +31,10 @@ for i = 3, #ARGV do
   if row and row[2] == ARGV[2] then renewed[#renewed + 1] = ARGV[i] end
 end
 for from = 1, #renewed, 1000 do
-  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0,
-    unpack(renewed, from, math.min(from + 999, #renewed)), 'JUSTID')
+  local args = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
+  for j = from, math.min(from + 999, #renewed) do args[#args + 1] = renewed[j] end
+  args[#args + 1] = 'JUSTID'
+  redis.call(unpack(args))
 end
 return renewed
 """

@@ -82,6 +82,7 @@ class RunnerCollector:
         yield from self._keys()
         yield from self._gauges()
         yield from self._agents()
+        yield from self._groups()
         yield from self._reloads()
 
     def _runner(self) -> Iterator[Metric]:
@@ -161,6 +162,32 @@ class RunnerCollector:
         for (group, key, consumer), count in stats.consumers.items():
             consumers.add_metric([group, key, consumer], float(count))
         yield consumers
+
+    def _groups(self) -> Iterator[Metric]:
+        errors = CounterMetricFamily(
+            "cortex_flow_redis_errors",
+            "Passing Redis errors met (oom, readonly, loading, failover, busy, unreachable, "
+            "...): the work was kept and tried again, nothing failed or was dead-lettered.",
+            labels=["group", "reason"],
+        )
+        overrunning = GaugeMetricFamily(
+            "cortex_flow_calls_overrunning",
+            "Sync calls past their timeout whose thread still runs (the message waits).",
+            labels=["group"],
+        )
+        lost = CounterMetricFamily(
+            "cortex_flow_leases_lost",
+            "Held entries another consumer took over before this one renewed their lease.",
+            labels=["group"],
+        )
+        for group in self.stats.groups.values():
+            for reason, count in sorted(group.redis_errors.items()):
+                errors.add_metric([group.group, reason], float(count))
+            overrunning.add_metric([group.group], float(group.overrunning))
+            lost.add_metric([group.group], float(group.leases_lost))
+        yield errors
+        yield overrunning
+        yield lost
 
     def _agents(self) -> Iterator[Metric]:
         up = GaugeMetricFamily(

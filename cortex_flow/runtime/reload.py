@@ -34,6 +34,7 @@ from cortex_flow.runtime.consumer import TRANSIENT
 from cortex_flow.runtime.routes import RouteTable
 from cortex_flow.runtime.running import RunningTopology, route_tables
 from cortex_flow.runtime.stats import ReloadState
+from cortex_flow.wire.faults import passing_reason
 
 log = logging.getLogger("cortex_flow.reload")
 
@@ -99,8 +100,9 @@ async def _provision(reload: Reload, running: RunningTopology, new: Resolved, pl
         try:
             await running.provision(plan, new)
             return
-        except TRANSIENT as exc:
-            if reload.stopping() or time.monotonic() + delay > deadline:
+        except (*TRANSIENT, ResponseError) as exc:
+            passing = isinstance(exc, TRANSIENT) or passing_reason(exc) is not None
+            if not passing or reload.stopping() or time.monotonic() + delay > deadline:
                 raise
             log.warning("reload: cannot reach Redis to create groups (%s); retrying", exc)
             await asyncio.sleep(delay)

@@ -15,9 +15,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from redis.exceptions import ResponseError
+
 from cortex_flow.errors import CortexFlowError
 from cortex_flow.flow.loader import Project
-from cortex_flow.flow.plan import diff
+from cortex_flow.flow.plan import Plan, diff
 from cortex_flow.flow.topology import Resolved, resolve
 from cortex_flow.runtime.callpool import CallPool
 from cortex_flow.runtime.consumer import GroupConsumer
@@ -27,9 +29,20 @@ from cortex_flow.runtime.reload import Reload, reload_topology, watch_changes
 from cortex_flow.runtime.routes import RouteTable
 from cortex_flow.runtime.running import RunningTopology, route_tables
 from cortex_flow.runtime.stats import RunnerStats
-from cortex_flow.wire.connection import describe_url, is_cluster, redis_from_url, wait_for_redis
+from cortex_flow.wire.connection import (
+    Backoff,
+    describe_error,
+    describe_url,
+    is_cluster,
+    redis_from_url,
+    wait_for_redis,
+)
+from cortex_flow.wire.faults import passing_reason
 
 log = logging.getLogger("cortex_flow.runner")
+
+PROBE_EVERY = 1.0  # seconds between two PINGs of the connection probe
+PROBE_TIMEOUT = 2.0  # a PING unanswered this long counts as Redis down
 
 Watcher = Callable[[], AsyncIterator[Any]]
 
@@ -132,7 +145,7 @@ class Runner:
             executor=self.executor,
         )
         plan = diff(None, resolved)  # from nothing: every group is an add
-        await running.provision(plan, resolved)
+        await self._provision(running, plan, resolved)
         await running.watch_heartbeats(
             resolved, runner_interval=self.config.runner.heartbeat_interval, instance=self.instance
         )
@@ -150,6 +163,61 @@ class Runner:
         )
         if self._watcher is not None or self.config.reload.watch:
             self._tasks.append(asyncio.create_task(self._watch(), name="reload:watch"))
+        self._tasks.append(asyncio.create_task(self._probe(), name="redis:probe"))
+
+    async def _probe(self) -> None:
+        """PING Redis every ``PROBE_EVERY``: ``connected`` (the gauge, ``/readyz``) is
+        false while it does not answer within ``PROBE_TIMEOUT``, and the log says so."""
+        where = describe_url(self.url) if self.url else "(given client)"
+        down_since: float | None = None
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self.client.ping(), PROBE_TIMEOUT)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if down_since is None:
+                    down_since = time.monotonic()
+                    log.warning(
+                        "Redis at %s does not answer (%s); not ready until it does. Consumers "
+                        "keep what they hold and go on once it answers",
+                        where,
+                        describe_error(exc),
+                    )
+                self.stats.connected = False
+            else:
+                if down_since is not None:
+                    log.info(
+                        "Redis at %s answers again (after %.1fs)",
+                        where,
+                        time.monotonic() - down_since,
+                    )
+                    down_since = None
+                self.stats.connected = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), PROBE_EVERY)
+
+    async def _provision(self, running: RunningTopology, plan: Plan, resolved: Resolved) -> None:
+        """Create the groups; a passing refusal (out of memory, read-only, loading) is
+        waited out with backoff, as an unreachable Redis is."""
+        backoff = Backoff(initial=0.2, maximum=5.0)
+        while True:
+            try:
+                await running.provision(plan, resolved)
+                return
+            except ResponseError as exc:
+                reason = passing_reason(exc)
+                if reason is None or self._stop.is_set():
+                    raise
+                delay = backoff.next_delay()
+                log.warning(
+                    "cannot create the groups yet: Redis refuses (%s: %s); retrying in %.1fs",
+                    reason,
+                    exc,
+                    delay,
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
 
     async def _start_embedded(self) -> None:
         from cortex_flow.wire.embedded import resolve_url

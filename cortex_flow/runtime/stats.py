@@ -67,7 +67,8 @@ class GroupStats:
     keys: dict[str, KeyStats] = field(default_factory=dict)
     # passing Redis errors met (out of memory, read-only, no answer, ...), by reason
     redis_errors: dict[str, int] = field(default_factory=dict)
-    overrunning: int = 0  # sync calls past their timeout still running (set at scrape)
+    overrunning: int = 0  # sync calls past their timeout whose thread still runs
+    leases_lost: int = 0  # held entries another consumer took over before a renewal
 
     def key(self, key: str) -> KeyStats:
         stats = self.keys.get(key)
