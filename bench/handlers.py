@@ -6,6 +6,7 @@ functions, so both sides pay the same handler cost.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -33,3 +34,12 @@ def record_latency(msg: Mapping[str, Any]) -> None:
 def reset() -> None:
     COUNTER[0] = 0
     SAMPLES.clear()
+
+
+async def anoop(msg: Mapping[str, Any]) -> None:
+    """An ``async def`` that does nothing: the figure is the async call path's own cost."""
+
+
+async def io_wait(msg: Mapping[str, Any]) -> None:
+    """Awaits 50 ms: a stand-in for a model or API call (I/O-bound)."""
+    await asyncio.sleep(0.05)

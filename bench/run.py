@@ -24,10 +24,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import consume, latency, memory, route  # noqa: E402
+from bench import calls, consume, latency, memory, route  # noqa: E402
 from bench.common import Figure, Server  # noqa: E402
 
-BENCHES = ("consume", "route", "latency", "memory")
+BENCHES = ("consume", "route", "calls", "latency", "memory")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,11 +37,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, help="runs per throughput figure, best kept")
     p.add_argument("--consume-messages", type=int, help="default 200,000 (quick 50,000)")
     p.add_argument("--route-messages", type=int, help="default 100,000 (quick 20,000)")
+    p.add_argument("--call-messages", type=int, help="default 50,000 (quick 20,000)")
+    p.add_argument("--io-messages", type=int, help="default 12,000 (quick 6,000)")
     p.add_argument("--latency-backlog", type=int, default=100_000, help="default 100,000")
     p.add_argument("--latency-samples", type=int, help="default 400 (quick 200)")
     p.add_argument("--memory-first", type=int, help="default 100,000 (quick 50,000)")
     p.add_argument("--memory-last", type=int, help="default 1,000,000 (quick 300,000)")
-    p.add_argument("--profile", choices=BENCHES[:3], help="cProfile cortex-flow's runs of one")
+    p.add_argument(
+        "--profile", choices=("consume", "route", "latency"), help="cProfile cortex-flow's runs"
+    )
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
     quick = args.quick
@@ -53,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     default("repeat", 2, 1)
     default("consume_messages", 200_000, 50_000)
     default("route_messages", 100_000, 20_000)
+    default("call_messages", 50_000, 20_000)
+    default("io_messages", 12_000, 6_000)
     default("latency_samples", 400, 200)
     default("memory_first", 100_000, 50_000)
     default("memory_last", 1_000_000, 300_000)
@@ -139,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                 got = consume.run(server, args.consume_messages, args.repeat, mine)
             elif name == "route":
                 got = route.run(server, args.route_messages, args.repeat, mine)
+            elif name == "calls":
+                got = calls.run(server, args.call_messages, args.io_messages, args.repeat)
             elif name == "latency":
                 got = latency.run(server, args.latency_backlog, args.latency_samples, mine)
             else:

@@ -240,7 +240,14 @@ class GroupSpec(Model):
         default="earliest", description="Where a group that does not exist yet starts reading."
     )
     concurrency: int = Field(
-        default=4, ge=1, le=10_000, description="In-flight messages per runner."
+        default=64,
+        ge=1,
+        le=10_000,
+        description=(
+            "Handlers running at once per runner (as many again may wait, read ahead). "
+            "The default suits I/O-bound agents: 64 model or API calls in flight per group, "
+            "a 64-thread pool at most for a plain `def`."
+        ),
     )
     batch: int = Field(default=100, ge=1, le=10_000, description="XREADGROUP COUNT.")
     priority: Literal["strict", "weighted"] = "strict"

@@ -133,7 +133,6 @@ class GroupConsumer:
         self._outbox: list[Outcome] = []
         self._outbox_ready = asyncio.Event()
         self._outbox_full = asyncio.Event()
-        self._running = 0  # handlers between start and outcome
         self._flusher: asyncio.Task[None] | None = None
         self._closing = False
         # (due, key, id, deliveries) of our failed entries, soonest first
@@ -493,7 +492,6 @@ class GroupConsumer:
         self._wake.set()
 
     async def _handle_one(self, entry: Entry) -> None:
-        self._running += 1
         try:
             outcome = await self._handle(entry)
         except Exception:
@@ -506,11 +504,10 @@ class GroupConsumer:
             )
             self._inflight.discard((entry.key.key, entry.id))
             return
-        finally:
-            self._running -= 1
         self._outbox.append(outcome)
         self._outbox_ready.set()
-        if len(self._outbox) >= self.spec.batch or self._running == 0:
+        # this task is still in _tasks: when it is the last and nothing waits, a batch ends
+        if len(self._outbox) >= self.spec.batch or (not self._waiting and len(self._tasks) <= 1):
             self._outbox_full.set()
 
     # -- committing --------------------------------------------------------------------
