@@ -170,7 +170,9 @@ def project(server: Server, flow: str) -> Iterator[Project]:
         yield load_project(root / "config.yaml")
 
 
-def priority_flow(prefix: str, handler: str, batch: int = 100) -> str:
+def priority_flow(prefix: str, handler: str, batch: int = 100, inline: bool = True) -> str:
+    """One strict group over the four priority keys; ``inline: false`` leaves the call
+    to its own kind (an ``async def`` awaited, a ``def`` in the thread pool)."""
     return f"""\
 version: 1
 streams:
@@ -184,7 +186,7 @@ groups:
     batch: {batch}
     priority: strict
     routes:
-      - call: {{function: "{handler}", inline: true}}
+      - call: {{function: "{handler}", inline: {str(inline).lower()}}}
 """
 
 

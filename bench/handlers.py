@@ -43,3 +43,8 @@ async def anoop(msg: Mapping[str, Any]) -> None:
 async def io_wait(msg: Mapping[str, Any]) -> None:
     """Awaits 50 ms: a stand-in for a model or API call (I/O-bound)."""
     await asyncio.sleep(0.05)
+
+
+async def arecord_latency(msg: Mapping[str, Any]) -> None:
+    """``record_latency`` as an ``async def`` (the async call path)."""
+    record_latency(msg)
