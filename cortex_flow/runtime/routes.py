@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import inspect
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -230,12 +231,25 @@ async def call_route(
     else:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        future = loop.run_in_executor(executor, fn, msg)
+        running = (executor or _default_pool()).submit(fn, msg)
         try:
-            await asyncio.wait_for(asyncio.shield(future), route.timeout)
+            async with asyncio.timeout(route.timeout):
+                await asyncio.wrap_future(running)
         except TimeoutError:
+            if running.cancel():
+                raise  # still queued for a thread: it never ran
             if on_overrun is not None:
                 on_overrun(route)
             with contextlib.suppress(Exception):  # its outcome is the timeout either way
-                await future
+                await asyncio.wrap_future(running)
             raise Overran(route.timeout, loop.time() - started) from None
+
+
+_fallback: list[ThreadPoolExecutor] = []
+
+
+def _default_pool() -> ThreadPoolExecutor:
+    """A pool for sync calls when no executor is given (the runner always gives one)."""
+    if not _fallback:
+        _fallback.append(ThreadPoolExecutor(thread_name_prefix="cortex-call"))
+    return _fallback[0]
