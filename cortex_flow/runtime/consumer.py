@@ -129,14 +129,18 @@ class GroupConsumer:
         self._rank = {k.key: i for i, k in enumerate(self.keys)}
         self._backlog: list[deque[Entry]] = [deque() for _ in self.keys]
         self._waiting = 0  # entries in the backlog
+        self._starting = 0  # workers started that have not taken an entry yet
+        self._active = 0  # handlers running now
         # finished, to commit together; the flusher commits them
         self._outbox: list[Outcome] = []
         self._outbox_ready = asyncio.Event()
         self._outbox_full = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._closing = False
+        self._reread = False  # a commit failed for good: re-read our pending entries
         # (due, key, id, deliveries) of our failed entries, soonest first
         self._due: list[tuple[float, str, str, int]] = []
+        self._due_at: dict[tuple[str, str], float] = {}  # the current due time of each
         self._fault_counts: dict[str, int] = {}
         self._fault_logged: dict[str, float] = {}
         self._key_stats: dict[str, KeyStats] = {k.key: stats.key(k.key) for k in self.keys}
@@ -256,8 +260,8 @@ class GroupConsumer:
         next_claim = 0.0
         recreate = False
         lease = asyncio.create_task(self._renew_leases(), name=f"leases:{self.name}")
-        if not self.handler.table.inline:
-            self._flusher = asyncio.create_task(self._flush_loop(), name=f"commit:{self.name}")
+        # always: a route-only reload may swap an inline table for one that is not
+        self._flusher = asyncio.create_task(self._flush_loop(), name=f"commit:{self.name}")
         try:
             while not self._stopping.is_set():
                 try:
@@ -265,12 +269,16 @@ class GroupConsumer:
                         for key in self.keys:
                             await ensure_group(self.client, key.key, self.name, self.spec.start)
                         recreate = False
+                    if self._reread:
+                        self._reread, recover = False, True
                     if recover:
                         if self.predecessor is not None:
                             await self.predecessor.wait()
                             if self._stopping.is_set():
                                 break  # stopped while waiting: take nothing new
-                        pending.recover()
+                        pending.recover()  # every entry of ours, due or not
+                        self._due.clear()
+                        self._due_at.clear()
                         recover = False
                     if pending.recovering:  # our own pending entries first, as room frees up
                         await pending.take_own()
@@ -438,15 +446,19 @@ class GroupConsumer:
     def _schedule_retry(self, outcome: Outcome) -> None:
         entry = outcome.entry
         wait = self.pending.backoff_ms(entry.deliveries) / 1000
-        item = (time.monotonic() + wait, entry.key.key, entry.id, entry.deliveries)
-        heapq.heappush(self._due, item)
+        due = time.monotonic() + wait
+        self._due_at[(entry.key.key, entry.id)] = due
+        heapq.heappush(self._due, (due, entry.key.key, entry.id, entry.deliveries))
 
     async def _retry_due(self, now: float) -> None:
         """Take back our failed entries whose backoff has passed, as many as there is room for."""
         room = self._capacity()
         by_key: dict[str, list[dict[str, Any]]] = {}
         while self._due and self._due[0][0] <= now and room > 0:
-            _, source, entry_id, deliveries = heapq.heappop(self._due)
+            due, source, entry_id, deliveries = heapq.heappop(self._due)
+            if self._due_at.get((source, entry_id)) != due:
+                continue  # failed again since, or re-read: a later due time stands
+            del self._due_at[(source, entry_id)]
             if (source, entry_id) in self._inflight:
                 continue
             rows = by_key.setdefault(source, [])
@@ -458,15 +470,20 @@ class GroupConsumer:
                 # idle since our failed delivery, at least the smallest backoff: an entry
                 # another consumer took over meanwhile (idle less) is left to it
                 first = self.pending.backoff_ms(1)
-                await self.pending.take(key, rows, max(0, first - 50))
+                await self.pending.take(key, rows, max(0, first - 50), listed=False)
 
     # -- processing --------------------------------------------------------------------
 
     async def _dispatch(self, entries: list[Entry]) -> None:
         if self.handler.table.inline:
             handle = self._handle
-            outcomes = [await handle(e) for e in entries]
-            await self._commit_until_done(outcomes)
+            held = {(e.key.key, e.id) for e in entries}
+            self._inflight |= held  # leased while handled and committed
+            try:
+                outcomes = [await handle(e) for e in entries]
+                await self._commit_until_done(outcomes)
+            finally:
+                self._inflight -= held
             return
         rank = self._rank
         for entry in entries:
@@ -477,12 +494,13 @@ class GroupConsumer:
 
     def _start_backlog(self) -> None:
         # Reads and claims bring more than the free slots; the rest waits here, highest
-        # priority first, so that no more than `concurrency` handlers ever run together.
+        # priority first. Up to `concurrency` workers take entries from it, each until
+        # none wait: no more than `concurrency` handlers run together, and a worker costs
+        # one task per run of entries, not one per message.
         limit = self.spec.concurrency
-        while self._waiting and len(self._tasks) < limit:
-            queue = next(q for q in self._backlog if q)
-            self._waiting -= 1
-            task = asyncio.create_task(self._handle_one(queue.popleft()))
+        while self._waiting > self._starting and len(self._tasks) < limit:
+            self._starting += 1
+            task = asyncio.create_task(self._work())
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
 
@@ -491,7 +509,16 @@ class GroupConsumer:
         self._start_backlog()
         self._wake.set()
 
+    async def _work(self) -> None:
+        self._starting -= 1
+        backlog = self._backlog
+        while self._waiting:
+            queue = next(q for q in backlog if q)
+            self._waiting -= 1
+            await self._handle_one(queue.popleft())
+
     async def _handle_one(self, entry: Entry) -> None:
+        self._active += 1
         try:
             outcome = await self._handle(entry)
         except Exception:
@@ -504,10 +531,12 @@ class GroupConsumer:
             )
             self._inflight.discard((entry.key.key, entry.id))
             return
+        finally:
+            self._active -= 1
         self._outbox.append(outcome)
         self._outbox_ready.set()
-        # this task is still in _tasks: when it is the last and nothing waits, a batch ends
-        if len(self._outbox) >= self.spec.batch or (not self._waiting and len(self._tasks) <= 1):
+        # a batch ends when nothing else runs or waits: commit now, without the delay
+        if len(self._outbox) >= self.spec.batch or not (self._active or self._waiting):
             self._outbox_full.set()
 
     # -- committing --------------------------------------------------------------------
@@ -520,7 +549,18 @@ class GroupConsumer:
             if not self._outbox_full.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._outbox_full.wait(), FLUSH_DELAY)
-            await self._flush()
+            try:
+                await self._flush()
+            except Exception:
+                # the flusher must outlive one failed commit, or nothing would be committed
+                # again; what it held stays pending and is re-read from the main loop
+                self.log.exception(
+                    "group %s: committing finished messages failed; they stay pending and "
+                    "are taken back",
+                    self.name,
+                )
+                self._reread = True
+                self._wake.set()
 
     async def _flush(self) -> None:
         outcomes, self._outbox = self._outbox, []

@@ -328,11 +328,20 @@ class PendingWork:
         return True
 
     async def take(
-        self, key: StreamKey, rows: list[dict[str, Any]], min_idle: int, *, claiming: bool = False
+        self,
+        key: StreamKey,
+        rows: list[dict[str, Any]],
+        min_idle: int,
+        *,
+        claiming: bool = False,
+        listed: bool = True,
     ) -> int:
         """XCLAIM ``rows`` (XPENDING rows) to this consumer and process them; how many.
 
         ``claiming``: they were another consumer's (or idle past ``claim_idle``): counted.
+        ``listed``: the rows come from XPENDING just now, so an ID XCLAIM does not return
+        was trimmed or deleted; not listed (a retry's due time), it may simply have been
+        taken or acknowledged meanwhile, and is left alone.
         """
         rows = [
             r
@@ -349,7 +358,7 @@ class PendingWork:
         entries = reply_entries(key, claimed, counts)
         returned = {e.id for e in entries}
         missing = [i for i in counts if i not in returned]
-        if missing:
+        if missing and listed:
             await self._ack_deleted(key, missing)
         if claiming:
             self._key_stats[key.key].claimed += len(entries)

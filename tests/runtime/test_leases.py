@@ -331,3 +331,49 @@ async def test_readiness_follows_a_redis_that_stops_answering(
             await wait_for(lambda: _length_at_least(client, "h:out", 1), what="it flows again")
         finally:
             await client.aclose()
+
+
+SWAP_FLOW = """
+    version: 1
+    streams:
+      jobs: {key: "{P}jobs"}
+    groups:
+      work:
+        stream: jobs
+        routes:
+          - call: {function: "{M}:ROUTE", inline: INLINE}
+"""
+
+TWO_KINDS = """
+    handled = []
+
+    def quick(msg):
+        handled.append(("inline", msg["n"]))
+
+    async def slow(msg):
+        handled.append(("async", msg["n"]))
+"""
+
+
+async def test_a_route_swap_from_inline_to_async_calls_still_commits(
+    tmp_path: Path, redis_url: str, redis_client: Any, key_prefix: str
+) -> None:
+    """A route-only reload that turns an inline group into one with async calls goes on
+    committing: every message after the swap is handled once and acknowledged."""
+    mod = write_module(tmp_path, TWO_KINDS)
+    flow = SWAP_FLOW.replace("ROUTE", "quick").replace("INLINE", "true")
+    config = make_project(tmp_path, flow, url=redis_url, prefix=key_prefix, mod=mod)
+    key = f"{key_prefix}jobs"
+    async with running(config) as runner:
+        handled = module(mod).handled
+        await redis_client.xadd(key, {"n": "0"})
+        await wait_for(lambda: len(handled) == 1, what="the inline call")
+        swapped = SWAP_FLOW.replace("ROUTE", "slow").replace("INLINE", "false")
+        make_project(tmp_path, swapped, url=redis_url, prefix=key_prefix, mod=mod)
+        result = await runner.reload("test")
+        assert result["outcome"] == "applied", result
+        for n in range(1, 51):
+            await redis_client.xadd(key, {"n": str(n)})
+        await wait_for(lambda: len(handled) == 51, what="50 async calls")
+        await wait_for(lambda: none_pending(redis_client, key, "work"), what="all acknowledged")
+    assert handled == [("inline", "0")] + [("async", str(n)) for n in range(1, 51)]
