@@ -24,10 +24,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import calls, consume, latency, memory, route  # noqa: E402
+from bench import calls, consume, latency, memory, route, steady  # noqa: E402
 from bench.common import Figure, Server  # noqa: E402
 
-BENCHES = ("consume", "route", "calls", "latency", "memory")
+BENCHES = ("consume", "route", "calls", "steady", "latency", "memory")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--route-messages", type=int, help="default 100,000 (quick 20,000)")
     p.add_argument("--call-messages", type=int, help="default 50,000 (quick 20,000)")
     p.add_argument("--io-messages", type=int, help="default 12,000 (quick 6,000)")
+    p.add_argument("--steady-messages", type=int, help="default 5,000 (quick 2,000)")
     p.add_argument("--latency-backlog", type=int, default=100_000, help="default 100,000")
     p.add_argument("--latency-samples", type=int, help="default 400 (quick 200)")
     p.add_argument("--memory-first", type=int, help="default 100,000 (quick 50,000)")
@@ -59,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     default("route_messages", 100_000, 20_000)
     default("call_messages", 50_000, 20_000)
     default("io_messages", 12_000, 6_000)
+    default("steady_messages", 5_000, 2_000)
     default("latency_samples", 400, 200)
     default("memory_first", 100_000, 50_000)
     default("memory_last", 1_000_000, 300_000)
@@ -147,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                 got = route.run(server, args.route_messages, args.repeat, mine)
             elif name == "calls":
                 got = calls.run(server, args.call_messages, args.io_messages, args.repeat)
+            elif name == "steady":
+                got = steady.run(server, args.steady_messages)
             elif name == "latency":
                 got = latency.run(server, args.latency_backlog, args.latency_samples, mine)
             else:
