@@ -31,10 +31,10 @@ from cortex_flow.errors import CortexFlowError
 from cortex_flow.flow.loader import Project, load_project
 from cortex_flow.flow.topology import render_key, resolve
 from cortex_flow.ops.send import publish, target_key
-from cortex_flow.runtime.consumer import ensure_group
 from cortex_flow.wire.access import project_url
 from cortex_flow.wire.codec import decode
 from cortex_flow.wire.connection import redis_from_url, wait_for_redis
+from cortex_flow.wire.groups import ensure_group
 from cortex_flow.wire.heartbeats import beat_fields, encode_beat
 
 __all__ = ["Client", "Message"]

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import logging
 import time
 from collections import deque
@@ -34,22 +33,20 @@ from redis.exceptions import ResponseError
 
 from cortex_flow.flow.models import StreamSpec
 from cortex_flow.flow.topology import ResolvedGroup
-from cortex_flow.runtime.commit import CommitDeferred, Committer
+from cortex_flow.runtime.commit import Committer
 from cortex_flow.runtime.delivery import ACK, DEAD, RETRY, TRANSIENT, Entry, Outcome
+from cortex_flow.runtime.faultlog import FaultLog
 from cortex_flow.runtime.handling import EntryHandler
 from cortex_flow.runtime.leases import Leases
+from cortex_flow.runtime.outbox import Outbox, commit_until_done
 from cortex_flow.runtime.pending import PendingWork
 from cortex_flow.runtime.reader import FIND_FIRST, GroupReader
+from cortex_flow.runtime.retries import RetryTimer
 from cortex_flow.runtime.routes import RouteTable
 from cortex_flow.runtime.stats import GroupStats, KeyStats
 from cortex_flow.wire.connection import Backoff
 from cortex_flow.wire.faults import passing_reason
-
-# finished outcomes wait at most this long to be committed with others (one round trip)
-FLUSH_DELAY = 0.002
-# a passing Redis error (out of memory, read-only, no answer) is logged once per group and
-# reason in this many seconds, with how often it happened meanwhile
-FAULT_LOG_EVERY = 10.0
+from cortex_flow.wire.groups import ensure_group
 
 __all__ = [
     "ACK",
@@ -62,19 +59,6 @@ __all__ = [
     "Outcome",
     "ensure_group",
 ]
-
-
-async def ensure_group(client: Any, key: str, group: str, start: str) -> bool:
-    """XGROUP CREATE ... MKSTREAM; True if created. Only BUSYGROUP is tolerated."""
-    try:
-        await client.xgroup_create(
-            key, group, id="0" if start == "earliest" else "$", mkstream=True
-        )
-        return True
-    except ResponseError as exc:
-        if "BUSYGROUP" in str(exc):
-            return False
-        raise
 
 
 class GroupConsumer:
@@ -131,18 +115,8 @@ class GroupConsumer:
         self._waiting = 0  # entries in the backlog
         self._starting = 0  # workers started that have not taken an entry yet
         self._active = 0  # handlers running now
-        # finished, to commit together; the flusher commits them
-        self._outbox: list[Outcome] = []
-        self._outbox_ready = asyncio.Event()
-        self._outbox_full = asyncio.Event()
-        self._flusher: asyncio.Task[None] | None = None
-        self._closing = False
         self._reread = False  # a commit failed for good: re-read our pending entries
-        # (due, key, id, deliveries) of our failed entries, soonest first
-        self._due: list[tuple[float, str, str, int]] = []
-        self._due_at: dict[tuple[str, str], float] = {}  # the current due time of each
-        self._fault_counts: dict[str, int] = {}
-        self._fault_logged: dict[str, float] = {}
+        self._retries = RetryTimer()  # when our failed entries are due again
         self._key_stats: dict[str, KeyStats] = {k.key: stats.key(k.key) for k in self.keys}
         self.reader = GroupReader(
             client, group, block_ms=self.block_ms, cluster=cluster, sleep=self._sleep, log=self.log
@@ -168,6 +142,16 @@ class GroupConsumer:
             stuck=self._stuck,
         )
         self.leases = Leases(client, self.name, self.me, self.log)
+        self.faults = FaultLog(self.name, stats, self.log)
+        # finished outcomes, committed together by its flusher task
+        self.outbox = Outbox(
+            self._commit_until_done,
+            batch=self.spec.batch,
+            done=self._committed,
+            failed=self._commit_failed,
+            group=self.name,
+            log=self.log,
+        )
         self.pending = PendingWork(
             client,
             group,
@@ -243,7 +227,8 @@ class GroupConsumer:
             )
             self._drop_backlog()
             self._task.cancel()
-            others = [*self._tasks, *([self._flusher] if self._flusher else [])]
+            flusher = self.outbox.cancel()
+            others = [*self._tasks, *([flusher] if flusher else [])]
             for task in others:
                 task.cancel()
             await asyncio.wait([self._task, *others], timeout=1.0)
@@ -259,9 +244,12 @@ class GroupConsumer:
         recover = True
         next_claim = 0.0
         recreate = False
-        lease = asyncio.create_task(self._renew_leases(), name=f"leases:{self.name}")
+        lease = asyncio.create_task(
+            self.leases.keep(self._inflight, self._lease_every, self.stats, self.faults),
+            name=f"leases:{self.name}",
+        )
         # always: a route-only reload may swap an inline table for one that is not
-        self._flusher = asyncio.create_task(self._flush_loop(), name=f"commit:{self.name}")
+        self.outbox.start()
         try:
             while not self._stopping.is_set():
                 try:
@@ -277,8 +265,7 @@ class GroupConsumer:
                             if self._stopping.is_set():
                                 break  # stopped while waiting: take nothing new
                         pending.recover()  # every entry of ours, due or not
-                        self._due.clear()
-                        self._due_at.clear()
+                        self._retries.clear()
                         recover = False
                     if pending.recovering:  # our own pending entries first, as room frees up
                         await pending.take_own()
@@ -287,7 +274,8 @@ class GroupConsumer:
                                 await self._idle()
                             continue
                     now = time.monotonic()
-                    if self._due and self._due[0][0] <= now:
+                    due = self._retries.next_due()
+                    if due is not None and due <= now:
                         await self._retry_due(now)
                     if pending.claiming:
                         await pending.claim_from_down()
@@ -308,14 +296,14 @@ class GroupConsumer:
                     backoff.reset()
                 except TRANSIENT as exc:
                     delay = backoff.next_delay()
-                    self._fault("unreachable", exc, f"retrying in {delay:.1f}s")
+                    self.faults.report("unreachable", exc, f"retrying in {delay:.1f}s")
                     recover = True
                     await self._sleep(delay)
                 except ResponseError as exc:
                     reason = passing_reason(exc)
                     if reason is not None:
                         delay = backoff.next_delay()
-                        self._fault(reason, exc, f"retrying in {delay:.1f}s")
+                        self.faults.report(reason, exc, f"retrying in {delay:.1f}s")
                         await self._sleep(delay)
                     elif "NOGROUP" in str(exc):
                         self.log.warning(
@@ -333,7 +321,7 @@ class GroupConsumer:
                     recover = True
             while self._tasks:  # what we hold, the backlog included, is finished
                 await asyncio.gather(*self._tasks, return_exceptions=True)
-            await self._close_outbox()
+            await self.outbox.close()
         finally:
             lease.cancel()
             self._drop_backlog()
@@ -341,19 +329,16 @@ class GroupConsumer:
                 self.done.set()
 
     async def _idle(self) -> None:
-        """Wait for a free slot (or a stop), but no longer than the next retry's due time."""
+        """Wait for a free slot or a stop (a due retry needs a slot too)."""
         self._wake.clear()
-        timeout = None
-        if self._due:
-            timeout = max(0.0, self._due[0][0] - time.monotonic())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+        await self._wake.wait()
 
     def _block_ms(self) -> int:
-        if not self._due:
+        """How long a read may wait for new entries: until the next retry is due at most."""
+        due = self._retries.next_due()
+        if due is None:
             return self.block_ms
-        until = int((self._due[0][0] - time.monotonic()) * 1000)
-        return max(1, min(self.block_ms, until))
+        return max(1, min(self.block_ms, int((due - time.monotonic()) * 1000)))
 
     def _drop_backlog(self) -> None:
         """Give up entries not started: they stay pending under our name for a successor."""
@@ -374,36 +359,6 @@ class GroupConsumer:
             delay,
         )
         await self._sleep(delay)
-
-    def _fault(self, reason: str, exc: BaseException, then: str) -> None:
-        """Count a passing Redis error; log it at most once per ``FAULT_LOG_EVERY``."""
-        self.stats.redis_errors[reason] = self.stats.redis_errors.get(reason, 0) + 1
-        self._fault_counts[reason] = self._fault_counts.get(reason, 0) + 1
-        now = time.monotonic()
-        if now - self._fault_logged.get(reason, -FAULT_LOG_EVERY) < FAULT_LOG_EVERY:
-            return
-        self._fault_logged[reason] = now
-        count, self._fault_counts[reason] = self._fault_counts[reason], 0
-        what = {
-            "unreachable": "Redis does not answer",
-            "oom": "Redis is out of memory (maxmemory)",
-            "readonly": "Redis is read-only (a replica, or a failover under way)",
-            "loading": "Redis is loading its data",
-            "failover": "the Redis master is down or moving",
-            "busy": "Redis is busy running a script",
-            "misconf": "Redis refuses writes (MISCONF: it cannot persist)",
-        }.get(reason, f"Redis refused ({reason})")
-        self.log.warning(
-            "group %s: %s (%s); %s. Outcomes are kept and committed once it recovers; "
-            "nothing is counted as a failure or dead-lettered for it (%d time%s since "
-            "last said)",
-            self.name,
-            what,
-            str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
-            then,
-            count,
-            "" if count == 1 else "s",
-        )
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -426,51 +381,21 @@ class GroupConsumer:
 
     # -- leases and retries ------------------------------------------------------------
 
-    async def _renew_leases(self) -> None:
-        """Every third of ``claim_idle``: keep what we hold from being claimed by others."""
-        while True:
-            await asyncio.sleep(self._lease_every)
-            held: dict[str, list[str]] = {}
-            for key, entry_id in self._inflight:
-                held.setdefault(key, []).append(entry_id)
-            if not held:
-                continue
-            try:
-                self.stats.leases_lost += len(await self.leases.renew(held))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                reason = passing_reason(exc) or "error"
-                self._fault(reason, exc, "leases are renewed again next time")
-
     def _schedule_retry(self, outcome: Outcome) -> None:
         entry = outcome.entry
         wait = self.pending.backoff_ms(entry.deliveries) / 1000
-        due = time.monotonic() + wait
-        self._due_at[(entry.key.key, entry.id)] = due
-        heapq.heappush(self._due, (due, entry.key.key, entry.id, entry.deliveries))
+        self._retries.schedule(entry.key.key, entry.id, entry.deliveries, wait)
 
     async def _retry_due(self, now: float) -> None:
         """Take back our failed entries whose backoff has passed, as many as there is room for."""
-        room = self._capacity()
-        by_key: dict[str, list[dict[str, Any]]] = {}
-        while self._due and self._due[0][0] <= now and room > 0:
-            due, source, entry_id, deliveries = heapq.heappop(self._due)
-            if self._due_at.get((source, entry_id)) != due:
-                continue  # failed again since, or re-read: a later due time stands
-            del self._due_at[(source, entry_id)]
-            if (source, entry_id) in self._inflight:
-                continue
-            rows = by_key.setdefault(source, [])
-            rows.append({"message_id": entry_id, "times_delivered": deliveries})
-            room -= 1
+        by_key = self._retries.take_due(now, self._capacity(), self._inflight)
+        # idle since our failed delivery, at least the smallest backoff: an entry another
+        # consumer took over meanwhile (idle less) is left to it
+        min_idle = max(0, self.pending.backoff_ms(1) - 50)
         for key in self.keys:
-            rows = by_key.get(key.key, [])
+            rows = by_key.get(key.key)
             if rows:
-                # idle since our failed delivery, at least the smallest backoff: an entry
-                # another consumer took over meanwhile (idle less) is left to it
-                first = self.pending.backoff_ms(1)
-                await self.pending.take(key, rows, max(0, first - 50), listed=False)
+                await self.pending.take(key, rows, min_idle, listed=False)
 
     # -- processing --------------------------------------------------------------------
 
@@ -533,77 +458,19 @@ class GroupConsumer:
             return
         finally:
             self._active -= 1
-        self._outbox.append(outcome)
-        self._outbox_ready.set()
         # a batch ends when nothing else runs or waits: commit now, without the delay
-        if len(self._outbox) >= self.spec.batch or not (self._active or self._waiting):
-            self._outbox_full.set()
+        self.outbox.put(outcome, batch_ended=not (self._active or self._waiting))
 
     # -- committing --------------------------------------------------------------------
 
-    async def _flush_loop(self) -> None:
-        """Commit finished outcomes together: after ``FLUSH_DELAY`` at most, at once when a
-        batch is full or nothing else is running."""
-        while not self._closing:
-            await self._outbox_ready.wait()
-            if not self._outbox_full.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._outbox_full.wait(), FLUSH_DELAY)
-            try:
-                await self._flush()
-            except Exception:
-                # the flusher must outlive one failed commit, or nothing would be committed
-                # again; what it held stays pending and is re-read from the main loop
-                self.log.exception(
-                    "group %s: committing finished messages failed; they stay pending and "
-                    "are taken back",
-                    self.name,
-                )
-                self._reread = True
-                self._wake.set()
-
-    async def _flush(self) -> None:
-        outcomes, self._outbox = self._outbox, []
-        self._outbox_ready.clear()
-        self._outbox_full.clear()
-        if not outcomes:
-            return
-        try:
-            await self._commit_until_done(outcomes)
-        finally:
-            for outcome in outcomes:
-                self._inflight.discard((outcome.entry.key.key, outcome.entry.id))
-            self._wake.set()
-
-    async def _close_outbox(self) -> None:
-        """At stop: let the flusher commit what finished and end (never cut off mid-commit)."""
-        self._closing = True
-        self._outbox_ready.set()
-        self._outbox_full.set()
-        flusher, self._flusher = self._flusher, None
-        if flusher is not None:
-            await flusher
-        await self._flush()
-
     async def _commit_until_done(self, outcomes: list[Outcome]) -> None:
-        """Commit, keeping outcomes through passing Redis errors (no answer, out of memory,
-        read-only, loading): they are committed again with backoff, counted neither as a
-        delivery nor as a failure. A stop whose grace runs out leaves them pending."""
-        retries = [o for o in outcomes if o.kind == RETRY]
-        delay = 0.05
-        while True:
-            try:
-                await self.committer.commit(outcomes)
-                break
-            except CommitDeferred as exc:
-                outcomes = exc.outcomes
-                self._fault(exc.reason, exc, f"committing again in {delay:.2g}s")
-            except (*TRANSIENT, ResponseError) as exc:
-                reason = passing_reason(exc)
-                if reason is None:
-                    raise
-                self._fault(reason, exc, f"committing again in {delay:.2g}s")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-        for outcome in retries:
-            self._schedule_retry(outcome)
+        await commit_until_done(self.committer, outcomes, self.faults, self._schedule_retry)
+
+    def _committed(self, outcomes: list[Outcome]) -> None:
+        for outcome in outcomes:
+            self._inflight.discard((outcome.entry.key.key, outcome.entry.id))
+        self._wake.set()
+
+    def _commit_failed(self) -> None:
+        self._reread = True
+        self._wake.set()

@@ -14,6 +14,7 @@ take it back). Where scripts cannot run, plain XCLAIM JUSTID is the fallback.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,6 +22,9 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from cortex_flow.runtime.delivery import scripting_unavailable
+from cortex_flow.runtime.faultlog import FaultLog
+from cortex_flow.runtime.stats import GroupStats
+from cortex_flow.wire.faults import passing_reason
 
 # KEYS[1] the stream, ARGV[1] the group, ARGV[2] this consumer, ARGV[3..] the IDs held.
 # Returns the IDs renewed: those still owned by this consumer.
@@ -50,6 +54,25 @@ class Leases:
         self.log = log
         self._script: Any = client.register_script(RENEW)
         self.lost = 0  # entries found owned by another consumer at a renewal
+
+    async def keep(
+        self, held: set[tuple[str, str]], every: float, stats: GroupStats, faults: FaultLog
+    ) -> None:
+        """Renew ``held`` (the consumer's live set of (key, id)) every ``every`` seconds,
+        until cancelled; counts lost leases in ``stats``, passing errors in ``faults``."""
+        while True:
+            await asyncio.sleep(every)
+            by_key: dict[str, list[str]] = {}
+            for key, entry_id in list(held):
+                by_key.setdefault(key, []).append(entry_id)
+            if not by_key:
+                continue
+            try:
+                stats.leases_lost += len(await self.renew(by_key))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                faults.report(passing_reason(exc) or "error", exc, "renewing again next time")
 
     async def renew(self, held: Mapping[str, Sequence[str]]) -> set[tuple[str, str]]:
         """Re-claim ``held`` (key -> IDs); returns the (key, id) no longer ours."""

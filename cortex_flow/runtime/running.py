@@ -22,10 +22,11 @@ from cortex_flow.flow.callables import importable_from
 from cortex_flow.flow.plan import Plan
 from cortex_flow.flow.topology import Resolved, ResolvedGroup
 from cortex_flow.runtime.callpool import CallPool, threads_needed
-from cortex_flow.runtime.consumer import GroupConsumer, ensure_group
+from cortex_flow.runtime.consumer import GroupConsumer
 from cortex_flow.runtime.heartbeat import HeartbeatMonitor
 from cortex_flow.runtime.routes import RouteTable
 from cortex_flow.runtime.stats import GroupStats, RunnerStats
+from cortex_flow.wire.groups import ensure_group
 
 log = logging.getLogger("cortex_flow.runner")
 

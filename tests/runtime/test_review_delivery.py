@@ -20,12 +20,13 @@ from redis_servers import PrivateRedis
 from cortex_flow.flow.loader import load_project
 from cortex_flow.flow.topology import Resolved, resolve
 from cortex_flow.runtime.commit import Committer
-from cortex_flow.runtime.consumer import GroupConsumer, ensure_group
+from cortex_flow.runtime.consumer import GroupConsumer
 from cortex_flow.runtime.delivery import ACK, DEAD, Entry, Outcome
 from cortex_flow.runtime.pending import PendingWork
 from cortex_flow.runtime.reader import GroupReader
 from cortex_flow.runtime.routes import Publish, RouteTable
 from cortex_flow.runtime.stats import GroupStats, KeyStats
+from cortex_flow.wire.groups import ensure_group
 
 LOG = logging.getLogger("cortex_flow.consumer")
 
