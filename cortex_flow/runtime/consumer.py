@@ -324,6 +324,7 @@ class GroupConsumer:
             await self.outbox.close()
         finally:
             lease.cancel()
+            await self.handler.deadlines.close()
             self._drop_backlog()
             if not self._inflight:
                 self.done.set()

@@ -20,6 +20,7 @@ from jinja2.runtime import Context
 
 from cortex_flow.flow.templates import Now, context_base, context_over
 from cortex_flow.flow.topology import ResolvedGroup
+from cortex_flow.runtime.deadlines import Deadlines
 from cortex_flow.runtime.delivery import ACK, DEAD, RETRY, Entry, Outcome
 from cortex_flow.runtime.routes import (
     CompiledRoute,
@@ -65,6 +66,7 @@ class EntryHandler:
         self._key_stats = key_stats
         self.log = log or logging.getLogger("cortex_flow.consumer")
         self.group_stats = group_stats  # where overrunning sync calls are counted
+        self.deadlines = Deadlines()  # the timeouts of async calls
         self._unmatched = 0  # acknowledged unmatched since the last warning
         self._unmatched_warn_at = 0.0  # time.monotonic() of the next allowed warning
         self._base_vars: dict[str, Any] = dict(group.spec.vars)
@@ -104,7 +106,7 @@ class EntryHandler:
                     if route.inline and not route.is_async:
                         route.fn(msg)  # type: ignore[misc]
                     elif route.is_async:
-                        await call_route(route, msg, self.executor)
+                        await call_route(route, msg, deadlines=self.deadlines)
                     else:
                         await self._call_sync(route, msg, entry)
                 elif action == "http":

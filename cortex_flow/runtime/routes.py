@@ -23,6 +23,7 @@ from cortex_flow.flow.checks import resolve_callable
 from cortex_flow.flow.models import Route, StreamSpec
 from cortex_flow.flow.templates import Expression, Template, make_context
 from cortex_flow.flow.topology import ResolvedGroup, key_template, key_variables
+from cortex_flow.runtime.deadlines import Deadlines
 from cortex_flow.wire.codec import encode
 
 # How a ``call`` route's ``module:function`` becomes a callable when a table is compiled.
@@ -214,6 +215,7 @@ async def call_route(
     msg: Any,
     executor: Any = None,
     on_overrun: Callable[[CompiledRoute], None] | None = None,
+    deadlines: Deadlines | None = None,
 ) -> None:
     """Run a ``call`` route: async awaited, sync in a thread (or inline), with its timeout.
 
@@ -224,8 +226,11 @@ async def call_route(
     fn = route.fn
     assert fn is not None
     if route.is_async:
-        async with asyncio.timeout(route.timeout):
-            await fn(msg)
+        if deadlines is not None:
+            await deadlines.run(fn, msg, route.timeout)
+        else:
+            async with asyncio.timeout(route.timeout):
+                await fn(msg)
     elif route.inline:
         fn(msg)
     else:
