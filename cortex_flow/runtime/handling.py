@@ -150,7 +150,7 @@ class EntryHandler:
             )
 
         try:
-            await call_route(route, msg, self.executor, overrun)
+            await call_route(route, msg, self.executor, overrun, self.deadlines)
         finally:
             if overran and self.group_stats is not None:
                 self.group_stats.overrunning -= 1

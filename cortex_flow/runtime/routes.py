@@ -236,10 +236,18 @@ async def call_route(
     else:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        running = (executor or _default_pool()).submit(fn, msg)
+        batched = getattr(executor, "call", None)  # a CallPool: completions in runs
+        if batched is not None:
+            waiter, running = batched(loop, fn, msg)
+        else:
+            running = (executor or _default_pool()).submit(fn, msg)
+            waiter = asyncio.wrap_future(running)
         try:
-            async with asyncio.timeout(route.timeout):
-                await asyncio.wrap_future(running)
+            if deadlines is not None:
+                await deadlines.run(lambda _: waiter, None, route.timeout)
+            else:
+                async with asyncio.timeout(route.timeout):
+                    await waiter
         except TimeoutError:
             if running.cancel():
                 raise  # still queued for a thread: it never ran
