@@ -421,10 +421,10 @@ class GroupConsumer:
     def _start_backlog(self) -> None:
         # Reads and claims bring more than the free slots; the rest waits here, highest
         # priority first. Up to `concurrency` workers take entries from it, each until
-        # none wait: no more than `concurrency` handlers run together, and a worker costs
-        # one task per run of entries, not one per message.
-        limit = self.spec.concurrency
-        while self._waiting > self._starting and len(self._tasks) < limit:
+        # none wait. One more worker is started only when none is about to take the next
+        # entry: handlers that never wait leave it to one worker (a task per batch, not
+        # per message), handlers that wait on I/O ramp up to `concurrency` workers.
+        if self._waiting and not self._starting and len(self._tasks) < self.spec.concurrency:
             self._starting += 1
             task = asyncio.create_task(self._work())
             self._tasks.add(task)
@@ -441,6 +441,7 @@ class GroupConsumer:
         while self._waiting:
             queue = next(q for q in backlog if q)
             self._waiting -= 1
+            self._start_backlog()  # the next entry's worker, should this one wait
             await self._handle_one(queue.popleft())
 
     async def _handle_one(self, entry: Entry) -> None:
