@@ -53,9 +53,7 @@ def publisher(port: int, ready: Any, go: Any, stop: Any) -> None:
 
 
 def _flow(path: str) -> str:
-    handler = (
-        "bench.handlers:arecord_latency" if path == "async" else "bench.handlers:record_latency"
-    )
+    handler = "arecord_latency" if path == "async" else "record_latency"
     inline = "true" if path == "inline" else "false"
     return f"""\
 version: 1
