@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,6 +26,8 @@ from cortex_flow.runtime.delivery import scripting_unavailable
 from cortex_flow.runtime.faultlog import FaultLog
 from cortex_flow.runtime.stats import GroupStats
 from cortex_flow.wire.faults import passing_reason
+
+WARN_EVERY = 60.0  # an unexpected renewal error is logged at most this often
 
 # KEYS[1] the stream, ARGV[1] the group, ARGV[2] this consumer, ARGV[3..] the IDs held.
 # Returns the IDs renewed: those still owned by this consumer.
@@ -54,6 +57,7 @@ class Leases:
         self.log = log
         self._script: Any = client.register_script(RENEW)
         self.lost = 0  # entries found owned by another consumer at a renewal
+        self._warned_at = -WARN_EVERY  # when an unexpected renewal error was last logged
 
     async def keep(
         self, held: set[tuple[str, str]], every: float, stats: GroupStats, faults: FaultLog
@@ -72,7 +76,22 @@ class Leases:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                faults.report(passing_reason(exc) or "error", exc, "renewing again next time")
+                reason = passing_reason(exc)
+                if reason is not None:
+                    faults.report(reason, exc, "renewing leases again next time")
+                    continue
+                now = time.monotonic()
+                if now - self._warned_at >= WARN_EVERY:
+                    self._warned_at = now
+                    self.log.warning(
+                        "group %s: renewing the leases of %s failed (%s: %s); trying again "
+                        "every %.1fs (logged once a minute)",
+                        self.group,
+                        self.consumer,
+                        type(exc).__name__,
+                        exc,
+                        every,
+                    )
 
     async def renew(self, held: Mapping[str, Sequence[str]]) -> set[tuple[str, str]]:
         """Re-claim ``held`` (key -> IDs); returns the (key, id) no longer ours."""
