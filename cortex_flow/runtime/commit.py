@@ -66,6 +66,10 @@ return failed
 """
 
 
+# what a commit could not apply for a passing reason, with the error: (outcome, error)
+Deferred = list[tuple[Outcome, str]]
+
+
 class CommitDeferred(Exception):
     """Redis refused part of a commit for a passing reason (out of memory, read-only,
     loading, ...): ``outcomes`` were neither applied nor failed; commit them again later.
@@ -110,7 +114,6 @@ class Committer:
         # shared with PendingWork, which stops claiming them
         self.stuck = stuck if stuck is not None else set()
         self._script: Any = client.register_script(COMMIT)
-        self._deferred: list[tuple[Outcome, str]] = []  # refused for a passing reason
 
     def dead_letter(self, outcome: Outcome) -> Publish:
         """The dead-letter entry for ``outcome``: its fields plus the ``dlq_*`` metadata."""
@@ -136,15 +139,17 @@ class Committer:
         :class:`CommitDeferred` once the rest is applied. Either way nothing of what was
         not applied is counted: commit those outcomes again.
         """
-        self._deferred = []
-        await self._commit(outcomes)
+        # refused for a passing reason: (outcome, error); one list per call, as the
+        # flusher and the consumer's claims may commit at the same time
+        deferred: list[tuple[Outcome, str]] = []
+        await self._commit(outcomes, deferred)
         for outcome in outcomes:
             if outcome.kind == RETRY:
                 self._retrying(outcome)
-        if self._deferred:
-            deferred = [o for o, _ in self._deferred]
-            error = self._deferred[0][1]
-            raise CommitDeferred(deferred, passing_reason(error) or "refused", error)
+        if deferred:
+            error = deferred[0][1]
+            refused = [o for o, _ in deferred]
+            raise CommitDeferred(refused, passing_reason(error) or "refused", error)
 
     def _retrying(self, outcome: Outcome) -> None:
         entry = outcome.entry
@@ -160,10 +165,7 @@ class Committer:
             format_duration(backoff_ms(self._backoff, entry.deliveries) / 1000),
         )
 
-    def _defer(self, outcome: Outcome, error: str) -> None:
-        self._deferred.append((outcome, error))
-
-    async def _commit(self, outcomes: list[Outcome]) -> None:
+    async def _commit(self, outcomes: list[Outcome], deferred: Deferred) -> None:
         acks: dict[str, list[str]] = {}
         adds: list[tuple[Outcome, Publish]] = []
         done: list[Outcome] = []
@@ -194,7 +196,7 @@ class Committer:
                 await pipe.execute()
         elif not self.cluster:
             if self._script is not None:
-                rejected = await self._run_script(done)
+                rejected = await self._run_script(done, deferred)
                 done = [o for o in done if id(o) not in rejected]
             else:
                 pipe = self.client.pipeline(transaction=True)
@@ -203,10 +205,10 @@ class Committer:
                 for key, ids in acks.items():
                     pipe.xack(key, self.name, *ids)
                 results = await pipe.execute(raise_on_error=False)
-                lost, _ = await self._rescue(adds, results)
+                lost, _ = await self._rescue(adds, results, deferred)
                 done = [o for o in done if id(o) not in lost]
         else:
-            lost = await self._commit_cluster(adds, acks, done)
+            lost = await self._commit_cluster(adds, acks, done, deferred)
             done = [o for o in done if id(o) not in lost]
         for outcome in done:
             stats = self._key_stats[outcome.entry.key.key]
@@ -248,7 +250,7 @@ class Committer:
     def _publishes(self, outcome: Outcome) -> list[Publish]:
         return [self.dead_letter(outcome)] if outcome.kind == DEAD else outcome.publishes
 
-    async def _run_script(self, outcomes: list[Outcome]) -> set[int]:
+    async def _run_script(self, outcomes: list[Outcome], deferred: Deferred) -> set[int]:
         """Commit with :data:`COMMIT`; entries whose publish was refused are dead-lettered.
 
         Returns ``id()`` of the outcomes not committed as they were (dead-lettered now,
@@ -288,7 +290,7 @@ class Committer:
                 else "MULTI/EXEC",
             )
             self._script = None
-            await self._commit(outcomes)
+            await self._commit(outcomes, deferred)
             return {id(o) for o in outcomes}
         if not failed:
             return set()
@@ -298,7 +300,7 @@ class Committer:
             outcome = outcomes[int(number) - 1]
             rejected.add(id(outcome))
             if passing_reason(str(error)) is not None:
-                self._defer(outcome, str(error))  # OOM, READONLY, ...: not its fault
+                deferred.append((outcome, str(error)))  # OOM, READONLY, ...: not its fault
                 continue
             reason = f"publishing to {key} failed: {error}"
             fate = "it stays pending"
@@ -314,7 +316,7 @@ class Committer:
                 fate,
             )
         if retry:
-            await self._commit(retry)
+            await self._commit(retry, deferred)
         return rejected
 
     async def _commit_cluster(
@@ -322,6 +324,7 @@ class Committer:
         adds: list[tuple[Outcome, Publish]],
         acks: dict[str, list[str]],
         done: list[Outcome],
+        deferred: Deferred,
     ) -> set[int]:
         """Cluster: atomic per source key where targets share its slot, else add then ack.
 
@@ -333,14 +336,16 @@ class Committer:
         for source, ids in acks.items():
             mine = [(o, p) for o, p in adds if o.entry.key.key == source]
             if same_slot(source, *[p.key for _, p in mine]) and self._script is not None:
-                lost |= await self._run_script([o for o in done if o.entry.key.key == source])
+                lost |= await self._run_script(
+                    [o for o in done if o.entry.key.key == source], deferred
+                )
                 continue
             if mine:
                 pipe = self.client.pipeline(transaction=False)
                 for _, p in mine:
                     pipe.xadd(p.key, p.fields, maxlen=p.maxlen, approximate=True)
                 results = await pipe.execute(raise_on_error=False)
-                failed, unsaved = await self._rescue(mine, results, acked=False)
+                failed, unsaved = await self._rescue(mine, results, deferred, acked=False)
                 lost |= failed
                 if unsaved:
                     keep = {o.entry.id for o, _ in mine if id(o) in unsaved}
@@ -350,7 +355,12 @@ class Committer:
         return lost
 
     async def _rescue(
-        self, adds: list[tuple[Outcome, Publish]], results: list[Any], *, acked: bool = True
+        self,
+        adds: list[tuple[Outcome, Publish]],
+        results: list[Any],
+        deferred: Deferred,
+        *,
+        acked: bool = True,
     ) -> tuple[set[int], set[int]]:
         """Dead-letter entries one of whose publishes Redis rejected.
 
@@ -376,7 +386,7 @@ class Committer:
             reason = str(exc).rpartition("caused error: ")[2].strip("(),'\"")
             if not acked and passing_reason(exc) is not None:
                 unsaved.add(id(outcome))  # not acknowledged: committed again later
-                self._defer(outcome, reason)
+                deferred.append((outcome, reason))
                 continue
             error = f"publishing to {publish.key} failed: {reason}"
             dlq = self.dead_letter_key

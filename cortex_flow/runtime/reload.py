@@ -34,7 +34,6 @@ from cortex_flow.runtime.consumer import TRANSIENT
 from cortex_flow.runtime.routes import RouteTable
 from cortex_flow.runtime.running import RunningTopology, route_tables
 from cortex_flow.runtime.stats import ReloadState
-from cortex_flow.wire.faults import passing_reason
 
 log = logging.getLogger("cortex_flow.reload")
 
@@ -92,23 +91,6 @@ def load_again(current: Project, name: str) -> tuple[Project, Resolved, dict[str
     return project, new, route_tables(new, project.base_dir)
 
 
-async def _provision(reload: Reload, running: RunningTopology, new: Resolved, plan: Plan) -> None:
-    """Create the groups the plan starts, retrying a lost Redis until the deadline."""
-    deadline = time.monotonic() + PROVISION_TIMEOUT
-    delay = 0.05
-    while True:
-        try:
-            await running.provision(plan, new)
-            return
-        except (*TRANSIENT, ResponseError) as exc:
-            passing = isinstance(exc, TRANSIENT) or passing_reason(exc) is not None
-            if not passing or reload.stopping() or time.monotonic() + delay > deadline:
-                raise
-            log.warning("reload: cannot reach Redis to create groups (%s); retrying", exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
-
-
 def _summary(plan: Plan) -> str:
     parts = [
         f"{what} {', '.join(names)}"
@@ -150,7 +132,9 @@ async def reload_topology(reload: Reload, reason: str) -> tuple[dict[str, Any], 
     if reload.stopping():
         return _reject(reload, reason, started, stopping), current
     try:
-        await _provision(reload, running, new, plan)
+        await running.provision(
+            plan, new, stopping=reload.stopping, deadline=time.monotonic() + PROVISION_TIMEOUT
+        )
     except (*TRANSIENT, ResponseError) as exc:
         if reload.stopping():
             return _reject(reload, reason, started, stopping), current

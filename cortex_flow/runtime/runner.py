@@ -15,11 +15,9 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from redis.exceptions import ResponseError
-
 from cortex_flow.errors import CortexFlowError
 from cortex_flow.flow.loader import Project
-from cortex_flow.flow.plan import Plan, diff
+from cortex_flow.flow.plan import diff
 from cortex_flow.flow.topology import Resolved, resolve
 from cortex_flow.runtime.callpool import CallPool
 from cortex_flow.runtime.consumer import GroupConsumer
@@ -30,14 +28,12 @@ from cortex_flow.runtime.routes import RouteTable
 from cortex_flow.runtime.running import RunningTopology, route_tables
 from cortex_flow.runtime.stats import RunnerStats
 from cortex_flow.wire.connection import (
-    Backoff,
     describe_error,
     describe_url,
     is_cluster,
     redis_from_url,
     wait_for_redis,
 )
-from cortex_flow.wire.faults import passing_reason
 
 log = logging.getLogger("cortex_flow.runner")
 
@@ -145,7 +141,7 @@ class Runner:
             executor=self.executor,
         )
         plan = diff(None, resolved)  # from nothing: every group is an add
-        await self._provision(running, plan, resolved)
+        await running.provision(plan, resolved, stopping=lambda: self.stopping)
         await running.watch_heartbeats(
             resolved, runner_interval=self.config.runner.heartbeat_interval, instance=self.instance
         )
@@ -196,28 +192,6 @@ class Runner:
                 self.stats.connected = True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), PROBE_EVERY)
-
-    async def _provision(self, running: RunningTopology, plan: Plan, resolved: Resolved) -> None:
-        """Create the groups; a passing refusal (out of memory, read-only, loading) is
-        waited out with backoff, as an unreachable Redis is."""
-        backoff = Backoff(initial=0.2, maximum=5.0)
-        while True:
-            try:
-                await running.provision(plan, resolved)
-                return
-            except ResponseError as exc:
-                reason = passing_reason(exc)
-                if reason is None or self._stop.is_set():
-                    raise
-                delay = backoff.next_delay()
-                log.warning(
-                    "cannot create the groups yet: Redis refuses (%s: %s); retrying in %.1fs",
-                    reason,
-                    exc,
-                    delay,
-                )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), delay)
 
     async def _start_embedded(self) -> None:
         from cortex_flow.wire.embedded import resolve_url

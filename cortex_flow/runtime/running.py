@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +25,13 @@ from cortex_flow.flow.plan import Plan
 from cortex_flow.flow.topology import Resolved, ResolvedGroup
 from cortex_flow.runtime.callpool import CallPool, threads_needed
 from cortex_flow.runtime.consumer import GroupConsumer
+from cortex_flow.runtime.delivery import TRANSIENT
+from cortex_flow.runtime.faultlog import WHAT
 from cortex_flow.runtime.heartbeat import HeartbeatMonitor
 from cortex_flow.runtime.routes import RouteTable
 from cortex_flow.runtime.stats import GroupStats, RunnerStats
+from cortex_flow.wire.connection import Backoff
+from cortex_flow.wire.faults import passing_reason
 from cortex_flow.wire.groups import ensure_group
 
 log = logging.getLogger("cortex_flow.runner")
@@ -93,12 +99,40 @@ class RunningTopology:
 
     # -- provisioning (awaits; nothing running changes) ------------------------------------
 
-    async def provision(self, plan: Plan, target: Resolved) -> None:
-        """XGROUP CREATE ... MKSTREAM for every key of the groups the plan (re)starts."""
-        for name in (*plan.groups_to_add, *plan.groups_to_restart):
-            group = target.groups[name]
-            for key in group.keys:
-                await self.create_group(group, key.key)
+    async def provision(
+        self,
+        plan: Plan,
+        target: Resolved,
+        *,
+        stopping: Callable[[], bool] = lambda: False,
+        deadline: float | None = None,
+    ) -> None:
+        """XGROUP CREATE ... MKSTREAM for every key of the groups the plan (re)starts.
+
+        A passing refusal (no answer, out of memory, read-only, loading) is waited out
+        with backoff until ``deadline`` (monotonic; None: for as long as it takes) or
+        until ``stopping()``; then, and for any other error, it is raised.
+        """
+        backoff = Backoff(initial=0.05, maximum=1.0)
+        while True:
+            try:
+                for name in (*plan.groups_to_add, *plan.groups_to_restart):
+                    group = target.groups[name]
+                    for key in group.keys:
+                        await self.create_group(group, key.key)
+                return
+            except (*TRANSIENT, ResponseError) as exc:
+                reason = passing_reason(exc)
+                delay = backoff.next_delay()
+                late = deadline is not None and time.monotonic() + delay > deadline
+                if reason is None or late or stopping():
+                    raise
+                if reason == "unreachable":
+                    why = "cannot reach Redis to create groups"
+                else:
+                    why = f"cannot create groups yet: {WHAT.get(reason, reason)}"
+                log.warning("%s (%s); retrying in %.1fs", why, exc, delay)
+                await asyncio.sleep(delay)
 
     async def create_group(self, group: ResolvedGroup, key: str) -> None:
         """Create one group on one key; errors name the group and key."""
