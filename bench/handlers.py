@@ -45,6 +45,11 @@ async def io_wait(msg: Mapping[str, Any]) -> None:
     await asyncio.sleep(0.05)
 
 
+def io_block(msg: Mapping[str, Any]) -> None:
+    """Blocks 50 ms: a model or API call over a sync client (it holds its thread)."""
+    time.sleep(0.05)
+
+
 async def arecord_latency(msg: Mapping[str, Any]) -> None:
     """``record_latency`` as an ``async def`` (the async call path)."""
     record_latency(msg)

@@ -33,6 +33,7 @@ from redis.exceptions import ResponseError
 
 from cortex_flow.flow.models import StreamSpec
 from cortex_flow.flow.topology import ResolvedGroup
+from cortex_flow.runtime.callpool import default_pool
 from cortex_flow.runtime.commit import Committer
 from cortex_flow.runtime.delivery import ACK, DEAD, RETRY, TRANSIENT, Entry, Outcome
 from cortex_flow.runtime.faultlog import FaultLog
@@ -44,6 +45,7 @@ from cortex_flow.runtime.reader import FIND_FIRST, GroupReader
 from cortex_flow.runtime.retries import RetryTimer
 from cortex_flow.runtime.routes import RouteTable
 from cortex_flow.runtime.stats import GroupStats, KeyStats
+from cortex_flow.runtime.threaded import ThreadedDriver
 from cortex_flow.wire.connection import Backoff
 from cortex_flow.wire.faults import passing_reason
 from cortex_flow.wire.groups import ensure_group
@@ -109,6 +111,7 @@ class GroupConsumer:
         # failed for good with no dead_letter: left pending, no longer claimed
         self._stuck: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._driver: ThreadedDriver | None = None  # runs the entries of sync-call tables
         # read or claimed, not started yet: one queue per key, in priority order
         self._rank = {k.key: i for i, k in enumerate(self.keys)}
         self._backlog: list[deque[Entry]] = [deque() for _ in self.keys]
@@ -423,12 +426,64 @@ class GroupConsumer:
         # priority first. Up to `concurrency` workers take entries from it, each until
         # none wait. One more worker is started only when none is about to take the next
         # entry: handlers that never wait leave it to one worker (a task per batch, not
-        # per message), handlers that wait on I/O ramp up to `concurrency` workers.
-        if self._waiting and not self._starting and len(self._tasks) < self.spec.concurrency:
+        # per message), handlers that wait on I/O ramp up to `concurrency` workers. A sync
+        # call always waits for its thread: those workers start together, so the calls
+        # of one pass reach the threads in one hand-over.
+        if self.handler.table.threaded:
+            self._drive()
+        elif self._waiting and not self._starting and len(self._tasks) < self.spec.concurrency:
             self._starting += 1
             task = asyncio.create_task(self._work())
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
+
+    def _drive(self) -> None:
+        """Sync calls: one driver task keeps the entries in flight (see runtime.threaded)."""
+        if self._driver is not None:
+            self._driver.poke()
+            return
+        if not self._waiting:
+            return
+        self._driver = driver = ThreadedDriver(
+            self.handler,
+            self.executor or default_pool(),
+            self.spec.concurrency,
+            self._take,
+            self._finish,
+            self._give_up,
+            self.log,
+        )
+        task = asyncio.create_task(driver.run(), name=f"calls:{self.name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._driver_done)
+
+    def _driver_done(self, task: asyncio.Task[None]) -> None:
+        self._driver = None
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self.log.error(
+                "group %s: the sync-call driver stopped: %s: %s; what it held is retried",
+                self.name,
+                type(exc).__name__,
+                exc,
+            )
+            self._reread = True
+        self._task_done(task)
+
+    def _take(self) -> Entry | None:
+        """The next entry to start, highest priority first; None if none waits."""
+        if not self._waiting:
+            return None
+        self._waiting -= 1
+        return next(q for q in self._backlog if q).popleft()
+
+    def _finish(self, outcome: Outcome) -> None:
+        # a batch ends when nothing else runs or waits: commit now, without the delay
+        driving = self._driver.in_flight if self._driver is not None else 0
+        self.outbox.put(outcome, batch_ended=not (self._active or self._waiting or driving))
+
+    def _give_up(self, entry: Entry) -> None:
+        """An entry that could not be finished: it stays pending and is taken back."""
+        self._inflight.discard((entry.key.key, entry.id))
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -437,12 +492,9 @@ class GroupConsumer:
 
     async def _work(self) -> None:
         self._starting -= 1
-        backlog = self._backlog
-        while self._waiting:
-            queue = next(q for q in backlog if q)
-            self._waiting -= 1
+        while (entry := self._take()) is not None:
             self._start_backlog()  # the next entry's worker, should this one wait
-            await self._handle_one(queue.popleft())
+            await self._handle_one(entry)
 
     async def _handle_one(self, entry: Entry) -> None:
         self._active += 1
@@ -456,12 +508,11 @@ class GroupConsumer:
                 entry.id,
                 entry.key.key,
             )
-            self._inflight.discard((entry.key.key, entry.id))
+            self._give_up(entry)
             return
         finally:
             self._active -= 1
-        # a batch ends when nothing else runs or waits: commit now, without the delay
-        self.outbox.put(outcome, batch_ended=not (self._active or self._waiting))
+        self._finish(outcome)
 
     # -- committing --------------------------------------------------------------------
 

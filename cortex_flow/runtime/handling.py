@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from typing import Any
 
 from jinja2.runtime import Context
@@ -32,6 +32,10 @@ from cortex_flow.runtime.routes import (
 )
 from cortex_flow.runtime.stats import GroupStats, KeyStats
 from cortex_flow.wire.codec import DecodeError, decode
+
+# what EntryHandler.steps asks its driver to run: a call or http route, the message and
+# the template context (or None)
+Step = tuple[CompiledRoute, Any, Any]
 
 # at most one "matched no route" warning per group in this many seconds
 UNMATCHED_WARN_EVERY = 60.0
@@ -76,8 +80,13 @@ class EntryHandler:
         self._ctx_base: dict[str, dict[str, Any]] = {}
         self._ctx_table: RouteTable | None = None
 
-    async def handle(self, entry: Entry) -> Outcome:
-        """Run the routes for ``entry``; never raises for a route's failure."""
+    def steps(self, entry: Entry) -> Generator[Step, None, Outcome]:
+        """Run the routes for ``entry`` up to each call or post, which the driver makes.
+
+        Yields ``(route, msg, ctx)`` for every ``call`` (but inline sync ones, made here)
+        and ``http`` route; the driver runs it and sends ``None`` back, or throws in what
+        it raised. Returns the outcome; never raises for a route's failure.
+        """
         try:
             msg = decode(self.codec, entry.fields)
         except DecodeError as exc:
@@ -102,15 +111,10 @@ class EntryHandler:
                 action = route.action
                 if action == "to":
                     publishes.append(route.publish(msg, ctx, bound))
-                elif action == "call":
-                    if route.inline and not route.is_async:
-                        route.fn(msg)  # type: ignore[misc]
-                    elif route.is_async:
-                        await call_route(route, msg, deadlines=self.deadlines)
-                    else:
-                        await self._call_sync(route, msg, entry)
-                elif action == "http":
-                    await self._post(route, msg, ctx)
+                elif action == "call" and route.inline and not route.is_async:
+                    route.fn(msg)  # type: ignore[misc]
+                elif action in ("call", "http"):
+                    yield route, msg, ctx
                 if not route.continue_:
                     break
         except PermanentError as exc:
@@ -130,6 +134,27 @@ class EntryHandler:
             self._warn_unmatched()
         return Outcome(entry, ACK, publishes)
 
+    async def handle(self, entry: Entry) -> Outcome:
+        """Run the routes for ``entry``, awaiting each call; never raises for a route's failure."""
+        steps = self.steps(entry)
+        try:
+            route, msg, ctx = next(steps)
+            while True:
+                try:
+                    if route.action == "http":
+                        await self.post(route, msg, ctx)
+                    elif route.is_async:
+                        await call_route(route, msg, deadlines=self.deadlines)
+                    else:
+                        await self._call_sync(route, msg, entry)
+                except Exception as exc:
+                    route, msg, ctx = steps.throw(exc)
+                else:
+                    route, msg, ctx = steps.send(None)
+        except StopIteration as stop:
+            outcome: Outcome = stop.value
+            return outcome
+
     async def _call_sync(self, route: CompiledRoute, msg: Any, entry: Entry) -> None:
         """A sync call in the pool; past its timeout it is said to overrun until it returns."""
         overran = False
@@ -137,23 +162,32 @@ class EntryHandler:
         def overrun(route: CompiledRoute) -> None:
             nonlocal overran
             overran = True
-            if self.group_stats is not None:
-                self.group_stats.overrunning += 1
-            self.log.warning(
-                "group %s: %s (%s) timed out after %gs and is still running; a sync call "
-                "cannot be stopped: the message keeps its slot and is retried only once it "
-                "returns",
-                self.name,
-                entry.id,
-                route.label,
-                route.timeout,
-            )
+            self.overrun_started(route, entry)
 
         try:
             await call_route(route, msg, self.executor, overrun, self.deadlines)
         finally:
-            if overran and self.group_stats is not None:
-                self.group_stats.overrunning -= 1
+            if overran:
+                self.overrun_ended()
+
+    def overrun_started(self, route: CompiledRoute, entry: Entry) -> None:
+        """A sync call for ``entry`` is past its timeout and still running: say so."""
+        if self.group_stats is not None:
+            self.group_stats.overrunning += 1
+        self.log.warning(
+            "group %s: %s (%s) timed out after %gs and is still running; a sync call "
+            "cannot be stopped: the message keeps its slot and is retried only once it "
+            "returns",
+            self.name,
+            entry.id,
+            route.label,
+            route.timeout,
+        )
+
+    def overrun_ended(self) -> None:
+        """An overrunning sync call returned."""
+        if self.group_stats is not None:
+            self.group_stats.overrunning -= 1
 
     def _warn_unmatched(self) -> None:
         """Say (at most once a minute) that unmatched messages are being acknowledged."""
@@ -193,7 +227,8 @@ class EntryHandler:
             return Outcome(entry, DEAD, [], error)
         return Outcome(entry, RETRY, [], error)
 
-    async def _post(self, route: CompiledRoute, msg: Any, ctx: Any) -> None:
+    async def post(self, route: CompiledRoute, msg: Any, ctx: Any) -> None:
+        """An ``http`` route: POST (or the route's method) the message; raises on >= 300."""
         if self.http is None:
             raise RuntimeError("no HTTP client available")
         spec = route.route.http

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import inspect
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +22,7 @@ from cortex_flow.flow.checks import resolve_callable
 from cortex_flow.flow.models import Route, StreamSpec
 from cortex_flow.flow.templates import Expression, Template, make_context
 from cortex_flow.flow.topology import ResolvedGroup, key_template, key_variables
+from cortex_flow.runtime.callpool import CallPool, default_pool
 from cortex_flow.runtime.deadlines import Deadlines
 from cortex_flow.wire.codec import encode
 
@@ -198,6 +198,10 @@ class RouteTable:
         self.needs_context = any(r.needs_context for r in self.routes)
         # every action completes without a thread or socket: process whole batches inline
         self.inline = all(r.action in ("to", "drop") or r.inline for r in self.routes)
+        # a sync call runs in a thread: its handlers all wait, so they start together
+        self.threaded = any(
+            r.action == "call" and not r.inline and not r.is_async for r in self.routes
+        )
 
 
 class Overran(TimeoutError):
@@ -213,7 +217,7 @@ class Overran(TimeoutError):
 async def call_route(
     route: CompiledRoute,
     msg: Any,
-    executor: Any = None,
+    executor: CallPool | None = None,
     on_overrun: Callable[[CompiledRoute], None] | None = None,
     deadlines: Deadlines | None = None,
 ) -> None:
@@ -236,12 +240,10 @@ async def call_route(
     else:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        batched = getattr(executor, "call", None)  # a CallPool: completions in runs
-        if batched is not None:
-            waiter, running = batched(loop, fn, msg)
-        else:
-            running = (executor or _default_pool()).submit(fn, msg)
-            waiter = asyncio.wrap_future(running)
+        pool = executor or default_pool()
+        call = pool.call(loop, fn, msg)
+        waiter = call.waiter
+        assert waiter is not None
         try:
             if deadlines is not None:
                 await deadlines.run(lambda _: waiter, None, route.timeout)
@@ -249,20 +251,10 @@ async def call_route(
                 async with asyncio.timeout(route.timeout):
                     await waiter
         except TimeoutError:
-            if running.cancel():
+            if pool.cancel(call):
                 raise  # still queued for a thread: it never ran
             if on_overrun is not None:
                 on_overrun(route)
             with contextlib.suppress(Exception):  # its outcome is the timeout either way
-                await asyncio.wrap_future(running)
+                await call.returning()
             raise Overran(route.timeout, loop.time() - started) from None
-
-
-_fallback: list[ThreadPoolExecutor] = []
-
-
-def _default_pool() -> ThreadPoolExecutor:
-    """A pool for sync calls when no executor is given (the runner always gives one)."""
-    if not _fallback:
-        _fallback.append(ThreadPoolExecutor(thread_name_prefix="cortex-call"))
-    return _fallback[0]

@@ -21,7 +21,7 @@ async def test_every_call_gets_its_own_result_or_error() -> None:
         return n * n
 
     try:
-        waiters = [pool.call(loop, work, n)[0] for n in range(200)]
+        waiters = [pool.call(loop, work, n).waiter for n in range(200)]
         results = await asyncio.gather(*waiters, return_exceptions=True)
     finally:
         pool.shutdown()
@@ -37,10 +37,12 @@ async def test_a_waiter_given_up_is_skipped_and_the_thread_still_finishes() -> N
     pool = CallPool(threads=2)
     loop = asyncio.get_running_loop()
     try:
-        waiter, running = pool.call(loop, lambda _: time.sleep(0.05) or "done", None)
+        call = pool.call(loop, lambda _: time.sleep(0.05) or "done", None)
+        waiter = call.waiter
+        assert waiter is not None
         waiter.cancel()
-        assert await asyncio.wrap_future(running) == "done"
-        again, _ = pool.call(loop, lambda n: n + 1, 1)
+        assert await call.returning() == "done"
+        again = pool.call(loop, lambda n: n + 1, 1).waiter
         assert await again == 2
     finally:
         pool.shutdown()
