@@ -267,6 +267,7 @@ class GroupConsumer:
                             await self.predecessor.wait()
                             if self._stopping.is_set():
                                 break  # stopped while waiting: take nothing new
+                        self._drop_parked()  # re-read with the rest of ours
                         pending.recover()  # every entry of ours, due or not
                         self._retries.clear()
                         recover = False
@@ -294,6 +295,8 @@ class GroupConsumer:
                     # a retry falling due ends the wait for new entries in time
                     block = not pending.claiming
                     entries = await self._fetch(capacity, block=block, block_ms=self._block_ms())
+                    if self.reader.parked:  # held for later: leased meanwhile
+                        self._inflight.update((e.key.key, e.id) for e in self.reader.parked)
                     if entries:
                         await self._dispatch(entries)
                     backoff.reset()
@@ -322,6 +325,9 @@ class GroupConsumer:
                 except Exception:
                     await self._unexpected(backoff)
                     recover = True
+            parked = self.reader.drop_parked()
+            if parked:  # read before the stop: finish them too
+                await self._dispatch(parked)
             while self._tasks:  # what we hold, the backlog included, is finished
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             await self.outbox.close()
@@ -344,8 +350,13 @@ class GroupConsumer:
             return self.block_ms
         return max(1, min(self.block_ms, int((due - time.monotonic()) * 1000)))
 
+    def _drop_parked(self) -> None:
+        for entry in self.reader.drop_parked():
+            self._inflight.discard((entry.key.key, entry.id))
+
     def _drop_backlog(self) -> None:
         """Give up entries not started: they stay pending under our name for a successor."""
+        self._drop_parked()
         for queue in self._backlog:
             for entry in queue:
                 self._inflight.discard((entry.key.key, entry.id))
@@ -377,7 +388,7 @@ class GroupConsumer:
         if self.handler.table.inline:
             return self.spec.batch
         concurrency, batch = self.spec.concurrency, self.spec.batch
-        busy = self.held
+        busy = self.held - len(self.reader.parked)  # parked: read, waiting for a read
         room = min(batch, 2 * concurrency - busy)
         if busy and room < min(batch, concurrency):
             return 0  # wait for a batch's worth of room

@@ -1,12 +1,16 @@
 """Reading new entries (``>``) of a group's keys, the highest priority first.
 
-With one key, a blocking XREADGROUP. With several, the :class:`Scheduler` gives the
-order to try them in (strict or weighted priority) and a server-side script finds the
-first key holding unread entries, so one read takes them; where the script cannot run
-(keys in different cluster slots, a server without scripting) each key is tried in
-turn. When none has any, one blocking XREADGROUP over every key waits for the next
-entry. A passing error running the script (BUSY, NOGROUP, ...) is raised, not a reason
-to give the script up.
+With one key, a blocking XREADGROUP. With several in strict priority, one XREADGROUP
+reads the keys from the highest down to the level that served last (the others above
+it are usually empty: a new entry there is still read first); only when those have
+nothing does the next read go one level further down. So a backlog on one level costs
+one round trip a batch and no script, and an entry of a higher level is read in the
+next round trip. In weighted priority the :class:`Scheduler` gives the order to try
+the keys in and a server-side script finds the first holding unread entries, so one
+read takes them. Where neither can run (keys in different cluster slots, a server
+without scripting) each key is tried in turn. When none has any, one blocking
+XREADGROUP over every key waits for the next entry. A passing error running the
+script (BUSY, NOGROUP, ...) is raised, not a reason to give the script up.
 """
 
 from __future__ import annotations
@@ -76,8 +80,18 @@ class GroupReader:
         self._sleep = sleep
         self._scheduler = Scheduler(self.keys, group.spec.priority, group.spec.weights)
         self._script: Any = None
+        self._descend = False  # strict: read the levels from the top down to ``_level``
+        self._level = 0
+        # read along with entries of a higher level: held (pending to us, leased by the
+        # consumer) until nothing waits above them; highest priority first
+        self.parked: list[Entry] = []
+        self._by_key = {k.key: k for k in self.keys}
+        self._rank = {k.key: i for i, k in enumerate(self.keys)}
         if len(self.keys) > 1 and (not cluster or same_slot(*[k.key for k in self.keys])):
-            self._script = client.register_script(FIND_FIRST)
+            if group.spec.priority == "weighted":
+                self._script = client.register_script(FIND_FIRST)
+            else:
+                self._descend = True
 
     async def fetch(
         self, count: int, block: bool = True, block_ms: int | None = None
@@ -91,6 +105,11 @@ class GroupReader:
                 self.name, self.me, {key.key: ">"}, count=count, block=block_ms
             )
             return reply_entries(key, resp[0][1]) if resp else []
+        if self._descend:
+            entries = await self._descending(count)
+            if entries or block_ms is None or self.parked:
+                return entries
+            return await self._wait_any(count, block_ms)
         order = self._scheduler.order()
         first = None
         if self._script is not None:
@@ -126,6 +145,59 @@ class GroupReader:
         if self.cluster and self._script is None:
             await self._sleep(block_ms / 1000)  # keys in different slots: poll
             return []
+        return await self._wait_any(count, block_ms)
+
+    async def _descending(self, count: int) -> list[Entry]:
+        """Strict: the keys from the top down to the level last served, then further."""
+        if self.parked:
+            return await self._above_parked(count)
+        last = len(self.keys) - 1
+        level = self._level
+        while True:
+            streams = {k.key: ">" for k in self.keys[: level + 1]}
+            resp = await self.client.xreadgroup(self.name, self.me, streams, count=count)
+            entries = self._entries(resp)
+            if entries:
+                return self._highest(entries)
+            if level == last:
+                self._level = 0
+                return []
+            level += 1
+
+    async def _above_parked(self, count: int) -> list[Entry]:
+        """Entries of the keys above the highest parked one; none: that key's parked ones."""
+        top = self._rank[self.parked[0].key.key]
+        if top:
+            streams = {k.key: ">" for k in self.keys[:top]}
+            resp = await self.client.xreadgroup(self.name, self.me, streams, count=count)
+            entries = self._entries(resp)
+            if entries:
+                return self._highest(entries)
+        key = self.parked[0].key
+        cut = next((i for i, e in enumerate(self.parked) if e.key is not key), len(self.parked))
+        released, self.parked = self.parked[:cut], self.parked[cut:]
+        self._level = top
+        return released
+
+    def _highest(self, entries: list[Entry]) -> list[Entry]:
+        """The entries of the highest key among ``entries`` (sorted by priority); the
+        rest are parked until nothing waits above them, so that an entry arriving on a
+        higher level meanwhile is still handled first."""
+        key = entries[0].key
+        self._level = self._rank[key.key]
+        if entries[-1].key is key:
+            return entries
+        cut = next(i for i, e in enumerate(entries) if e.key is not key)
+        self.parked[:0] = entries[cut:]  # all below ``key``, above what was parked before
+        return entries[:cut]
+
+    def drop_parked(self) -> list[Entry]:
+        """Forget the parked entries (they stay pending under our name); returns them."""
+        dropped, self.parked = self.parked, []
+        return dropped
+
+    async def _wait_any(self, count: int, block_ms: int) -> list[Entry]:
+        """One blocking read over every key (nothing was waiting in any)."""
         started = time.monotonic()
         resp = await self.client.xreadgroup(
             self.name, self.me, {k.key: ">" for k in self.keys}, count=count, block=block_ms
@@ -134,9 +206,18 @@ class GroupReader:
             if time.monotonic() - started < block_ms / 2000:
                 await self._sleep(0.02)  # a server (or fake) that does not block
             return []
-        by_key = {k.key: k for k in self.keys}
-        rank = {k.key: i for i, k in enumerate(self.keys)}
+        entries = self._entries(resp)
+        return self._highest(entries) if entries and self._descend else entries
+
+    def _entries(self, resp: Any) -> list[Entry]:
+        """A multi-key reply's entries, the highest priority first."""
+        if not resp:
+            return []
+        if len(resp) == 1:
+            stream, items = resp[0]
+            return reply_entries(self._by_key[stream], items) if items else []
+        rank = self._rank
         entries: list[Entry] = []
         for stream, items in sorted(resp, key=lambda r: rank[r[0]]):
-            entries.extend(reply_entries(by_key[stream], items))
+            entries.extend(reply_entries(self._by_key[stream], items))
         return entries

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import textwrap
 from collections import Counter
 from typing import Any
 
 from projects import NewProject, module, running, wait_for
+
+from cortex_flow.flow.loader import load_project
+from cortex_flow.flow.topology import resolve
+from cortex_flow.runtime.reader import GroupReader
+from cortex_flow.wire.groups import ensure_group
+
+LOG = logging.getLogger("cortex_flow.consumer")
 
 LEVELS = ("critical", "high", "normal", "low")
 
@@ -106,3 +115,55 @@ async def test_critical_arriving_during_a_low_backlog_is_taken_next(
     # at most the lows already taken: the one in flight and the one read ahead
     assert first_critical <= seen_before + 2
     assert handled[first_critical : first_critical + 3] == ["critical"] * 3
+
+
+READ_FLOW = """
+    version: 1
+    streams:
+      tasks:
+        key: "{P}tasks:{{ priority }}"
+        priorities: [critical, high, normal, low]
+    groups:
+      agents:
+        stream: tasks
+        routes:
+          - drop: true
+"""
+
+
+async def test_strict_reads_take_one_level_at_a_time_and_park_what_came_along(
+    new_project: NewProject, redis_client: Any, key_prefix: str
+) -> None:
+    """One XREADGROUP over the levels down to the one last served: entries of a lower
+    level read along with a higher one are parked (held, not handed out) until nothing
+    waits above them, so a higher entry arriving meanwhile still comes first."""
+    config, _ = new_project(READ_FLOW)
+    group = resolve(load_project(config).topology, "t1").groups["agents"]
+    for key in group.keys:
+        await ensure_group(redis_client, key.key, "agents", "earliest")
+    reader = GroupReader(
+        redis_client, group, block_ms=20, cluster=False, sleep=asyncio.sleep, log=LOG
+    )
+    await _publish(redis_client, key_prefix, {"low": 6})
+
+    def levels(entries: list[Any]) -> list[str]:
+        return [e.fields["level"] + e.fields["n"] for e in entries]
+
+    assert levels(await reader.fetch(2)) == ["low0", "low1"]  # four empty levels above
+    await _publish(redis_client, key_prefix, {"critical": 1, "high": 2})
+    # one read over every level: critical handed out, high and low parked
+    assert levels(await reader.fetch(2)) == ["critical0"]
+    assert levels(reader.parked) == ["high0", "high1", "low2", "low3"]
+    await _publish(redis_client, key_prefix, {"critical": 1})
+    assert levels(await reader.fetch(2)) == ["critical0"]  # (n restarts per publish)
+    assert levels(await reader.fetch(2)) == ["high0", "high1"]  # nothing above: released
+    assert levels(reader.parked) == ["low2", "low3"]
+    await _publish(redis_client, key_prefix, {"normal": 1})
+    assert levels(await reader.fetch(2)) == ["normal0"]  # above the parked lows
+    assert levels(await reader.fetch(2)) == ["low2", "low3"]
+    assert levels(await reader.fetch(2)) == ["low4", "low5"]
+    assert await reader.fetch(2, block=False) == [] and reader.parked == []
+    delivered = 0
+    for key in group.keys:
+        delivered += (await redis_client.xpending(key.key, "agents"))["pending"]
+    assert delivered == 6 + 1 + 2 + 1 + 1  # every entry read exactly once

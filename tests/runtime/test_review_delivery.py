@@ -240,6 +240,7 @@ PRIORITY_FLOW = """
     groups:
       work:
         stream: tasks
+        priority: weighted  # the read script's path (strict reads need no script)
         routes:
           - to: out
 """
