@@ -381,6 +381,32 @@ async def strict_loop(
         await client.xack(key, GROUP, *ids)
 
 
+async def pipelined_loop(
+    client: aioredis.Redis,
+    key: str,
+    handler: Callable[[Mapping[str, Any]], None],
+    *,
+    count: int = 100,
+) -> None:
+    """Baseline: one stream; each batch's XACK goes in the same pipeline as the next read.
+
+    The best a hand loop does: one round trip per batch. Ends when the stream is empty.
+    """
+    acks: list[str] = []
+    while True:
+        pipe = client.pipeline(transaction=False)
+        if acks:
+            pipe.xack(key, GROUP, *acks)
+        pipe.xreadgroup(GROUP, CONSUMER, {key: ">"}, count=count)
+        resp = (await pipe.execute())[-1]
+        if not resp or not resp[0][1]:
+            return
+        acks = []
+        for entry_id, fields in resp[0][1]:
+            handler(fields)
+            acks.append(entry_id)
+
+
 @contextlib.contextmanager
 def side_process(target: Callable[..., None], *args: Any, wake: Sequence[Any]) -> Iterator[None]:
     """``target(*args)`` in a spawned process while the block runs (a producer, say).

@@ -9,9 +9,12 @@ one XACK per batch, the same handler:
 - A: one stream holding every message (the cheapest possible loop);
 - B: the four priority streams, strict fallback: XREADGROUP critical, then high, normal,
   low, one round trip each, and take the first non-empty.
+- C: one stream, each batch's XACK sent in the same pipeline as the next read (one round
+  trip per batch): the best hand loop.
 
 Every run ends when XINFO GROUPS shows every entry read and none pending.
-Target: cortex-flow >= 70% of baseline B.
+Targets: cortex-flow over four streams >= 70% of baseline B; cortex-flow over one
+stream (the same inline route) >= 90% of baseline C.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ from typing import Any
 
 from bench import handlers
 from bench.common import (
+    GROUP,
     Figure,
     Server,
     Timing,
     create_groups,
+    pipelined_loop,
     preload,
     priority_flow,
     priority_keys,
@@ -45,19 +50,41 @@ def split(total: int, keys: list[str]) -> dict[str, int]:
     return counts
 
 
-async def _baseline(server: Server, keys: list[str], last: dict[str, str]) -> Timing:
+async def _baseline(
+    server: Server, keys: list[str], last: dict[str, str], pipelined: bool = False
+) -> Timing:
     client = server.aclient()
     try:
-        loop = strict_loop(client, keys, handlers.noop)
+        if pipelined:
+            loop = pipelined_loop(client, keys[0], handlers.noop)
+        else:
+            loop = strict_loop(client, keys, handlers.noop)
         return await run_baseline(loop, lambda: wait_acked(client, last))
     finally:
         await client.aclose()
 
 
-async def _cortex(server: Server, prefix: str, last: dict[str, str], profile: Any) -> Timing:
+def single_flow(key: str, handler: str) -> str:
+    """One stream, one group, batch 100, one inline ``call`` route."""
+    return f"""\
+version: 1
+streams:
+  tasks:
+    key: "{key}"
+groups:
+  {GROUP}:
+    stream: tasks
+    start: earliest
+    batch: 100
+    routes:
+      - call: {{function: "{handler}", inline: true}}
+"""
+
+
+async def _cortex(server: Server, flow: str, last: dict[str, str], profile: Any) -> Timing:
     client = server.aclient()
     try:
-        with project(server, priority_flow(prefix, "bench.handlers:noop")) as proj:
+        with project(server, flow) as proj:
             return await run_cortex(proj, lambda: wait_acked(client, last), profile)
     finally:
         await client.aclose()
@@ -77,10 +104,10 @@ def run(server: Server, messages: int, repeat: int, profile: Any = None) -> list
         redis_cpu[name] = min(redis_cpu.get(name, float("inf")), server_cpu / messages * 1e6)
 
     for _ in range(repeat):
-        for name in ("A", "B", "cortex"):
+        for name in ("A", "B", "C", "cortex", "cortex1"):
             server.flush()
             with server.client() as client:
-                if name == "A":
+                if name in ("A", "C", "cortex1"):
                     keys = ["bench:single"]
                     counts = {keys[0]: messages}
                 else:
@@ -90,14 +117,32 @@ def run(server: Server, messages: int, repeat: int, profile: Any = None) -> list
                 last = preload(client, counts)
             server_cpu = server.cpu_seconds()
             if name == "cortex":
-                result = asyncio.run(_cortex(server, prefix, last, profile))
+                flow = priority_flow(prefix, "bench.handlers:noop")
+                result = asyncio.run(_cortex(server, flow, last, profile))
                 startup = result.startup
+            elif name == "cortex1":
+                flow = single_flow(keys[0], "bench.handlers:noop")
+                result = asyncio.run(_cortex(server, flow, last, None))
             else:
-                result = asyncio.run(_baseline(server, keys, last))
+                result = asyncio.run(_baseline(server, keys, last, pipelined=name == "C"))
             record(name, result, server.cpu_seconds() - server_cpu)
-    cortex, a, b = best["cortex"], best["A"], best["B"]
+    cortex, a, b, c, one = best["cortex"], best["A"], best["B"], best["C"], best["cortex1"]
     ratio = cortex / b
     return [
+        Figure(
+            "consume",
+            "msg/s, one stream, inline",
+            one,
+            "C: hand loop, ack pipelined",
+            c,
+            ">= 90% of C",
+            one / c >= 0.9,
+            note=(
+                f"one stream: client CPU per msg: cortex-flow {cpu['cortex1']:.1f} us, C "
+                f"{cpu['C']:.1f} us; Redis CPU per msg: cortex-flow {redis_cpu['cortex1']:.1f} "
+                f"us, C {redis_cpu['C']:.1f} us"
+            ),
+        ),
         Figure(
             "consume",
             "msg/s, 4 priority streams",

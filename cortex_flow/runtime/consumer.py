@@ -385,8 +385,8 @@ class GroupConsumer:
         At most ``concurrency`` run; about as many more may wait in the backlog, so a read
         takes a whole batch instead of the one or two slots that just freed.
         """
-        if self.handler.table.inline:
-            return self.spec.batch
+        if self.handler.table.inline:  # a batch may be read while the last one commits
+            return self.spec.batch if self.held <= self.spec.batch else 0
         concurrency, batch = self.spec.concurrency, self.spec.batch
         busy = self.held - len(self.reader.parked)  # parked: read, waiting for a read
         room = min(batch, 2 * concurrency - busy)
@@ -416,14 +416,19 @@ class GroupConsumer:
 
     async def _dispatch(self, entries: list[Entry]) -> None:
         if self.handler.table.inline:
-            handle = self._handle
-            held = {(e.key.key, e.id) for e in entries}
-            self._inflight |= held  # leased while handled and committed
-            try:
-                outcomes = [await handle(e) for e in entries]
-                await self._commit_until_done(outcomes)
-            finally:
-                self._inflight -= held
+            # handled here, in order; committed by the outbox's flusher while the next
+            # batch is read (the two round trips overlap)
+            self._inflight.update((e.key.key, e.id) for e in entries)  # leased meanwhile
+            steps_of, drive, outcomes = self.handler.steps, self.handler.drive, []
+            for entry in entries:
+                steps = steps_of(entry)
+                try:
+                    step = next(steps)
+                except StopIteration as stop:
+                    outcomes.append(stop.value)
+                else:  # an inline async call
+                    outcomes.append(await drive(steps, step, entry))
+            self.outbox.put_all(outcomes)
             return
         rank = self._rank
         for entry in entries:

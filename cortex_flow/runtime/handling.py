@@ -138,7 +138,18 @@ class EntryHandler:
         """Run the routes for ``entry``, awaiting each call; never raises for a route's failure."""
         steps = self.steps(entry)
         try:
-            route, msg, ctx = next(steps)
+            step = next(steps)
+        except StopIteration as stop:
+            done: Outcome = stop.value
+            return done
+        return await self.drive(steps, step, entry)
+
+    async def drive(
+        self, steps: Generator[Step, None, Outcome], step: Step, entry: Entry
+    ) -> Outcome:
+        """Make ``step`` and the rest of ``steps`` (begun) for ``entry``; its outcome."""
+        route, msg, ctx = step
+        try:
             while True:
                 try:
                     if route.action == "http":

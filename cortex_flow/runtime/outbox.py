@@ -95,6 +95,12 @@ class Outbox:
         if batch_ended or len(self.outcomes) >= self.batch:
             self._full.set()
 
+    def put_all(self, outcomes: list[Outcome]) -> None:
+        """Add a batch's outcomes and commit them now."""
+        self.outcomes.extend(outcomes)
+        self._ready.set()
+        self._full.set()
+
     async def close(self) -> None:
         """Commit what finished and end the flusher (never cut off mid-commit)."""
         self._closing = True
