@@ -419,6 +419,10 @@ class GroupConsumer:
             # handled here, in order; committed by the outbox's flusher while the next
             # batch is read (the two round trips overlap)
             self._inflight.update((e.key.key, e.id) for e in entries)  # leased meanwhile
+            if self.handler.table.inline_sync:
+                run = self.handler.run_inline
+                self.outbox.put_all([run(entry) for entry in entries])
+                return
             steps_of, drive, outcomes = self.handler.steps, self.handler.drive, []
             for entry in entries:
                 steps = steps_of(entry)

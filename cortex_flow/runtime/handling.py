@@ -87,24 +87,15 @@ class EntryHandler:
         and ``http`` route; the driver runs it and sends ``None`` back, or throws in what
         it raised. Returns the outcome; never raises for a route's failure.
         """
-        try:
-            msg = decode(self.codec, entry.fields)
-        except DecodeError as exc:
-            return Outcome(entry, DEAD, [], f"cannot decode: {exc}")
-        key = entry.key
-        bound = self._bound.get(key.key)
-        if bound is None:
-            bound = {"priority": key.priority, "agent": key.agent, **self._base_vars}
-            self._bound[key.key] = bound
-        table = self.table
-        ctx = None
-        if table.needs_context:
-            ctx = self._context(entry, msg, bound, table)
+        prepared = self._prepare(entry)
+        if isinstance(prepared, Outcome):
+            return prepared
+        msg, bound, ctx = prepared
         publishes: list[Publish] = []
         matched = False
         started = time.perf_counter()
         try:
-            for route in table.routes:
+            for route in self.table.routes:
                 if route.when is not None and not route.matches(ctx):
                     continue
                 matched = True
@@ -117,18 +108,69 @@ class EntryHandler:
                     yield route, msg, ctx
                 if not route.continue_:
                     break
-        except PermanentError as exc:
-            return Outcome(entry, DEAD, [], str(exc))
-        except Overran as exc:
-            return self._failed(entry, f"{route.label}: {exc}")
-        except TimeoutError:
-            return self._failed(entry, f"timed out after {route.timeout:g}s ({route.label})")
         except Exception as exc:
-            return self._failed(entry, f"{route.label}: {type(exc).__name__}: {exc}")
+            return self._failure(entry, route, exc)
         finally:
-            self._key_stats[key.key].latency.observe(time.perf_counter() - started)
+            self._key_stats[entry.key.key].latency.observe(time.perf_counter() - started)
+        return self._settled(entry, matched, publishes)
+
+    def run_inline(self, entry: Entry) -> Outcome:
+        """:meth:`steps` for a table of ``to``, ``drop`` and inline sync calls only
+        (``table.inline_sync``): nothing to wait for, so no generator per message."""
+        prepared = self._prepare(entry)
+        if isinstance(prepared, Outcome):
+            return prepared
+        msg, bound, ctx = prepared
+        publishes: list[Publish] = []
+        matched = False
+        started = time.perf_counter()
+        try:
+            for route in self.table.routes:
+                if route.when is not None and not route.matches(ctx):
+                    continue
+                matched = True
+                if route.action == "to":
+                    publishes.append(route.publish(msg, ctx, bound))
+                elif route.fn is not None:
+                    route.fn(msg)
+                if not route.continue_:
+                    break
+        except Exception as exc:
+            return self._failure(entry, route, exc)
+        finally:
+            self._key_stats[entry.key.key].latency.observe(time.perf_counter() - started)
+        return self._settled(entry, matched, publishes)
+
+    def _prepare(self, entry: Entry) -> tuple[Any, dict[str, Any], Any] | Outcome:
+        """The decoded message, the key's variables and the template context (or None);
+        an undecodable entry's outcome instead."""
+        try:
+            msg = decode(self.codec, entry.fields)
+        except DecodeError as exc:
+            return Outcome(entry, DEAD, [], f"cannot decode: {exc}")
+        key = entry.key
+        bound = self._bound.get(key.key)
+        if bound is None:
+            bound = {"priority": key.priority, "agent": key.agent, **self._base_vars}
+            self._bound[key.key] = bound
+        table = self.table
+        ctx = self._context(entry, msg, bound, table) if table.needs_context else None
+        return msg, bound, ctx
+
+    def _failure(self, entry: Entry, route: CompiledRoute, exc: Exception) -> Outcome:
+        """The outcome of ``route`` raising ``exc`` for ``entry``."""
+        if isinstance(exc, PermanentError):
+            return Outcome(entry, DEAD, [], str(exc))
+        if isinstance(exc, Overran):
+            return self._failed(entry, f"{route.label}: {exc}")
+        if isinstance(exc, TimeoutError):
+            return self._failed(entry, f"timed out after {route.timeout:g}s ({route.label})")
+        return self._failed(entry, f"{route.label}: {type(exc).__name__}: {exc}")
+
+    def _settled(self, entry: Entry, matched: bool, publishes: list[Publish]) -> Outcome:
+        """The outcome of routes that all ran: acknowledged, or unmatched."""
         if not matched:
-            self._key_stats[key.key].unmatched += 1
+            self._key_stats[entry.key.key].unmatched += 1
             if self._has_dead_letter:
                 return Outcome(entry, DEAD, [], "no route matched")
             self._warn_unmatched()

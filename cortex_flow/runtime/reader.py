@@ -101,10 +101,15 @@ class GroupReader:
         block_ms = (block_ms or self.block_ms) if block else None
         if len(self.keys) == 1:
             key = self.keys[0]
-            resp = await self.client.xreadgroup(
-                self.name, self.me, {key.key: ">"}, count=count, block=block_ms
-            )
-            return reply_entries(key, resp[0][1]) if resp else []
+            streams = {key.key: ">"}
+            # a backlog is read without BLOCK (redis-py then waits on the socket with
+            # the command's own timeout, which costs it more per call)
+            resp = await self.client.xreadgroup(self.name, self.me, streams, count=count)
+            if not (resp and resp[0][1]) and block_ms is not None:
+                resp = await self.client.xreadgroup(
+                    self.name, self.me, streams, count=count, block=block_ms
+                )
+            return reply_entries(key, resp[0][1]) if resp and resp[0][1] else []
         if self._descend:
             entries = await self._descending(count)
             if entries or block_ms is None or self.parked:

@@ -198,6 +198,8 @@ class RouteTable:
         self.needs_context = any(r.needs_context for r in self.routes)
         # every action completes without a thread or socket: process whole batches inline
         self.inline = all(r.action in ("to", "drop") or r.inline for r in self.routes)
+        # and nothing to await at all: EntryHandler.run_inline
+        self.inline_sync = self.inline and not any(r.is_async for r in self.routes)
         # a sync call runs in a thread: its handlers all wait, so they start together
         self.threaded = any(
             r.action == "call" and not r.inline and not r.is_async for r in self.routes
