@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from asyncio import current_task
 from collections.abc import Awaitable, Callable
+from time import monotonic  # what the event loop's time() is
 from typing import Any
 
 MIN_TICK, MAX_TICK = 0.005, 0.1
@@ -28,15 +30,15 @@ class Deadlines:
 
     async def run(self, fn: Callable[[Any], Awaitable[Any]], msg: Any, timeout: float) -> None:
         """Await ``fn(msg)``; ``TimeoutError`` if it runs past ``timeout`` seconds."""
-        task = asyncio.current_task()
+        task = current_task()
         assert task is not None
-        loop = asyncio.get_running_loop()
-        self._running[task] = loop.time() + timeout
-        tick = min(MAX_TICK, max(MIN_TICK, timeout / 10))
-        if tick < self.tick:
-            self.tick = tick
+        self._running[task] = monotonic() + timeout  # the loop's clock
+        if timeout < self.tick * 10:
+            self.tick = min(MAX_TICK, max(MIN_TICK, timeout / 10))
         if self._watchdog is None:
-            self._watchdog = loop.create_task(self._watch(), name="call-deadlines")
+            self._watchdog = asyncio.get_running_loop().create_task(
+                self._watch(), name="call-deadlines"
+            )
         try:
             await fn(msg)
         except asyncio.CancelledError:
@@ -60,7 +62,7 @@ class Deadlines:
         try:
             while self._running:
                 await asyncio.sleep(self.tick)
-                now = asyncio.get_running_loop().time()
+                now = monotonic()
                 for task, deadline in list(self._running.items()):
                     if deadline <= now and task not in self._expired:
                         self._expired.add(task)

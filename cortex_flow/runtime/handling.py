@@ -197,7 +197,7 @@ class EntryHandler:
                     if route.action == "http":
                         await self.post(route, msg, ctx)
                     elif route.is_async:
-                        await call_route(route, msg, deadlines=self.deadlines)
+                        await self.deadlines.run(route.fn, msg, route.timeout)  # type: ignore[arg-type]
                     else:
                         await self._call_sync(route, msg, entry)
                 except Exception as exc:
