@@ -162,9 +162,16 @@ class CallPool:
 
     # -- the loop's side ---------------------------------------------------------------
 
+    def flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Hand the calls queued so far to the threads now, not at the loop's next pass."""
+        if self._new:
+            self._flush(loop)
+
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._flushing = False
+        self._flushing = False  # a pass scheduled meanwhile finds nothing new: a no-op
         new, self._new = self._new, []
+        if not new:
+            return
         with self._lock:
             self._queue.extend(new)
             self._wake(self._wanted())

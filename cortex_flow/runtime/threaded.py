@@ -93,6 +93,7 @@ class ThreadedDriver:
                     self._advance(_Flight(entry, self.handler.steps(entry)), None, first=True)
                 if not self.in_flight:
                     return
+                self.pool.flush(loop)  # this pass's calls to the threads now
                 if not self._returned:
                     await self._wait(loop)
                 returned, self._returned = self._returned, []
