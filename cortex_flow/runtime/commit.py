@@ -24,7 +24,14 @@ from redis.exceptions import ResponseError
 from cortex_flow.flow.durations import format_duration
 from cortex_flow.flow.models import StreamSpec
 from cortex_flow.flow.topology import ResolvedGroup
-from cortex_flow.runtime.delivery import DEAD, RETRY, Outcome, backoff_ms, scripting_unavailable
+from cortex_flow.runtime.delivery import (
+    ACK,
+    DEAD,
+    RETRY,
+    Outcome,
+    backoff_ms,
+    scripting_unavailable,
+)
 from cortex_flow.runtime.routes import Publish
 from cortex_flow.runtime.stats import KeyStats
 from cortex_flow.wire.connection import same_slot
@@ -178,6 +185,9 @@ class Committer:
         )
 
     async def _commit(self, outcomes: list[Outcome], deferred: Deferred) -> None:
+        if all(o.kind == ACK and not o.publishes for o in outcomes):
+            await self._ack_only(outcomes)
+            return
         acks: dict[str, list[str]] = {}
         adds: list[tuple[Outcome, Publish]] = []
         done: list[Outcome] = []
@@ -198,14 +208,7 @@ class Committer:
         if not acks:
             return
         if not adds:
-            if len(acks) == 1:
-                key, ids = next(iter(acks.items()))
-                await self.client.xack(key, self.name, *ids)
-            else:
-                pipe = self.client.pipeline(transaction=False)
-                for key, ids in acks.items():
-                    pipe.xack(key, self.name, *ids)
-                await pipe.execute()
+            await self._xack(acks)
         elif not self.cluster:
             if self._script is not None:
                 rejected = await self._run_script(done, deferred)
@@ -240,6 +243,33 @@ class Committer:
                 stats.processed += 1
             if outcome.entry.deliveries > 1:
                 stats.retried += 1
+
+    async def _ack_only(self, outcomes: list[Outcome]) -> None:
+        """The common batch: acknowledgements and nothing to publish; counted per key."""
+        acks: dict[str, list[str]] = {}
+        for outcome in outcomes:
+            entry = outcome.entry
+            ids = acks.get(entry.key.key)
+            if ids is None:
+                ids = acks[entry.key.key] = []
+            ids.append(entry.id)
+        await self._xack(acks)
+        for key, ids in acks.items():
+            self._key_stats[key].processed += len(ids)
+        for outcome in outcomes:
+            if outcome.entry.deliveries > 1:
+                self._key_stats[outcome.entry.key.key].retried += 1
+
+    async def _xack(self, acks: dict[str, list[str]]) -> None:
+        """XACK ``acks`` (key: ids): one command, or one pipeline for several keys."""
+        if len(acks) == 1:
+            key, ids = next(iter(acks.items()))
+            await self.client.xack(key, self.name, *ids)
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for key, ids in acks.items():
+            pipe.xack(key, self.name, *ids)
+        await pipe.execute()
 
     def _stuck(self, outcome: Outcome) -> None:
         """Report an entry that failed for good with no dead_letter: it stays pending."""

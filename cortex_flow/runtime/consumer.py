@@ -418,7 +418,7 @@ class GroupConsumer:
         if self.handler.table.inline:
             # handled here, in order; committed by the outbox's flusher while the next
             # batch is read (the two round trips overlap)
-            self._inflight.update((e.key.key, e.id) for e in entries)  # leased meanwhile
+            self._inflight.update([(e.key.key, e.id) for e in entries])  # leased meanwhile
             if self.handler.table.inline_sync:
                 run = self.handler.run_inline
                 self.outbox.put_all([run(entry) for entry in entries])
@@ -540,8 +540,7 @@ class GroupConsumer:
         await commit_until_done(self.committer, outcomes, self.faults, self._schedule_retry)
 
     def _committed(self, outcomes: list[Outcome]) -> None:
-        for outcome in outcomes:
-            self._inflight.discard((outcome.entry.key.key, outcome.entry.id))
+        self._inflight.difference_update([(o.entry.key.key, o.entry.id) for o in outcomes])
         self._wake.set()
 
     def _commit_failed(self) -> None:

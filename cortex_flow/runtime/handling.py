@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Generator, Mapping
+from time import perf_counter
 from typing import Any
 
 from jinja2.runtime import Context
@@ -117,15 +118,23 @@ class EntryHandler:
     def run_inline(self, entry: Entry) -> Outcome:
         """:meth:`steps` for a table of ``to``, ``drop`` and inline sync calls only
         (``table.inline_sync``): nothing to wait for, so no generator per message."""
-        prepared = self._prepare(entry)
-        if isinstance(prepared, Outcome):
-            return prepared
-        msg, bound, ctx = prepared
+        table = self.table
+        if table.needs_context or entry.key.key not in self._bound:
+            prepared = self._prepare(entry)
+            if isinstance(prepared, Outcome):
+                return prepared
+            msg, bound, ctx = prepared
+        else:  # the usual case, without a call: the message and the key's variables
+            try:
+                msg = decode(self.codec, entry.fields)
+            except DecodeError as exc:
+                return Outcome(entry, DEAD, [], f"cannot decode: {exc}")
+            bound, ctx = self._bound[entry.key.key], None
         publishes: list[Publish] = []
         matched = False
-        started = time.perf_counter()
+        started = perf_counter()
         try:
-            for route in self.table.routes:
+            for route in table.routes:
                 if route.when is not None and not route.matches(ctx):
                     continue
                 matched = True
@@ -138,7 +147,9 @@ class EntryHandler:
         except Exception as exc:
             return self._failure(entry, route, exc)
         finally:
-            self._key_stats[entry.key.key].latency.observe(time.perf_counter() - started)
+            self._key_stats[entry.key.key].latency.observe(perf_counter() - started)
+        if matched:
+            return Outcome(entry, ACK, publishes)
         return self._settled(entry, matched, publishes)
 
     def _prepare(self, entry: Entry) -> tuple[Any, dict[str, Any], Any] | Outcome:

@@ -203,3 +203,43 @@ async def test_a_queued_call_taken_back_never_runs() -> None:
     finally:
         pool.shutdown()
     assert ran == ["first"]
+
+
+COUNTED_FLOW = """
+    version: 1
+    streams:
+      jobs: {key: "{P}jobs:{{ priority }}", priorities: [high, low]}
+    groups:
+      work:
+        stream: jobs
+        retry: {max_deliveries: 3, backoff: {initial: 50ms, max: 100ms}}
+        routes:
+          - call: {function: "{M}:flaky", inline: true}
+"""
+
+FLAKY = """
+    seen = set()
+
+    def flaky(msg):
+        if int(msg["n"]) % 4 == 0 and msg["id"] not in seen:
+            seen.add(msg["id"])
+            raise RuntimeError("first time")
+"""
+
+
+async def test_acknowledgements_are_counted_per_key_with_their_retries(
+    new_project: NewProject, redis_client: Any, key_prefix: str
+) -> None:
+    """Batches of plain acknowledgements count processed and retried on each key."""
+    config, _ = new_project(COUNTED_FLOW, FLAKY)
+    for level, count in (("high", 40), ("low", 60)):
+        for n in range(count):
+            await redis_client.xadd(f"{key_prefix}jobs:{level}", {"n": str(n), "id": f"{level}{n}"})
+    async with running(config) as runner:
+        stats = runner.stats.groups["work"].keys
+        for level, count in (("high", 40), ("low", 60)):
+            key = f"{key_prefix}jobs:{level}"
+            await wait_for(lambda k=key, c=count: stats[k].processed == c, what=f"{level} done")
+            await wait_for(lambda k=key: none_pending(redis_client, k, "work"), what="acked")
+            assert stats[key].retried == count // 4  # each failed once, then succeeded
+            assert stats[key].failed == count // 4
