@@ -386,7 +386,8 @@ class GroupConsumer:
         takes a whole batch instead of the one or two slots that just freed.
         """
         if self.handler.table.inline:  # a batch may be read while the last one commits
-            return self.spec.batch if self.held <= self.spec.batch else 0
+            held = self.held - len(self.reader.parked)  # parked: released by a read
+            return self.spec.batch if held <= self.spec.batch else 0
         concurrency, batch = self.spec.concurrency, self.spec.batch
         busy = self.held - len(self.reader.parked)  # parked: read, waiting for a read
         room = min(batch, 2 * concurrency - busy)
@@ -418,21 +419,14 @@ class GroupConsumer:
         if self.handler.table.inline:
             # handled here, in order; committed by the outbox's flusher while the next
             # batch is read (the two round trips overlap)
-            self._inflight.update([(e.key.key, e.id) for e in entries])  # leased meanwhile
-            if self.handler.table.inline_sync:
-                run = self.handler.run_inline
-                self.outbox.put_all([run(entry) for entry in entries])
-                return
-            steps_of, drive, outcomes = self.handler.steps, self.handler.drive, []
-            for entry in entries:
-                steps = steps_of(entry)
-                try:
-                    step = next(steps)
-                except StopIteration as stop:
-                    outcomes.append(stop.value)
-                else:  # an inline async call
-                    outcomes.append(await drive(steps, step, entry))
-            self.outbox.put_all(outcomes)
+            held = [(e.key.key, e.id) for e in entries]
+            self._inflight.update(held)  # leased meanwhile
+            try:
+                self.outbox.put_all(await self._run_inline(entries))
+            except BaseException:
+                # unfinished: no longer held, so the re-read after the error takes them
+                self._inflight.difference_update(held)
+                raise
             return
         rank = self._rank
         for entry in entries:
@@ -440,6 +434,22 @@ class GroupConsumer:
             self._backlog[rank[entry.key.key]].append(entry)
         self._waiting += len(entries)
         self._start_backlog()
+
+    async def _run_inline(self, entries: list[Entry]) -> list[Outcome]:
+        """The outcomes of an inline batch, handled here in order."""
+        if self.handler.table.inline_sync:
+            run = self.handler.run_inline
+            return [run(entry) for entry in entries]
+        steps_of, drive, outcomes = self.handler.steps, self.handler.drive, []
+        for entry in entries:
+            steps = steps_of(entry)
+            try:
+                step = next(steps)
+            except StopIteration as stop:
+                outcomes.append(stop.value)
+            else:  # an inline async call
+                outcomes.append(await drive(steps, step, entry))
+        return outcomes
 
     def _start_backlog(self) -> None:
         # Reads and claims bring more than the free slots; the rest waits here, highest

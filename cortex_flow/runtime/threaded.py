@@ -73,6 +73,7 @@ class ThreadedDriver:
         self._order = itertools.count()
         self._wake: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # async and http routes
+        self._flights: set[_Flight] = set()  # started, not finished
 
     def poke(self) -> None:
         """New entries wait (or the stop came): look again."""
@@ -90,7 +91,9 @@ class ThreadedDriver:
                     if entry is None:
                         break
                     self.in_flight += 1
-                    self._advance(_Flight(entry, self.handler.steps(entry)), None, first=True)
+                    flight = _Flight(entry, self.handler.steps(entry))
+                    self._flights.add(flight)
+                    self._advance(flight, None, first=True)
                 if not self.in_flight:
                     return
                 self.pool.flush(loop)  # this pass's calls to the threads now
@@ -100,6 +103,10 @@ class ThreadedDriver:
                 for call in returned:
                     self._settle(call, loop.time())
                 self._expire(loop.time())
+        except Exception:
+            for flight in self._flights:  # not ours any more: the re-read takes them
+                self._drop(flight.entry)
+            raise
         finally:
             for task in self._tasks:
                 task.cancel()
@@ -131,6 +138,7 @@ class ThreadedDriver:
                     route, msg, ctx = flight.steps.send(None)
             except StopIteration as stop:
                 self.in_flight -= 1
+                self._flights.discard(flight)
                 self._finish(stop.value)
                 return
             loop = asyncio.get_running_loop()
@@ -146,6 +154,7 @@ class ThreadedDriver:
                 task.add_done_callback(self._tasks.discard)
         except Exception:
             self.in_flight -= 1
+            self._flights.discard(flight)
             self.log.exception(
                 "group %s: %s from %s could not be finished; it stays pending and is retried",
                 self.handler.name,

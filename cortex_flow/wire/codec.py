@@ -25,7 +25,7 @@ def decode(codec: str, fields: dict[str, str]) -> Any:
         raise DecodeError(f"json codec: the entry has no `data` field (fields: {sorted(fields)})")
     try:
         value = json.loads(data)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # nested too deep: hostile input
         raise DecodeError(f"json codec: `data` is not valid JSON ({exc})") from None
     if not isinstance(value, dict):
         raise DecodeError(f"json codec: `data` must hold a JSON object, got {type(value).__name__}")
