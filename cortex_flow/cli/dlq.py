@@ -20,6 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 
 from cortex_flow.cli.args import load
 from cortex_flow.cli.views import humanize, wide_console
@@ -282,7 +283,7 @@ def _report(
             highlight=False,
         )
     for entry_id, why in outcome.skipped:
-        console.print(f"[red]skipped {entry_id}: {why}[/red]", highlight=False)
+        console.print(Text(f"skipped {entry_id}: {why}", style="red"))
 
 
 async def _main(args: argparse.Namespace) -> int:

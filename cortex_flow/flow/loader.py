@@ -257,11 +257,17 @@ def _load_config(path: Path | None, env: Mapping[str, str], problems: list[Probl
 
 @dataclass(frozen=True)
 class Checked:
-    """What reading a project found: the project when valid, every problem, every file read."""
+    """What reading a project found: the project when valid, every problem, every file read.
+
+    ``partial`` is the project as far as it could be read when the config is valid but
+    flows are not (its topology holds the valid entries only; it is not checked), for
+    the tools that show live state from what is known (``status``).
+    """
 
     project: Project | None
     problems: list[Problem]
     files: list[str]
+    partial: Project | None = None
 
 
 def check_project(
@@ -278,6 +284,7 @@ def check_project(
     config_path = _default_config(config_path)
     problems: list[Problem] = []
     config = _load_config(config_path, env, problems)
+    config_ok = not problems
     found = config_path if config_path is not None and config_path.exists() else None
     files = [_display(found)] if found is not None else []
     base_dir = (config_path or Path(DEFAULT_CONFIG)).resolve().parent
@@ -294,9 +301,9 @@ def check_project(
     if not missing:
         topology = _load_topology(targets, env, problems)
         files.extend(topology.files)
-    if problems:
-        return Checked(None, sorted(set(problems)), files)
     project = Project(config, found, base_dir, flows_dir, topology)
+    if problems:
+        return Checked(None, sorted(set(problems)), files, project if config_ok else None)
     return Checked(project, [], files)
 
 

@@ -272,11 +272,15 @@ async def probe_admin(admin: AdminSettings) -> dict[str, Any]:
     # /readyz answers {"status": "ready" | "not ready", "detail": {..., "reload": {...}}}
     raw = body.get("detail")
     detail: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    reload = detail.get("reload")
+    if isinstance(reload, dict) and isinstance(reload.get("last_at"), int | float):
+        # the runner's clock, as is its epoch: an age reads better than an epoch float
+        reload = {**reload, "last_age": max(0.0, time.time() - reload["last_at"])}
     return {
         "admin": admin.listen,
         "reachable": True,
         "ready": body.get("status") == "ready",
-        "reload": detail.get("reload"),
+        "reload": reload,
     }
 
 
