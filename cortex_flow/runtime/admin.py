@@ -1,4 +1,4 @@
-"""The admin endpoint: ``/healthz``, ``/readyz``, ``/metrics`` and ``POST /reload``.
+"""The admin endpoint: ``/healthz``, ``/readyz``, ``/metrics``, ``/topology``, ``POST /reload``.
 
 A small aiohttp server owned by the runner. It decides nothing itself: readiness
 comes from the runner's ``ready()``, reloads from its ``reload()``, and the
