@@ -147,6 +147,28 @@ def _from_redis(url: str | None, resolved: Resolved) -> tuple[list[Change], list
         return f"Redis not reachable: showing the full plan. {exc}"
 
 
+def _json_doc(
+    plan: Plan, runner: str, against: str, url: str | None, notes: list[str], problems: list[str]
+) -> dict[str, Any]:
+    reload = {
+        "start": list(plan.groups_to_add),
+        "restart": list(plan.groups_to_restart),
+        "stop": list(plan.groups_to_remove),
+        "swap_routes": list(plan.groups_routes_only),
+    }
+    return {
+        "runner": runner,
+        "compared_with": against,  # runner | redis | nothing
+        "redis": describe_url(url) if url is not None else None,
+        "notes": notes,
+        "problems": problems,
+        "changes": [{**asdict(c), "text": str(c)} for c in plan.changes],
+        "restart_required": list(plan.restart_required),
+        "reload": reload if against == "runner" else None,
+        "summary": plan.summary(),
+    }
+
+
 def command(args: argparse.Namespace) -> int:
     """``cortex-flow plan``: what a reload of the running runner, or ``run``, would change.
 
@@ -190,24 +212,8 @@ def command(args: argparse.Namespace) -> int:
         plan = diff(None, resolved)
         heading = f"Plan for runner {resolved.runner} (neither the runner nor Redis read):"
     if args.format == "json":
-        doc = {
-            "runner": resolved.runner,
-            "compared_with": against,
-            "redis": describe_url(url) if url is not None and not isinstance(redis, str) else None,
-            "notes": notes,
-            "problems": problems,
-            "changes": [{**asdict(c), "text": str(c)} for c in plan.changes],
-            "restart_required": list(plan.restart_required),
-            "reload": {
-                "start": list(plan.groups_to_add),
-                "restart": list(plan.groups_to_restart),
-                "stop": list(plan.groups_to_remove),
-                "swap_routes": list(plan.groups_routes_only),
-            }
-            if against == "runner"
-            else None,
-            "summary": plan.summary(),
-        }
+        read = url if url is not None and not isinstance(redis, str) else None
+        doc = _json_doc(plan, resolved.runner, against, read, notes, problems)
         print(json.dumps(doc, indent=2))
     else:
         for note in notes:
