@@ -333,7 +333,12 @@ def test_purge_asks_first_on_a_terminal(
     monkeypatch.setattr("sys.stdin.isatty", lambda: True)
     answers = iter(["n", "y"])
     asked: list[str] = []
-    monkeypatch.setattr("builtins.input", lambda q: asked.append(q) or next(answers))
+
+    def answer(question: str) -> str:
+        asked.append(question)
+        return next(answers)
+
+    monkeypatch.setattr("builtins.input", answer)
     assert cli("dlq", "purge", mixed["old"], "--config", str(config)) == 1
     assert r.xlen(f"{prefix}dlq") == 4
     assert cli("dlq", "purge", mixed["old"], "--config", str(config)) == 0

@@ -126,7 +126,7 @@ def _text(data: dict[str, Any]) -> str:
 
 def test_last_reload_reads_never_or_an_age() -> None:
     """The last reload is "never" before the first one, else its outcome and age."""
-    never = {"last_outcome": None, "last_at": None, "errors": []}
+    never: dict[str, Any] = {"last_outcome": None, "last_at": None, "errors": []}
     assert "; last reload never" in _text(_data(never))
     applied = {"last_outcome": "applied", "last_at": time.time() - 300, "last_age": 300.0}
     assert "; last reload applied 5m ago" in _text(_data(applied))
