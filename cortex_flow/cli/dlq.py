@@ -20,6 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 
 from cortex_flow.cli.args import load
 from cortex_flow.cli.views import humanize, wide_console
@@ -184,11 +185,6 @@ async def _change(
 ) -> int:
     replaying = args.dlq_command == "replay"
     verb = "replay" if replaying else "purge"
-    if not replaying and not f.narrowed and not args.yes and not args.dry_run:
-        raise UsageError(
-            f"purge without IDs or filters deletes every entry of {', '.join(keys)}; pass --yes "
-            "to confirm (see what would go with --dry-run)"
-        )
     entries = await list_entries(client, keys, f)
     missing = [i for i in f.ids if not any(_same_id(i, e.id) for e in entries)]
     if missing:
@@ -202,6 +198,9 @@ async def _change(
         return 0
     if replaying:
         _confirm_shared_sources(entries, resolved, args.yes, args.dry_run)
+    elif not args.yes and not args.dry_run and not _confirm_purge(entries, keys):
+        print("nothing purged", file=sys.stderr)
+        return 1
     caps = {
         k.key: s.spec.maxlen for s in resolved.streams.values() if s.spec.maxlen for k in s.keys
     }
@@ -255,6 +254,22 @@ def _confirm_shared_sources(
         print(f"warning: {line}{hint}", file=sys.stderr)
 
 
+def _confirm_purge(entries: list[DlqEntry], keys: list[str]) -> bool:
+    """Ask before deleting; without a terminal to ask on, refuse (``--yes`` skips this)."""
+    count = f"{len(entries):,} dead letter{'s' if len(entries) != 1 else ''}"
+    question = f"purge {count} from {', '.join(keys)}? This cannot be undone."
+    if not sys.stdin.isatty():
+        raise UsageError(
+            f"{question} Not asked: stdin is not a terminal; pass --yes to confirm (see what "
+            "would go with --dry-run)"
+        )
+    try:
+        answer = input(f"{question} [y/N] ")
+    except EOFError:
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
 def _same_id(given: str, entry_id: str) -> bool:
     """``given`` names ``entry_id``; a bare millisecond ID names every entry of that ms."""
     return given == entry_id or ("-" not in given and entry_id.startswith(given + "-"))
@@ -282,7 +297,7 @@ def _report(
             highlight=False,
         )
     for entry_id, why in outcome.skipped:
-        console.print(f"[red]skipped {entry_id}: {why}[/red]", highlight=False)
+        console.print(Text(f"skipped {entry_id}: {why}", style="red"))
 
 
 async def _main(args: argparse.Namespace) -> int:

@@ -97,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("replay", "purge"):
             d.add_argument("--dry-run", action="store_true")
         if name == "purge":
-            d.add_argument("--yes", action="store_true", help="purge all without IDs or filters")
+            d.add_argument(
+                "--yes", action="store_true", help="purge without asking (needed without a TTY)"
+            )
         if name == "replay":
             d.add_argument(
                 "--yes",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cortex_flow.errors import Problem
+from cortex_flow.errors import Problem, UsageError
 from cortex_flow.flow.callables import check_imports, importable_from
 from cortex_flow.flow.declared import Topology
 from cortex_flow.flow.loader import check_project
@@ -19,6 +19,12 @@ def _imports(topology: Topology, base_dir: Path) -> list[Problem]:
 
 
 def command(args: argparse.Namespace) -> int:
+    missing = [str(p) for p in args.paths if not p.exists()]
+    if missing:
+        raise UsageError(
+            f"validate: no such file or folder: {', '.join(missing)}; name flow files or "
+            "folders that exist (none: the flows folder of config.yaml)"
+        )
     checked = check_project(args.config, args.paths or None)
     problems = checked.problems
     if checked.project is not None and args.check_imports:

@@ -124,7 +124,7 @@ def _runner(runner: dict[str, Any]) -> Text:
         )
         reload = admin.get("reload") or {}
         if reload:
-            line.append(f"; last reload {reload.get('last_outcome')} at {reload.get('last_at')}")
+            line.append(f"; last reload {_last_reload(reload)}")
             for error in reload.get("errors") or []:
                 line.append(f"\n  reload error: {error}", style="red")
     elif admin:
@@ -135,7 +135,21 @@ def _runner(runner: dict[str, Any]) -> Text:
     return line
 
 
+def _last_reload(reload: dict[str, Any]) -> str:
+    """``applied 5m ago``, or ``never`` before the first reload."""
+    outcome, age = reload.get("last_outcome"), reload.get("last_age")
+    if outcome is None:
+        return "never"
+    return f"{outcome} {humanize(age)} ago" if age is not None else str(outcome)
+
+
 def wide_console() -> Console:
-    """A console on stdout; 200 columns wide when piped, so tables are not cut to 80."""
-    console = Console()
-    return console if console.is_terminal else Console(width=200)
+    """A console on stdout; 200 columns wide when piped, so tables are not cut to 80.
+
+    Markup and emoji codes are off: every string shown comes from users or Redis (a key
+    ``nc:x:s`` must print as written, not with an emoji), and styles are set with ``Text``.
+    """
+    console = Console(markup=False, emoji=False, highlight=False)
+    if console.is_terminal:
+        return console
+    return Console(width=200, markup=False, emoji=False, highlight=False)

@@ -74,7 +74,7 @@ def _ref(
     topo: Topology, origin: Origin, sub: Sub, name: str, what: str, problems: list[Problem]
 ) -> StreamSpec | None:
     spec = topo.streams.get(name)
-    if spec is None:
+    if spec is None and name not in topo.unsure_streams:
         known = sorted(topo.streams)
         hint = did_you_mean(name, known) or (
             f"; the declared streams are {', '.join(known)}"

@@ -47,6 +47,9 @@ class Topology:
     heartbeats: HeartbeatsSpec | None = None
     origins: dict[tuple[str, str], Origin] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
+    # streams declared in an entry or a file that could not be read: already reported,
+    # so a reference to one is not reported again as "not a declared stream"
+    unsure_streams: set[str] = field(default_factory=set)
 
     def origin(self, section: str, name: str = "") -> Origin:
         return self.origins[(section, name)]

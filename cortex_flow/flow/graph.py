@@ -22,7 +22,7 @@ def _label(*lines: str) -> str:
 
 
 def _route_label(index: int, route: Route) -> str:
-    head = route.name or f"route {index + 1}"
+    head = route.name or f"routes[{index}]"
     cond = f"when {route.when}" if route.when else "always"
     extra = " + continue" if route.continue_ else ""
     return _label(f"{head}: {cond}{extra}")

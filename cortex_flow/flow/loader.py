@@ -7,6 +7,7 @@ collected and raised together as :class:`ValidationFailed`.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from cortex_flow.flow.config import Config
 from cortex_flow.flow.declared import Origin, Topology
 from cortex_flow.flow.modelerrors import problems_from
 from cortex_flow.flow.models import AgentSpec, FlowFile
-from cortex_flow.flow.source import Document, load_yaml
+from cortex_flow.flow.source import Document, load_yaml_partial
 
 SECTIONS = ("streams", "agents", "groups")
 DEFAULT_CONFIG = "config.yaml"
@@ -62,13 +63,69 @@ def _validate(model: type[BaseModel], doc: Document, problems: list[Problem], wh
 def _read(
     path: Path, display: str, env: Mapping[str, str], problems: list[Problem]
 ) -> Document | None:
+    """The file's document, when it could be read; its problems go to ``problems``."""
     try:
-        return load_yaml(path, display=display, env=env)
-    except ValidationFailed as exc:
-        problems.extend(exc.problems)
+        doc, found = load_yaml_partial(path, display=display, env=env)
     except OSError as exc:
         problems.append(Problem(display, 1, 1, "", f"cannot read file: {exc.strerror or exc}"))
-    return None
+        return None
+    problems.extend(found)
+    return doc
+
+
+_STREAM_NAME = re.compile(r"^[ \t]+([A-Za-z][A-Za-z0-9_.-]*)[ \t]*:")
+
+
+def _stream_names(path: Path) -> set[str]:
+    """Names under a block ``streams:`` of a file that could not be parsed (best effort).
+
+    So that a reference to one is not reported as unknown while the file is broken.
+    """
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return set()
+    names: set[str] = set()
+    inside, indent = False, None
+    for line in lines:
+        if line[:1] not in ("", " ", "\t", "#"):
+            inside, indent = line.split("#")[0].strip() == "streams:", None
+            continue
+        found = _STREAM_NAME.match(line)
+        if inside and found:
+            width = len(line) - len(line.lstrip())
+            indent = width if indent is None else indent
+            if width == indent:
+                names.add(found.group(1))
+    return names
+
+
+def _salvage(data: Any, topo: Topology, doc: Document, problems: list[Problem]) -> None:
+    """Merge the entries of an invalid flow file that are valid on their own.
+
+    The file's problems are already reported; the valid entries still take part in the
+    cross-file checks, and the streams of invalid ones count as declared (unsure).
+    """
+    if not isinstance(data, dict):
+        return
+    for section in SECTIONS:
+        entries = data.get(section)
+        if not isinstance(entries, dict):
+            continue
+        for name, value in entries.items():
+            try:
+                part = FlowFile.model_validate({"version": 1, section: {name: value}})
+            except ValidationError:
+                if section == "streams":
+                    topo.unsure_streams.add(str(name))
+                continue
+            _merge(topo, part, doc, problems)
+    if data.get("heartbeats") is not None:
+        try:
+            part = FlowFile.model_validate({"version": 1, "heartbeats": data["heartbeats"]})
+        except ValidationError:
+            return
+        _merge(topo, part, doc, problems)
 
 
 def flow_paths(paths: Sequence[Path]) -> list[Path]:
@@ -109,21 +166,32 @@ def load_topology(paths: Sequence[Path], env: Mapping[str, str] | None = None) -
 def _load_topology(
     paths: Sequence[Path], env: Mapping[str, str], problems: list[Problem]
 ) -> Topology:
-    found = len(problems)
+    """Every file checked as far as it can be, then the cross-file rules over what was read.
+
+    A file that cannot be parsed does not hide the other files' problems, and an invalid
+    entry does not hide the problems of the valid ones.
+    """
     topo = Topology()
     for path in flow_paths(paths):
         display = _display(path)
         topo.files.append(display)
         doc = _read(path, display, env, problems)
         if doc is None:
+            topo.unsure_streams |= _stream_names(path)
             continue
-        flow = _validate(FlowFile, doc, problems, "flow file")
-        if flow is None:
-            continue
+        if doc.data is not None and isinstance(doc.data, dict):
+            try:
+                flow = FlowFile.model_validate(doc.data)
+            except ValidationError as exc:
+                problems.extend(problems_from(exc, FlowFile, doc, doc.data))
+                _salvage(doc.data, topo, doc, problems)
+                continue
+        else:
+            flow = _validate(FlowFile, doc, problems, "flow file")
+            if flow is None:
+                continue
         _merge(topo, flow, doc, problems)
-    # cross-file rules would mostly repeat what a broken file already reported
-    if len(problems) == found:
-        problems.extend(check_topology(topo))
+    problems.extend(check_topology(topo))
     return topo
 
 
@@ -189,11 +257,17 @@ def _load_config(path: Path | None, env: Mapping[str, str], problems: list[Probl
 
 @dataclass(frozen=True)
 class Checked:
-    """What reading a project found: the project when valid, every problem, every file read."""
+    """What reading a project found: the project when valid, every problem, every file read.
+
+    ``partial`` is the project as far as it could be read when the config is valid but
+    flows are not (its topology holds the valid entries only; it is not checked), for
+    the tools that show live state from what is known (``status``).
+    """
 
     project: Project | None
     problems: list[Problem]
     files: list[str]
+    partial: Project | None = None
 
 
 def check_project(
@@ -210,6 +284,7 @@ def check_project(
     config_path = _default_config(config_path)
     problems: list[Problem] = []
     config = _load_config(config_path, env, problems)
+    config_ok = not problems
     found = config_path if config_path is not None and config_path.exists() else None
     files = [_display(found)] if found is not None else []
     base_dir = (config_path or Path(DEFAULT_CONFIG)).resolve().parent
@@ -226,9 +301,9 @@ def check_project(
     if not missing:
         topology = _load_topology(targets, env, problems)
         files.extend(topology.files)
-    if problems:
-        return Checked(None, sorted(set(problems)), files)
     project = Project(config, found, base_dir, flows_dir, topology)
+    if problems:
+        return Checked(None, sorted(set(problems)), files, project if config_ok else None)
     return Checked(project, [], files)
 
 

@@ -21,7 +21,7 @@ from cortex_flow.flow.models import AgentSpec, Route
 from cortex_flow.flow.topology import Resolved, ResolvedGroup, StreamKey
 from cortex_flow.flow.urls import describe_url
 
-__all__ = ["Change", "Plan", "declared_keys", "describe_route", "diff"]
+__all__ = ["Change", "Plan", "declared_keys", "describe_route", "diff", "is_secret"]
 
 Kind = Literal["add", "remove", "change", "drift"]
 What = Literal["stream", "key", "group", "route", "agent", "setting"]
@@ -118,7 +118,7 @@ def _dump(model: BaseModel | None, *drop: str) -> Any:
     return data
 
 
-def _secret(path: str) -> bool:
+def is_secret(path: str) -> bool:
     """True for a value under ``http.headers`` or a key named like a credential."""
     return bool(_HEADERS.search(path) or _SECRET_NAME.search(path.rpartition(".")[2]))
 
@@ -135,7 +135,7 @@ def _show(value: Any, path: str = "") -> str:
         shown = []
         for key, item in value.items():
             sub = f"{path}.{key}" if path else str(key)
-            shown.append(f"{key}: {HIDDEN if _secret(sub) else _show(item, sub)}")
+            shown.append(f"{key}: {HIDDEN if is_secret(sub) else _show(item, sub)}")
         return "{" + ", ".join(shown) + "}"
     text = str(value)
     return describe_url(text) if "://" in text else text
@@ -155,7 +155,7 @@ def _differences(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any
 
 def _change_text(path: str, old: Any, new: Any) -> str:
     """``path old -> new``, or ``path changed (value hidden)`` for a secret."""
-    if _secret(path):
+    if is_secret(path):
         return f"{path} changed {HIDDEN}"
     return f"{path} {_show(old, path)} -> {_show(new, path)}"
 
@@ -190,20 +190,18 @@ def describe_route(route: Route) -> str:
 def _route_changes(group: str, old: list[Route], new: list[Route]) -> list[Change]:
     out = []
     for index in range(max(len(old), len(new))):
-        n = index + 1
+        n = f"routes[{index}]"  # as validate spells it
         if index >= len(old):
-            out.append(
-                Change("add", "route", group, f"added route {n} ({describe_route(new[index])})")
-            )
+            out.append(Change("add", "route", group, f"added {n} ({describe_route(new[index])})"))
         elif index >= len(new):
-            text = f"removed route {n} ({describe_route(old[index])})"
+            text = f"removed {n} ({describe_route(old[index])})"
             out.append(Change("remove", "route", group, text))
         elif (a := _dump(old[index])) != (b := _dump(new[index])):
             if old[index].action == new[index].action:
-                text = f"changed route {n}: " + "; ".join(_changed(a, b))
+                text = f"changed {n}: " + "; ".join(_changed(a, b))
             else:
                 was, now = describe_route(old[index]), describe_route(new[index])
-                text = f"changed route {n}: ({was}) is now ({now})"
+                text = f"changed {n}: ({was}) is now ({now})"
             out.append(Change("change", "route", group, text))
     return out
 
@@ -248,9 +246,9 @@ def _describe_agent(spec: AgentSpec) -> str:
 def _settings(current: Config, target: Config) -> tuple[list[Change], list[str]]:
     changes, restart = [], []
     for path, a, b in _differences(_dump(current), _dump(target)):
-        text = f"changed {HIDDEN}" if _secret(path) else f"{_show(a, path)} -> {_show(b, path)}"
+        text = f"changed {HIDDEN}" if is_secret(path) else f"{_show(a, path)} -> {_show(b, path)}"
         if path in RESTART_SETTINGS:
-            why = f"{path} {text}" if _secret(path) else f"{path} changed ({text})"
+            why = f"{path} {text}" if is_secret(path) else f"{path} changed ({text})"
             restart.append(f"{why}: it is read only at start; restart the runner")
             text += " (needs a restart)"
         changes.append(Change("change", "setting", path, text))

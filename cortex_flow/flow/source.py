@@ -32,7 +32,15 @@ import yaml
 from cortex_flow.errors import Problem, ValidationFailed
 from cortex_flow.flow.envvars import interpolate
 
-__all__ = ["MAX_BYTES", "MAX_DEPTH", "MAX_NODES", "Document", "format_path", "load_yaml"]
+__all__ = [
+    "MAX_BYTES",
+    "MAX_DEPTH",
+    "MAX_NODES",
+    "Document",
+    "format_path",
+    "load_yaml",
+    "load_yaml_partial",
+]
 
 MAX_BYTES = 10 * 1024 * 1024
 MAX_NODES = 100_000
@@ -102,15 +110,36 @@ def load_yaml(
     variables for ``${VAR}`` (default: ``os.environ``); ``text``, when given, is used instead
     of reading ``path``. An empty file, or one of comments only, gives ``data=None``.
     """
+    document, problems = load_yaml_partial(path, display=display, env=env, text=text)
+    if problems or document is None:
+        raise ValidationFailed(problems)
+    return document
+
+
+def load_yaml_partial(
+    path: str | Path,
+    *,
+    display: str | None = None,
+    env: Mapping[str, str] | None = None,
+    text: str | None = None,
+) -> tuple[Document | None, list[Problem]]:
+    """:func:`load_yaml` that returns the problems, and the document when it could be read.
+
+    A file with a duplicate key still gives its document (see ``_Builder.build_partial``);
+    one that cannot be read or parsed gives ``None``.
+    """
     file = display if display is not None else str(path)
-    if text is None:
-        text = _read(Path(path), file)
-    else:
-        _check_text(text, file)
-    text = text.removeprefix("\ufeff")
-    text = interpolate(text, os.environ if env is None else env, file=file)
-    _check_flow_nesting(text, file)
-    return _Builder(file).build(text)
+    try:
+        if text is None:
+            text = _read(Path(path), file)
+        else:
+            _check_text(text, file)
+        text = text.removeprefix("\ufeff")
+        text = interpolate(text, os.environ if env is None else env, file=file)
+        _check_flow_nesting(text, file)
+    except ValidationFailed as exc:
+        return None, exc.problems
+    return _Builder(file).build_partial(text)
 
 
 def _fail(file: str, line: int, col: int, message: str) -> ValidationFailed:
@@ -229,19 +258,29 @@ class _Builder:
         self.loader: Any = None
 
     def build(self, text: str) -> Document:
+        document, problems = self.build_partial(text)
+        if problems or document is None:
+            raise ValidationFailed(problems)
+        return document
+
+    def build_partial(self, text: str) -> tuple[Document | None, list[Problem]]:
+        """The document and its problems; a document only when the whole file was read.
+
+        A duplicate key, a merge key or an unsupported tag is a problem, but the rest of
+        the file is still read (the first of two duplicate keys is kept), so the file's
+        other problems can be found in the same run.
+        """
         try:
             self.loader = _Loader(text)  # the pure-Python reader checks characters here
             self._consume()
         except _Stop:
-            pass
+            return None, self.problems
         except yaml.YAMLError as exc:
-            raise ValidationFailed([_syntax_problem(exc, text, self.file)]) from None
+            return None, [_syntax_problem(exc, text, self.file)]
         finally:
             if self.loader is not None:
                 self.loader.dispose()
-        if self.problems:
-            raise ValidationFailed(self.problems)
-        return Document(self.file, self.root, self.values, self.keys)
+        return Document(self.file, self.root, self.values, self.keys), self.problems
 
     def _consume(self) -> None:
         get_event = self.loader.get_event

@@ -136,3 +136,21 @@ def resolve(topology: Topology, runner: str) -> Resolved:
     if topology.heartbeats is not None:
         heartbeat_key = render_key(topology.streams[topology.heartbeats.stream], {})
     return Resolved(runner, streams, groups, dict(topology.agents), heartbeat_key, topology)
+
+
+def wrong_type_problem(resolved: Resolved, key: str, held: str) -> str:
+    """One line for a declared key that holds a ``held`` instead of a stream.
+
+    It names the stream declaration (``file:line:col`` when known) and the fix.
+    """
+    found = resolved.keys().get(key)
+    name = found.stream if found is not None else None
+    if name is None:
+        readers = (g.stream for g in resolved.groups.values() for k in g.keys if k.key == key)
+        name = next(readers, "")
+    origin = resolved.topology.origins.get(("streams", name))
+    where = f"{origin}: " if origin is not None else ""
+    return (
+        f"{where}streams.{name}: key {key} holds a {held}, not a stream; rename or delete "
+        f"that key in Redis, or change streams.{name}.key"
+    )

@@ -12,10 +12,11 @@ from redis.exceptions import ResponseError
 
 from cortex_flow.flow.durations import format_duration
 from cortex_flow.flow.plan import Change, Plan, declared_keys
-from cortex_flow.flow.topology import Resolved, ResolvedGroup
+from cortex_flow.flow.topology import Resolved, ResolvedGroup, wrong_type_problem
 from cortex_flow.wire.connection import RedisClient
+from cortex_flow.wire.groups import wrong_types
 
-__all__ = ["drift", "plan_from_drift"]
+__all__ = ["drift", "plan_from_drift", "wrong_type_keys"]
 
 
 def _text(value: Any) -> str:
@@ -27,7 +28,8 @@ async def drift(client: RedisClient, resolved: Resolved) -> list[Change]:
 
     Missing streams and groups come back as adds ("run would create it"); groups no flow
     declares on a known key, and consumers of declared groups that are not this runner's,
-    as ``drift``. A missing key is tolerated; a key that is not a stream is reported.
+    as ``drift``. A missing key is tolerated; a key that is not a stream is left to
+    :func:`wrong_type_keys`.
     """
     readers: dict[str, list[ResolvedGroup]] = {}
     for group in resolved.groups.values():
@@ -47,10 +49,7 @@ async def drift(client: RedisClient, resolved: Resolved) -> list[Change]:
                 continue
             if "wrongtype" not in str(exc).lower():
                 raise
-            held = _text(await client.type(key))
-            text = f"holds a {held}, not a stream: run cannot use it; rename or delete the key"
-            changes.append(Change("drift", "key", key, text))
-            continue
+            continue  # a problem, not a change: see wrong_type_keys
         present = {_text(info["name"]): info for info in infos}
         for group in groups:
             if group.name not in present:
@@ -88,3 +87,9 @@ def plan_from_drift(resolved: Resolved, changes: list[Change]) -> Plan:
         groups_to_add=tuple(name for name in resolved.groups if name in groups),
         keys_to_create=tuple(missing),
     )
+
+
+async def wrong_type_keys(client: RedisClient, resolved: Resolved) -> list[str]:
+    """One line per declared key holding something other than a stream (``run`` refuses)."""
+    found = await wrong_types(client, declared_keys(resolved))
+    return [wrong_type_problem(resolved, key, held) for key, held in found.items()]

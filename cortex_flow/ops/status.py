@@ -12,13 +12,12 @@ import asyncio
 import time
 from typing import Any
 
-import aiohttp
-
 from cortex_flow.flow.config import AdminSettings
 from cortex_flow.flow.durations import humanize
 from cortex_flow.flow.loader import Project
 from cortex_flow.flow.topology import Resolved
-from cortex_flow.wire.connection import RedisClient, describe_client, describe_error, is_cluster
+from cortex_flow.ops.admin import admin_get
+from cortex_flow.wire.connection import RedisClient, describe_client, is_cluster
 from cortex_flow.wire.entryids import id_key, id_ms
 from cortex_flow.wire.heartbeats import PAGE as HEARTBEAT_PAGE
 from cortex_flow.wire.heartbeats import LatestBeats, latest_beats
@@ -27,7 +26,6 @@ from cortex_flow.wire.lag import STATUS_CAP, count_unread
 __all__ = ["collect", "probe_admin", "snapshot"]
 
 HEARTBEAT_SCAN = 10_000  # newest heartbeat entries read at most to find every agent
-ADMIN_TIMEOUT = 1.0
 
 
 # --- collecting ------------------------------------------------------------------------------
@@ -262,28 +260,27 @@ def stale_after(resolved: Resolved, group: str) -> float:
 
 async def probe_admin(admin: AdminSettings) -> dict[str, Any]:
     """GET the runner's ``/readyz``: readiness and the outcome of its last reload."""
-    where = admin.host_port
-    if where is None:
-        return {"admin": None, "reachable": False, "reason": "admin endpoint is off"}
-    host, port = where
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/readyz"
-    try:
-        timeout = aiohttp.ClientTimeout(total=ADMIN_TIMEOUT)
-        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as reply:
-            body = await reply.json(content_type=None)
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        return {"admin": admin.listen, "reachable": False, "reason": describe_error(exc)}
-    if not isinstance(body, dict):
-        return {"admin": admin.listen, "reachable": False, "reason": "not a cortex-flow runner"}
+    status, body = await admin_get(admin, "/readyz")
+    if status is None:
+        if admin.host_port is None:
+            return {"admin": None, "reachable": False, "reason": body}
+        return {"admin": admin.listen, "reachable": False, "reason": body}
+    if not isinstance(body, dict) or "status" not in body:
+        reason = body.get("error") if isinstance(body, dict) and "error" in body else None
+        why = f"answered {status}: {reason}" if reason else "not a cortex-flow runner"
+        return {"admin": admin.listen, "reachable": False, "reason": why}
     # /readyz answers {"status": "ready" | "not ready", "detail": {..., "reload": {...}}}
     raw = body.get("detail")
     detail: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    reload = detail.get("reload")
+    if isinstance(reload, dict) and isinstance(reload.get("last_at"), int | float):
+        # the runner's clock, as is its epoch: an age reads better than an epoch float
+        reload = {**reload, "last_age": max(0.0, time.time() - reload["last_at"])}
     return {
         "admin": admin.listen,
         "reachable": True,
         "ready": body.get("status") == "ready",
-        "reload": detail.get("reload"),
+        "reload": reload,
     }
 
 

@@ -1,4 +1,4 @@
-"""The admin endpoint: ``/healthz``, ``/readyz``, ``/metrics`` and ``POST /reload``.
+"""The admin endpoint: ``/healthz``, ``/readyz``, ``/metrics``, ``/topology``, ``POST /reload``.
 
 A small aiohttp server owned by the runner. It decides nothing itself: readiness
 comes from the runner's ``ready()``, reloads from its ``reload()``, and the
@@ -35,6 +35,7 @@ ENDPOINTS = {
     "GET /healthz": "200 while the process runs",
     "GET /readyz": "200 when ready to take messages, 503 with the reasons otherwise",
     "GET /metrics": "Prometheus metrics",
+    "GET /topology": "the flows and settings this runner runs now (secrets redacted)",
     "POST /reload": "reload config and flows; 200 applied or unchanged, 409 rejected, 500 failed",
 }
 
@@ -64,8 +65,9 @@ class AdminServer:
     ``ready`` returns ``(is_ready, detail)``; ``reload`` returns the reload report
     (with an ``outcome`` of applied / unchanged / rejected / failed); ``refresh``
     updates the Redis-derived gauges in ``stats`` before a scrape. ``reload`` and
-    ``refresh`` may be ``None`` when the runner has no such ability. ``port`` 0
-    picks a free port (see :attr:`bound_port`).
+    ``refresh`` may be ``None`` when the runner has no such ability. ``topology``
+    returns what ``GET /topology`` serves (:func:`cortex_flow.flow.exposed.topology_doc`),
+    ``None`` while nothing runs yet. ``port`` 0 picks a free port (see :attr:`bound_port`).
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class AdminServer:
         log: logging.Logger,
         allow_public: bool = False,
         refresh_timeout: float = REFRESH_TIMEOUT,
+        topology: Callable[[], dict[str, Any] | None] | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -89,6 +92,7 @@ class AdminServer:
         self._ready = ready
         self._reload = reload
         self._refresh = refresh
+        self._topology = topology
         self._log = log
         self.registry, self.collector = build_registry(stats)
         self._runner: web.AppRunner | None = None
@@ -113,6 +117,7 @@ class AdminServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/topology", self._topology_handler)
         app.router.add_post("/reload", self._reload_handler)
         return app
 
@@ -174,7 +179,8 @@ class AdminServer:
     # --- handlers ------------------------------------------------------------------------
 
     async def _index(self, request: web.Request) -> web.Response:
-        endpoints = {k: v for k, v in ENDPOINTS.items() if k != "POST /reload" or self._reload}
+        offered = {"POST /reload": self._reload, "GET /topology": self._topology}
+        endpoints = {k: v for k, v in ENDPOINTS.items() if offered.get(k, True)}
         return _json({"runner": self.stats.runner, "endpoints": endpoints})
 
     async def _healthz(self, request: web.Request) -> web.Response:
@@ -213,6 +219,14 @@ class AdminServer:
             )
             return False
         return True
+
+    async def _topology_handler(self, request: web.Request) -> web.Response:
+        if self._topology is None:
+            raise web.HTTPNotFound(reason="this runner does not serve its topology")
+        doc = self._topology()
+        if doc is None:
+            return _json({"error": "the runner is still starting"}, status=503)
+        return _json(doc)
 
     async def _reload_handler(self, request: web.Request) -> web.Response:
         if self._reload is None:

@@ -229,6 +229,7 @@ class Committer:
             stats = self._key_stats[outcome.entry.key.key]
             if outcome.kind == DEAD:
                 stats.dead_lettered += 1
+                stats.failed += outcome.attempt_failed  # the last failed try counts too
                 self.log.warning(
                     "group %s: %s from %s dead-lettered to %s after %d deliver%s: %s",
                     self.name,
@@ -275,6 +276,7 @@ class Committer:
         """Report an entry that failed for good with no dead_letter: it stays pending."""
         entry = outcome.entry
         source = entry.key.key
+        self._key_stats[source].failed += outcome.attempt_failed
         if (source, entry.id) not in self.stuck:
             if len(self.stuck) >= 100_000:
                 self.stuck.clear()  # a bound, not a cache: at worst some are reported again

@@ -49,6 +49,7 @@ class Outcome:
     kind: int
     publishes: list[Publish]
     error: str = ""
+    attempt_failed: bool = False  # a route raised: counted in failed_total, last try too
 
 
 def pairs(flat: list[Any]) -> dict[str, str]:

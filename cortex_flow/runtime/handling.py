@@ -171,7 +171,7 @@ class EntryHandler:
     def _failure(self, entry: Entry, route: CompiledRoute, exc: Exception) -> Outcome:
         """The outcome of ``route`` raising ``exc`` for ``entry``."""
         if isinstance(exc, PermanentError):
-            return Outcome(entry, DEAD, [], str(exc))
+            return Outcome(entry, DEAD, [], str(exc), attempt_failed=True)
         if isinstance(exc, Overran):
             return self._failed(entry, f"{route.label}: {exc}")
         if isinstance(exc, TimeoutError):
@@ -288,8 +288,8 @@ class EntryHandler:
         # a failure on the last allowed delivery goes to the dead-letter stream now,
         # atomically with its XACK, rather than waiting for a claim that would do the same
         if entry.deliveries >= self.max_deliveries:
-            return Outcome(entry, DEAD, [], error)
-        return Outcome(entry, RETRY, [], error)
+            return Outcome(entry, DEAD, [], error, attempt_failed=True)
+        return Outcome(entry, RETRY, [], error, attempt_failed=True)
 
     async def post(self, route: CompiledRoute, msg: Any, ctx: Any) -> None:
         """An ``http`` route: POST (or the route's method) the message; raises on >= 300."""

@@ -40,7 +40,11 @@ PAIR_LABELS = ("group", "stream")
 # (metric name without _total, KeyStats attribute, help text)
 KEY_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("processed", "processed", "Messages acknowledged after a successful route (drops included)."),
-    ("failed", "failed", "Route attempts that raised; the entry stays pending for a retry."),
+    (
+        "failed",
+        "failed",
+        "Route attempts that raised, the last one of a message (dead-lettered) included.",
+    ),
     ("retried", "retried", "Deliveries after the first."),
     ("dead_lettered", "dead_lettered", "Messages moved to the dead-letter stream."),
     ("unmatched", "unmatched", "Messages no route matched."),
@@ -192,7 +196,7 @@ class RunnerCollector:
     def _agents(self) -> Iterator[Metric]:
         up = GaugeMetricFamily(
             "cortex_flow_agent_up",
-            "1 while the agent's heartbeats arrive in time.",
+            "1 while the agent's heartbeats arrive in time; 0 when late or never seen.",
             labels=["agent"],
         )
         age = GaugeMetricFamily(
@@ -207,9 +211,9 @@ class RunnerCollector:
         )
         now = self.clock()
         for agent in self.stats.agents.values():
-            # an agent never seen since start has no up/down value yet: absent, not 0
-            if agent.up is not None:
-                up.add_metric([agent.name], _flag(agent.up))
+            # a declared agent never seen since start is not up: 0, so an alert on
+            # `cortex_flow_agent_up == 0` fires for an agent that never started
+            up.add_metric([agent.name], _flag(bool(agent.up)))
             if agent.last_beat is not None:
                 age.add_metric([agent.name], max(0.0, now - agent.last_beat))
             timeout.add_metric([agent.name], agent.timeout)

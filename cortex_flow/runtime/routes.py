@@ -70,7 +70,7 @@ class CompiledRoute:
     ) -> None:
         self.index = index
         self.route = route
-        self.label = route.name or f"route {index + 1}"
+        self.label = route.name or f"routes[{index}]"
         self.action = route.action
         self.when = Expression(route.when) if route.when is not None else None
         self.continue_ = route.continue_

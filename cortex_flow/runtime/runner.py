@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from cortex_flow.errors import CortexFlowError
+from cortex_flow.flow.exposed import topology_doc
 from cortex_flow.flow.loader import Project
 from cortex_flow.flow.plan import diff
 from cortex_flow.flow.topology import Resolved, resolve
@@ -25,7 +26,7 @@ from cortex_flow.runtime.gauges import refresh_gauges
 from cortex_flow.runtime.heartbeat import HeartbeatMonitor, check_runner_name, runner_instance
 from cortex_flow.runtime.reload import Reload, reload_topology, watch_changes
 from cortex_flow.runtime.routes import RouteTable
-from cortex_flow.runtime.running import RunningTopology, route_tables
+from cortex_flow.runtime.running import RunningTopology, refuse_wrong_types, route_tables
 from cortex_flow.runtime.stats import RunnerStats
 from cortex_flow.wire.connection import (
     describe_error,
@@ -131,6 +132,7 @@ class Runner:
         self.stats.connected = True
         self.cluster = is_cluster(self.client)
         await self._check_name(resolved)
+        await refuse_wrong_types(self.client, resolved)  # before anything is created
         running = RunningTopology(
             self.client,
             self.stats,
@@ -246,6 +248,7 @@ class Runner:
             refresh=self.refresh,
             log=logging.getLogger("cortex_flow.admin"),
             allow_public=self.config.admin.allow_public,
+            topology=self.describe,
         )
         await admin.start()
         self.admin = admin
@@ -269,6 +272,13 @@ class Runner:
         }
         ok = self.stats.connected and self.stats.provisioned and not self.stats.draining
         return ok, detail
+
+    def describe(self) -> dict[str, Any] | None:
+        """What ``GET /topology`` serves: the flows and settings that run now (redacted)."""
+        resolved = self.resolved
+        if resolved is None:
+            return None
+        return topology_doc(resolved.topology, self.config, self.name)
 
     async def refresh(self) -> None:
         """Update pending/lag gauges from Redis (before a metrics scrape)."""

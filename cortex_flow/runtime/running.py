@@ -19,10 +19,10 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from cortex_flow.errors import ValidationFailed
+from cortex_flow.errors import CortexFlowError, ValidationFailed
 from cortex_flow.flow.callables import importable_from
-from cortex_flow.flow.plan import Plan
-from cortex_flow.flow.topology import Resolved, ResolvedGroup
+from cortex_flow.flow.plan import Plan, declared_keys
+from cortex_flow.flow.topology import Resolved, ResolvedGroup, wrong_type_problem
 from cortex_flow.runtime.callpool import CallPool, threads_needed
 from cortex_flow.runtime.consumer import GroupConsumer
 from cortex_flow.runtime.delivery import TRANSIENT
@@ -32,7 +32,7 @@ from cortex_flow.runtime.routes import RouteTable
 from cortex_flow.runtime.stats import GroupStats, RunnerStats
 from cortex_flow.wire.connection import Backoff
 from cortex_flow.wire.faults import passing_reason
-from cortex_flow.wire.groups import ensure_group
+from cortex_flow.wire.groups import ensure_group, wrong_types
 
 log = logging.getLogger("cortex_flow.runner")
 
@@ -45,6 +45,18 @@ def route_tables(resolved: Resolved, base_dir: Path | None = None) -> dict[str, 
     """
     with contextlib.nullcontext() if base_dir is None else importable_from(base_dir):
         return _compile(resolved)
+
+
+async def refuse_wrong_types(client: Any, resolved: Resolved) -> None:
+    """Raise one line per declared key that holds something other than a stream.
+
+    Called before the first group is created, so a start that cannot work leaves Redis
+    as it was (XGROUP CREATE on such a key would fail half-way with WRONGTYPE).
+    """
+    found = await wrong_types(client, declared_keys(resolved))
+    if found:
+        lines = [wrong_type_problem(resolved, key, held) for key, held in found.items()]
+        raise CortexFlowError("\n".join(lines))
 
 
 def _compile(resolved: Resolved) -> dict[str, RouteTable]:

@@ -49,7 +49,7 @@ class KeyStats:
     """Counters of one group on one source key."""
 
     processed: int = 0  # acknowledged after a successful route (including drop)
-    failed: int = 0  # a route raised; the entry stays pending for a retry
+    failed: int = 0  # a route raised (a retry follows, or the last try was dead-lettered)
     retried: int = 0  # deliveries after the first
     dead_lettered: int = 0
     unmatched: int = 0  # no route matched

@@ -1,7 +1,8 @@
-"""Consumer groups in Redis: creating one where it is missing."""
+"""Consumer groups in Redis: creating one where it is missing; keys that cannot hold one."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from redis.exceptions import ResponseError
@@ -18,3 +19,22 @@ async def ensure_group(client: Any, key: str, group: str, start: str) -> bool:
         if "BUSYGROUP" in str(exc):
             return False
         raise
+
+
+async def wrong_types(client: Any, keys: Iterable[str]) -> dict[str, str]:
+    """The keys that exist and hold something other than a stream, with what they hold.
+
+    One pipelined TYPE per key; a missing key is fine (``run`` creates it).
+    """
+    keys = list(keys)
+    if not keys:
+        return {}
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.type(key)
+    found = {}
+    for key, kind in zip(keys, await pipe.execute(), strict=True):
+        text = kind.decode() if isinstance(kind, bytes) else str(kind)
+        if text not in ("stream", "none"):
+            found[key] = text
+    return found

@@ -15,9 +15,9 @@ import yaml
 from cortex_flow.cli import cli
 from cortex_flow.flow.config import Config
 from cortex_flow.flow.loader import load_topology
-from cortex_flow.flow.plan import Change, Plan, diff
+from cortex_flow.flow.plan import Plan, diff
 from cortex_flow.flow.topology import Resolved, resolve
-from cortex_flow.ops.drift import drift
+from cortex_flow.ops.drift import drift, wrong_type_keys
 
 
 def flow(prefix: str = "t:") -> dict[str, Any]:
@@ -133,7 +133,7 @@ def test_changed_when_swaps_routes_only(tmp_path: Path) -> None:
     plan = plan_for(
         tmp_path, lambda f: f["groups"]["agents"]["routes"][1].update(when="msg.type == 'x'")
     )
-    assert texts(plan) == ["group agents: changed route 2: when none -> msg.type == 'x'"]
+    assert texts(plan) == ["group agents: changed routes[1]: when none -> msg.type == 'x'"]
     assert plan.groups_routes_only == ("agents",)
     assert plan.groups_to_restart == ()
 
@@ -143,7 +143,7 @@ def test_added_route_is_described(tmp_path: Path) -> None:
     route = {"when": "msg.type == 'batch'", "call": "workers.batch:run"}
     plan = plan_for(tmp_path, lambda f: f["groups"]["agents"]["routes"].append(route))
     assert texts(plan) == [
-        "group agents: added route 3 (when msg.type == 'batch' -> call workers.batch:run)"
+        "group agents: added routes[2] (when msg.type == 'batch' -> call workers.batch:run)"
     ]
     assert plan.groups_routes_only == ("agents",)
 
@@ -194,15 +194,15 @@ def test_secrets_in_routes_are_never_printed(tmp_path: Path) -> None:
     secrets(False)(after)
     plan = diff(resolved(tmp_path, before), resolved(tmp_path, after))
     assert texts(plan) == [
-        "group agents: changed route 1: set.Api-Key changed (value hidden)",
-        "group agents: changed route 2: http.url https://bot:***@a2a.example/hook -> "
+        "group agents: changed routes[0]: set.Api-Key changed (value hidden)",
+        "group agents: changed routes[1]: http.url https://bot:***@a2a.example/hook -> "
         "https://bot:***@a2a.example/hook; http.headers.Authorization changed (value hidden)",
     ]
     grown = flow()
     grown["groups"]["agents"]["routes"].append(hook("pw-new", {"Authorization": "s3cret"}))
     added = diff(resolved(tmp_path, flow()), resolved(tmp_path, grown))
     assert texts(added) == [
-        "group agents: added route 3 (always -> http POST https://bot:***@a2a.example/hook)"
+        "group agents: added routes[2] (always -> http POST https://bot:***@a2a.example/hook)"
     ]
 
 
@@ -215,7 +215,7 @@ def test_added_headers_are_hidden(tmp_path: Path) -> None:
     }
     plan = diff(resolved(tmp_path, before), resolved(tmp_path, after))
     assert texts(plan) == [
-        "group agents: changed route 2: http.headers.X-Api-Key changed (value hidden)"
+        "group agents: changed routes[1]: http.headers.X-Api-Key changed (value hidden)"
     ]
 
 
@@ -276,21 +276,18 @@ async def test_drift_reports_foreign_groups_missing_keys_and_groups(
     )
 
 
-async def test_drift_reports_a_key_that_is_not_a_stream(
+async def test_drift_leaves_a_key_that_is_not_a_stream_to_wrong_type_keys(
     tmp_path: Path, redis_client: aioredis.Redis, key_prefix: str
 ) -> None:
-    """A declared key that holds another type is reported, not an error."""
+    """A declared key that holds another type is a problem (run refuses), not drift."""
     topology = resolved(tmp_path, flow(key_prefix))
     await redis_client.set(f"{key_prefix}dlq", "oops")
     changes = await drift(redis_client, topology)
-    assert (
-        Change(
-            "drift",
-            "key",
-            f"{key_prefix}dlq",
-            "holds a string, not a stream: run cannot use it; rename or delete the key",
-        )
-        in changes
+    assert not [c for c in changes if c.name == f"{key_prefix}dlq"]
+    [problem] = await wrong_type_keys(redis_client, topology)
+    assert problem.endswith(
+        f"streams.dlq: key {key_prefix}dlq holds a string, not a stream; rename or delete "
+        "that key in Redis, or change streams.dlq.key"
     )
 
 
@@ -302,7 +299,8 @@ def project(tmp_path: Path, url: str, prefix: str) -> Path:
     (tmp_path / "flows").mkdir()
     (tmp_path / "flows" / "flow.yaml").write_text(yaml.safe_dump(flow(prefix), sort_keys=False))
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"redis": {"url": url}, "runner": {"name": "plan-test"}}))
+    settings = {"redis": {"url": url}, "runner": {"name": "plan-test"}, "admin": {"listen": "off"}}
+    config.write_text(yaml.safe_dump(settings))
     return config
 
 
@@ -351,7 +349,10 @@ def test_command_prints_json(
     assert (
         doc["changes"][0]["text"] == f"key {key_prefix}tasks:high: " + doc["changes"][0]["detail"]
     )
-    assert doc["runner"] == "plan-test" and doc["notes"] == []
+    assert doc["runner"] == "plan-test" and doc["compared_with"] == "redis"
+    assert doc["notes"] == [
+        "admin.listen is off, so no runner was asked: compared with Redis alone"
+    ]
 
 
 def test_command_shows_the_full_plan_without_redis(

@@ -132,11 +132,12 @@ def test_explicit_paths_validate_only_those_files(project: Project) -> None:
     assert project.run()[0] == 1
 
 
-def test_missing_path_is_reported(project: Project) -> None:
-    """A path that does not exist is a problem, not a crash."""
-    code, out, _ = project.run("nowhere.yaml")
-    assert code == 1
-    assert out.splitlines()[0] == "nowhere.yaml:1:1: no such file or folder"
+def test_missing_path_is_a_usage_error(project: Project) -> None:
+    """A path on the command line that does not exist is a usage error (exit 2), as the
+    contract says, naming the path."""
+    code, _, err = project.run("nowhere.yaml")
+    assert code == 2
+    assert err.startswith("validate: no such file or folder: nowhere.yaml;")
 
 
 def test_missing_flows_folder_is_reported(project: Project) -> None:

@@ -283,7 +283,7 @@ def test_purge_deletes_the_selected_entries(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """purge with a filter deletes exactly the matching entries."""
-    assert cli("dlq", "purge", "--error", "timeout", "--config", str(config)) == 0
+    assert cli("dlq", "purge", "--error", "timeout", "--yes", "--config", str(config)) == 0
     assert capsys.readouterr().out.startswith(f"purged 2 entries: 2 from {prefix}dlq")
     assert [i for i, _ in r.xrange(f"{prefix}dlq")] == [mixed["low"], mixed["new"]]
 
@@ -308,12 +308,42 @@ def test_purge_everything_needs_yes(
     prefix: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """purge without IDs or filters refuses (exit 2) unless --yes is given."""
+    """purge without a terminal to ask on refuses (exit 2) unless --yes is given."""
     assert cli("dlq", "purge", "--config", str(config)) == 2
     assert "pass --yes to confirm" in capsys.readouterr().err
     assert r.xlen(f"{prefix}dlq") == 4
     assert cli("dlq", "purge", "--yes", "--config", str(config)) == 0
     assert r.xlen(f"{prefix}dlq") == 0
+
+
+def test_purge_asks_first_on_a_terminal(
+    config: Path,
+    mixed: dict[str, str],
+    r: Sync,
+    prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """purge asks before deleting, even with filters: "n" keeps everything, "y" deletes;
+    without a terminal it refuses, naming how many would go."""
+    assert cli("dlq", "purge", mixed["old"], "--config", str(config)) == 2
+    assert f"purge 1 dead letter from {prefix}dlq? This cannot be undone." in (
+        capsys.readouterr().err
+    )
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    answers = iter(["n", "y"])
+    asked: list[str] = []
+
+    def answer(question: str) -> str:
+        asked.append(question)
+        return next(answers)
+
+    monkeypatch.setattr("builtins.input", answer)
+    assert cli("dlq", "purge", mixed["old"], "--config", str(config)) == 1
+    assert r.xlen(f"{prefix}dlq") == 4
+    assert cli("dlq", "purge", mixed["old"], "--config", str(config)) == 0
+    assert r.xlen(f"{prefix}dlq") == 3
+    assert asked == [f"purge 1 dead letter from {prefix}dlq? This cannot be undone. [y/N] "] * 2
 
 
 @pytest.fixture

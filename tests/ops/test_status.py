@@ -254,6 +254,7 @@ def test_json_output_shape(
         "agents",
         "dead_letters",
         "problems",
+        "flow_problems",
     }
     assert data["redis"].startswith("redis://127.0.0.1")
     assert data["runner"]["name"] == "test-runner"

@@ -200,8 +200,8 @@ async def test_metrics_exposes_counters_gauges_and_agents(start_admin: StartAdmi
         "cortex_flow_last_reload_errors 0.0",
     }
     assert expected <= lines
-    # an agent never seen has no up/down value yet, rather than a false "down"
-    assert not any(line.startswith('cortex_flow_agent_up{agent="planner"}') for line in lines)
+    # a declared agent never seen is not up: 0, so the documented `== 0` alert fires
+    assert 'cortex_flow_agent_up{agent="planner"} 0.0' in lines
     assert not any(line.startswith("cortex_flow_refresh_success") for line in lines)
 
 

@@ -384,8 +384,9 @@ async def test_publish_rejected_by_redis_dead_letters_and_consumer_goes_on(
     """A publish Redis refuses (target not a stream) dead-letters that message; others go on."""
     config = make_project(tmp_path, BROKEN_TARGET_FLOW, url=redis_url, prefix=key_prefix)
     key = f"{key_prefix}jobs"
-    await redis_client.set(f"{key_prefix}out:bad", "not a stream")
     async with running(config) as runner:
+        # after the start, which refuses a declared key that is not a stream
+        await redis_client.set(f"{key_prefix}out:bad", "not a stream")
         pipe = redis_client.pipeline(transaction=False)
         for n in range(10):
             pipe.xadd(key, {"to": "bad" if n == 3 else "good", "n": str(n)})

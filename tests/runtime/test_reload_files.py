@@ -51,7 +51,7 @@ async def test_real_watcher_applies_file_edits(
         project.write()
         await wait_for(lambda: HANDLED.tagged("b") >= 20, what="the edited route to serve")
         assert runner.stats.reload.last_outcome == "applied"
-        assert "changed route 2" in " ".join(runner.stats.reload.last_changes)
+        assert "changed routes[1]" in " ".join(runner.stats.reload.last_changes)
 
         project.config["runner"]["shutdown_grace"] = "7s"
         project.write()

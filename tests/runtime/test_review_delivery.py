@@ -365,9 +365,9 @@ async def test_when_and_template_errors_are_dead_lettered_at_once(
     assert set(dead) == {"cmp", "set"}
     assert {f["dlq_deliveries"] for f in dead.values()} == {"1"}
     hint = "message fields are strings on a raw stream; convert, e.g. msg.n | int"
-    assert "route 1: when" in dead["cmp"]["dlq_error"] and "TypeError" in dead["cmp"]["dlq_error"]
+    assert "routes[0]: when" in dead["cmp"]["dlq_error"] and "TypeError" in dead["cmp"]["dlq_error"]
     assert hint in dead["cmp"]["dlq_error"]
-    assert "route 2: set.x failed: TypeError" in dead["set"]["dlq_error"]
+    assert "routes[1]: set.x failed: TypeError" in dead["set"]["dlq_error"]
     assert await redis_client.xlen(f"{key_prefix}out") == 0
 
 

@@ -177,7 +177,7 @@ def test_unexpected_dead_letter_fails_the_case(
     code, out = flow_test(make(tmp_path, tests), capsys)
     assert code == 1
     assert "  dead_letters: expected 0, got 1" in out
-    assert "(group router, 3 deliveries): route 2: ValueError: bad job 9" in out
+    assert "(group router, 3 deliveries): routes[1]: ValueError: bad job 9" in out
     assert "runner log:" in out and "will retry" in out
 
 
