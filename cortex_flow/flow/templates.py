@@ -36,8 +36,10 @@ from jinja2.exceptions import TemplateAssertionError
 from jinja2.parser import Parser
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from jinja2.utils import consume
 from jinja2.visitor import NodeTransformer
+
+from cortex_flow.flow.limits import TemplateLimitError, run_bounded
+from cortex_flow.flow.sandbox import BoundedSandbox, bound, fold_constants
 
 RUNTIME_NAMES = frozenset(
     {"msg", "priority", "agent", "agents", "id", "stream", "group", "deliveries", "now"}
@@ -47,6 +49,7 @@ __all__ = [
     "RUNTIME_NAMES",
     "Expression",
     "Template",
+    "TemplateLimitError",
     "TemplateSyntaxError",
     "builtin_names",
     "compile_expression",
@@ -83,8 +86,9 @@ class Now:
         return str(self)
 
 
-class _Sandbox(ImmutableSandboxedEnvironment):
-    """The immutable sandbox, with a quick path for a message field that is not there.
+class _Sandbox(BoundedSandbox):
+    """The bounded sandbox (:mod:`cortex_flow.flow.sandbox`), with a quick path for a
+    message field that is not there.
 
     jinja2 falls back from ``msg["to"]`` to the attribute ``dict.to`` before it gives
     up, raising and catching twice; a message's fields are items, never attributes.
@@ -221,7 +225,7 @@ class _ItemFirst(NodeTransformer):
 
 def _compile(ast: nodes.Template, env: ImmutableSandboxedEnvironment | None = None) -> _Render:
     env = env or environment()
-    ast = _ItemFirst().visit(ast)
+    ast = bound(_ItemFirst().visit(ast))
     ast.set_environment(env)
     template = env.template_class.from_code(env, env.compile(ast), env.make_globals(None), None)
     return template.root_render_func
@@ -232,7 +236,11 @@ class Template:
 
     __slots__ = ("_ast", "_literal", "_parts", "_root", "source", "variables")
 
-    def __init__(self, source: str) -> None:
+    def __init__(
+        self, source: str, transform: Callable[[nodes.Template], nodes.Template] | None = None
+    ) -> None:
+        """``transform`` rewrites the parsed template before it is compiled (an ``http``
+        URL percent-encodes what its placeholders print); it takes jinja2's path always."""
         self.source = source
         self._literal = _is_literal(source)
         self._parts: tuple[tuple[str, str, bool], ...] | None = None
@@ -241,13 +249,16 @@ class Template:
         if self._literal:
             self.variables: frozenset[str] = frozenset()
             return
-        self._parts = _simple_parts(source)
+        self._parts = _simple_parts(source) if transform is None else None
         if self._parts is not None:
             self.variables = frozenset(name for _, name, _ in self._parts if name)
             return
         ast = environment().parse(source)
         _check_filters_and_tests(ast)
+        fold_constants(ast)
         self.variables = frozenset(meta.find_undeclared_variables(ast))
+        if transform is not None:
+            ast = transform(ast)
         if _only_output(ast):
             self._ast = ast
         else:  # statements ({% for %}, macros, ...) can fail to compile: find out now
@@ -271,7 +282,8 @@ class Template:
             text = self._substitute(context.resolve_or_missing)
             if text is not None:
                 return text
-        return "".join(self._render_func()(context))
+        render = self._render_func()
+        return run_bounded(lambda: render(context))
 
     def render_values(self, values: Mapping[str, Any]) -> str:
         """Render from plain values (a Redis key from its variables) without a jinja context."""
@@ -325,6 +337,7 @@ class Expression:
         self.source = source
         expr = _parse_expression(text)
         _check_filters_and_tests(expr)
+        fold_constants(expr)
         wrapper = nodes.Template([nodes.Output([expr])], lineno=1)
         wrapper.set_environment(environment())
         self.variables = frozenset(meta.find_undeclared_variables(wrapper))
@@ -343,7 +356,8 @@ class Expression:
         return self._root
 
     def evaluate(self, context: Context) -> Any:
-        consume(self._render_func()(context))
+        render = self._render_func()
+        run_bounded(lambda: render(context))
         return context.vars["result"]
 
 
