@@ -12,6 +12,7 @@ from cortex_flow.errors import Problem
 from cortex_flow.flow.callables import check_imports, resolve_callable
 from cortex_flow.flow.declared import Origin, Topology
 from cortex_flow.flow.durations import format_duration as dur
+from cortex_flow.flow.limits import TemplateLimits, current_limits
 from cortex_flow.flow.modelerrors import did_you_mean
 from cortex_flow.flow.models import DEFAULT_PRIORITIES, GroupSpec, Route, StreamSpec
 from cortex_flow.flow.templates import (
@@ -35,9 +36,15 @@ def _syntax_message(exc: TemplateSyntaxError, source: str) -> str:
     return f"{text} (line {exc.lineno} of the text)" if "\n" in source.strip() else text
 
 
-@lru_cache(maxsize=8192)
 def _compile(source: str, expression: bool) -> Template | Expression | str:
     """Compile once per distinct source; a string result says what is wrong with it."""
+    return _compile_under(source, expression, current_limits())  # constants fold under them
+
+
+@lru_cache(maxsize=8192)
+def _compile_under(
+    source: str, expression: bool, limits: TemplateLimits
+) -> Template | Expression | str:
     try:
         return Expression(source) if expression else key_template(source)
     except TemplateSyntaxError as exc:
