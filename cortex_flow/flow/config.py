@@ -127,7 +127,9 @@ class LogSettings(Model):
 
 
 class TemplateSettings(Model):
-    """Bounds on one render of a template or ``when`` expression (see flow/limits.py)."""
+    """Bounds on one render of a template or ``when`` expression: a render over one fails
+    that message only (dead-lettered with ``template exceeded its ...``); constant parts
+    over them are validation errors. Settings of the process, applied at start and reload."""
 
     max_steps: int = Field(
         default=1_000_000, ge=1, description="Loop iterations and calls one render may make."
@@ -147,6 +149,9 @@ class TemplateSettings(Model):
 
 
 class HttpSettings(Model):
+    """Where ``http`` routes may send. Link-local and cloud metadata addresses are refused,
+    at validation for a literal host and at run time for what a host name resolves to."""
+
     allow: list[str] = Field(
         default_factory=list,
         description="Hosts and networks (CIDR) `http` routes may reach although link-local "
@@ -174,6 +179,12 @@ def _is_network(entry: str) -> bool:
 
 
 class CallSettings(Model):
+    """Which modules ``call`` may target. Modules that run processes, evaluate or load code,
+    touch files or the network, or change the interpreter (os, subprocess, builtins,
+    shutil, pty, importlib, runpy, code, ctypes, multiprocessing, sys, socket, pickle,
+    marshal, ...: the list is in docs/operating.md) are refused at validation, start and
+    reload unless allowed here."""
+
     allow: list[
         Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")]
     ] = Field(
