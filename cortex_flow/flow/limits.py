@@ -175,10 +175,11 @@ def check_size(what: str, size: int) -> None:
         budget.spend(size)
 
 
+_SIZED = (str, list, tuple, dict, bytes)  # a tuple: ``A | B`` would be built per call
+
+
 def _sized(value: Any) -> int | None:
-    if isinstance(value, str | list | tuple | dict | bytes):
-        return len(value)
-    return None
+    return len(value) if isinstance(value, _SIZED) else None
 
 
 def _check_int_bits(op: str, bits: int) -> None:
@@ -242,7 +243,7 @@ _PERCENT = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?")
 
 
 def _ints(args: Any) -> list[int]:
-    values = args if isinstance(args, tuple | list) else [args]
+    values = args if isinstance(args, (tuple, list)) else [args]
     if isinstance(args, Mapping):
         values = list(args.values())
     return [v for v in values if isinstance(v, int)]
@@ -280,7 +281,8 @@ def check_str_format(fmt: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -
 
 def account(value: Any) -> Any:
     """Count a built value against the active budget (and refuse it past max_output)."""
-    size = _sized(value)
-    if size is not None:
-        check_size("a value", size)
+    if isinstance(value, _SIZED):
+        size = len(value)
+        if size > _limits.max_output or getattr(_local, "budget", None) is not None:
+            check_size("a value", size)
     return value

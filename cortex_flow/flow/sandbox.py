@@ -21,7 +21,6 @@ from typing import Any
 from jinja2 import nodes, pass_context
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from jinja2.utils import _PassArg
 from jinja2.visitor import NodeTransformer
 
 from cortex_flow.flow import limits
@@ -35,8 +34,9 @@ from cortex_flow.flow.limits import (
     guarded_concat,
 )
 
-__all__ = ["BoundedSandbox", "bound", "fold_constants"]
+__all__ = ["BoundedSandbox", "bound", "fold_constants", "needs_budget"]
 
+_SEQUENCES = (list, tuple, str)
 GUARDED_BINOPS = frozenset({"*", "**", "+", "%"})
 TICK = "_cortex_tick"
 CONCAT = "_cortex_concat"
@@ -81,7 +81,7 @@ def _format(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
 
 
 def _join(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    if len(args) < 1 or not isinstance(args[0], list | tuple | str):
+    if len(args) < 1 or not isinstance(args[0], _SEQUENCES):
         return
     items = args[0]
     sep = args[1] if len(args) > 1 else kwargs.get("d", "")
@@ -104,21 +104,24 @@ _PRECHECKS: dict[str, Callable[[tuple[Any, ...], dict[str, Any]], None]] = {
 
 
 def _guard_filter(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    skip = 0 if _PassArg.from_obj(fn) is None else 1
+    skip = 0 if getattr(fn, "jinja_pass_arg", None) is None else 1  # context/env first
     precheck = _PRECHECKS.get(name)
 
-    @functools.wraps(fn)
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        if name == "join" and len(args) > skip and not isinstance(args[skip], list | tuple | str):
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        if name == "join" and len(args) > skip and not isinstance(args[skip], _SEQUENCES):
             args = (*args[:skip], list(args[skip]), *args[skip + 1 :])  # sized before joined
         if precheck is not None:
             precheck(args[skip:], kwargs)
-        if name == "sum" and len(args) > skip and isinstance(args[skip], list | tuple):
+        if name == "sum" and len(args) > skip and isinstance(args[skip], (list, tuple)):
             start = args[skip + 2] if len(args) > skip + 2 else kwargs.get("start", 0)
             return _sum(args[skip], start, fn, args, kwargs)
         return account(fn(*args, **kwargs))
 
-    return guarded
+    def counted(*args: Any, **kwargs: Any) -> Any:  # the common case, kept short
+        return account(fn(*args, **kwargs))
+
+    guarded = checked if precheck is not None or name in ("join", "sum") else counted
+    return functools.wraps(fn)(guarded)
 
 
 def _sum(items: Any, start: Any, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
@@ -144,7 +147,7 @@ def _check_str_call(method: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any
     elif name == "expandtabs":
         size = args[0] if args and isinstance(args[0], int) else 8
         check_size("str.expandtabs", len(text) * max(size, 1))
-    elif name == "join" and args and isinstance(args[0], list | tuple):
+    elif name == "join" and args and isinstance(args[0], (list, tuple)):
         items = args[0]
         texts = sum(len(i) for i in items if isinstance(i, str))
         check_size("str.join", texts + len(text) * max(len(items) - 1, 0))
@@ -190,6 +193,16 @@ class _Bound(NodeTransformer):
         self.generic_visit(node)
         parts = nodes.List(list(node.nodes), lineno=node.lineno)
         return nodes.Filter(parts, CONCAT, [], [], None, None, lineno=node.lineno)
+
+
+# what can repeat work within one render: without these, a render does a fixed number of
+# guarded operations (each refused past max_output), so it needs no budget of its own
+_REPEATING = (nodes.For, nodes.Macro, nodes.CallBlock, nodes.Call)
+
+
+def needs_budget(ast: nodes.Node) -> bool:
+    """Whether rendering ``ast`` can loop or call (then it runs under a :class:`Budget`)."""
+    return any(True for _ in ast.find_all(_REPEATING))
 
 
 def bound(ast: nodes.Template) -> nodes.Template:

@@ -36,10 +36,11 @@ from jinja2.exceptions import TemplateAssertionError
 from jinja2.parser import Parser
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import consume
 from jinja2.visitor import NodeTransformer
 
 from cortex_flow.flow.limits import TemplateLimitError, run_bounded
-from cortex_flow.flow.sandbox import BoundedSandbox, bound, fold_constants
+from cortex_flow.flow.sandbox import BoundedSandbox, bound, fold_constants, needs_budget
 
 RUNTIME_NAMES = frozenset(
     {"msg", "priority", "agent", "agents", "id", "stream", "group", "deliveries", "now"}
@@ -234,7 +235,7 @@ def _compile(ast: nodes.Template, env: ImmutableSandboxedEnvironment | None = No
 class Template:
     """A string template; plain strings and plain placeholders skip jinja2 when they can."""
 
-    __slots__ = ("_ast", "_literal", "_parts", "_root", "source", "variables")
+    __slots__ = ("_ast", "_budget", "_literal", "_parts", "_root", "source", "variables")
 
     def __init__(
         self, source: str, transform: Callable[[nodes.Template], nodes.Template] | None = None
@@ -246,6 +247,7 @@ class Template:
         self._parts: tuple[tuple[str, str, bool], ...] | None = None
         self._ast: nodes.Template | None = None
         self._root: _Render | None = None
+        self._budget = False  # loops or calls: render under a step and time budget
         if self._literal:
             self.variables: frozenset[str] = frozenset()
             return
@@ -256,6 +258,7 @@ class Template:
         ast = environment().parse(source)
         _check_filters_and_tests(ast)
         fold_constants(ast)
+        self._budget = needs_budget(ast)
         self.variables = frozenset(meta.find_undeclared_variables(ast))
         if transform is not None:
             ast = transform(ast)
@@ -283,6 +286,8 @@ class Template:
             if text is not None:
                 return text
         render = self._render_func()
+        if not self._budget:
+            return "".join(render(context))
         return run_bounded(lambda: render(context))
 
     def render_values(self, values: Mapping[str, Any]) -> str:
@@ -328,7 +333,7 @@ def _parse_expression(text: str) -> nodes.Expr:
 class Expression:
     """A jinja2 expression such as ``msg.type == 'batch'``, evaluated to a Python value."""
 
-    __slots__ = ("_expr", "_root", "source", "variables")
+    __slots__ = ("_budget", "_expr", "_root", "source", "variables")
 
     def __init__(self, source: str) -> None:
         text = source.strip()
@@ -338,6 +343,7 @@ class Expression:
         expr = _parse_expression(text)
         _check_filters_and_tests(expr)
         fold_constants(expr)
+        self._budget = needs_budget(expr)
         wrapper = nodes.Template([nodes.Output([expr])], lineno=1)
         wrapper.set_environment(environment())
         self.variables = frozenset(meta.find_undeclared_variables(wrapper))
@@ -357,7 +363,10 @@ class Expression:
 
     def evaluate(self, context: Context) -> Any:
         render = self._render_func()
-        run_bounded(lambda: render(context))
+        if self._budget:
+            run_bounded(lambda: render(context))
+        else:
+            consume(render(context))
         return context.vars["result"]
 
 
