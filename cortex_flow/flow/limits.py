@@ -3,7 +3,7 @@
 A template runs on the runner's event loop, so a render that loops for ever, or builds a
 gigabyte string, would stop every group at once. Each render gets a :class:`Budget`:
 
-- ``max_steps`` loop iterations and macro calls (a counter ticked in every loop body);
+- ``max_steps`` loop iterations and calls (a counter ticked in every loop body);
 - ``timeout`` seconds of wall time (checked at every step and every guarded operation);
 - ``max_output`` characters (or items) for any one value it builds and for its output,
   and ten times that for all the values it builds together.

@@ -67,6 +67,15 @@ def test_the_time_limit_stops_a_long_render() -> None:
         render(NESTED)
 
 
+def test_the_step_budget_stops_a_long_loop() -> None:
+    """``templates.max_steps`` counts loop iterations: the render past it fails."""
+    source = "{% for i in range(msg.n) %}.{% endfor %}"
+    with using_limits(TemplateLimits(max_steps=100, timeout=60)):
+        assert render(source, n=99) == "." * 99  # the call of range is a step too
+        with pytest.raises(TemplateLimitError, match="step budget of 100 loop iterations"):
+            render(source, n=100)
+
+
 def test_output_past_max_output_is_refused() -> None:
     """What a render prints counts against ``max_output`` as it is produced."""
     source = "{% for i in range(1000) %}{{ msg.a }}{% endfor %}"

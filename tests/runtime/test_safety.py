@@ -5,7 +5,7 @@ refuse to start), and every good message is delivered, counted by id."""
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,8 @@ from aiohttp import web
 from projects import NewProject, entries, equals, none_pending, running, wait_for
 
 from cortex_flow.errors import ValidationFailed
+from cortex_flow.flow.limits import DEFAULT_LIMITS, set_limits
+from cortex_flow.flow.outbound import OutboundPolicy, set_policy
 
 BOMB = (
     "{% if msg.kind == 'bomb' %}{% for i in range(100000) %}{% for j in range(100000) %}"
@@ -71,6 +73,50 @@ async def test_a_template_bomb_fails_its_message_and_every_good_one_is_delivered
     assert dead["dlq_id"] == bomb
     assert dead["dlq_error"].startswith("route 1: set.n: template exceeded its ")
     assert "templates." in dead["dlq_error"]  # names the knob to raise
+
+
+@pytest.fixture(autouse=True)
+def default_settings() -> Iterator[None]:
+    """The runner sets process-wide template bounds and outbound policy: restore them."""
+    yield
+    set_limits(DEFAULT_LIMITS)
+    set_policy(OutboundPolicy())
+
+
+async def test_the_configured_template_bounds_apply_at_run(
+    new_project: NewProject, redis_client: Any, key_prefix: str
+) -> None:
+    """``templates.max_steps`` in config.yaml is the bound the runner renders under."""
+    config, _ = new_project(
+        """
+        version: 1
+        streams:
+          in: {key: "{P}in"}
+          out: {key: "{P}out"}
+          dlq: {key: "{P}dlq"}
+        groups:
+          g:
+            stream: in
+            dead_letter: dlq
+            routes:
+              - to: out
+                set: {dots: "{% for i in range(msg.n | int) %}.{% endfor %}"}
+        """
+    )
+    config.write_text(config.read_text() + "templates: {max_steps: 100}\n")
+    async with running(config):
+        big = await redis_client.xadd(f"{key_prefix}in", {"n": "100"})
+        await redis_client.xadd(f"{key_prefix}in", {"n": "99"})  # range() is a step too
+        await wait_for(lambda: redis_client.xlen(f"{key_prefix}dlq"), what="the long one")
+        await wait_for(lambda: redis_client.xlen(f"{key_prefix}out"), what="the short one")
+    [(_, out)] = await entries(redis_client, f"{key_prefix}out")
+    assert out == {"dots": "." * 99}
+    [(_, dead)] = await entries(redis_client, f"{key_prefix}dlq")
+    assert dead["dlq_id"] == big
+    assert dead["dlq_error"] == (
+        "route 1: set.dots: template exceeded its step budget of 100 loop iterations and "
+        "macro calls (templates.max_steps in config.yaml)"
+    )
 
 
 @pytest.fixture
