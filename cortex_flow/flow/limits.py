@@ -102,7 +102,7 @@ class Budget:
         if self.steps < 0:
             raise TemplateLimitError(
                 f"template exceeded its step budget of {self.limits.max_steps:,} loop "
-                "iterations and macro calls (templates.max_steps in config.yaml)"
+                "iterations and calls (templates.max_steps in config.yaml)"
             )
         self.check_time()
 

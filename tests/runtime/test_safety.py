@@ -115,7 +115,7 @@ async def test_the_configured_template_bounds_apply_at_run(
     assert dead["dlq_id"] == big
     assert dead["dlq_error"] == (
         "route 1: set.dots: template exceeded its step budget of 100 loop iterations and "
-        "macro calls (templates.max_steps in config.yaml)"
+        "calls (templates.max_steps in config.yaml)"
     )
 
 
