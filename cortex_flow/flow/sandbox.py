@@ -14,7 +14,7 @@ On top of jinja2's immutable sandbox (no attribute tricks, no mutating lists or 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from itertools import chain
 from typing import Any
 
@@ -64,8 +64,11 @@ def _width(
     return check
 
 
+_TEXTS = (str, bytes)
+
+
 def _replace(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    if len(args) < 3 or not all(isinstance(a, str) for a in args[:3]):
+    if len(args) < 3 or not all(isinstance(a, _TEXTS) for a in args[:3]):
         return
     text, old, new = args[:3]
     count = args[3] if len(args) > 3 else kwargs.get("count")
@@ -97,6 +100,7 @@ _PRECHECKS: dict[str, Callable[[tuple[Any, ...], dict[str, Any]], None]] = {
     "batch": _width("batch", 1, "linecount"),
     "slice": _width("slice", 1, "slices"),
     "truncate": _width("truncate", 1, "length"),
+    "tojson": _width("tojson", 1, "indent"),
     "replace": _replace,
     "format": _format,
     "join": _join,
@@ -139,7 +143,7 @@ _STR_WIDTHS = {"ljust": 0, "rjust": 0, "center": 0, "zfill": 0}
 def _check_str_call(method: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
     wrapped = getattr(method, "__wrapped__", method)  # the sandbox wraps str.format
     text = getattr(wrapped, "__self__", None)
-    if not isinstance(text, str):
+    if not isinstance(text, _TEXTS):
         return
     name = getattr(wrapped, "__name__", "")
     if name in _STR_WIDTHS and args and isinstance(args[0], int):
@@ -149,13 +153,16 @@ def _check_str_call(method: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any
         check_size("str.expandtabs", len(text) * max(size, 1))
     elif name == "join" and args and isinstance(args[0], (list, tuple)):
         items = args[0]
-        texts = sum(len(i) for i in items if isinstance(i, str))
+        texts = sum(len(i) for i in items if isinstance(i, _TEXTS))
         check_size("str.join", texts + len(text) * max(len(items) - 1, 0))
     elif name == "replace":
         _replace((text, *args), dict(kwargs))
-    elif name == "format":
+    elif name == "translate" and args and isinstance(args[0], Mapping):
+        longest = max((len(v) for v in args[0].values() if isinstance(v, str)), default=1)
+        check_size("str.translate", len(text) * max(longest, 1))
+    elif name == "format" and isinstance(text, str):
         check_str_format(text, args, kwargs)
-    elif name == "format_map" and args and isinstance(args[0], Mapping):
+    elif name == "format_map" and isinstance(text, str) and args and isinstance(args[0], Mapping):
         check_str_format(text, (), args[0])
 
 
@@ -170,6 +177,13 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         self.filters = {name: _guard_filter(name, fn) for name, fn in self.filters.items()}
         self.filters[TICK] = _tick
         self.filters[CONCAT] = _concat
+
+    @staticmethod
+    def concat(parts: Iterable[str]) -> str:
+        """What a macro, ``{% set %}...{% endset %}`` or ``{% filter %}`` block built."""
+        texts = list(parts)
+        check_size("a block's output", sum(map(len, texts)))
+        return "".join(texts)
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
         return guarded_binop(operator, left, right)

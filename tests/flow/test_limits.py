@@ -42,6 +42,19 @@ def render(source: str, **msg: Any) -> str:
             "size limit",
         ),
         (
+            "{% set big = msg.a * 1000000 %}{% set x %}{% for i in range(1000) %}{{ big }}"
+            "{% endfor %}{% endset %}{{ x|length }}",
+            "size limit",
+        ),
+        (
+            "{% macro m(s) %}{% for i in range(1000) %}{{ s }}{% endfor %}{% endmacro %}"
+            "{{ m(msg.a * 1000000)|length }}",
+            "size limit",
+        ),
+        ("{{ {'k': [1]}|tojson(indent=10**9) }}", "size limit"),
+        ("{{ (msg.a * 1000000).translate(''.maketrans({'a': msg.a * 100000})) }}", "size limit"),
+        ("{{ (msg.a * 1000).encode().ljust(10**9)|length }}", "size limit"),
+        (
             "{% set ns = namespace(n=msg.n) %}{% for i in range(64) %}{% set ns.n = ns.n * ns.n %}"
             "{% endfor %}{{ ns.n > 0 }}",
             "size limit",
