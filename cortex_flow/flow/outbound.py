@@ -57,8 +57,7 @@ METADATA_HOSTS = frozenset(
     }
 )
 
-# scheme://authority, then the first character after it
-_ORIGIN = re.compile(r"^(https?)://([^/?#{}\s]*)(.?)", re.IGNORECASE)
+_ORIGIN = re.compile(r"^(https?)://([^/?#{}\s]*)", re.IGNORECASE)  # scheme://authority
 
 
 @dataclass(frozen=True)
@@ -74,8 +73,8 @@ def fixed_origin(url: str) -> FixedOrigin | str:
     """The URL's scheme, host and port when they are fixed text; else why not (a str)."""
     match = _ORIGIN.match(url)
     if match is None:
-        return "must start with http:// or https:// followed by a host"
-    scheme, authority, _ = match.groups()
+        return "the URL must start with http:// or https:// followed by a host"
+    scheme, authority = match.groups()
     rest = url[match.end(2) :]
     if not authority or (rest and rest[0] not in "/?#"):
         example = f"{scheme}://{authority or 'api.example.com'}/{{{{ msg.path }}}}"
@@ -91,7 +90,7 @@ def fixed_origin(url: str) -> FixedOrigin | str:
     else:
         host, _, port_text = host_port.partition(":")
     if port_text and not port_text.isdigit():
-        return f'port "{port_text}" is not a number'
+        return f'the port "{port_text}" of the URL is not a number'
     return FixedOrigin(scheme.lower(), host.lower(), int(port_text) if port_text else None)
 
 
@@ -166,7 +165,7 @@ def check_http_routes(topo: Topology, allow: Sequence[str]) -> list[Problem]:
             origin = fixed_origin(route.http.url)
             sub = ("routes", index, "http", "url")
             if isinstance(origin, str):
-                problems.append(topo.origin("groups", name).problem(sub, f"url {origin}"))
+                problems.append(topo.origin("groups", name).problem(sub, origin))
                 continue
             reason = policy.refused_host(origin.host)
             if reason is not None:

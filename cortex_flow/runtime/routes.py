@@ -97,7 +97,7 @@ class CompiledRoute:
             self.url = Template(route.http.url, quote_outputs)
             origin = fixed_origin(route.http.url)
             if isinstance(origin, str):  # validation refuses it first; a library user may not
-                raise ValueError(f"{self.label}: http.url {origin}")
+                raise ValueError(f"{self.label}: http.url: {origin}")
             self.origin: FixedOrigin = origin
         self.target: StreamSpec | None = None
         if route.to is not None:
