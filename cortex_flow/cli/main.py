@@ -50,7 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", parents=[common], help="validate flows and config")
     p.add_argument("paths", nargs="*", type=Path, help="flow files or folders (default: flows)")
     p.add_argument("--format", choices=["text", "json", "github"], default="text")
-    p.add_argument("--check-imports", action="store_true", help="import every call target")
+    p.add_argument(
+        "--check-imports",
+        action="store_true",
+        help="import every call target; say where each comes from",
+    )
 
     p = sub.add_parser("schema", parents=[common], help="write or check schemas/*.json")
     p.add_argument("--out", type=Path, default=None, help="folder (default: schemas/ by config)")

@@ -12,12 +12,14 @@ from cortex_flow.errors import Problem
 from cortex_flow.flow.callables import check_imports, resolve_callable
 from cortex_flow.flow.declared import Origin, Topology
 from cortex_flow.flow.durations import format_duration as dur
+from cortex_flow.flow.limits import TemplateLimits, current_limits
 from cortex_flow.flow.modelerrors import did_you_mean
 from cortex_flow.flow.models import DEFAULT_PRIORITIES, GroupSpec, Route, StreamSpec
 from cortex_flow.flow.templates import (
     RUNTIME_NAMES,
     Expression,
     Template,
+    TemplateLimitError,
     TemplateSyntaxError,
     builtin_names,
 )
@@ -34,13 +36,22 @@ def _syntax_message(exc: TemplateSyntaxError, source: str) -> str:
     return f"{text} (line {exc.lineno} of the text)" if "\n" in source.strip() else text
 
 
-@lru_cache(maxsize=8192)
 def _compile(source: str, expression: bool) -> Template | Expression | str:
-    """Compile once per distinct source; a string result is the syntax error."""
+    """Compile once per distinct source; a string result says what is wrong with it."""
+    return _compile_under(source, expression, current_limits())  # constants fold under them
+
+
+@lru_cache(maxsize=8192)
+def _compile_under(
+    source: str, expression: bool, limits: TemplateLimits
+) -> Template | Expression | str:
     try:
         return Expression(source) if expression else key_template(source)
     except TemplateSyntaxError as exc:
-        return _syntax_message(exc, source)
+        return "has a syntax error: " + _syntax_message(exc, source)
+    except TemplateLimitError as exc:  # a constant part already over a bound
+        where = f" (line {exc.lineno} of the text)" if "\n" in source.strip() else ""
+        return f"cannot run: {exc.message}{where}; compute less in the template"
 
 
 def _short(source: str) -> str:
@@ -59,9 +70,7 @@ def _template(
     compiled = _compile(source, expression)
     kind = "expression" if expression else "template"
     if isinstance(compiled, str):
-        problems.append(
-            origin.problem(sub, f'{kind} "{_short(source)}" has a syntax error: {compiled}')
-        )
+        problems.append(origin.problem(sub, f'{kind} "{_short(source)}" {compiled}'))
         return frozenset()
     allowed = sorted(set(names))
     for name in sorted(compiled.variables - set(names) - builtin_names()):
@@ -137,9 +146,7 @@ def _check_stream(topo: Topology, name: str, spec: StreamSpec, problems: list[Pr
     origin = topo.origin("streams", name)
     compiled = _compile(spec.key, False)
     if isinstance(compiled, str):
-        problems.append(
-            origin.problem(("key",), f'key "{_short(spec.key)}" has a syntax error: {compiled}')
-        )
+        problems.append(origin.problem(("key",), f'key "{_short(spec.key)}" {compiled}'))
         return
     variables = compiled.variables
     if spec.priorities and "priority" not in variables:

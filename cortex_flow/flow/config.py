@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from cortex_flow.flow.durations import Duration, PositiveDuration
+from cortex_flow.flow.limits import TemplateLimits
 from cortex_flow.flow.modelerrors import show
 from cortex_flow.flow.models import Model, field_error
 
@@ -125,6 +126,74 @@ class LogSettings(Model):
     format: Literal["text", "json"] = "text"
 
 
+class TemplateSettings(Model):
+    """Bounds on one render of a template or ``when`` expression: a render over one fails
+    that message only (dead-lettered with ``template exceeded its ...``); constant parts
+    over them are validation errors. Settings of the process, applied at start and reload."""
+
+    max_steps: int = Field(
+        default=1_000_000, ge=1, description="Loop iterations and calls one render may make."
+    )
+    max_output: int = Field(
+        default=10_000_000,
+        ge=1,
+        description="Characters (or list items) of one value or output a render may build; "
+        "all values of one render together: 10 times this.",
+    )
+    timeout: PositiveDuration = Field(
+        default=1.0, description="Longest one render may run (it runs on the event loop)."
+    )
+
+    def limits(self) -> TemplateLimits:
+        return TemplateLimits(self.max_steps, self.max_output, self.timeout)
+
+
+class HttpSettings(Model):
+    """Where ``http`` routes may send. Link-local and cloud metadata addresses are refused,
+    at validation for a literal host and at run time for what a host name resolves to."""
+
+    allow: list[str] = Field(
+        default_factory=list,
+        description="Hosts and networks (CIDR) `http` routes may reach although link-local "
+        "or cloud metadata addresses (169.254.0.0/16, fe80::/10, metadata.google.internal...).",
+    )
+
+    @field_validator("allow")
+    @classmethod
+    def _entries(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if not entry or (any(c in entry for c in " /:") and not _is_network(entry)):
+                raise ValueError(
+                    f"{show(entry)} is neither a host name nor an address or network "
+                    "(e.g. metadata.google.internal, 169.254.169.254, 169.254.0.0/16)"
+                )
+        return value
+
+
+def _is_network(entry: str) -> bool:
+    try:
+        ipaddress.ip_network(entry.strip("[]"), strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+class CallSettings(Model):
+    """Which modules ``call`` may target. Modules that run processes, evaluate or load code,
+    touch files or the network, or change the interpreter (os, subprocess, builtins,
+    shutil, pty, importlib, runpy, code, ctypes, multiprocessing, sys, socket, pickle,
+    marshal, ...: the list is in docs/operating.md) are refused at validation, start and
+    reload unless allowed here."""
+
+    allow: list[
+        Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")]
+    ] = Field(
+        default_factory=list,
+        description="Module prefixes `call` may target although refused by default "
+        "(os, subprocess, builtins, ...): `subprocess` allows subprocess and its submodules.",
+    )
+
+
 class Config(Model):
     """Everything in ``config.yaml``; every section is optional."""
 
@@ -141,3 +210,6 @@ class Config(Model):
     reload: ReloadSettings = Field(default_factory=lambda: ReloadSettings())
     admin: AdminSettings = Field(default_factory=lambda: AdminSettings())
     log: LogSettings = Field(default_factory=lambda: LogSettings())
+    templates: TemplateSettings = Field(default_factory=lambda: TemplateSettings())
+    http: HttpSettings = Field(default_factory=lambda: HttpSettings())
+    calls: CallSettings = Field(default_factory=lambda: CallSettings())

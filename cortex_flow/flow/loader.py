@@ -16,11 +16,14 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from cortex_flow.errors import Problem, ValidationFailed
+from cortex_flow.flow.calltargets import check_call_targets
 from cortex_flow.flow.checks import check_topology
 from cortex_flow.flow.config import Config
 from cortex_flow.flow.declared import Origin, Topology
+from cortex_flow.flow.limits import using_limits
 from cortex_flow.flow.modelerrors import problems_from
 from cortex_flow.flow.models import AgentSpec, FlowFile
+from cortex_flow.flow.outbound import check_http_routes
 from cortex_flow.flow.source import Document, load_yaml_partial
 
 SECTIONS = ("streams", "agents", "groups")
@@ -299,8 +302,11 @@ def check_project(
         problems.append(Problem(_display(p), 1, 1, "", f"no such {what}{fix}"))
     topology = Topology()
     if not missing:
-        topology = _load_topology(targets, env, problems)
+        with using_limits(config.templates.limits()):  # constants are folded under them
+            topology = _load_topology(targets, env, problems)
         files.extend(topology.files)
+        problems.extend(check_call_targets(topology, config.calls.allow))
+        problems.extend(check_http_routes(topology, config.http.allow))
     project = Project(config, found, base_dir, flows_dir, topology)
     if problems:
         return Checked(None, sorted(set(problems)), files, project if config_ok else None)

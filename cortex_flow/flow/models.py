@@ -161,7 +161,11 @@ class CallAction(Model):
 class HttpAction(Model):
     """POST the message as JSON to an endpoint (the legacy A2A bridge); non-2xx fails."""
 
-    url: str = Field(pattern=r"^https?://", description="http:// or https:// URL.")
+    url: str = Field(
+        pattern=r"^https?://",
+        description="http:// or https:// URL. Scheme, host and port are fixed text; templates "
+        "fill only the path and query, percent-encoded.",
+    )
     timeout: PositiveDuration = 10.0
     method: Literal["POST", "PUT"] = "POST"
     headers: dict[str, str] = Field(

@@ -297,11 +297,21 @@ class EntryHandler:
             raise RuntimeError("no HTTP client available")
         spec = route.route.http
         assert spec is not None
-        url = route.url.source if route.url.is_literal else route.render_url(ctx)
-        async with asyncio.timeout(route.timeout):
-            async with self.http.request(
-                spec.method, url, json=dict(msg), headers=spec.headers
-            ) as resp:
-                if resp.status >= 300:
-                    body = (await resp.text())[:200]
-                    raise RuntimeError(f"HTTP {resp.status} from {url}: {body}")
+        literal = route.url.is_literal
+        url = route.checked_url(route.url.source) if literal else route.render_url(ctx)
+        try:
+            async with asyncio.timeout(route.timeout):
+                # redirects are not followed: where a request goes is the flow file's to say
+                async with self.http.request(
+                    spec.method, url, json=dict(msg), headers=spec.headers, allow_redirects=False
+                ) as resp:
+                    if resp.status >= 300:
+                        body = (await resp.text())[:200]
+                        raise RuntimeError(f"HTTP {resp.status} from {url}: {body}")
+        except OSError as exc:
+            from cortex_flow.runtime.outbound import refused_reason  # loads aiohttp
+
+            refused = refused_reason(exc)
+            if refused is not None:
+                raise PermanentError(f"{route.label}: request refused: {refused}") from None
+            raise

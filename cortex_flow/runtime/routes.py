@@ -20,7 +20,8 @@ from jinja2.runtime import Context
 
 from cortex_flow.flow.checks import resolve_callable
 from cortex_flow.flow.models import Route, StreamSpec
-from cortex_flow.flow.templates import Expression, Template, make_context
+from cortex_flow.flow.outbound import FixedOrigin, check_request, fixed_origin, quote_outputs
+from cortex_flow.flow.templates import Expression, Template, TemplateLimitError, make_context
 from cortex_flow.flow.topology import ResolvedGroup, key_template, key_variables
 from cortex_flow.runtime.callpool import CallPool, default_pool
 from cortex_flow.runtime.deadlines import Deadlines
@@ -42,6 +43,8 @@ def _failure(label: str, what: str, exc: Exception, raw: bool) -> PermanentError
 
     The same message fails the same way every time: retrying is pointless.
     """
+    if isinstance(exc, TemplateLimitError):  # "template exceeded its ... limit": say no more
+        return PermanentError(f"{label}: {what}: {exc}")
     text = f"{label}: {what} failed: {type(exc).__name__}: {exc}"
     if raw and isinstance(exc, TypeError) and "str" in str(exc):
         text += " (message fields are strings on a raw stream; convert, e.g. msg.n | int)"
@@ -91,7 +94,11 @@ class CompiledRoute:
             self.timeout = route.call.timeout
         if route.http is not None:
             self.timeout = route.http.timeout
-            self.url = Template(route.http.url)
+            self.url = Template(route.http.url, quote_outputs)
+            origin = fixed_origin(route.http.url)
+            if isinstance(origin, str):  # validation refuses it first; a library user may not
+                raise ValueError(f"{self.label}: http.url: {origin}")
+            self.origin: FixedOrigin = origin
         self.target: StreamSpec | None = None
         if route.to is not None:
             self.target = streams[route.to]
@@ -130,32 +137,45 @@ class CompiledRoute:
             raise _failure(self.label, f"when {self.when.source!r}", exc, self.raw) from exc
 
     def render_url(self, ctx: Context) -> str:
-        """The ``http`` URL for this message; raises PermanentError when it cannot render."""
+        """The ``http`` URL for this message; raises PermanentError when it cannot render
+        or may not be requested (see :func:`cortex_flow.flow.outbound.check_request`)."""
         try:
-            return self.url.render(ctx)
+            url = self.url.render(ctx)
         except UndefinedError as exc:
             raise PermanentError(f"{self.label}: url: {exc.message}") from None
         except Exception as exc:
             raise _failure(self.label, "url", exc, self.raw) from exc
+        return self.checked_url(url)
+
+    def checked_url(self, url: str) -> str:
+        """``url``, or PermanentError when the outbound policy refuses it."""
+        refused = check_request(url, self.origin)
+        if refused is not None:
+            raise PermanentError(f"{self.label}: request refused: {refused}")
+        return url
 
     def publish(self, msg: Any, ctx: Context | None, bound: Mapping[str, str | None]) -> Publish:
         """The XADD this route makes for ``msg``; raises PermanentError on bad data."""
         assert self.target is not None
+        what = "key"  # the template being rendered, for the error
         try:
             values: dict[str, Any] = {v: bound.get(v) for v in self.inherit}
             for name, template in self.vars.items():
+                what = f"vars.{name}"
                 values[name] = template.render(ctx) if ctx is not None else template.source
+            what = "key"
             key = self.key.source if self.key.is_literal else self.key.render(make_context(values))
+            out: Mapping[str, Any] = msg
             if self.set_given:
-                out: Mapping[str, Any] = {
-                    k: (t.render(ctx) if ctx is not None else t.source) for k, t in self.set.items()
-                }
-            else:
-                out = msg
+                fields = {}
+                for name, template in self.set.items():
+                    what = f"set.{name}"
+                    fields[name] = template.render(ctx) if ctx is not None else template.source
+                out = fields
         except UndefinedError as exc:
             raise PermanentError(f"{self.label}: {exc.message}") from None
         except Exception as exc:  # TypeError, SecurityError, ...: the same every time
-            raise _failure(self.label, self._failing(ctx), exc, self.raw) from exc
+            raise _failure(self.label, what, exc, self.raw) from exc
         priorities = self.target.priorities
         if priorities and values.get("priority") not in priorities:
             raise PermanentError(
@@ -169,17 +189,6 @@ class CompiledRoute:
                 f"or guard the route with `when: msg.to in agents`"
             )
         return Publish(key, encode(self.target.codec, out), self.target.maxlen)
-
-    def _failing(self, ctx: Context | None) -> str:
-        """Which of the route's templates fails for this message (for the error)."""
-        if ctx is not None:
-            for section, templates in (("vars", self.vars), ("set", self.set)):
-                for name, template in templates.items():
-                    try:
-                        template.render(ctx)
-                    except Exception:
-                        return f"{section}.{name}"
-        return "key"
 
 
 class RouteTable:

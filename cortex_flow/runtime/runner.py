@@ -26,7 +26,12 @@ from cortex_flow.runtime.gauges import refresh_gauges
 from cortex_flow.runtime.heartbeat import HeartbeatMonitor, check_runner_name, runner_instance
 from cortex_flow.runtime.reload import Reload, reload_topology, watch_changes
 from cortex_flow.runtime.routes import RouteTable
-from cortex_flow.runtime.running import RunningTopology, refuse_wrong_types, route_tables
+from cortex_flow.runtime.running import (
+    RunningTopology,
+    apply_settings,
+    refuse_wrong_types,
+    route_tables,
+)
 from cortex_flow.runtime.stats import RunnerStats
 from cortex_flow.wire.connection import (
     describe_error,
@@ -121,7 +126,8 @@ class Runner:
         self.stats.started_at = time.time()
         self.instance = runner_instance(self.stats.started_at)
         resolved = resolve(self.project.topology, self.name)
-        tables = route_tables(resolved, self.project.base_dir)
+        tables = route_tables(resolved, self.project.base_dir, self.config)
+        apply_settings(self.config)
         await self._start_admin()  # a port in use fails now, not after Redis is reached
         if self.client is None:
             if self.url == "embedded":

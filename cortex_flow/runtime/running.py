@@ -21,6 +21,10 @@ from redis.exceptions import ResponseError
 
 from cortex_flow.errors import CortexFlowError, ValidationFailed
 from cortex_flow.flow.callables import importable_from
+from cortex_flow.flow.calltargets import refused_object
+from cortex_flow.flow.config import Config
+from cortex_flow.flow.limits import set_limits
+from cortex_flow.flow.outbound import OutboundPolicy, set_policy
 from cortex_flow.flow.plan import Plan, declared_keys
 from cortex_flow.flow.topology import Resolved, ResolvedGroup, wrong_type_problem
 from cortex_flow.runtime.callpool import CallPool, threads_needed
@@ -37,14 +41,35 @@ from cortex_flow.wire.groups import ensure_group, wrong_types
 log = logging.getLogger("cortex_flow.runner")
 
 
-def route_tables(resolved: Resolved, base_dir: Path | None = None) -> dict[str, RouteTable]:
+def route_tables(
+    resolved: Resolved, base_dir: Path | None = None, config: Config | None = None
+) -> dict[str, RouteTable]:
     """Compile every group's routes; errors name the route.
 
     ``call`` targets are imported from the installed packages and from ``base_dir`` (the
-    folder that holds config.yaml).
+    folder that holds config.yaml), and refused when the module they come from is
+    (``calls.allow`` of ``config`` lets module prefixes through).
     """
     with contextlib.nullcontext() if base_dir is None else importable_from(base_dir):
-        return _compile(resolved)
+        tables = _compile(resolved)
+    allow = config.calls.allow if config is not None else []
+    problems = [
+        resolved.topology.origin("groups", name).problem(("routes", route.index, "call"), why)
+        for name, table in tables.items()
+        for route in table.routes
+        if route.fn is not None and route.route.call is not None
+        for why in [refused_object(route.route.call.function, route.fn, allow)]
+        if why is not None
+    ]
+    if problems:
+        raise ValidationFailed(problems)
+    return tables
+
+
+def apply_settings(config: Config) -> None:
+    """The process-wide settings of a config: template bounds and the outbound policy."""
+    set_limits(config.templates.limits())
+    set_policy(OutboundPolicy(tuple(config.http.allow)))
 
 
 async def refuse_wrong_types(client: Any, resolved: Resolved) -> None:
@@ -192,9 +217,9 @@ class RunningTopology:
         if self.http is not None:
             return
         if any(r.http for g in resolved.groups.values() for r in g.spec.routes):
-            import aiohttp
+            from cortex_flow.runtime.outbound import session
 
-            self.http = aiohttp.ClientSession()
+            self.http = session()
             for consumer in self.consumers.values():
                 consumer.http = self.http  # a route swap may bring the first http route
 

@@ -930,7 +930,13 @@ def test_check_imports_reports_a_module_that_cannot_be_imported(project: Project
         "  - call: cf_test_handlers:missing\n  - call: cf_test_handlers:value\n"
         "  - call: cf_test_handlers:ok\n"
     )
-    assert project.problems(text, "--check-imports") == [
+    lines = project.problems(text, "--check-imports")
+    path = (project.root / "cf_test_handlers.py").resolve()
+    assert lines[:2] == [
+        "call targets:",
+        f"  flows/groups.yaml:9:15: cf_test_handlers:ok: module cf_test_handlers ({path})",
+    ]
+    assert lines[2:] == [
         "flows/groups.yaml:6:15: groups.g.routes[0].call: cannot import "
         '"cf_test_nowhere.handlers:run": no module named "cf_test_nowhere"; install it, or put '
         "it in the folder that holds config.yaml",
