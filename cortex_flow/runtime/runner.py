@@ -155,6 +155,7 @@ class Runner:
             ", ".join(
                 f"{n} ({len(g.keys)} key{'s' if len(g.keys) != 1 else ''})"
                 for n, g in resolved.groups.items()
+                if g.by_runner
             ),
         )
         if self._watcher is not None or self.config.reload.watch:

@@ -277,8 +277,10 @@ class FlowHarness:
     # -- waiting for the runner -------------------------------------------------------------
 
     async def backlog(self) -> dict[tuple[str, str], tuple[int, int]]:
-        """``(group, key) -> (pending, unread)`` for every group, from one consistent read."""
-        pairs = [(g.name, k.key) for g in self.resolved.groups.values() for k in g.keys]
+        """``(group, key) -> (pending, unread)`` for every group the runner reads, from one
+        consistent read."""
+        readers = [g for g in self.resolved.groups.values() if g.by_runner]  # not agents' own
+        pairs = [(g.name, k.key) for g in readers for k in g.keys]
         keys = sorted({key for _, key in pairs})
         pipe = self.client.pipeline(transaction=not is_cluster(self.client))
         for key in keys:

@@ -133,7 +133,7 @@ def _sentinel_client(url: str, query: dict[str, str], options: dict[str, Any]) -
             sentinel_options[key] = options[key]
     sentinel_options["client_name"] = options["client_name"]
     nodes = url_hosts(url, 26379)
-    sentinel = Sentinel(nodes, sentinel_kwargs=sentinel_options, **options)  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(nodes, sentinel_kwargs=sentinel_options, **options)
     client: aioredis.Redis = sentinel.master_for(unquote(service))
     return client
 
