@@ -234,14 +234,14 @@ class Client:
         """Acknowledge ``message`` when the block succeeds.
 
         When it raises, the exception is logged and not re-raised: the message is retried
-        after the backoff for its delivery count, and dead-lettered with the error as
-        ``dlq_error`` after the group's ``max_deliveries`` (a message not from
-        :meth:`inbox` stays pending and the exception propagates).
+        after the backoff for its delivery count, and dead-lettered with the error
+        (``"ValueError: ..."``) as ``dlq_error`` after the group's ``max_deliveries``
+        (a message not from :meth:`inbox` stays pending and the exception propagates).
         """
         try:
             yield message
         except Exception as exc:
-            if not await message.fail(str(exc) or type(exc).__name__):
+            if not await message.fail(f"{type(exc).__name__}: {exc}"):
                 raise
             return
         await message.ack()

@@ -213,12 +213,12 @@ async def test_a_failing_handle_is_retried_with_backoff_then_dead_lettered(
         "dlq_id": bad,
         "dlq_group": "worker",
         "dlq_deliveries": "3",
-        "dlq_error": "bad task 1",
+        "dlq_error": "ValueError: bad task 1",
     }
     assert at.endswith("+00:00")
     assert (await redis_client.xpending(key, "worker"))["pending"] == 0
     [entry] = await list_entries(redis_client, [dlq], Filters())
-    assert (entry.group, entry.error, entry.source_id) == ("worker", "bad task 1", bad)
+    assert (entry.group, entry.error, entry.source_id) == ("worker", "ValueError: bad task 1", bad)
 
 
 async def test_an_idle_message_of_a_dead_consumer_is_claimed(

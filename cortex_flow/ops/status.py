@@ -194,12 +194,18 @@ async def _agents(
     own = latest.runner(resolved.runner)
     runner_beat = own.entry_id if own is not None else None
     agents = []
+    readers: dict[str, list[str]] = {}  # key -> who reads it: "group g" or "client (group g)"
+    for group in resolved.groups.values():
+        who = f"group {group.name}" if group.by_runner else f"client (group {group.name})"
+        for k in group.keys:
+            readers.setdefault(k.key, []).append(who)
     for name, spec in sorted(resolved.agents.items()):
         inbox = [s for s in streams.values() if s["agent"] == name]
         row: dict[str, Any] = {
             "name": name,
             "inbox": sum(s["length"] or 0 for s in inbox) if inbox else None,
             "inbox_keys": [s["key"] for s in inbox],
+            "read_by": sorted({r for s in inbox for r in readers.get(s["key"], [])}),
             "timeout": spec.heartbeat.effective_timeout if spec.heartbeat else None,
             "heartbeat_age": None,
             "reported": None,
@@ -210,6 +216,7 @@ async def _agents(
             row["reported"] = beat.status
         if spec.heartbeat is None or hb_key is None:
             row["status"] = "unwatched"
+            row["why"] = "no heartbeat declared" if hb_key else "no heartbeats stream declared"
         elif row["heartbeat_age"] is None:
             row["status"] = "never seen"
         else:
@@ -231,6 +238,15 @@ def problems(data: dict[str, Any], resolved: Resolved) -> list[str]:
             found.append(
                 f"agent {agent['name']} has sent no heartbeat to {resolved.heartbeat_key} "
                 f"(checked the newest {HEARTBEAT_SCAN:,} entries)"
+            )
+    for agent in data["agents"]:
+        if agent["inbox_keys"] and not agent["read_by"]:
+            name = agent["name"]
+            found.append(
+                f"agent {name}: nothing reads its inbox {', '.join(agent['inbox_keys'])}: no "
+                f"group reads it and agents.{name} declares no inbox:; add inbox: "
+                f"{{dead_letter: dlq}} to agents.{name} and read it with cortex_flow.Client, "
+                f"or a group with vars: {{agent: {name}}}"
             )
     for dlq in data["dead_letters"]:
         if dlq["length"]:
