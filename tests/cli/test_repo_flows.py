@@ -113,3 +113,4 @@ def test_graph_draws_every_stream(capsys: pytest.CaptureFixture[str]) -> None:
     for key in REFERENCE_KEYS:
         assert key in out
     assert out == mermaid(resolve(project.topology, project.config.runner.name))
+    assert 'g_planner{{"group planner<br/>read by agent planner\'s client"}}' in out

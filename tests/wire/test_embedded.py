@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import redis.asyncio
 
 from cortex_flow.errors import ConnectionFailed
 from cortex_flow.wire import embedded
@@ -193,3 +194,21 @@ def test_resolve_url_passes_real_urls_through(tmp_path: Path) -> None:
     """A configured URL other than `embedded` is returned unchanged and nothing starts."""
     assert resolve_url("redis://10.0.0.1:6379/0", tmp_path) == ("redis://10.0.0.1:6379/0", None)
     assert not (tmp_path / ".cortex").exists()
+
+
+async def test_flow_tests_and_fixtures_start_valkey_too(tmp_path: Path) -> None:
+    """`cortex-flow test`/FlowHarness and the suite's private servers (used when no server
+    answers) start the same server as `embedded`: Valkey 9."""
+    from redis_servers import PrivateRedis, server_binary
+
+    from cortex_flow.testing.harness import private_redis
+
+    assert Path(server_binary()) == find_server_binary()
+    async with private_redis() as url:
+        client = redis.asyncio.Redis.from_url(url)
+        try:
+            assert (await client.info("server"))["server_name"] == "valkey"
+        finally:
+            await client.aclose()
+    with PrivateRedis(tmp_path / "private") as server, redis.Redis.from_url(server.url) as client:
+        assert client.info("server")["server_name"] == "valkey"
