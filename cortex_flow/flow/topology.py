@@ -168,3 +168,24 @@ def resolve(topology: Topology, runner: str) -> Resolved:
     if topology.heartbeats is not None:
         heartbeat_key = render_key(topology.streams[topology.heartbeats.stream], {})
     return Resolved(runner, streams, groups, dict(topology.agents), heartbeat_key, topology)
+
+
+def unread_inboxes(resolved: Resolved) -> dict[str, list[str]]:
+    """Agents none of whose inbox keys any group reads (the runner's or a client's): their
+    keys. Messages sent to them wait there for a reader that does not exist."""
+    read = {k.key for g in resolved.groups.values() for k in g.keys}
+    keys: dict[str, list[str]] = {}
+    for stream in resolved.streams.values():
+        for k in stream.keys:
+            if k.agent is not None:
+                keys.setdefault(k.agent, []).append(k.key)
+    return {a: ks for a, ks in sorted(keys.items()) if not read.intersection(ks)}
+
+
+def no_reader(agent: str, keys: list[str]) -> str:
+    """Why an agent's inbox is not read, and what to add."""
+    return (
+        f"agent {agent}: nothing reads its inbox {', '.join(keys)}: no group reads it and "
+        f"agents.{agent} declares no inbox:; add inbox: {{dead_letter: dlq}} to agents.{agent} "
+        f"and read it with cortex_flow.Client, or a group with vars: {{agent: {agent}}}"
+    )

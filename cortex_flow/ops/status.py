@@ -17,7 +17,7 @@ import aiohttp
 from cortex_flow.flow.config import AdminSettings
 from cortex_flow.flow.durations import humanize
 from cortex_flow.flow.loader import Project
-from cortex_flow.flow.topology import Resolved
+from cortex_flow.flow.topology import Resolved, no_reader, unread_inboxes
 from cortex_flow.wire.connection import RedisClient, describe_client, describe_error, is_cluster
 from cortex_flow.wire.entryids import id_key, id_ms
 from cortex_flow.wire.heartbeats import PAGE as HEARTBEAT_PAGE
@@ -239,15 +239,8 @@ def problems(data: dict[str, Any], resolved: Resolved) -> list[str]:
                 f"agent {agent['name']} has sent no heartbeat to {resolved.heartbeat_key} "
                 f"(checked the newest {HEARTBEAT_SCAN:,} entries)"
             )
-    for agent in data["agents"]:
-        if agent["inbox_keys"] and not agent["read_by"]:
-            name = agent["name"]
-            found.append(
-                f"agent {name}: nothing reads its inbox {', '.join(agent['inbox_keys'])}: no "
-                f"group reads it and agents.{name} declares no inbox:; add inbox: "
-                f"{{dead_letter: dlq}} to agents.{name} and read it with cortex_flow.Client, "
-                f"or a group with vars: {{agent: {name}}}"
-            )
+    for name, keys in unread_inboxes(resolved).items():
+        found.append(no_reader(name, keys))
     for dlq in data["dead_letters"]:
         if dlq["length"]:
             found.append(

@@ -18,7 +18,7 @@ from typing import Any
 from cortex_flow.errors import CortexFlowError
 from cortex_flow.flow.loader import Project
 from cortex_flow.flow.plan import diff
-from cortex_flow.flow.topology import Resolved, resolve
+from cortex_flow.flow.topology import Resolved, no_reader, resolve, unread_inboxes
 from cortex_flow.runtime.callpool import CallPool
 from cortex_flow.runtime.consumer import GroupConsumer
 from cortex_flow.runtime.gauges import refresh_gauges
@@ -158,6 +158,8 @@ class Runner:
                 if g.by_runner
             ),
         )
+        for agent, keys in unread_inboxes(resolved).items():
+            log.warning("%s", no_reader(agent, keys))
         if self._watcher is not None or self.config.reload.watch:
             self._tasks.append(asyncio.create_task(self._watch(), name="reload:watch"))
         self._tasks.append(asyncio.create_task(self._probe(), name="redis:probe"))

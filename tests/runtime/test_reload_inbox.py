@@ -5,21 +5,33 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import redis.asyncio as aioredis
 from reload_helpers import FlowProject, edit, running, wait_for
 
+from cortex_flow.flow.topology import no_reader
+
 
 async def test_inbox_groups_are_created_on_reload_and_never_read_by_the_runner(
-    tmp_path: Path, key_prefix: str, redis_url: str, redis_client: aioredis.Redis
+    tmp_path: Path,
+    key_prefix: str,
+    redis_url: str,
+    redis_client: aioredis.Redis,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """An agent given inbox: on reload gets its group (the runner routes to its key but
-    starts no consumer there); a policy change and the agent's removal apply too."""
+    starts no consumer there); a policy change and the agent's removal apply too. An
+    agent added without any reader is warned about, with what to add."""
     project = FlowProject(tmp_path, key_prefix, redis_url)
     del project.groups["inboxes"]  # the runner reads no inbox here; agents' clients do
     key = f"{key_prefix}messages:scout"
     async with running(project) as (runner, watcher):
+        caplog.clear()
         project.agents["scout"] = {"inbox": {"dead_letter": "dlq"}}
+        project.agents["lonely"] = None
         assert await edit(project, runner, watcher) == "applied"
+        warned = [r.getMessage() for r in caplog.records if "nothing reads" in r.getMessage()]
+        assert warned == [no_reader("lonely", [f"{key_prefix}messages:lonely"])]
         assert "scout" not in runner.running.consumers
         [group] = await redis_client.xinfo_groups(key)
         assert (group["name"], group["consumers"]) == ("scout", 0)
