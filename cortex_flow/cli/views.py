@@ -91,14 +91,19 @@ def _groups(rows: list[dict[str, Any]]) -> Table:
 
 
 def _agents(rows: list[dict[str, Any]]) -> Table:
-    agents = _table("Agents", "Agent", "Status", "Last heartbeat", "Timeout", "Inbox")
+    agents = _table("Agents", "Agent", "Status", "Last heartbeat", "Timeout", "Inbox", "Read by")
     colours = {"up": "green", "down": "bold red", "never seen": "yellow", "unwatched": "dim"}
     for a in rows:
         status = Text(a["status"], style=colours.get(a["status"], ""))
         if a["reported"]:
             status.append(f" ({a['reported']})", style="dim")
+        if a.get("why"):
+            status.append(f" ({a['why']})", style="dim")
         beat = f"{humanize(a['heartbeat_age'])} ago" if a["heartbeat_age"] is not None else "-"
-        agents.add_row(a["name"], status, beat, humanize(a["timeout"]), count(a["inbox"]))
+        read_by = Text(", ".join(a["read_by"]) or ("nobody" if a["inbox_keys"] else "-"))
+        if a["inbox_keys"] and not a["read_by"]:
+            read_by.stylize("yellow")
+        agents.add_row(a["name"], status, beat, humanize(a["timeout"]), count(a["inbox"]), read_by)
     return agents
 
 

@@ -5,7 +5,7 @@ Pure functions over a merged :class:`Topology`; each returns problems, never rai
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from functools import lru_cache
 
 from cortex_flow.errors import Problem
@@ -14,7 +14,14 @@ from cortex_flow.flow.declared import Origin, Topology
 from cortex_flow.flow.durations import format_duration as dur
 from cortex_flow.flow.limits import TemplateLimits, current_limits
 from cortex_flow.flow.modelerrors import did_you_mean
-from cortex_flow.flow.models import DEFAULT_PRIORITIES, GroupSpec, Route, StreamSpec
+from cortex_flow.flow.models import (
+    DEFAULT_PRIORITIES,
+    GroupSpec,
+    Route,
+    StreamSpec,
+)
+from cortex_flow.flow.policies import check_inbox, check_retry
+from cortex_flow.flow.references import Sub, single_key, stream_ref
 from cortex_flow.flow.templates import (
     RUNTIME_NAMES,
     Expression,
@@ -26,8 +33,6 @@ from cortex_flow.flow.templates import (
 from cortex_flow.flow.topology import EXPANDABLE, expand, key_template, key_variables
 
 __all__ = ["check_imports", "check_topology", "resolve_callable"]
-
-Sub = Sequence[str | int]
 
 
 def _syntax_message(exc: TemplateSyntaxError, source: str) -> str:
@@ -79,36 +84,6 @@ def _template(
     return compiled.variables
 
 
-def _ref(
-    topo: Topology, origin: Origin, sub: Sub, name: str, what: str, problems: list[Problem]
-) -> StreamSpec | None:
-    spec = topo.streams.get(name)
-    if spec is None and name not in topo.unsure_streams:
-        known = sorted(topo.streams)
-        hint = did_you_mean(name, known) or (
-            f"; the declared streams are {', '.join(known)}"
-            if known
-            else "; no streams are declared: declare it under streams:"
-        )
-        problems.append(origin.problem(sub, f'{what} "{name}" is not a declared stream{hint}'))
-    return spec
-
-
-def _single_key(
-    topo: Topology, origin: Origin, sub: Sub, name: str, what: str, problems: list[Problem]
-) -> None:
-    spec = _ref(topo, origin, sub, name, what, problems)
-    if spec is not None and key_variables(spec):
-        variables = ", ".join(sorted(key_variables(spec)))
-        problems.append(
-            origin.problem(
-                sub,
-                f'{what} "{name}" must be one stream, but its key "{spec.key}" has variables '
-                f"({variables}); use a stream whose key is fixed text",
-            )
-        )
-
-
 def check_topology(topo: Topology) -> list[Problem]:
     """Every cross-file rule; all problems at once."""
     problems: list[Problem] = []
@@ -118,6 +93,8 @@ def check_topology(topo: Topology) -> list[Problem]:
     for name, group in topo.groups.items():
         _check_group(topo, name, group, agents, problems)
     for name, agent in topo.agents.items():
+        if agent.inbox is not None:
+            check_inbox(topo, name, agent.inbox, problems)
         hb = agent.heartbeat
         if hb and hb.timeout is not None and hb.timeout <= hb.interval:
             problems.append(
@@ -130,10 +107,12 @@ def check_topology(topo: Topology) -> list[Problem]:
             )
     if topo.heartbeats is not None:
         origin = topo.origin("heartbeats")
-        _single_key(topo, origin, ("stream",), topo.heartbeats.stream, "heartbeat stream", problems)
+        single_key(topo, origin, ("stream",), topo.heartbeats.stream, "heartbeat stream", problems)
         on_down = topo.heartbeats.on_down
         if on_down is not None:
-            target = _ref(topo, origin, ("on_down", "to"), on_down.to, "event stream", problems)
+            target = stream_ref(
+                topo, origin, ("on_down", "to"), on_down.to, "event stream", problems
+            )
             if target is not None:
                 _check_publish_vars(
                     origin, ("on_down",), target, on_down.to, set(on_down.vars), {"agent"}, problems
@@ -180,7 +159,7 @@ def _check_group(
     topo: Topology, name: str, group: GroupSpec, agents: list[str], problems: list[Problem]
 ) -> None:
     origin = topo.origin("groups", name)
-    spec = _ref(topo, origin, ("stream",), group.stream, "stream", problems)
+    spec = stream_ref(topo, origin, ("stream",), group.stream, "stream", problems)
     if group.dead_letter is not None:
         if group.dead_letter == group.stream:
             problems.append(
@@ -192,8 +171,8 @@ def _check_group(
                 )
             )
         else:
-            _single_key(topo, origin, ("dead_letter",), group.dead_letter, "dead_letter", problems)
-    _check_retry(origin, group, problems)
+            single_key(topo, origin, ("dead_letter",), group.dead_letter, "dead_letter", problems)
+    check_retry(origin, group.retry, problems)
     if spec is None:
         return
     variables = key_variables(spec)
@@ -237,28 +216,6 @@ def _check_group(
     context = set(RUNTIME_NAMES) | set(group.vars) | variables
     for index, route in enumerate(group.routes):
         _check_route(topo, origin, ("routes", index), route, group, spec, context, problems)
-
-
-def _check_retry(origin: Origin, group: GroupSpec, problems: list[Problem]) -> None:
-    retry = group.retry
-    initial, longest = retry.backoff.initial, retry.backoff.max
-    if initial > longest:
-        problems.append(
-            origin.problem(
-                ("retry", "backoff", "initial"),
-                f"initial backoff ({dur(initial)}) is longer than max ({dur(longest)}); "
-                "lower initial or raise max",
-            )
-        )
-    if retry.claim_idle < initial:
-        problems.append(
-            origin.problem(
-                ("retry", "claim_idle"),
-                f"claim_idle ({dur(retry.claim_idle)}) is shorter than the first backoff "
-                f"({dur(initial)}), so other consumers would claim failed messages before "
-                "their retry is due; raise claim_idle or lower backoff.initial",
-            )
-        )
 
 
 def _check_weights(
@@ -318,7 +275,7 @@ def _check_route(
         _template(origin, (*sub, "http", "url"), route.http.url, context, problems)
     if route.to is None:
         return
-    target = _ref(topo, origin, (*sub, "to"), route.to, "route target", problems)
+    target = stream_ref(topo, origin, (*sub, "to"), route.to, "route target", problems)
     if target is None:
         return
     source_vars = key_variables(source)

@@ -33,7 +33,8 @@ class RedisSettings(Model):
     url: str = Field(
         default="embedded",
         description="redis://, rediss://, unix://, redis+sentinel://, redis+cluster://, "
-        "rediss+sentinel://, rediss+cluster://, or `embedded` (a private server under .cortex/).",
+        "rediss+sentinel://, rediss+cluster://, or `embedded` (a private Valkey/Redis server "
+        "under .cortex/).",
     )
 
     @field_validator("url")

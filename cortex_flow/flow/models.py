@@ -92,13 +92,6 @@ class HeartbeatPolicy(Model):
         return self.timeout if self.timeout is not None else 3 * self.interval
 
 
-class AgentSpec(Model):
-    """An agent of the system: gets an inbox per inbox-style stream and may beat."""
-
-    heartbeat: HeartbeatPolicy | None = None
-    description: str | None = None
-
-
 class EventTarget(Model):
     """Where agent up/down events are published."""
 
@@ -131,6 +124,42 @@ class RetryPolicy(Model):
     claim_idle: PositiveDuration = Field(
         default=60.0, description="Pending entries idle this long in any consumer are claimed."
     )
+
+
+class AgentInbox(Model):
+    """Read by the agent's `cortex_flow.Client` as consumer <agent> of `group`, with a policy.
+
+    The consumer group it reads is declared here, so ``run`` creates it and ``status`` and
+    ``plan`` know it; retry, claim and dead-letter work as in a runner group.
+    """
+
+    stream: Name = Field(
+        default="inbox", description="The stream whose key per agent (`{{ agent }}`) it reads."
+    )
+    group: Name | None = Field(
+        default=None, description="The consumer group the client reads; default: the agent's name."
+    )
+    start: Literal["earliest", "latest"] = Field(
+        default="earliest", description="Where the group starts when `run` creates it."
+    )
+    retry: RetryPolicy = Field(default_factory=lambda: RetryPolicy())
+    dead_letter: Name | None = Field(
+        default=None,
+        description="Stream for messages whose handling failed max_deliveries times; without "
+        "one they stay pending (logged).",
+    )
+
+
+class AgentSpec(Model):
+    """An agent of the system: gets an inbox per inbox-style stream and may beat."""
+
+    heartbeat: HeartbeatPolicy | None = None
+    inbox: AgentInbox | None = Field(
+        default=None,
+        description="Read by the agent's own process (`cortex_flow.Client.inbox`), not by a "
+        "runner group: its consumer group and retry/dead-letter policy.",
+    )
+    description: str | None = None
 
 
 def _call_shorthand(value: Any) -> Any:

@@ -14,7 +14,7 @@ from functools import lru_cache
 from typing import Any
 
 from cortex_flow.flow.declared import Topology
-from cortex_flow.flow.models import AgentSpec, GroupSpec, StreamSpec
+from cortex_flow.flow.models import AgentInbox, AgentSpec, GroupSpec, StreamSpec
 from cortex_flow.flow.templates import Template
 
 EXPANDABLE = ("priority", "agent")
@@ -64,6 +64,12 @@ class ResolvedGroup:
     keys: tuple[StreamKey, ...]
     consumer: str
     dead_letter: str | None
+    client: str | None = None  # the agent whose cortex_flow.Client reads it; None: the runner
+
+    @property
+    def by_runner(self) -> bool:
+        """Whether the runner consumes this group (else an agent's own client does)."""
+        return self.client is None
 
     def fingerprint(self) -> str:
         """A stable serialisation; two groups with equal fingerprints behave the same."""
@@ -118,6 +124,27 @@ def expand(
     return tuple(keys), False
 
 
+def inbox_group(topology: Topology, agent: str, inbox: AgentInbox) -> ResolvedGroup:
+    """The group an agent's client reads (``agents.X.inbox``), as the runner's groups are
+    described: ``run`` creates it, ``status`` and ``plan`` show it, the runner does not read it.
+    """
+    spec = GroupSpec.model_construct(  # a group without routes: the client handles messages
+        stream=inbox.stream,
+        start=inbox.start,
+        retry=inbox.retry,
+        dead_letter=inbox.dead_letter,
+        vars={"agent": agent},
+        routes=[],
+        description=f"read by agent {agent}'s client",
+    )
+    streams = topology.streams
+    keys, _ = expand(streams[inbox.stream], inbox.stream, sorted(topology.agents), spec.vars)
+    dlq = None
+    if inbox.dead_letter is not None and inbox.dead_letter in streams:
+        dlq = render_key(streams[inbox.dead_letter], {})
+    return ResolvedGroup(inbox.group or agent, spec, inbox.stream, keys, agent, dlq, agent)
+
+
 def resolve(topology: Topology, runner: str) -> Resolved:
     """Concrete keys, groups and consumer names for a checked topology."""
     agents = sorted(topology.agents)
@@ -132,6 +159,11 @@ def resolve(topology: Topology, runner: str) -> Resolved:
         if group.dead_letter is not None:
             dlq = render_key(topology.streams[group.dead_letter], {})
         groups[name] = ResolvedGroup(name, group, group.stream, keys, runner, dlq)
+    for agent, agent_spec in sorted(topology.agents.items()):
+        declared = agent_spec.inbox
+        if declared is not None and declared.stream in topology.streams:
+            inbox = inbox_group(topology, agent, declared)
+            groups.setdefault(inbox.name, inbox)
     heartbeat_key = None
     if topology.heartbeats is not None:
         heartbeat_key = render_key(topology.streams[topology.heartbeats.stream], {})
@@ -153,4 +185,25 @@ def wrong_type_problem(resolved: Resolved, key: str, held: str) -> str:
     return (
         f"{where}streams.{name}: key {key} holds a {held}, not a stream; rename or delete "
         f"that key in Redis, or change streams.{name}.key"
+    )
+
+
+def unread_inboxes(resolved: Resolved) -> dict[str, list[str]]:
+    """Agents none of whose inbox keys any group reads (the runner's or a client's): their
+    keys. Messages sent to them wait there for a reader that does not exist."""
+    read = {k.key for g in resolved.groups.values() for k in g.keys}
+    keys: dict[str, list[str]] = {}
+    for stream in resolved.streams.values():
+        for k in stream.keys:
+            if k.agent is not None:
+                keys.setdefault(k.agent, []).append(k.key)
+    return {a: ks for a, ks in sorted(keys.items()) if not read.intersection(ks)}
+
+
+def no_reader(agent: str, keys: list[str]) -> str:
+    """Why an agent's inbox is not read, and what to add."""
+    return (
+        f"agent {agent}: nothing reads its inbox {', '.join(keys)}: no group reads it and "
+        f"agents.{agent} declares no inbox:; add inbox: {{dead_letter: dlq}} to agents.{agent} "
+        f"and read it with cortex_flow.Client, or a group with vars: {{agent: {agent}}}"
     )

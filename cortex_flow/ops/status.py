@@ -15,7 +15,7 @@ from typing import Any
 from cortex_flow.flow.config import AdminSettings
 from cortex_flow.flow.durations import humanize
 from cortex_flow.flow.loader import Project
-from cortex_flow.flow.topology import Resolved
+from cortex_flow.flow.topology import Resolved, no_reader, unread_inboxes
 from cortex_flow.ops.admin import admin_get
 from cortex_flow.wire.connection import RedisClient, describe_client, is_cluster
 from cortex_flow.wire.entryids import id_key, id_ms
@@ -192,12 +192,18 @@ async def _agents(
     own = latest.runner(resolved.runner)
     runner_beat = own.entry_id if own is not None else None
     agents = []
+    readers: dict[str, list[str]] = {}  # key -> who reads it: "group g" or "client (group g)"
+    for group in resolved.groups.values():
+        who = f"group {group.name}" if group.by_runner else f"client (group {group.name})"
+        for k in group.keys:
+            readers.setdefault(k.key, []).append(who)
     for name, spec in sorted(resolved.agents.items()):
         inbox = [s for s in streams.values() if s["agent"] == name]
         row: dict[str, Any] = {
             "name": name,
             "inbox": sum(s["length"] or 0 for s in inbox) if inbox else None,
             "inbox_keys": [s["key"] for s in inbox],
+            "read_by": sorted({r for s in inbox for r in readers.get(s["key"], [])}),
             "timeout": spec.heartbeat.effective_timeout if spec.heartbeat else None,
             "heartbeat_age": None,
             "reported": None,
@@ -208,6 +214,7 @@ async def _agents(
             row["reported"] = beat.status
         if spec.heartbeat is None or hb_key is None:
             row["status"] = "unwatched"
+            row["why"] = "no heartbeat declared" if hb_key else "no heartbeats stream declared"
         elif row["heartbeat_age"] is None:
             row["status"] = "never seen"
         else:
@@ -230,6 +237,8 @@ def problems(data: dict[str, Any], resolved: Resolved) -> list[str]:
                 f"agent {agent['name']} has sent no heartbeat to {resolved.heartbeat_key} "
                 f"(checked the newest {HEARTBEAT_SCAN:,} entries)"
             )
+    for name, keys in unread_inboxes(resolved).items():
+        found.append(no_reader(name, keys))
     for dlq in data["dead_letters"]:
         if dlq["length"]:
             found.append(

@@ -29,7 +29,7 @@ from redis.exceptions import ResponseError
 from cortex_flow.errors import ValidationFailed
 from cortex_flow.flow.loader import Project, load_project
 from cortex_flow.flow.plan import Plan, diff
-from cortex_flow.flow.topology import Resolved, resolve
+from cortex_flow.flow.topology import Resolved, no_reader, resolve, unread_inboxes
 from cortex_flow.runtime.consumer import TRANSIENT
 from cortex_flow.runtime.routes import RouteTable
 from cortex_flow.runtime.running import RunningTopology, apply_settings, route_tables
@@ -162,6 +162,10 @@ async def reload_topology(reload: Reload, reason: str) -> tuple[dict[str, Any], 
     result = _record(reload, "applied", started, lines, [])
     for line in lines:
         log.info("%s", line)
+    before = unread_inboxes(old)
+    for agent, keys in unread_inboxes(new).items():
+        if agent not in before:  # newly unread: a new agent, or its reader removed
+            log.warning("%s", no_reader(agent, keys))
     log.info(
         "reload (%s) applied in %.0fms: %d change(s)%s",
         reason,

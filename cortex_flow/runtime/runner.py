@@ -19,7 +19,7 @@ from cortex_flow.errors import CortexFlowError
 from cortex_flow.flow.exposed import topology_doc
 from cortex_flow.flow.loader import Project
 from cortex_flow.flow.plan import diff
-from cortex_flow.flow.topology import Resolved, resolve
+from cortex_flow.flow.topology import Resolved, no_reader, resolve, unread_inboxes
 from cortex_flow.runtime.callpool import CallPool
 from cortex_flow.runtime.consumer import GroupConsumer
 from cortex_flow.runtime.gauges import refresh_gauges
@@ -163,8 +163,11 @@ class Runner:
             ", ".join(
                 f"{n} ({len(g.keys)} key{'s' if len(g.keys) != 1 else ''})"
                 for n, g in resolved.groups.items()
+                if g.by_runner
             ),
         )
+        for agent, keys in unread_inboxes(resolved).items():
+            log.warning("%s", no_reader(agent, keys))
         if self._watcher is not None or self.config.reload.watch:
             self._tasks.append(asyncio.create_task(self._watch(), name="reload:watch"))
         self._tasks.append(asyncio.create_task(self._probe(), name="redis:probe"))

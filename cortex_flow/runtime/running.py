@@ -89,6 +89,8 @@ def _compile(resolved: Resolved) -> dict[str, RouteTable]:
     agents = frozenset(resolved.agents)
     tables, problems = {}, []
     for name, group in resolved.groups.items():
+        if not group.by_runner:
+            continue  # an agent's own client reads it (agents.X.inbox)
         try:
             tables[name] = RouteTable(group, streams, agents)
         except Exception as exc:  # importing user code can raise anything (SyntaxError, ...)
@@ -195,17 +197,24 @@ class RunningTopology:
         if self.executor.grow(threads_needed(target, tables)) and self.resolved is not None:
             log.info("sync calls now run in a pool of %d threads", self.executor.threads)
         self._ensure_http(target)
+        # groups an agent's client reads (agents.X.inbox) are provisioned, never consumed
         for name in plan.groups_to_add:
-            self._start(target, target.groups[name], tables[name])
+            if target.groups[name].by_runner:
+                self._start(target, target.groups[name], tables[name])
         for name in plan.groups_to_restart:
-            old = self.consumers[name]
-            self._start(target, target.groups[name], tables[name], predecessor=old.done)
-            self._retire(old)
+            old = self.consumers.pop(name, None)
+            if target.groups[name].by_runner:
+                done = old.done if old is not None else None
+                self._start(target, target.groups[name], tables[name], predecessor=done)
+            if old is not None:
+                self._retire(old)
         for name in plan.groups_to_remove:
-            self._retire(self.consumers.pop(name))
+            if name in self.consumers:
+                self._retire(self.consumers.pop(name))
             self.stats.groups.pop(name, None)
         for name in plan.groups_routes_only:
-            self.consumers[name].swap_routes(tables[name])
+            if name in self.consumers:
+                self.consumers[name].swap_routes(tables[name])
         if self.heartbeats is not None:
             if runner_interval is not None:
                 self.heartbeats.runner_interval = runner_interval
