@@ -268,14 +268,23 @@ async def probe_admin(admin: AdminSettings) -> dict[str, Any]:
     host, port = where
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}/readyz"
+    # /readyz is open, but the token goes along when there is one: the runner may ask for it
+    headers = {"Authorization": f"Bearer {admin.token}"} if admin.token else {}
     try:
         timeout = aiohttp.ClientTimeout(total=ADMIN_TIMEOUT)
-        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as reply:
+        async with (
+            aiohttp.ClientSession(timeout=timeout, headers=headers) as session,
+            session.get(url) as reply,
+        ):
             body = await reply.json(content_type=None)
+            refused = reply.status in (401, 403)
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         return {"admin": admin.listen, "reachable": False, "reason": describe_error(exc)}
     if not isinstance(body, dict):
         return {"admin": admin.listen, "reachable": False, "reason": "not a cortex-flow runner"}
+    if refused:  # the guard's {"error", "fix"}
+        reason = f"it refused the request: {body.get('error')}; {body.get('fix')}"
+        return {"admin": admin.listen, "reachable": False, "reason": reason}
     # /readyz answers {"status": "ready" | "not ready", "detail": {..., "reload": {...}}}
     raw = body.get("detail")
     detail: dict[str, Any] = raw if isinstance(raw, dict) else {}

@@ -246,6 +246,9 @@ class Runner:
             refresh=self.refresh,
             log=logging.getLogger("cortex_flow.admin"),
             allow_public=self.config.admin.allow_public,
+            # read per request: a reload may change them
+            hosts=lambda: self.config.admin.hosts,
+            token=lambda: self.config.admin.token,
         )
         await admin.start()
         self.admin = admin
