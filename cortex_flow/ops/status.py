@@ -293,6 +293,7 @@ async def probe_admin(admin: AdminSettings) -> dict[str, Any]:
         "reachable": True,
         "ready": body.get("status") == "ready",
         "reload": detail.get("reload"),
+        "problems": [str(p) for p in detail.get("problems") or []],
     }
 
 
@@ -308,4 +309,6 @@ async def snapshot(client: RedisClient, project: Project, resolved: Resolved) ->
         data["problems"].append(
             f"runner {resolved.runner} is not reachable at {admin['admin']} ({admin['reason']})"
         )
+    # what Redis refuses the runner (ACL, credentials, TLS, DNS), as the runner sees it
+    data["problems"].extend(f"runner {resolved.runner}: {p}" for p in admin.get("problems", []))
     return data

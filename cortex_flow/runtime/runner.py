@@ -125,7 +125,10 @@ class Runner:
         if self.client is None:
             if self.url == "embedded":
                 await self._start_embedded()
-            self.client = redis_from_url(self.url)
+            try:
+                self.client = redis_from_url(self.url)
+            except ValueError as exc:  # given as Runner(url=...): config.yaml is checked
+                raise CortexFlowError(f"redis.url: {exc}") from None
         log.info("connecting to Redis at %s", describe_url(self.url) if self.url else "(given)")
         await wait_for_redis(self.client, timeout=None, log=log)
         self.stats.connected = True
@@ -255,14 +258,27 @@ class Runner:
 
     # -- state -----------------------------------------------------------------------------
 
+    def problems(self) -> tuple[list[str], bool]:
+        """What Redis refuses the running groups (ACL, credentials, TLS, DNS), one line
+        each, and whether a group is blocked by it (then the runner is not ready)."""
+        lines, blocked = [], False
+        for name in sorted(self.consumers):
+            found = self.stats.groups.get(name)
+            for area, text in sorted(found.problems.items()) if found else ():
+                lines.append(f"group {name}: {text}")
+                blocked = blocked or area == "blocked"
+        return lines, blocked
+
     def ready(self) -> tuple[bool, dict[str, Any]]:
         reload = self.stats.reload
+        problems, blocked = self.problems()
         detail = {
             "runner": self.name,
             "connected": self.stats.connected,
             "provisioned": self.stats.provisioned,
             "draining": self.stats.draining,
             "groups": sorted(self.consumers),
+            "problems": problems,
             "reload": {
                 "last_outcome": reload.last_outcome,
                 "last_at": reload.last_at,
@@ -271,7 +287,7 @@ class Runner:
             },
         }
         ok = self.stats.connected and self.stats.provisioned and not self.stats.draining
-        return ok, detail
+        return ok and not blocked, detail
 
     async def refresh(self) -> None:
         """Update pending/lag gauges from Redis (before a metrics scrape)."""
