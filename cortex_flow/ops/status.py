@@ -23,6 +23,7 @@ from cortex_flow.wire.entryids import id_key, id_ms
 from cortex_flow.wire.heartbeats import PAGE as HEARTBEAT_PAGE
 from cortex_flow.wire.heartbeats import LatestBeats, latest_beats
 from cortex_flow.wire.lag import STATUS_CAP, count_unread
+from cortex_flow.wire.redis_errors import explain, redis_user
 
 __all__ = ["collect", "probe_admin", "snapshot"]
 
@@ -80,6 +81,7 @@ async def collect(
             "priority": sk.priority,
             "agent": sk.agent,
             "status": status if isinstance(kind, str) else "error",
+            "error": None if isinstance(kind, str) else _refusal(client, kind, key),
             "length": length if status == "ok" and not isinstance(length, Exception) else None,
             "first_id": first_id,
             "last_id": last_id,
@@ -111,6 +113,12 @@ async def collect(
     }
     data["problems"] = problems(data, resolved)
     return data
+
+
+def _refusal(client: RedisClient, error: BaseException, key: str) -> str:
+    """Why reading ``key`` failed: an ACL refusal with the grant that fixes it."""
+    why = explain(error, user=redis_user(client), command="TYPE", keys=[key])
+    return why.text if why is not None else describe_error(error)
 
 
 async def _groups(
@@ -239,7 +247,9 @@ def problems(data: dict[str, Any], resolved: Resolved) -> list[str]:
                 f"{humanize(dlq['oldest_age'])} old; inspect them with `cortex-flow dlq list`"
             )
     for stream in data["streams"]:
-        if stream["status"] not in ("ok", "missing", "dynamic"):
+        if stream["status"] == "error":
+            found.append(f"cannot read {stream['key']}: {stream['error']}")
+        elif stream["status"] not in ("ok", "missing", "dynamic"):
             found.append(f"{stream['key']} is {stream['status']}, not a stream; rename one")
     for group in data["groups"]:
         where = f"group {group['name']} on {group['key']}"

@@ -257,3 +257,21 @@ async def test_commit_refused_by_acl_keeps_the_outcomes_until_granted(
             await wait_for(lambda: problems(runner) == (True, []), what="commit problem gone")
     assert sorted(setup.handled, key=int) == [str(n) for n in range(8)]
     no_traceback(caplog)
+
+
+async def test_least_privilege_user_runs_every_group(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ACL that docs/operating.md gives as the least a runner needs runs both groups
+    (creating them) with no problem and no error logged."""
+    setup.user("~t:*", "+@stream", "+evalsha", "+eval", "+script|load", "+ping",
+               "+client|setname")  # fmt: skip
+    setup.add(setup.a, range(5))
+    setup.add(setup.b, range(5, 10))
+    with caplog.at_level(logging.WARNING, logger="cortex_flow"):
+        async with setup.runner() as runner:
+            await wait_for(lambda: len(setup.handled) == 10, what="all 10")
+            assert problems(runner) == (True, [])
+            await runner.refresh()  # the gauges of a metrics scrape
+    assert sorted(setup.handled, key=int) == [str(n) for n in range(10)]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
