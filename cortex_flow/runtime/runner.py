@@ -34,6 +34,7 @@ from cortex_flow.wire.connection import (
     redis_from_url,
     wait_for_redis,
 )
+from cortex_flow.wire.redis_errors import explain, redis_user
 
 log = logging.getLogger("cortex_flow.runner")
 
@@ -227,11 +228,12 @@ class Runner:
         except CortexFlowError:
             raise
         except Exception as exc:  # e.g. the key holds something else: the watch says so too
+            why = explain(exc, user=redis_user(self.client), keys=[key])
             log.warning(
                 "cannot read %s to check that no other runner is named %s (%s); starting anyway",
                 key,
                 self.name,
-                exc,
+                why or exc,
             )
 
     async def _start_admin(self) -> None:

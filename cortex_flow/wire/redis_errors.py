@@ -100,16 +100,17 @@ def redis_user(client: Any) -> str:
 def explain(
     exc: BaseException,
     *,
-    user: str = "default",
+    user: str | None = None,
     command: str | None = None,
     keys: Sequence[str] = (),
     where: str | None = None,
 ) -> Explained | None:
     """One line for ``exc`` when it is an ACL, credential, TLS or DNS failure; else None.
 
-    ``command`` is what was sent (e.g. ``XREADGROUP``), used when the server does not name
-    it (a refused key); ``keys`` the keys it touched; ``where`` the server, for errors
-    whose message does not name it (a refused password). The text never holds a password.
+    ``user`` is the ACL user (see :func:`redis_user`; None: not known). ``command`` is
+    what was sent (e.g. ``XREADGROUP``), used when the server does not name it (a refused
+    key); ``keys`` the keys it touched; ``where`` the server, for errors whose message
+    does not name it (a refused password). The text never holds a password.
     """
     address = _address(exc)  # host:port from redis-py's words, when it gives them
     for seen in _chain(exc):
@@ -139,7 +140,8 @@ def _starts(exc: BaseException, *words: str) -> bool:
     return isinstance(exc, ResponseError) and str(exc).lower().startswith(words)
 
 
-def _acl(text: str, user: str, command: str | None, keys: Sequence[str]) -> str:
+def _acl(text: str, known: str | None, command: str | None, keys: Sequence[str]) -> str:
+    user, who = (known, f"Redis user {known}") if known else ("<user>", "the Redis user")
     named = _COMMAND.search(text)
     in_pipeline = _PIPELINE.search(text)
     sent = (named.group(1) if named else None) or (in_pipeline.group(1) if in_pipeline else command)
@@ -149,7 +151,7 @@ def _acl(text: str, user: str, command: str | None, keys: Sequence[str]) -> str:
         also = f" (ACL categories {categories})" if categories else ""
         family = " or +@stream" if categories and "@stream" in categories else ""
         return (
-            f"Redis user {user} may not run {shown}{also}; grant it with "
+            f"{who} may not run {shown}{also}; grant it with "
             f"ACL SETUSER {user} +{named.group(1).lower()}{family}"
         )
     if "key" in text.lower():
@@ -158,19 +160,20 @@ def _acl(text: str, user: str, command: str | None, keys: Sequence[str]) -> str:
             grant = " ".join(f"~{k}" for k in keys[:3])
             by = f" ({shown})" if shown else ""
             return (
-                f"Redis user {user} may not access the key(s) {listed}{by}; grant them "
+                f"{who} may not access the key(s) {listed}{by}; grant them "
                 f"with ACL SETUSER {user} {grant} (or a ~pattern that covers them)"
             )
         of = f" of {shown}" if shown else ""
         return (
-            f"Redis user {user} may not access one of the keys{of}; grant them with "
+            f"{who} may not access one of the keys{of}; grant them with "
             f"ACL SETUSER {user} ~<pattern>"
         )
     what = shown or "a command"
-    return f"Redis user {user} may not run {what} ({text.rstrip('.')}); check ACL GETUSER {user}"
+    return f"{who} may not run {what} ({text.rstrip('.')}); check ACL GETUSER {user}"
 
 
-def _auth(text: str, user: str, where: str) -> str:
+def _auth(text: str, known: str | None, where: str) -> str:
+    user = known or "default"
     at = f" at {where}" if where else ""
     lowered = text.lower()
     if any(word in lowered for word in _NO_PASSWORD):

@@ -5,7 +5,7 @@ in its log, ``status`` and ``/readyz``."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import redis
 from projects import module, wait_for, write_module, write_project
-from redis_servers import PrivateRedis
+from redis_servers import PrivateRedis, free_port
+from tls_certs import make_certificates, tls_args
 
 from cortex_flow.flow.config import AdminSettings
 from cortex_flow.flow.loader import load_project
@@ -75,12 +76,13 @@ class Setup:
         return list(module(self.mod).handled)
 
     @asynccontextmanager
-    async def runner(self) -> AsyncIterator[Runner]:
+    async def runner(self, flows: str = FLOWS, url: str | None = None) -> AsyncIterator[Runner]:
+        url = url or f"redis://bob:pw@127.0.0.1:{self.server.port}/0"
         config = write_project(
             self.folder,
-            FLOWS,
+            flows,
             config=(
-                f"redis: {{url: 'redis://bob:pw@127.0.0.1:{self.server.port}/0'}}\n"
+                f"redis: {{url: '{url}'}}\n"
                 "runner: {name: r1, shutdown_grace: 5s}\nreload: {watch: false}\n"
                 "admin: {listen: '127.0.0.1:0'}\n"
             ),
@@ -104,6 +106,18 @@ def setup(private_redis: PrivateRedis, tmp_path: Path) -> Setup:
 def problems(runner: Runner) -> tuple[bool, list[str]]:
     ready, detail = runner.ready()
     return ready, detail["problems"]
+
+
+def count_calls(client: Any, name: str) -> Callable[[], int]:
+    """Count the calls of ``client.name`` from now on; returns a reader of the count."""
+    original, calls = getattr(client, name), [0]
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return await original(*args, **kwargs)
+
+    setattr(client, name, counted)
+    return lambda: calls[0]
 
 
 def no_traceback(caplog: pytest.LogCaptureFixture) -> None:
@@ -275,3 +289,76 @@ async def test_least_privilege_user_runs_every_group(
             await runner.refresh()  # the gauges of a metrics scrape
     assert sorted(setup.handled, key=int) == [str(n) for n in range(10)]
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+HEARTBEAT_FLOWS = FLOWS.replace(
+    '      b: {key: "{P}b"}\n',
+    '      b: {key: "{P}b"}\n      hb: {key: "{P}hb"}\n',
+).replace("    groups:\n", "    heartbeats: {stream: hb}\n    groups:\n")
+
+
+async def test_heartbeat_stream_refused_is_said_once_and_groups_run(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A heartbeat stream the ACL refuses: the groups deliver everything; the refusal is
+    said with the key and the grant, not once a second."""
+    setup.user("~t:a", "~t:b", "+@all")
+    setup.add(setup.a, range(5))
+    grant = (
+        "Redis user bob may not access the key(s) t:hb; grant them with ACL SETUSER bob "
+        "~t:hb (or a ~pattern that covers them)"
+    )
+    with caplog.at_level(logging.WARNING, logger="cortex_flow"):
+        async with setup.runner(HEARTBEAT_FLOWS) as runner:
+            reads = count_calls(runner.client, "xread")
+            await wait_for(lambda: len(setup.handled) == 5, what="all 5")
+            await wait_for(lambda: reads() >= 3, what="three refused reads of t:hb")
+    assert sorted(setup.handled, key=int) == [str(n) for n in range(5)]
+    said = [r.getMessage() for r in caplog.records]
+    assert (
+        "cannot read t:hb to check that no other runner is named r1 "
+        f"({grant}); starting anyway" in said
+    )
+    assert said.count(f"heartbeats: reading t:hb failed ({grant}); retrying") == 1
+    no_traceback(caplog)
+
+
+async def test_certificate_replaced_mid_run_blocks_then_recovers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis restarted with a certificate from another CA: the groups are blocked with the
+    certificate problem and the fix, /readyz is 503; back on the trusted certificate every
+    message is delivered exactly once."""
+    trusted, other = tmp_path / "trusted", tmp_path / "other"
+    make_certificates(trusted, "DNS:localhost")
+    make_certificates(other, "DNS:localhost")
+    tls_port = free_port()
+    server = PrivateRedis(tmp_path / "data", args=tls_args(tls_port, trusted), appendonly=True)
+    with server:
+        setup = Setup(server, tmp_path)
+        for key, group in ((setup.a, "ga"), (setup.b, "gb")):
+            setup.admin.xgroup_create(key, group, id="0", mkstream=True)
+        setup.add(setup.b, range(5))
+        url = f"rediss://localhost:{tls_port}/0?ssl_ca_certs={trusted / 'ca.pem'}"
+        refused = (
+            f"blocked: reads and claims of its own entries are refused: TLS: the certificate "
+            f"of Redis at localhost:{tls_port} does not verify: self-signed certificate in "
+            "certificate chain; give the CA that signed it with ?ssl_ca_certs=/path/to/ca.pem "
+            "in redis.url (ssl_cert_reqs=none turns the check off: for tests only)"
+        )
+        with caplog.at_level(logging.INFO, logger="cortex_flow"):
+            async with setup.runner(url=url) as runner:
+                await wait_for(lambda: len(setup.handled) == 5, what="the first 5")
+                server.args = tls_args(tls_port, other)
+                server.restart()
+                setup.admin = redis.Redis(port=server.port, decode_responses=True)
+                expected = (False, [f"group ga: {refused}", f"group gb: {refused}"])
+                await wait_for(lambda: problems(runner) == expected, what="both blocked")
+                setup.add(setup.a, range(10, 15))
+                setup.add(setup.b, range(5, 10))
+                server.args = tls_args(tls_port, trusted)
+                server.restart()
+                await wait_for(lambda: len(setup.handled) == 15, timeout=20, what="all 15")
+                await wait_for(lambda: problems(runner) == (True, []), what="unblocked")
+    assert sorted(setup.handled, key=int) == [str(n) for n in range(15)]
+    assert not any("Operation not permitted" in m for m in caplog.messages)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import logging
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 from redis_servers import PrivateRedis, free_port
+from tls_certs import make_certificates, tls_args
 
 from cortex_flow.errors import ConnectionFailed, CortexFlowError
 from cortex_flow.flow.loader import load_project
@@ -27,23 +27,6 @@ CA_FIX = (
 )
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def make_certificates(folder: Path, names: str) -> None:
-    """A throwaway CA (ca.pem) and a server certificate it signed for ``names`` (SAN)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
-             "ca.pem", "-days", "1", "-subj", "/CN=cortex-flow test CA", cwd=folder)  # fmt: skip
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
-             "server.csr", "-subj", "/CN=redis", cwd=folder)  # fmt: skip
-    (folder / "san.ext").write_text(f"subjectAltName={names}\n")
-    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-             "-CAcreateserial", "-out", "server.pem", "-days", "1", "-extfile", "san.ext",
-             cwd=folder)  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
     """A redis-server with a TLS port (certificate for localhost, signed by a test CA)."""
@@ -53,10 +36,7 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, 
     make_certificates(folder / "certs", "DNS:localhost")
     certs = folder / "certs"
     port = free_port()
-    args = ("--tls-port", str(port), "--tls-cert-file", str(certs / "server.pem"),
-            "--tls-key-file", str(certs / "server.key"), "--tls-ca-cert-file",
-            str(certs / "ca.pem"), "--tls-auth-clients", "no")  # fmt: skip
-    with PrivateRedis(folder / "data", args=args):
+    with PrivateRedis(folder / "data", args=tls_args(port, certs)):
         yield port, certs
 
 
