@@ -125,8 +125,8 @@ class AdminSettings(Model):
     allowed_hosts: list[Annotated[str, AfterValidator(_host_name)]] = Field(
         default_factory=list,
         description="Host names the admin endpoint answers to (the `Host:` header, port "
-        "ignored), against DNS rebinding. Empty: localhost, 127.0.0.1, ::1 and the host of "
-        '`listen`. `"*"` accepts any.',
+        "ignored), against DNS rebinding, besides localhost, 127.0.0.1 and ::1 (always "
+        'answered). Empty: also the host of `listen`. `"*"` accepts any.',
     )
     token: str | None = Field(
         default=None,
@@ -198,12 +198,11 @@ class AdminSettings(Model):
 
     @property
     def hosts(self) -> frozenset[str]:
-        """The ``Host:`` names answered: ``allowed_hosts``, else loopback and ``listen``'s."""
-        if self.allowed_hosts:
-            return frozenset(self.allowed_hosts)
+        """The ``Host:`` names answered: loopback names (a page elsewhere cannot send
+        them), and ``allowed_hosts``, else the host of ``listen``."""
         where = self.host_port
         listen = () if where is None or where[0] in WILDCARDS else (where[0].lower(),)
-        return frozenset((*LOOPBACK_NAMES, *listen))
+        return frozenset((*LOOPBACK_NAMES, *(self.allowed_hosts or listen)))
 
 
 class LogSettings(Model):

@@ -271,3 +271,13 @@ async def test_status_says_why_the_runner_refused_it(start: Start) -> None:
         "reason": f"it refused the request: Host '127.0.0.1:{admin.port}' is not allowed; "
         "use one of runner-1.internal or list the name in admin.allowed_hosts",
     }
+
+
+def test_hosts_answered_by_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loopback names always; then admin.allowed_hosts, else the host of admin.listen."""
+    loopback = {"localhost", "127.0.0.1", "::1"}
+    assert AdminSettings().hosts == loopback
+    public: dict[str, Any] = {"allow_public": True, "token": TOKEN}
+    assert AdminSettings(listen="10.0.0.5:8477", **public).hosts == loopback | {"10.0.0.5"}
+    listed = AdminSettings(listen="0.0.0.0:8477", allowed_hosts=["Runner-1.Internal"], **public)
+    assert listed.hosts == loopback | {"runner-1.internal"}
