@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from redis.exceptions import ResponseError
 
 from cortex_flow.runtime.commit import CommitDeferred, Committer
-from cortex_flow.runtime.delivery import RETRY, TRANSIENT, Outcome
+from cortex_flow.runtime.delivery import DEAD, RETRY, TRANSIENT, Outcome
 from cortex_flow.runtime.faultlog import FaultLog
 from cortex_flow.wire.faults import passing_reason
 from cortex_flow.wire.redis_errors import explain
@@ -47,7 +47,11 @@ async def commit_until_done(
             faults.report(exc.reason, exc, f"committing again in {delay:.2g}s")
         except (*TRANSIENT, ResponseError) as exc:
             reason = passing_reason(exc)
-            why = explain(exc, user=faults.user) if reason is None else None
+            why = (
+                explain(exc, user=faults.user, keys=_keys(committer, outcomes))
+                if reason is None
+                else None
+            )
             if why is not None and why.kind == "acl":
                 faults.refused("commit", why, "the outcomes are kept and committed once allowed")
             elif reason is None:
@@ -60,6 +64,14 @@ async def commit_until_done(
         faults.cleared("commit")
     for outcome in retries:
         on_retry(outcome)
+
+
+def _keys(committer: Committer, outcomes: list[Outcome]) -> list[str]:
+    """Every key a commit of ``outcomes`` writes: sources, publish targets, dead letters."""
+    keys = {o.entry.key.key for o in outcomes} | {p.key for o in outcomes for p in o.publishes}
+    if committer.dead_letter_key and any(o.kind == DEAD for o in outcomes):
+        keys.add(committer.dead_letter_key)
+    return sorted(keys)
 
 
 class Outbox:

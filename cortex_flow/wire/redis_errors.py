@@ -156,12 +156,16 @@ def _acl(text: str, known: str | None, command: str | None, keys: Sequence[str])
         )
     if "key" in text.lower():
         if keys:
-            listed = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            shown_keys = ", ".join(keys[:3]) + (
+                f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            )
+            which = f"the key {keys[0]}" if len(keys) == 1 else f"one of the keys {shown_keys}"
             grant = " ".join(f"~{k}" for k in keys[:3])
             by = f" ({shown})" if shown else ""
+            them = "it" if len(keys) == 1 else "them"
             return (
-                f"{who} may not access the key(s) {listed}{by}; grant them "
-                f"with ACL SETUSER {user} {grant} (or a ~pattern that covers them)"
+                f"{who} may not access {which}{by}; grant {them} with ACL SETUSER {user} "
+                f"{grant} (or a ~pattern that covers {them})"
             )
         of = f" of {shown}" if shown else ""
         return (

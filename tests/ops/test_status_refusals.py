@@ -46,6 +46,6 @@ def test_status_names_the_key_the_acl_refuses(
     cli("status", "--json")
     data = json.loads(capsys.readouterr().out)
     assert data["problems"][0] == (
-        "cannot read secret:jobs: Redis user kim may not access the key(s) secret:jobs (TYPE); "
-        "grant them with ACL SETUSER kim ~secret:jobs (or a ~pattern that covers them)"
+        "cannot read secret:jobs: Redis user kim may not access the key secret:jobs (TYPE); "
+        "grant it with ACL SETUSER kim ~secret:jobs (or a ~pattern that covers it)"
     )

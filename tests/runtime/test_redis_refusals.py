@@ -170,8 +170,8 @@ async def test_read_refused_by_acl_blocks_only_that_group(
     setup.add(setup.b, range(100, 120))
     blocked = (
         "group ga: blocked: reads and claims of its own entries are refused: Redis user bob "
-        "may not access the key(s) t:a; grant them with ACL SETUSER bob ~t:a (or a ~pattern "
-        "that covers them)"
+        "may not access the key t:a; grant it with ACL SETUSER bob ~t:a (or a ~pattern "
+        "that covers it)"
     )
     with caplog.at_level(logging.INFO, logger="cortex_flow"):
         async with setup.runner() as runner:
@@ -283,7 +283,7 @@ async def test_least_privilege_user_runs_every_group(
     setup.add(setup.a, range(5))
     setup.add(setup.b, range(5, 10))
     with caplog.at_level(logging.WARNING, logger="cortex_flow"):
-        async with setup.runner() as runner:
+        async with setup.runner(FLOWS.replace("claim_idle: 100ms", "claim_idle: 30s")) as runner:
             await wait_for(lambda: len(setup.handled) == 10, what="all 10")
             assert problems(runner) == (True, [])
             await runner.refresh()  # the gauges of a metrics scrape
@@ -305,8 +305,8 @@ async def test_heartbeat_stream_refused_is_said_once_and_groups_run(
     setup.user("~t:a", "~t:b", "+@all")
     setup.add(setup.a, range(5))
     grant = (
-        "Redis user bob may not access the key(s) t:hb; grant them with ACL SETUSER bob "
-        "~t:hb (or a ~pattern that covers them)"
+        "Redis user bob may not access the key t:hb; grant it with ACL SETUSER bob "
+        "~t:hb (or a ~pattern that covers it)"
     )
     with caplog.at_level(logging.WARNING, logger="cortex_flow"):
         async with setup.runner(HEARTBEAT_FLOWS) as runner:
@@ -362,3 +362,51 @@ async def test_certificate_replaced_mid_run_blocks_then_recovers(
                 await wait_for(lambda: problems(runner) == (True, []), what="unblocked")
     assert sorted(setup.handled, key=int) == [str(n) for n in range(15)]
     assert not any("Operation not permitted" in m for m in caplog.messages)
+
+
+TO_FLOWS = """
+    version: 1
+    streams:
+      a: {key: "{P}a"}
+      b: {key: "{P}b"}
+      c: {key: "{P}c"}
+    groups:
+      ga:
+        stream: a
+        routes:
+          - to: c
+      gb:
+        stream: b
+        routes:
+          - call: {M}:handle
+"""
+
+
+async def test_publish_refused_by_acl_names_the_keys_and_loses_nothing(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A `to` route whose target key the ACL refuses: the commit waits (a problem naming
+    the keys it writes), the other group runs; granting the key publishes each message once."""
+    for key, group in ((setup.a, "ga"), (setup.b, "gb")):
+        setup.admin.xgroup_create(key, group, id="0", mkstream=True)
+    setup.user("~t:a", "~t:b", "+@all")
+    setup.add(setup.a, range(3))
+    setup.add(setup.b, range(10, 13))
+    waiting = (
+        "group ga: commits wait: acknowledging and publishing are refused: Redis user bob "
+        "may not access one of the keys t:a, t:c; grant them with ACL SETUSER bob ~t:a ~t:c "
+        "(or a ~pattern that covers them)"
+    )
+    with caplog.at_level(logging.INFO, logger="cortex_flow"):
+        async with setup.runner(TO_FLOWS) as runner:
+            await wait_for(lambda: problems(runner) == (True, [waiting]), what="commit waits")
+            await wait_for(lambda: len(setup.handled) == 3, what="gb's 3 messages")
+            assert setup.admin.xlen("t:c") == 0
+            setup.command("ACL", "SETUSER", "bob", "~t:c")
+            await wait_for(lambda: setup.admin.xlen("t:c") == 3, what="3 published")
+            await wait_for(
+                lambda: setup.admin.xpending(setup.a, "ga")["pending"] == 0, what="all acked"
+            )
+            await wait_for(lambda: problems(runner) == (True, []), what="problem gone")
+    assert sorted(e[1]["n"] for e in setup.admin.xrange("t:c")) == ["0", "1", "2"]
+    no_traceback(caplog)

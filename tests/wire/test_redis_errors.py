@@ -214,8 +214,8 @@ async def test_acl_refusals_name_command_categories_and_grant(private_redis: Pri
         "it with ACL SETUSER bob +xautoclaim or +@stream",
         "Redis user bob may not run XGROUP|CREATE (ACL categories @write @stream @slow); "
         "grant it with ACL SETUSER bob +xgroup|create or +@stream",
-        "Redis user bob may not access the key(s) other:s (XREADGROUP); grant them with "
-        "ACL SETUSER bob ~other:s (or a ~pattern that covers them)",
+        "Redis user bob may not access the key other:s (XREADGROUP); grant it with "
+        "ACL SETUSER bob ~other:s (or a ~pattern that covers it)",
     ]
 
 
