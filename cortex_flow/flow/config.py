@@ -149,6 +149,19 @@ class AdminSettings(Model):
             f'must be host:port (e.g. 127.0.0.1:8477) or "off" to disable, got {show(value)}'
         )
 
+    @field_validator("token", mode="before")
+    @classmethod
+    def _token_text(cls, value: Any) -> Any:
+        # never the value in the message: it is a secret
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # digits only: YAML read a number
+        if value is not None and not isinstance(value, str):
+            raise ValueError(
+                'must be one string; quote it: token: "${CORTEX_ADMIN_TOKEN}" (the value is '
+                "not shown: it is a secret)"
+            )
+        return value
+
     @field_validator("token", mode="after")
     @classmethod
     def _token(cls, value: str | None) -> str | None:

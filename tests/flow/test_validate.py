@@ -922,6 +922,20 @@ def test_admin_token_too_short_never_shows_it(
     ]
 
 
+def test_admin_token_that_yaml_reads_as_a_list_is_refused_unseen(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token YAML parses as a list is refused without showing it; digits only are a token."""
+    monkeypatch.setenv("CORTEX_ADMIN_TOKEN", "[98765432109876543210]")
+    project.write("config.yaml", "admin:\n  token: ${CORTEX_ADMIN_TOKEN}\n")
+    assert project.problems() == [
+        'config.yaml:2:10: admin.token: must be one string; quote it: token: "${CORTEX_ADMIN_'
+        'TOKEN}" (the value is not shown: it is a secret)'
+    ]
+    monkeypatch.setenv("CORTEX_ADMIN_TOKEN", "98765432109876543210")
+    assert project.run()[0] == 0
+
+
 def test_admin_on_every_address_needs_allowed_hosts(project: Project, token: str) -> None:
     """admin.listen 0.0.0.0 needs admin.allowed_hosts: the Host names clients use are unknown."""
     base = "admin:\n  listen: 0.0.0.0:8477\n  allow_public: true\n  token: ${CORTEX_ADMIN_TOKEN}\n"
