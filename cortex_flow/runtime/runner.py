@@ -178,11 +178,12 @@ class Runner:
             except Exception as exc:
                 if down_since is None:
                     down_since = time.monotonic()
+                    why = explain(exc, user=redis_user(self.client))
                     log.warning(
                         "Redis at %s does not answer (%s); not ready until it does. Consumers "
                         "keep what they hold and go on once it answers",
                         where,
-                        describe_error(exc),
+                        why or describe_error(exc),
                     )
                 self.stats.connected = False
             else:

@@ -177,7 +177,7 @@ def _acl(text: str, known: str | None, command: str | None, keys: Sequence[str])
 
 
 def _auth(text: str, known: str | None, where: str) -> str:
-    user = known or "default"
+    of = f" of user {known}" if known else ""
     at = f" at {where}" if where else ""
     lowered = text.lower()
     if any(word in lowered for word in _NO_PASSWORD):
@@ -185,13 +185,8 @@ def _auth(text: str, known: str | None, where: str) -> str:
             f"Redis{at} requires a password and none was given; set CORTEX_REDIS_PASSWORD "
             "(and CORTEX_REDIS_USERNAME for an ACL user) or put them in redis.url"
         )
-    if "without any password configured" in lowered:
-        return (
-            f"Redis{at} has no password for user {user}, but one was given; remove it from "
-            "redis.url and CORTEX_REDIS_PASSWORD, or set one on the server"
-        )
     return (
-        f"Redis{at} refused the password of user {user} (wrong password, or the user is "
+        f"Redis{at} refused the password{of} (wrong password, or the user is "
         "disabled); fix the credentials in redis.url or CORTEX_REDIS_USERNAME / "
         "CORTEX_REDIS_PASSWORD"
     )
