@@ -17,6 +17,7 @@ from cortex_flow.flow.loader import Project
 from cortex_flow.wire.connection import (
     SOCKET_TIMEOUT,
     RedisClient,
+    describe_client,
     describe_error,
     describe_url,
     redis_from_url,
@@ -79,7 +80,7 @@ async def connect(
             try:
                 await client.ping()
             except (RedisError, OSError) as exc:
-                where = describe_url(url)
+                where = describe_client(client)  # scheme://host:port, no credentials or query
                 explained = explain(exc, user=redis_user(client), command="PING", where=where)
                 if explained is not None:  # no "is it running?": it answered, and refused
                     raise ConnectionFailed(explained.about(where)) from None
