@@ -83,8 +83,10 @@ class PrivateRedis:
         appendonly: bool = False,
         args: tuple[str, ...] = (),
         start_timeout: float = 15.0,
+        binary: str | None = None,
     ) -> None:
         self.directory = directory
+        self.binary = binary
         self.port = port or free_port()
         self.appendonly = appendonly
         self.args = args
@@ -105,7 +107,7 @@ class PrivateRedis:
             raise RuntimeError(f"private redis on port {self.port} is already running")
         self.directory.mkdir(parents=True, exist_ok=True)
         persistence = ["--appendonly", "yes", "--appendfsync", "always"]
-        command = [server_binary(), "--port", str(self.port), "--bind", "127.0.0.1"]
+        command = [self.binary or server_binary(), "--port", str(self.port), "--bind", "127.0.0.1"]
         command += ["--dir", str(self.directory), "--save", "", "--daemonize", "no"]
         command += persistence if self.appendonly else ["--appendonly", "no"]
         command += list(self.args)

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from cortex_flow.flow.durations import Duration, PositiveDuration
 from cortex_flow.flow.limits import TemplateLimits
@@ -17,6 +25,27 @@ URL_FORMS = (
     "redis+sentinel://host:port/service, redis+cluster://host:port (rediss+sentinel:// and "
     "rediss+cluster:// for TLS), or embedded for a private server"
 )
+
+
+_HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _host_name(host: str) -> str:
+    name = host.strip().lower().strip("[]")
+    if name != "*" and not _HOST_NAME.fullmatch(name) and not _is_ip(name):
+        raise ValueError(
+            f"{show(host)} is not a host name or address; list them without scheme or "
+            'port, e.g. ["metrics.internal", "10.0.0.5"], or "*" for any'
+        )
+    return name
 
 
 def is_loopback(host: str) -> bool:
@@ -76,6 +105,12 @@ class ReloadSettings(Model):
     debounce: Duration = 0.2
 
 
+WILDCARDS = ("0.0.0.0", "::", "")
+# the names a browser on this machine uses for a loopback listener (see admin.allowed_hosts)
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+MIN_TOKEN = 16
+
+
 class AdminSettings(Model):
     listen: Annotated[
         str | None,
@@ -86,8 +121,21 @@ class AdminSettings(Model):
     )
     allow_public: bool = Field(
         default=False,
-        description="Allow a non-loopback `listen`: /metrics and POST /reload have no "
-        "authentication, so anyone who can reach the port can read and reload.",
+        description="Allow a non-loopback `listen`: /metrics is then readable by anyone who "
+        "can reach the port (POST /reload still needs `admin.token`, required off loopback).",
+    )
+    allowed_hosts: list[Annotated[str, AfterValidator(_host_name)]] = Field(
+        default_factory=list,
+        description="Host names the admin endpoint answers to (the `Host:` header, port "
+        "ignored), against DNS rebinding, besides localhost, 127.0.0.1 and ::1 (always "
+        'answered). Empty: also the host of `listen`. `"*"` accepts any.',
+    )
+    token: str | None = Field(
+        default=None,
+        repr=False,
+        description="Bearer token that POST /reload (and every endpoint but /, /healthz, "
+        "/readyz, /metrics) requires. Only from the environment: `${CORTEX_ADMIN_TOKEN}`. "
+        f"At least {MIN_TOKEN} characters; required when `listen` is not loopback.",
     )
 
     @field_validator("listen", mode="before")
@@ -103,14 +151,56 @@ class AdminSettings(Model):
             f'must be host:port (e.g. 127.0.0.1:8477) or "off" to disable, got {show(value)}'
         )
 
+    @field_validator("token", mode="before")
+    @classmethod
+    def _token_text(cls, value: Any) -> Any:
+        # never the value in the message: it is a secret
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # digits only: YAML read a number
+        if value is not None and not isinstance(value, str):
+            raise ValueError(
+                'must be one string; quote it: token: "${CORTEX_ADMIN_TOKEN}" (the value is '
+                "not shown: it is a secret)"
+            )
+        return value
+
+    @field_validator("token", mode="after")
+    @classmethod
+    def _token(cls, value: str | None) -> str | None:
+        if not value:
+            return None  # ${CORTEX_ADMIN_TOKEN:-} left empty: no token
+        if len(value) < MIN_TOKEN or value != value.strip():
+            # never the value itself: it is a secret
+            raise ValueError(
+                f"must be at least {MIN_TOKEN} characters without surrounding spaces, got "
+                f"{len(value)}; generate one, e.g. `openssl rand -hex 32`"
+            )
+        return value
+
     @model_validator(mode="after")
     def _loopback(self) -> AdminSettings:
         where = self.host_port
-        if where is not None and not self.allow_public and not is_loopback(where[0]):
+        if where is None or is_loopback(where[0]):
+            return self
+        if not self.allow_public:
             raise field_error(
                 "listen",
                 f"admin.listen {self.listen} is not a loopback address; set admin.allow_public: "
                 "true to expose /metrics and POST /reload beyond this machine",
+            )
+        if self.token is None:
+            raise field_error(
+                "listen",
+                f"admin.listen {self.listen} is not a loopback address, so POST /reload needs "
+                "a token: set admin.token: ${CORTEX_ADMIN_TOKEN} and export CORTEX_ADMIN_TOKEN "
+                "(e.g. from `openssl rand -hex 32`)",
+            )
+        if where[0] in WILDCARDS and not self.allowed_hosts:
+            raise field_error(
+                "listen",
+                f"admin.listen {self.listen} listens on every address, so the Host names "
+                "clients use are unknown: list them in admin.allowed_hosts (e.g. "
+                '["10.0.0.5", "runner-1.internal"]), or ["*"] to accept any Host header',
             )
         return self
 
@@ -120,6 +210,14 @@ class AdminSettings(Model):
             return None
         host, _, port = self.listen.rpartition(":")
         return host.strip("[]") or "127.0.0.1", int(port)
+
+    @property
+    def hosts(self) -> frozenset[str]:
+        """The ``Host:`` names answered: loopback names (a page elsewhere cannot send
+        them), and ``allowed_hosts``, else the host of ``listen``."""
+        where = self.host_port
+        listen = () if where is None or where[0] in WILDCARDS else (where[0].lower(),)
+        return frozenset((*LOOPBACK_NAMES, *(self.allowed_hosts or listen)))
 
 
 class LogSettings(Model):

@@ -255,7 +255,25 @@ def _load_config(path: Path | None, env: Mapping[str, str], problems: list[Probl
         return Config()
     doc = _read(path, _display(path), env, problems)
     config = _validate(Config, doc, problems, "config file") if doc is not None else None
+    if isinstance(config, Config) and doc is not None and config.admin.token is not None:
+        _token_from_environment(path, doc, problems)
     return config if isinstance(config, Config) else Config()
+
+
+def _token_from_environment(path: Path, doc: Document, problems: list[Problem]) -> None:
+    """``admin.token`` must be a ``${VAR}`` reference: a value written in the file is refused."""
+    line, col = doc.locate(("admin", "token"))
+    try:
+        raw = path.read_text(encoding="utf-8-sig").split("\n")[line - 1]
+    except (OSError, UnicodeDecodeError, IndexError):  # read a moment ago: changed since
+        raw = ""
+    if not raw[col - 1 :].lstrip("'\"").startswith("${"):
+        message = (
+            "must come from the environment, not be written in the file (it would end up in "
+            "version control and backups); write admin.token: ${CORTEX_ADMIN_TOKEN} and "
+            "export CORTEX_ADMIN_TOKEN"
+        )
+        problems.append(Problem(doc.file, line, col, "admin.token", message))
 
 
 @dataclass(frozen=True)

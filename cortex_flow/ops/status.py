@@ -17,11 +17,12 @@ from cortex_flow.flow.durations import humanize
 from cortex_flow.flow.loader import Project
 from cortex_flow.flow.topology import Resolved, no_reader, unread_inboxes
 from cortex_flow.ops.admin import admin_get
-from cortex_flow.wire.connection import RedisClient, describe_client, is_cluster
+from cortex_flow.wire.connection import RedisClient, describe_client, describe_error, is_cluster
 from cortex_flow.wire.entryids import id_key, id_ms
 from cortex_flow.wire.heartbeats import PAGE as HEARTBEAT_PAGE
 from cortex_flow.wire.heartbeats import LatestBeats, latest_beats
 from cortex_flow.wire.lag import STATUS_CAP, count_unread
+from cortex_flow.wire.redis_errors import explain, redis_user
 
 __all__ = ["collect", "probe_admin", "snapshot"]
 
@@ -78,6 +79,7 @@ async def collect(
             "priority": sk.priority,
             "agent": sk.agent,
             "status": status if isinstance(kind, str) else "error",
+            "error": None if isinstance(kind, str) else _refusal(client, kind, key),
             "length": length if status == "ok" and not isinstance(length, Exception) else None,
             "first_id": first_id,
             "last_id": last_id,
@@ -109,6 +111,12 @@ async def collect(
     }
     data["problems"] = problems(data, resolved)
     return data
+
+
+def _refusal(client: RedisClient, error: BaseException, key: str) -> str:
+    """Why reading ``key`` failed: an ACL refusal with the grant that fixes it."""
+    why = explain(error, user=redis_user(client), command="TYPE", keys=[key])
+    return why.text if why is not None else describe_error(error)
 
 
 async def _groups(
@@ -246,7 +254,9 @@ def problems(data: dict[str, Any], resolved: Resolved) -> list[str]:
                 f"{humanize(dlq['oldest_age'])} old; inspect them with `cortex-flow dlq list`"
             )
     for stream in data["streams"]:
-        if stream["status"] not in ("ok", "missing", "dynamic"):
+        if stream["status"] == "error":
+            found.append(f"cannot read {stream['key']}: {stream['error']}")
+        elif stream["status"] not in ("ok", "missing", "dynamic"):
             found.append(f"{stream['key']} is {stream['status']}, not a stream; rename one")
     for group in data["groups"]:
         where = f"group {group['name']} on {group['key']}"
@@ -274,6 +284,9 @@ async def probe_admin(admin: AdminSettings) -> dict[str, Any]:
         if admin.host_port is None:
             return {"admin": None, "reachable": False, "reason": body}
         return {"admin": admin.listen, "reachable": False, "reason": body}
+    if status in (401, 403) and isinstance(body, dict):  # the guard's {"error", "fix"}
+        refused = f"it refused the request: {body.get('error')}; {body.get('fix')}"
+        return {"admin": admin.listen, "reachable": False, "reason": refused}
     if not isinstance(body, dict) or "status" not in body:
         reason = body.get("error") if isinstance(body, dict) and "error" in body else None
         why = f"answered {status}: {reason}" if reason else "not a cortex-flow runner"
@@ -290,6 +303,7 @@ async def probe_admin(admin: AdminSettings) -> dict[str, Any]:
         "reachable": True,
         "ready": body.get("status") == "ready",
         "reload": reload,
+        "problems": [str(p) for p in detail.get("problems") or []],
     }
 
 
@@ -305,4 +319,6 @@ async def snapshot(client: RedisClient, project: Project, resolved: Resolved) ->
         data["problems"].append(
             f"runner {resolved.runner} is not reachable at {admin['admin']} ({admin['reason']})"
         )
+    # what Redis refuses the runner (ACL, credentials, TLS, DNS), as the runner sees it
+    data["problems"].extend(f"runner {resolved.runner}: {p}" for p in admin.get("problems", []))
     return data

@@ -46,9 +46,10 @@ from cortex_flow.runtime.retries import RetryTimer
 from cortex_flow.runtime.routes import RouteTable
 from cortex_flow.runtime.stats import GroupStats, KeyStats
 from cortex_flow.runtime.threaded import ThreadedDriver
-from cortex_flow.wire.connection import Backoff
+from cortex_flow.wire.connection import Backoff, describe_client
 from cortex_flow.wire.faults import passing_reason
 from cortex_flow.wire.groups import ensure_group
+from cortex_flow.wire.redis_errors import explain, redis_user
 
 __all__ = [
     "ACK",
@@ -145,7 +146,7 @@ class GroupConsumer:
             stuck=self._stuck,
         )
         self.leases = Leases(client, self.name, self.me, self.log)
-        self.faults = FaultLog(self.name, stats, self.log)
+        self.faults = FaultLog(self.name, stats, self.log, user=redis_user(client))
         # finished outcomes, committed together by its flusher task
         self.outbox = Outbox(
             self._commit_until_done,
@@ -285,7 +286,7 @@ class GroupConsumer:
                         await pending.claim_from_down()
                     if now >= next_claim:
                         next_claim = now + self._claim_every
-                        if await pending.autoclaim():
+                        if await self._autoclaim():
                             next_claim = now  # a backlog of idle entries: keep taking it
                     capacity = self._capacity()
                     if capacity == 0:
@@ -300,14 +301,21 @@ class GroupConsumer:
                     if entries:
                         await self._dispatch(entries)
                     backoff.reset()
+                    if self.stats.problems:
+                        self.faults.cleared("blocked")
                 except TRANSIENT as exc:
+                    if await self._refused(exc, backoff):
+                        recover = True
+                        continue
                     delay = backoff.next_delay()
                     self.faults.report("unreachable", exc, f"retrying in {delay:.1f}s")
                     recover = True
                     await self._sleep(delay)
                 except ResponseError as exc:
                     reason = passing_reason(exc)
-                    if reason is not None:
+                    if reason is None and await self._refused(exc, backoff):
+                        recover = True
+                    elif reason is not None:
                         delay = backoff.next_delay()
                         self.faults.report(reason, exc, f"retrying in {delay:.1f}s")
                         await self._sleep(delay)
@@ -362,6 +370,34 @@ class GroupConsumer:
                 self._inflight.discard((entry.key.key, entry.id))
             queue.clear()
         self._waiting = 0
+
+    async def _refused(self, exc: BaseException, backoff: Backoff) -> bool:
+        """An ACL, credential, TLS or DNS refusal: the group is blocked (status, /readyz),
+        said once in a while, and tried again; False for any other error."""
+        keys = [k.key for k in self.keys]
+        why = explain(exc, user=self.faults.user, keys=keys, where=describe_client(self.client))
+        if why is None:
+            return False
+        delay = backoff.next_delay()
+        self.faults.refused("blocked", why, f"trying again every {backoff.maximum:g}s at most")
+        await self._sleep(delay)
+        return True
+
+    async def _autoclaim(self) -> bool:
+        """XAUTOCLAIM (see PendingWork.autoclaim); an ACL refusal turns crash recovery off
+        (said once in a while, shown by status) while reads go on."""
+        try:
+            more = await self.pending.autoclaim()
+        except ResponseError as exc:
+            keys = [k.key for k in self.keys]
+            why = explain(exc, user=self.faults.user, command="XAUTOCLAIM", keys=keys)
+            if why is None or why.kind != "acl":
+                raise
+            self.faults.refused("recovery", why, "reads and retries go on")
+            return False
+        if self.stats.problems:
+            self.faults.cleared("recovery")
+        return more
 
     async def _unexpected(self, backoff: Backoff) -> None:
         # A consumer that dies here stops its group in silence while the runner looks

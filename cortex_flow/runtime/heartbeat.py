@@ -32,6 +32,7 @@ from cortex_flow.wire.heartbeats import (
     parse_beat,
 )
 from cortex_flow.wire.processes import pid_alive
+from cortex_flow.wire.redis_errors import explain, redis_user
 
 WARN_EVERY = 60.0  # a failing beat of the runner's own is logged at most this often
 STOP_BEAT_TIMEOUT = 1.0  # the last ("stopped") beat must not hold up a shutdown
@@ -123,6 +124,7 @@ class HeartbeatMonitor:
         self._tasks: list[asyncio.Task[None]] = []
         self._ending: set[asyncio.Task[None]] = set()  # cancelled by a reload, not yet done
         self._beat_failed_at: float | None = None  # when a failed beat was last logged
+        self._read_failed_at = -WARN_EVERY  # when a refused read was last logged
         self._twin_warned_at: float | None = None
         self.update(resolved)
 
@@ -236,8 +238,14 @@ class HeartbeatMonitor:
                 "heartbeats: cannot write this runner's beat to %s (%s); other runners may "
                 "take it for down and claim its pending messages (logged once a minute)",
                 self.key,
-                exc,
+                self._why(exc),
             )
+
+    def _why(self, exc: BaseException) -> str:
+        """``exc`` in words: an ACL, credential, TLS or DNS refusal with its fix."""
+        keys = [self.key] if self.key else []
+        why = explain(exc, user=redis_user(self.client), keys=keys)
+        return why.text if why is not None else str(exc)
 
     def _seen(self, beat: Beat) -> None:
         name, ts = beat.agent, beat.ts
@@ -285,7 +293,7 @@ class HeartbeatMonitor:
                     self._seen(beat)
             last_id = seed.newest_id or last_id
         except Exception as exc:
-            self.log.warning("heartbeats: cannot read %s yet (%s)", key, exc)
+            self.log.warning("heartbeats: cannot read %s yet (%s)", key, self._why(exc))
         await self._check()
         while not self._stop.is_set():
             try:
@@ -300,7 +308,13 @@ class HeartbeatMonitor:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.log.warning("heartbeats: reading %s failed (%s); retrying", key, exc)
+                refused = explain(exc) is not None  # said once a minute: retrying cannot fix it
+                now = time.monotonic()
+                if not refused or now - self._read_failed_at >= WARN_EVERY:
+                    self._read_failed_at = now
+                    self.log.warning(
+                        "heartbeats: reading %s failed (%s); retrying", key, self._why(exc)
+                    )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), 1.0)
 
@@ -355,7 +369,7 @@ class HeartbeatMonitor:
                 approximate=True,
             )
         except Exception as exc:
-            self.log.warning("heartbeats: cannot publish %s event (%s)", kind, exc)
+            self.log.warning("heartbeats: cannot publish %s event (%s)", kind, self._why(exc))
 
 
 __all__ = [

@@ -40,6 +40,7 @@ from cortex_flow.wire.connection import (
     redis_from_url,
     wait_for_redis,
 )
+from cortex_flow.wire.redis_errors import explain, redis_user
 
 log = logging.getLogger("cortex_flow.runner")
 
@@ -132,7 +133,10 @@ class Runner:
         if self.client is None:
             if self.url == "embedded":
                 await self._start_embedded()
-            self.client = redis_from_url(self.url)
+            try:
+                self.client = redis_from_url(self.url)
+            except ValueError as exc:  # given as Runner(url=...): config.yaml is checked
+                raise CortexFlowError(f"redis.url: {exc}") from None
         log.info("connecting to Redis at %s", describe_url(self.url) if self.url else "(given)")
         await wait_for_redis(self.client, timeout=None, log=log)
         self.stats.connected = True
@@ -185,11 +189,12 @@ class Runner:
             except Exception as exc:
                 if down_since is None:
                     down_since = time.monotonic()
+                    why = explain(exc, user=redis_user(self.client))
                     log.warning(
                         "Redis at %s does not answer (%s); not ready until it does. Consumers "
                         "keep what they hold and go on once it answers",
                         where,
-                        describe_error(exc),
+                        why or describe_error(exc),
                     )
                 self.stats.connected = False
             else:
@@ -235,11 +240,12 @@ class Runner:
         except CortexFlowError:
             raise
         except Exception as exc:  # e.g. the key holds something else: the watch says so too
+            why = explain(exc, user=redis_user(self.client), keys=[key])
             log.warning(
                 "cannot read %s to check that no other runner is named %s (%s); starting anyway",
                 key,
                 self.name,
-                exc,
+                why or exc,
             )
 
     async def _start_admin(self) -> None:
@@ -258,20 +264,36 @@ class Runner:
             log=logging.getLogger("cortex_flow.admin"),
             allow_public=self.config.admin.allow_public,
             topology=self.describe,
+            # read per request: a reload may change them
+            hosts=lambda: self.config.admin.hosts,
+            token=lambda: self.config.admin.token,
         )
         await admin.start()
         self.admin = admin
 
     # -- state -----------------------------------------------------------------------------
 
+    def problems(self) -> tuple[list[str], bool]:
+        """What Redis refuses the running groups (ACL, credentials, TLS, DNS), one line
+        each, and whether a group is blocked by it (then the runner is not ready)."""
+        lines, blocked = [], False
+        for name in sorted(self.consumers):
+            found = self.stats.groups.get(name)
+            for area, text in sorted(found.problems.items()) if found else ():
+                lines.append(f"group {name}: {text}")
+                blocked = blocked or area == "blocked"
+        return lines, blocked
+
     def ready(self) -> tuple[bool, dict[str, Any]]:
         reload = self.stats.reload
+        problems, blocked = self.problems()
         detail = {
             "runner": self.name,
             "connected": self.stats.connected,
             "provisioned": self.stats.provisioned,
             "draining": self.stats.draining,
             "groups": sorted(self.consumers),
+            "problems": problems,
             "reload": {
                 "last_outcome": reload.last_outcome,
                 "last_at": reload.last_at,
@@ -280,7 +302,7 @@ class Runner:
             },
         }
         ok = self.stats.connected and self.stats.provisioned and not self.stats.draining
-        return ok, detail
+        return ok and not blocked, detail
 
     def describe(self) -> dict[str, Any] | None:
         """What ``GET /topology`` serves: the flows and settings that run now (redacted)."""

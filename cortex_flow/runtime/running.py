@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from redis.exceptions import ResponseError
+from redis.exceptions import NoPermissionError, RedisError, ResponseError
 
 from cortex_flow.errors import CortexFlowError, ValidationFailed
 from cortex_flow.flow.callables import importable_from
@@ -37,6 +37,7 @@ from cortex_flow.runtime.stats import GroupStats, RunnerStats
 from cortex_flow.wire.connection import Backoff
 from cortex_flow.wire.faults import passing_reason
 from cortex_flow.wire.groups import ensure_group, wrong_types
+from cortex_flow.wire.redis_errors import explain, redis_user
 
 log = logging.getLogger("cortex_flow.runner")
 
@@ -178,6 +179,18 @@ class RunningTopology:
         start = group.spec.start
         try:
             created = await ensure_group(self.client, key, group.name, start)
+        except NoPermissionError as exc:
+            # least privilege: an administrator may have created the group; if not, its
+            # consumer reports it blocked (status, /readyz) until it can, other groups run
+            why = explain(exc, user=redis_user(self.client), command="XGROUP CREATE", keys=[key])
+            if not await _group_exists(self.client, key, group.name):
+                log.error(
+                    "group %s on %s cannot be created: %s; the group waits for it, the others run",
+                    group.name,
+                    key,
+                    why,
+                )
+            return
         except ResponseError as exc:  # e.g. WRONGTYPE: the key holds something else
             raise ResponseError(f"group {group.name} on {key}: {exc}") from exc
         if created:
@@ -310,3 +323,12 @@ class RunningTopology:
             await self.http.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         return all(results)
+
+
+async def _group_exists(client: Any, key: str, group: str) -> bool:
+    """Whether ``group`` exists on ``key``; False when XINFO GROUPS is refused too."""
+    try:
+        found = await client.xinfo_groups(key)
+    except RedisError:
+        return False
+    return any(g.get("name") == group for g in found)

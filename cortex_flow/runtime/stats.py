@@ -67,6 +67,9 @@ class GroupStats:
     keys: dict[str, KeyStats] = field(default_factory=dict)
     # passing Redis errors met (out of memory, read-only, no answer, ...), by reason
     redis_errors: dict[str, int] = field(default_factory=dict)
+    # what Redis refuses that retrying soon will not fix (ACL, credentials, TLS, DNS), by
+    # area ("blocked": reads; "recovery": claims of idle entries; "commit"), in one line
+    problems: dict[str, str] = field(default_factory=dict)
     overrunning: int = 0  # sync calls past their timeout whose thread still runs
     leases_lost: int = 0  # held entries another consumer took over before a renewal
 

@@ -29,10 +29,11 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS, SSLConnection
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.crc import key_slot
-from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError
+from redis.exceptions import AuthorizationError
 
 from cortex_flow.errors import ConnectionFailed
 from cortex_flow.flow.urls import describe_url, url_hosts, validate_url
+from cortex_flow.wire.redis_errors import explain, redis_user
 
 __all__ = [
     "SOCKET_TIMEOUT",
@@ -209,7 +210,13 @@ class Backoff:
 
 
 def describe_error(exc: BaseException) -> str:
-    """A short cause: ``Connection refused`` rather than redis-py's full sentence."""
+    """A short cause: ``Connection refused`` rather than redis-py's full sentence.
+
+    An ACL, credential, TLS or DNS failure is said with its fix (see ``redis_errors``).
+    """
+    explained = explain(exc)
+    if explained is not None:
+        return explained.text
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno:
@@ -245,14 +252,18 @@ async def wait_for_redis(
         try:
             async with asyncio.timeout(remaining):
                 await client.ping()
-        except (AuthenticationError, AuthorizationError, NoPermissionError) as exc:
+        except AuthorizationError as exc:
             raise ConnectionFailed(
                 f"Redis at {where} refused the connection: {describe_error(exc)}. Check the "
                 "credentials in the URL or in CORTEX_REDIS_USERNAME / CORTEX_REDIS_PASSWORD."
-            ) from exc
+            ) from None
         except TimeoutError as exc:  # our deadline cut the attempt short: keep the real cause
             reason, error = reason or "timed out", error or exc
         except Exception as exc:  # every other failure is worth another try
+            explained = explain(exc, user=redis_user(client), command="PING", where=where)
+            if explained is not None and (explained.fatal_at_start or explained.kind == "acl"):
+                # the credentials or the certificate must change: waiting cannot help
+                raise ConnectionFailed(explained.about(where)) from None
             reason, error = describe_error(exc), exc
         else:
             if backoff.attempts:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from redis.exceptions import ResponseError
+from redis.exceptions import NoPermissionError, ResponseError
 
 
 async def ensure_group(client: Any, key: str, group: str, start: str) -> bool:
@@ -24,7 +24,9 @@ async def ensure_group(client: Any, key: str, group: str, start: str) -> bool:
 async def wrong_types(client: Any, keys: Iterable[str]) -> dict[str, str]:
     """The keys that exist and hold something other than a stream, with what they hold.
 
-    One pipelined TYPE per key; a missing key is fine (``run`` creates it).
+    One pipelined TYPE per key; a missing key is fine (``run`` creates it), and so is a
+    key this Redis user may not inspect: the command that needs it reports the refusal
+    with the grant that fixes it (``wire/redis_errors.py``), and the rest runs.
     """
     keys = list(keys)
     if not keys:
@@ -33,7 +35,11 @@ async def wrong_types(client: Any, keys: Iterable[str]) -> dict[str, str]:
     for key in keys:
         pipe.type(key)
     found = {}
-    for key, kind in zip(keys, await pipe.execute(), strict=True):
+    for key, kind in zip(keys, await pipe.execute(raise_on_error=False), strict=True):
+        if isinstance(kind, NoPermissionError):
+            continue
+        if isinstance(kind, Exception):
+            raise kind
         text = kind.decode() if isinstance(kind, bytes) else str(kind)
         if text not in ("stream", "none"):
             found[key] = text

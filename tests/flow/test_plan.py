@@ -237,6 +237,21 @@ def test_settings_read_at_start_require_a_restart(tmp_path: Path) -> None:
     assert not plan.empty
 
 
+def test_admin_token_change_is_applied_and_never_shown(tmp_path: Path) -> None:
+    """A new admin.token reloads (the endpoint reads it per request) and reads "value hidden"."""
+    topology = resolved(tmp_path, flow())
+    old, new = "old-token-0123456789", "new-token-0123456789"
+    before = Config.model_validate({"admin": {"token": old}})
+    after = Config.model_validate({"admin": {"token": new, "allowed_hosts": ["r1.internal"]}})
+    plan = diff(topology, topology, before, after)
+    assert texts(plan) == [
+        "setting admin.allowed_hosts: [] -> [r1.internal]",
+        "setting admin.token: changed (value hidden)",
+    ]
+    assert plan.restart_required == ()
+    assert old not in repr(before) and new not in repr(after)
+
+
 def test_new_runner_name_changes_every_consumer(tmp_path: Path) -> None:
     """Consumer names derive from the runner name, so every group restarts with a new one."""
     plan = diff(resolved(tmp_path, flow()), resolved(tmp_path, flow(), runner="other"))

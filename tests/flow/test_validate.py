@@ -865,15 +865,100 @@ def test_admin_listen_off_and_false(project: Project) -> None:
         assert project.run()[0] == 0, value
 
 
-def test_admin_listen_beyond_loopback_needs_allow_public(project: Project) -> None:
+TOKEN = "0123456789abcdef0123"
+
+
+@pytest.fixture
+def token(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("CORTEX_ADMIN_TOKEN", TOKEN)
+    return TOKEN
+
+
+def test_admin_listen_beyond_loopback_needs_allow_public(project: Project, token: str) -> None:
     """A non-loopback admin.listen is a validation error unless admin.allow_public is true."""
     project.write("config.yaml", "admin:\n  listen: 0.0.0.0:8477\n")
     assert project.problems() == [
         "config.yaml:2:3: admin.listen: admin.listen 0.0.0.0:8477 is not a loopback address; "
         "set admin.allow_public: true to expose /metrics and POST /reload beyond this machine"
     ]
-    project.write("config.yaml", "admin:\n  listen: 0.0.0.0:8477\n  allow_public: true\n")
+    project.write(
+        "config.yaml",
+        "admin:\n  listen: 10.0.0.5:8477\n  allow_public: true\n  token: ${CORTEX_ADMIN_TOKEN}\n",
+    )
     assert project.run()[0] == 0
+
+
+def test_admin_beyond_loopback_needs_a_token(project: Project, token: str) -> None:
+    """A non-loopback admin.listen with allow_public but no admin.token is a validation error."""
+    project.write("config.yaml", "admin:\n  listen: 10.0.0.5:8477\n  allow_public: true\n")
+    assert project.problems() == [
+        "config.yaml:2:3: admin.listen: admin.listen 10.0.0.5:8477 is not a loopback address, "
+        "so POST /reload needs a token: set admin.token: ${CORTEX_ADMIN_TOKEN} and export "
+        "CORTEX_ADMIN_TOKEN (e.g. from `openssl rand -hex 32`)"
+    ]
+
+
+def test_admin_token_written_in_the_file_is_refused(project: Project, token: str) -> None:
+    """admin.token must be a ${VAR} reference; a literal value is refused at its place."""
+    project.write("config.yaml", f"admin:\n  token: {token}\n")
+    assert project.problems() == [
+        "config.yaml:2:10: admin.token: must come from the environment, not be written in the "
+        "file (it would end up in version control and backups); write admin.token: "
+        "${CORTEX_ADMIN_TOKEN} and export CORTEX_ADMIN_TOKEN"
+    ]
+    for text in ("${CORTEX_ADMIN_TOKEN}", '"${CORTEX_ADMIN_TOKEN}"', "${NOPE:-" + token + "}"):
+        project.write("config.yaml", f"admin:\n  token: {text}\n")
+        assert project.run()[0] == 0, text
+
+
+def test_admin_token_too_short_never_shows_it(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A short admin.token is refused with its length, never its value."""
+    monkeypatch.setenv("CORTEX_ADMIN_TOKEN", "hunter2")
+    project.write("config.yaml", "admin:\n  token: ${CORTEX_ADMIN_TOKEN}\n")
+    assert project.problems() == [
+        "config.yaml:2:10: admin.token: must be at least 16 characters without surrounding "
+        "spaces, got 7; generate one, e.g. `openssl rand -hex 32`"
+    ]
+
+
+def test_admin_token_that_yaml_reads_as_a_list_is_refused_unseen(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token YAML parses as a list is refused without showing it; digits only are a token."""
+    monkeypatch.setenv("CORTEX_ADMIN_TOKEN", "[98765432109876543210]")
+    project.write("config.yaml", "admin:\n  token: ${CORTEX_ADMIN_TOKEN}\n")
+    assert project.problems() == [
+        'config.yaml:2:10: admin.token: must be one string; quote it: token: "${CORTEX_ADMIN_'
+        'TOKEN}" (the value is not shown: it is a secret)'
+    ]
+    monkeypatch.setenv("CORTEX_ADMIN_TOKEN", "98765432109876543210")
+    assert project.run()[0] == 0
+
+
+def test_admin_on_every_address_needs_allowed_hosts(project: Project, token: str) -> None:
+    """admin.listen 0.0.0.0 needs admin.allowed_hosts: the Host names clients use are unknown."""
+    base = "admin:\n  listen: 0.0.0.0:8477\n  allow_public: true\n  token: ${CORTEX_ADMIN_TOKEN}\n"
+    project.write("config.yaml", base)
+    assert project.problems() == [
+        "config.yaml:2:3: admin.listen: admin.listen 0.0.0.0:8477 listens on every address, "
+        "so the Host names clients use are unknown: list them in admin.allowed_hosts (e.g. "
+        '["10.0.0.5", "runner-1.internal"]), or ["*"] to accept any Host header'
+    ]
+    project.write("config.yaml", base + '  allowed_hosts: ["*"]\n')
+    assert project.run()[0] == 0
+
+
+def test_admin_allowed_hosts_are_names(project: Project) -> None:
+    """admin.allowed_hosts takes names and addresses, not URLs or host:port."""
+    project.write(
+        "config.yaml", 'admin:\n  allowed_hosts: [runner-1.internal, "::1", "http://x:80"]\n'
+    )
+    assert project.problems() == [
+        'config.yaml:2:45: admin.allowed_hosts[2]: "http://x:80" is not a host name or address; '
+        'list them without scheme or port, e.g. ["metrics.internal", "10.0.0.5"], or "*" for any'
+    ]
 
 
 @pytest.mark.parametrize(
