@@ -202,9 +202,6 @@ async def _change(
         return 0
     if replaying:
         _confirm_shared_sources(entries, resolved, args.yes, args.dry_run)
-    caps = {
-        k.key: s.spec.maxlen for s in resolved.streams.values() if s.spec.maxlen for k in s.keys
-    }
     stderr = Console(stderr=True)
     quiet = len(entries) <= PROGRESS_ABOVE or not stderr.is_terminal
     with Progress(console=stderr, transient=True, disable=quiet) as bar:
@@ -214,9 +211,7 @@ async def _change(
             bar.advance(task, n)
 
         if replaying:
-            outcome = await replay(
-                client, entries, dry_run=args.dry_run, progress=advance, maxlen=caps
-            )
+            outcome = await replay(client, entries, dry_run=args.dry_run, progress=advance)
         else:
             outcome = await purge(client, entries, args.dry_run, advance)
     _report(console, outcome, verb, args.dry_run, entries)

@@ -86,6 +86,21 @@ class Resolved:
     agents: dict[str, AgentSpec]
     heartbeat_key: str | None
     topology: Topology = field(compare=False, repr=False)
+    namespace: str = ""  # where the runners' own keys live (see :func:`namespace`)
+
+    @property
+    def runner_key(self) -> str:
+        """The stream runners beat on: the heartbeat stream, else ``<namespace>runners``."""
+        return self.heartbeat_key or f"{self.namespace}runners"
+
+    def duty_key(self, duty: str) -> str:
+        """The lease key of a duty; its fencing counter is this key plus ``:fence``.
+
+        The duty's name is a hash tag unless the namespace has one already, so the lease
+        and its counter share a slot in a cluster.
+        """
+        tagged = "{" in self.namespace and "}" in self.namespace.partition("{")[2]
+        return f"{self.namespace}duty:{duty if tagged else '{' + duty + '}'}"
 
     def keys(self) -> dict[str, StreamKey]:
         """Every concrete key of every stream, by key."""
@@ -118,6 +133,24 @@ def expand(
     return tuple(keys), False
 
 
+def namespace(topology: Topology) -> str:
+    """The prefix the runners' own keys share with the flows' streams.
+
+    The longest prefix common to every stream key's fixed start, cut after its last
+    ``:`` (``cortex:tasks:{{ priority }}`` and ``cortex:events`` give ``cortex:``);
+    ``cortex-flow:`` when the keys share none.
+    """
+    starts = [spec.key.partition("{{")[0] for spec in topology.streams.values()]
+    if not starts:
+        return "cortex-flow:"
+    common = starts[0]
+    for start in starts[1:]:
+        while not start.startswith(common):
+            common = common[:-1]
+    cut = common.rfind(":")
+    return common[: cut + 1] if cut >= 0 else "cortex-flow:"
+
+
 def resolve(topology: Topology, runner: str) -> Resolved:
     """Concrete keys, groups and consumer names for a checked topology."""
     agents = sorted(topology.agents)
@@ -135,4 +168,12 @@ def resolve(topology: Topology, runner: str) -> Resolved:
     heartbeat_key = None
     if topology.heartbeats is not None:
         heartbeat_key = render_key(topology.streams[topology.heartbeats.stream], {})
-    return Resolved(runner, streams, groups, dict(topology.agents), heartbeat_key, topology)
+    return Resolved(
+        runner,
+        streams,
+        groups,
+        dict(topology.agents),
+        heartbeat_key,
+        topology,
+        namespace(topology),
+    )
