@@ -25,7 +25,7 @@ def count(value: int | None) -> str:
 def _table(title: str, *columns: str) -> Table:
     table = Table(title=title, title_justify="left", title_style="bold", expand=False)
     for column in columns:
-        numeric = column in ("Length", "Pending", "Lag", "Entries", "Inbox")
+        numeric = column in ("Length", "Pending", "Lag", "Entries", "Inbox", "Held", "Holds")
         table.add_column(column, justify="right" if numeric else "left")
     return table
 
@@ -37,6 +37,10 @@ def render(data: dict[str, Any]) -> RenderableType:
     parts += [_streams(data["streams"]), _groups(data["groups"]), _agents(data["agents"])]
     if data["dead_letters"]:
         parts.append(_dead_letters(data["dead_letters"]))
+    if data.get("retention"):
+        parts.append(_retention(data["retention"]))
+    if data.get("stale_groups"):
+        parts.append(_stale(data["stale_groups"]))
     parts.append(_runner(data["runner"]))
     return Group(*parts)
 
@@ -112,6 +116,33 @@ def _dead_letters(rows: list[dict[str, Any]]) -> Table:
             d["key"], entries, humanize(d.get("oldest_age")), humanize(d.get("newest_age"))
         )
     return dead
+
+
+def _retention(rows: list[dict[str, Any]]) -> Table:
+    held = _table("Held above retention", "Key", "Group", "Held", "Max len", "Since")
+    for r in rows:
+        held.add_row(
+            r["key"],
+            Text(str(r["group"]), style="bold red"),
+            count(r["held"]),
+            count(r["max_len"]),
+            f"{humanize(r['held_for'])} ago",
+        )
+    return held
+
+
+def _stale(rows: list[dict[str, Any]]) -> Table:
+    title = "Stale groups (no flow declares them)"
+    stale = _table(title, "Group", "Key", "Holds", "Pending", "Lag")
+    for r in rows:
+        stale.add_row(
+            Text(r["name"], style="yellow"),
+            r["key"],
+            count(r["holds"]),
+            count(r["pending"]),
+            count(r["lag"]),
+        )
+    return stale
 
 
 def _runner(runner: dict[str, Any]) -> Text:

@@ -58,9 +58,12 @@ async def drift(client: RedisClient, resolved: Resolved) -> list[Change]:
                 changes.append(Change("add", "group", group.name, text))
         for name, info in present.items():
             if name not in {g.name for g in groups}:
+                lag = info.get("lag")
+                holds = "?" if lag is None else f"{int(lag) + int(info['pending']):,}"
                 text = (
-                    f"exists on {key} but no flow declares it there ({info['consumers']} "
-                    f"consumer(s), {info['pending']} pending); run leaves it alone"
+                    f"stale on {key}: no flow declares it there ({info['consumers']} "
+                    f"consumer(s), {info['pending']} pending); it holds {holds} entries from "
+                    f"retention; `cortex-flow prune {name}` removes it"
                 )
                 changes.append(Change("drift", "group", name, text))
         for group in groups:

@@ -268,7 +268,8 @@ async def test_drift_reports_foreign_groups_missing_keys_and_groups(
         ("add", "group", "harold"),
     ]
     legacy, consumer, missing_key, missing_group = (str(c) for c in changes)
-    assert legacy.startswith(f"group legacy: exists on {high} but no flow declares it there")
+    assert legacy.startswith(f"group legacy: stale on {high}: no flow declares it there")
+    assert legacy.endswith("`cortex-flow prune legacy` removes it")
     assert f"consumer old-host on {high} is not this runner's (cortex): 1 pending" in consumer
     assert missing_key.endswith("stream missing: run would create it with group(s) agents")
     assert (

@@ -253,6 +253,8 @@ def test_json_output_shape(
         "groups",
         "agents",
         "dead_letters",
+        "retention",
+        "stale_groups",
         "problems",
     }
     assert data["redis"].startswith("redis://127.0.0.1")
