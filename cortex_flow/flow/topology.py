@@ -96,11 +96,12 @@ class Resolved:
     def duty_key(self, duty: str) -> str:
         """The lease key of a duty; its fencing counter is this key plus ``:fence``.
 
-        The duty's name is a hash tag unless the namespace has one already, so the lease
-        and its counter share a slot in a cluster.
+        Every duty's keys share one cluster slot (the namespace's hash tag, else
+        ``{<namespace>duty}``), so one script call takes or renews them all.
         """
-        tagged = "{" in self.namespace and "}" in self.namespace.partition("{")[2]
-        return f"{self.namespace}duty:{duty if tagged else '{' + duty + '}'}"
+        ns = self.namespace
+        tagged = "{" in ns and "}" in ns.partition("{")[2]
+        return f"{ns}duty:{duty}" if tagged else f"{{{ns}duty}}:{duty}"
 
     def keys(self) -> dict[str, StreamKey]:
         """Every concrete key of every stream, by key."""

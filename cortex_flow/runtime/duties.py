@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cortex_flow.wire.duties import Fence, LeaseLost, acquire, release
+from cortex_flow.wire.duties import Fence, LeaseLost, acquire_all, release
 
 Act = Callable[[Fence], Awaitable[None]]
 WARN_EVERY = 60.0  # a duty whose lease cannot be renewed says so at most this often
@@ -35,7 +35,6 @@ class _Duty:
     on_change: Callable[[bool], None] | None
     fence: Fence | None = None
     held_until: float = 0.0  # monotonic: past this the lease may be another's
-    warned_at: float | None = None
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
@@ -50,6 +49,7 @@ class Duties:
         self._duties: dict[str, _Duty] = {}
         self._stop = asyncio.Event()
         self._renew: asyncio.Task[None] | None = None
+        self._warned_at: float | None = None  # when a failed renewal was last logged
 
     def add(
         self,
@@ -119,25 +119,30 @@ class Duties:
             duty.on_change(fence is not None)
 
     async def _renew_all(self) -> None:
-        for duty in self._duties.values():
-            started = time.monotonic()
-            try:
-                fence = await acquire(self.client, duty.key, self.holder, self.lease)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
+        """Take or renew every duty's lease in one call (their keys share a slot)."""
+        duties = list(self._duties.values())
+        if not duties:
+            return
+        started = time.monotonic()
+        try:
+            fences = await acquire_all(
+                self.client, [d.key for d in duties], self.holder, self.lease
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            for duty in duties:
                 if duty.fence is not None and started >= duty.held_until:
                     self._set(duty, None)  # it may be another's by now
-                now = time.monotonic()
-                if duty.warned_at is None or now - duty.warned_at >= WARN_EVERY:
-                    duty.warned_at = now
-                    self.log.warning(
-                        "duty %s: cannot take or renew its lease %s (%s); retrying",
-                        duty.name,
-                        duty.key,
-                        exc,
-                    )
-                continue
+            if self._warned_at is None or started - self._warned_at >= WARN_EVERY:
+                self._warned_at = started
+                self.log.warning(
+                    "duties: cannot take or renew their leases (%s); retrying every %gs",
+                    exc,
+                    self.lease / 3,
+                )
+            return
+        for duty, fence in zip(duties, fences, strict=True):
             if fence is not None:
                 duty.held_until = started + self.lease
             self._set(duty, fence)

@@ -19,21 +19,26 @@ from cortex_flow.wire.connection import is_cluster, same_slot
 
 FENCED = "FENCED"  # the start of the error a fenced script answers for a stale holder
 
-# KEYS[1] lease, KEYS[2] its counter; ARGV[1] holder, ARGV[2] ttl in ms.
-# Returns the token (taken or renewed), or false when another holder has it.
+# KEYS: pairs of a lease and its counter; ARGV[1] holder, ARGV[2] ttl in ms.
+# Returns one token per lease (taken or renewed), or 0 where another holder has it.
 ACQUIRE = """
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local sp = string.find(cur, ' ', 1, true)
-  if sp and string.sub(cur, sp + 1) == ARGV[1] then
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return tonumber(string.sub(cur, 1, sp - 1))
+local tokens = {}
+for i = 1, #KEYS, 2 do
+  local cur = redis.call('GET', KEYS[i])
+  local token = 0
+  if cur then
+    local sp = string.find(cur, ' ', 1, true)
+    if sp and string.sub(cur, sp + 1) == ARGV[1] then
+      redis.call('PEXPIRE', KEYS[i], ARGV[2])
+      token = tonumber(string.sub(cur, 1, sp - 1))
+    end
+  else
+    token = redis.call('INCR', KEYS[i + 1])
+    redis.call('SET', KEYS[i], token .. ' ' .. ARGV[1], 'NX', 'PX', ARGV[2])
   end
-  return false
+  tokens[#tokens + 1] = token
 end
-local token = redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], token .. ' ' .. ARGV[1], 'NX', 'PX', ARGV[2])
-return token
+return tokens
 """
 
 # KEYS[1] lease; ARGV[1] the holder's value: delete the lease only if it is still ours
@@ -70,8 +75,17 @@ class Fence:
 
 async def acquire(client: Any, key: str, holder: str, ttl: float) -> Fence | None:
     """Take or renew the lease ``key`` for ``ttl`` seconds; None if another holds it."""
-    token = await client.eval(ACQUIRE, 2, key, f"{key}:fence", holder, int(ttl * 1000))
-    return None if token is None else Fence(key, int(token), holder)
+    return (await acquire_all(client, [key], holder, ttl))[0]
+
+
+async def acquire_all(client: Any, keys: list[str], holder: str, ttl: float) -> list[Fence | None]:
+    """:func:`acquire` for several leases (of one slot) in one call."""
+    pairs = [k for key in keys for k in (key, f"{key}:fence")]
+    tokens = await client.eval(ACQUIRE, len(pairs), *pairs, holder, int(ttl * 1000))
+    return [
+        Fence(key, int(token), holder) if int(token) else None
+        for key, token in zip(keys, tokens, strict=True)
+    ]
 
 
 async def release(client: Any, fence: Fence) -> None:
@@ -120,6 +134,7 @@ __all__ = [
     "Fence",
     "LeaseLost",
     "acquire",
+    "acquire_all",
     "fenced_call",
     "holder_of",
     "release",
