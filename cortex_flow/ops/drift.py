@@ -14,6 +14,7 @@ from cortex_flow.flow.durations import format_duration
 from cortex_flow.flow.plan import Change, Plan, declared_keys
 from cortex_flow.flow.topology import Resolved, ResolvedGroup
 from cortex_flow.wire.connection import RedisClient
+from cortex_flow.wire.lag import STATUS_CAP, count_unread
 
 __all__ = ["drift", "plan_from_drift"]
 
@@ -59,6 +60,9 @@ async def drift(client: RedisClient, resolved: Resolved) -> list[Change]:
         for name, info in present.items():
             if name not in {g.name for g in groups}:
                 lag = info.get("lag")
+                if lag is None:  # Redis 6.2 reports none: count it, up to a cap
+                    last = _text(info["last-delivered-id"])
+                    lag = (await count_unread(client, [(key, last)], STATUS_CAP))[(key, last)]
                 holds = "?" if lag is None else f"{int(lag) + int(info['pending']):,}"
                 text = (
                     f"stale on {key}: no flow declares it there ({info['consumers']} "

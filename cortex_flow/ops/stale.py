@@ -12,8 +12,9 @@ from typing import Any
 from cortex_flow.errors import CortexFlowError
 from cortex_flow.flow.plan import declared_keys
 from cortex_flow.flow.topology import Resolved
+from cortex_flow.wire.lag import STATUS_CAP, count_unread
 
-__all__ = ["destroy", "read_stale", "stale_from_infos"]
+__all__ = ["count_lag", "destroy", "read_stale", "stale_from_infos"]
 
 
 def _text(value: Any) -> str:
@@ -64,7 +65,20 @@ async def read_stale(client: Any, resolved: Resolved) -> list[dict[str, Any]]:
     infos = {
         key: reply for key, reply in zip(keys, replies, strict=True) if isinstance(reply, list)
     }
-    return stale_from_infos(resolved, infos)
+    return await count_lag(client, stale_from_infos(resolved, infos))
+
+
+async def count_lag(client: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fill in the lag (and so ``holds``) the server did not report (Redis 6.2), counted
+    up to :data:`STATUS_CAP` entries; past it, both stay unknown."""
+    wanted = [(r["key"], r["last_delivered_id"]) for r in rows if r["lag"] is None]
+    counted = await count_unread(client, wanted, STATUS_CAP)
+    for row in rows:
+        if row["lag"] is None:
+            lag = counted.get((row["key"], row["last_delivered_id"]))
+            row["lag"] = lag
+            row["holds"] = None if lag is None else lag + row["pending"]
+    return rows
 
 
 async def destroy(client: Any, resolved: Resolved, group: str, rows: list[dict[str, Any]]) -> int:

@@ -19,7 +19,7 @@ from cortex_flow.flow.config import AdminSettings
 from cortex_flow.flow.durations import humanize
 from cortex_flow.flow.loader import Project
 from cortex_flow.flow.topology import Resolved
-from cortex_flow.ops.stale import stale_from_infos
+from cortex_flow.ops.stale import count_lag, stale_from_infos
 from cortex_flow.runtime.retention import held_key
 from cortex_flow.wire.connection import RedisClient, describe_client, describe_error, is_cluster
 from cortex_flow.wire.entryids import id_key, id_ms
@@ -112,7 +112,7 @@ async def collect(
         "agents": agents,
         "dead_letters": dead_letters,
         "retention": _held_rows(_ok(held) or {}, now),
-        "stale_groups": stale_from_infos(resolved, infos),
+        "stale_groups": await count_lag(client, stale_from_infos(resolved, infos)),
     }
     data["problems"] = problems(data, resolved)
     return data
