@@ -11,8 +11,8 @@ only (:mod:`cortex_flow.runtime.duties`), one per transition: the agent's last
 published state is kept in Redis next to the event stream.
 
 Claims for a silent runner or agent are safe with any number of runners watching: each
-XCLAIM asks for a minimum idle time of how long the owner has been silent, less one beat
-interval, so an entry one survivor claimed (its idle time starts again) is not
+XCLAIM asks for a minimum idle time of half of how long the owner has been silent beyond
+one beat interval, so an entry one survivor claimed (its idle time starts again) is not
 claimed again by another who noticed the same silence.
 """
 
@@ -56,9 +56,14 @@ OnDown = Callable[[str, int], None]
 
 
 def claim_idle_ms(silence: float, interval: float) -> int:
-    """The min-idle for claiming a silent owner's entries: it may have touched them until
-    its next beat was due, so they are idle at least ``silence - interval``."""
-    return max(0, int((silence - interval) * 1000))
+    """The min-idle for claiming a silent owner's entries.
+
+    It may have touched them until its next beat was due, so they are idle at least
+    ``silence - interval``; half of that is asked, leaving room for clocks that differ
+    and beats written late. What one survivor claimed a moment before is idle for far
+    less when another comes to it (milliseconds), so no two claim one entry.
+    """
+    return max(0, int((silence - interval) * 500))
 
 
 def runner_instance(started_at: float | None = None) -> str:
