@@ -25,15 +25,13 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 from cortex_flow.errors import CortexFlowError
-from cortex_flow.flow.topology import Resolved, key_template, render_key
+from cortex_flow.flow.topology import Resolved, key_template
+from cortex_flow.runtime.agentevents import AgentEvents
 from cortex_flow.runtime.duties import Duties
 from cortex_flow.runtime.stats import AgentState, RunnerStats
-from cortex_flow.wire.codec import encode
-from cortex_flow.wire.duties import LeaseLost
 from cortex_flow.wire.heartbeats import (
     SCAN_LIMIT,
     Beat,
@@ -41,7 +39,6 @@ from cortex_flow.wire.heartbeats import (
     encode_beat,
     latest_beats,
     parse_beat,
-    record_transition,
 )
 from cortex_flow.wire.processes import pid_alive
 
@@ -49,7 +46,6 @@ WARN_EVERY = 60.0  # a failing beat of the runner's own is logged at most this o
 STOP_BEAT_TIMEOUT = 1.0  # the last ("stopped") beat must not hold up a shutdown
 RUNNER_SILENCE = 3  # a runner silent for this many of its intervals is down
 RUNNERS_CAP = 1000  # the default runner stream (no heartbeats declared) is kept this short
-AGENTS_DUTY = "agents"  # the duty of publishing agent up/down events
 
 # what to do when an agent or runner goes silent: (consumer name, XCLAIM min-idle in ms)
 OnDown = Callable[[str, int], None]
@@ -121,10 +117,6 @@ async def check_runner_name(
         )
 
 
-def _iso(ts: float | None) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds") if ts else ""
-
-
 class HeartbeatMonitor:
     """Follows the heartbeat stream; calls ``on_down(name)`` when an agent goes silent."""
 
@@ -146,8 +138,7 @@ class HeartbeatMonitor:
         self.log = log
         self.runner_interval = runner_interval
         self.instance = instance or runner_instance()
-        self.duties = duties
-        self._recorded: dict[str, bool] = {}  # agent states known to be recorded in Redis
+        self.events = AgentEvents(client, duties, log)
         self.key: str | None = None
         self.runners: dict[str, float] = {}  # other runners' last beats, kept across reloads
         self._stop = asyncio.Event()
@@ -176,16 +167,8 @@ class HeartbeatMonitor:
             state.timeout = spec.heartbeat.effective_timeout
             agents[name] = state
         self.stats.agents = agents
-        self.event_key: str | None = None
-        self.event_codec = "raw"
+        self.events.update(resolved)
         topo = resolved.topology
-        if topo.heartbeats is not None and topo.heartbeats.on_down is not None:
-            target = topo.streams[topo.heartbeats.on_down.to]
-            event_key = render_key(target, dict(topo.heartbeats.on_down.vars))
-            if event_key != self.event_key:
-                self._recorded = {}
-            self.event_key = event_key
-            self.event_codec = target.codec
         # a declared heartbeat stream is trimmed by retention; the default one at each beat
         self.beat_maxlen: int | None = RUNNERS_CAP
         self.beat_codec = "raw"
@@ -364,54 +347,13 @@ class HeartbeatMonitor:
                 spec = self.resolved.agents[state.name].heartbeat
                 interval = spec.interval if spec is not None else state.timeout
                 self.on_down(state.name, claim_idle_ms(silence, interval))
-        await self._events()
+        await self.events.publish(self.stats.agents.values())
         for name, ts in list(self.runners.items()):
             silence = now - ts
             if silence > RUNNER_SILENCE * self.runner_interval:
                 self.log.warning("runner %s stopped beating; claiming its pending messages", name)
                 del self.runners[name]
                 self.on_down(name, claim_idle_ms(silence, self.runner_interval))
-
-    def duty_changed(self, held: bool) -> None:
-        """The ``agents`` duty came or went: what is recorded in Redis is learnt again."""
-        self._recorded = {}
-
-    async def _events(self) -> None:
-        """As holder of the ``agents`` duty, record each agent's state and publish its
-        transitions (one event each, whichever runner saw it first)."""
-        if self.event_key is None or self.duties is None:
-            return
-        fence = self.duties.fence(AGENTS_DUTY)
-        if fence is None:
-            return
-        for state in self.stats.agents.values():
-            if state.up is None or self._recorded.get(state.name) is state.up:
-                continue
-            kind = "agent_up" if state.up else "agent_down"
-            fields = {
-                "type": kind,
-                "agent": state.name,
-                "last_seen": _iso(state.last_beat),
-                "timeout": f"{state.timeout:g}s",
-                "runner": self.resolved.runner,
-                "at": _iso(time.time()),
-            }
-            try:
-                await record_transition(
-                    self.client,
-                    fence,
-                    self.event_key,
-                    state.name,
-                    state.up,
-                    encode(self.event_codec, fields),
-                )
-            except LeaseLost:
-                self.duties.lost(AGENTS_DUTY)
-                return
-            except Exception as exc:
-                self.log.warning("heartbeats: cannot publish %s event (%s)", kind, exc)
-                return
-            self._recorded[state.name] = state.up
 
 
 __all__ = [

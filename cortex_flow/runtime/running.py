@@ -24,13 +24,14 @@ from cortex_flow.flow.callables import importable_from
 from cortex_flow.flow.config import RunnerSettings
 from cortex_flow.flow.plan import Plan
 from cortex_flow.flow.topology import Resolved, ResolvedGroup
+from cortex_flow.runtime.agentevents import AGENTS_DUTY
 from cortex_flow.runtime.callpool import CallPool, threads_needed
 from cortex_flow.runtime.consumer import GroupConsumer
 from cortex_flow.runtime.deadconsumers import DeadConsumers
 from cortex_flow.runtime.delivery import TRANSIENT
 from cortex_flow.runtime.duties import Duties
 from cortex_flow.runtime.faultlog import WHAT
-from cortex_flow.runtime.heartbeat import AGENTS_DUTY, HeartbeatMonitor
+from cortex_flow.runtime.heartbeat import HeartbeatMonitor
 from cortex_flow.runtime.retention import RetentionDuty
 from cortex_flow.runtime.routes import RouteTable
 from cortex_flow.runtime.stats import GroupStats, RunnerStats
@@ -281,7 +282,9 @@ class RunningTopology:
             log=logging.getLogger("cortex_flow.duties"),
         )
         monitor = self.heartbeats
-        self.duties.add(AGENTS_DUTY, resolved.duty_key(AGENTS_DUTY), on_change=monitor.duty_changed)
+        self.duties.add(
+            AGENTS_DUTY, resolved.duty_key(AGENTS_DUTY), on_change=monitor.events.duty_changed
+        )
         self.duties.add(
             RETENTION_DUTY,
             resolved.duty_key(RETENTION_DUTY),
