@@ -157,7 +157,11 @@ class Duties:
     # -- acts --------------------------------------------------------------------------
 
     async def _acting(self, duty: _Duty) -> None:
+        """Act every ``interval`` while held; the first act one interval after start, once
+        the heartbeat watch knows which runners are alive."""
         assert duty.act is not None and duty.interval is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), duty.interval)
         while not self._stop.is_set():
             fence = self.fence(duty.name)
             if fence is not None:

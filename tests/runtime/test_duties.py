@@ -90,7 +90,7 @@ EVENTS_FLOW = """
       events: {key: "{P}events"}
     agents:
       worker1:
-        heartbeat: {interval: 200ms, timeout: 800ms}
+        heartbeat: {interval: 500ms, timeout: 2s}
     heartbeats:
       stream: heartbeats
       on_down: {to: events}
@@ -130,9 +130,9 @@ async def test_three_runners_publish_one_event_per_agent_transition(
     await wait_for(
         lambda: _all_saw(logs, "running 1 group(s)", 1), timeout=30, what="runners started"
     )
-    await _beat_for(redis_client, beats, 1.5)
+    await _beat_for(redis_client, beats, 2.5)
     await wait_for(lambda: _all_saw(logs, "agent worker1 is down", 1), what="first down")
-    await _beat_for(redis_client, beats, 1.5)
+    await _beat_for(redis_client, beats, 2.5)
     await wait_for(lambda: _all_saw(logs, "agent worker1 is up again", 1), what="up again")
     await wait_for(lambda: _all_saw(logs, "agent worker1 is down", 2), what="second down")
     kinds = [f["type"] for _, f in await redis_client.xrange(events)]

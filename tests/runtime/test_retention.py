@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from cortex_flow.cli import cli
 from cortex_flow.flow.loader import load_project
 from cortex_flow.flow.topology import resolve
 from cortex_flow.ops.status import collect
+from cortex_flow.runtime.metrics import build_registry, render
 
 RETENTION = ", retention_interval: 100ms, duty_lease: 1s"
 
@@ -92,6 +94,11 @@ async def test_a_burst_on_a_capped_stream_is_delivered_whole_then_trimmed_to_the
         assert any(p.startswith("group slow holds") for p in data["problems"])
         await runner.refresh()
         assert ("tasks", tasks, "slow") in runner.stats.retention_held
+        registry, _ = build_registry(runner.stats)
+        metrics = render(registry).decode()
+        labels = f'{{group="slow",key="{tasks}",stream="tasks"}}'
+        assert f"cortex_flow_retention_held{labels}" in metrics
+        assert f"cortex_flow_retention_held_seconds{labels}" in metrics
         assert "retention: group slow holds" in caplog.text
 
         await wait_for(lambda: len(_handled(config)) == 500, timeout=60, what="all handled")
@@ -166,6 +173,13 @@ async def test_an_undeclared_group_holds_retention_shows_as_stale_and_is_pruned(
         assert any("`cortex-flow prune forgotten`" in p for p in data["problems"])
         assert await asyncio.to_thread(cli, "plan", "--config", str(config)) in (0, 3)
         assert "stale on" in capsys.readouterr().out
+        assert await asyncio.to_thread(cli, "status", "--config", str(config)) == 0
+        shown = capsys.readouterr().out
+        assert "Held above retention" in shown and "Stale groups" in shown
+        assert await asyncio.to_thread(cli, "status", "--config", str(config), "--json") == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["stale_groups"][0]["name"] == "forgotten"
+        assert doc["retention"][0]["group"] == "forgotten"
 
         assert await asyncio.to_thread(cli, "prune", "slow", "--config", str(config), "--yes") == 1
         assert "is declared" in capsys.readouterr().err
