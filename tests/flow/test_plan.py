@@ -405,3 +405,11 @@ def test_plan_has_no_admin_option(tmp_path: Path, capsys: pytest.CaptureFixture[
     config = str(project(tmp_path, "redis://127.0.0.1:1", "t:"))
     assert cli("plan", "--config", config, "--admin", "127.0.0.1:9000") == 2
     assert "unrecognized arguments: --admin" in capsys.readouterr().err
+
+
+def test_changed_retention_of_the_dead_letter_stream_restarts_nothing(tmp_path: Path) -> None:
+    """Retention is applied by the retention duty, never by a consumer: a group that
+    dead-letters to a stream whose retention changed keeps running."""
+    plan = plan_for(tmp_path, lambda f: f["streams"]["dlq"].update(retention={"max_age": "1h"}))
+    assert texts(plan) == ["stream dlq: retention none -> {max_len: none, max_age: 1h}"]
+    assert plan.groups_to_restart == ()
