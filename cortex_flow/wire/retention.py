@@ -10,7 +10,9 @@ cap and ``max_age`` the entries older than the age; the trim is one
     bound = min(floor, max(length bound, age bound))
 
 computed and applied in one script, so no group can move in between. A key no group
-reads has no floor: length and age alone decide.
+reads has no floor: length and age alone decide. One call trims at most
+:data:`TRIM_LIMIT` entries (a long-held key let go, or a first pass over an old
+stream, must not block the server); :func:`trim` calls again until it is done.
 """
 
 from __future__ import annotations
@@ -20,14 +22,17 @@ from typing import Any
 
 from cortex_flow.wire.duties import FENCE_CHECK, Fence, fenced_call
 
+TRIM_LIMIT = 10_000  # entries one script call trims at most
+
 # KEYS[1] the stream (then the lease); ARGV[1] the lease value (FENCE_CHECK),
-# ARGV[2] max_len (0: none), ARGV[3] max_age in ms (0: none).
-# Returns {trimmed, length after, holding group or false, held above max_len, floor or false}.
+# ARGV[2] max_len (0: none), ARGV[3] max_age in ms (0: none), ARGV[4] the most to trim.
+# Returns {trimmed, length after, holding group or false, held above max_len, floor or
+# false, 1 when it stopped at the limit with more to trim}.
 TRIM = (
     FENCE_CHECK
     + """
 local key = KEYS[1]
-if redis.call('TYPE', key).ok ~= 'stream' then return {0, 0, false, 0, false} end
+if redis.call('TYPE', key).ok ~= 'stream' then return {0, 0, false, 0, false, 0} end
 local function parse(id)
   local dash = string.find(id, '-', 1, true)
   return {tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))}
@@ -46,23 +51,33 @@ for _, row in ipairs(redis.call('XINFO', 'GROUPS', key)) do
   end
   if floor == nil or below(need, floor) then floor, holder = need, g['name'] end
 end
-local maxlen, maxage = tonumber(ARGV[2]), tonumber(ARGV[3])
+local maxlen, maxage, limit = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local length = redis.call('XLEN', key)
-local bound = {0, 0}
+local upto = '+'
+if floor then upto = '(' .. text(floor) end
+local function after_nth(n)  -- the ID after the nth oldest entry below the floor
+  local oldest = redis.call('XRANGE', key, '-', upto, 'COUNT', n)
+  if #oldest == 0 then return {0, 0}, 0 end
+  local id = parse(oldest[#oldest][1])
+  id[2] = id[2] + 1
+  return id, #oldest
+end
+local bound, more = {0, 0}, 0
 if maxlen > 0 and length > maxlen then
-  local upto = '+'
-  if floor then upto = '(' .. text(floor) end
   local excess = length - maxlen
-  local oldest = redis.call('XRANGE', key, '-', upto, 'COUNT', excess)
-  if #oldest > 0 then
-    bound = parse(oldest[#oldest][1])
-    bound[2] = bound[2] + 1
-  end
+  local n
+  bound, n = after_nth(math.min(excess, limit))
+  if n == limit and excess > limit then more = 1 end
 end
 if maxage > 0 then
   local now = redis.call('TIME')
   local aged = {tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - maxage, 0}
-  if below(bound, aged) then bound = aged end
+  if below(bound, aged) then
+    bound = aged
+    if floor and below(floor, bound) then bound = floor end
+    local capped, n = after_nth(limit)
+    if n == limit and below(capped, bound) then bound, more = capped, 1 end
+  end
 end
 if floor and below(floor, bound) then bound = floor end
 local trimmed = 0
@@ -75,7 +90,7 @@ if maxlen > 0 and length > maxlen then held = length - maxlen end
 if held == 0 then holder = false end
 local shown = false
 if floor then shown = text(floor) end
-return {trimmed, length, holder, held, shown}
+return {trimmed, length, holder, held, shown, more}
 """
 )
 
@@ -97,20 +112,28 @@ def _text(value: Any) -> str:
 
 
 async def trim(
-    client: Any, fence: Fence, key: str, *, max_len: int | None, max_age: float | None
+    client: Any,
+    fence: Fence,
+    key: str,
+    *,
+    max_len: int | None,
+    max_age: float | None,
+    limit: int = TRIM_LIMIT,
 ) -> Trimmed:
-    """Trim ``key`` to its safe floor, as ``fence``'s act (see the module docstring)."""
-    reply = await fenced_call(
-        client,
-        TRIM,
-        fence,
-        [key],
-        [max_len or 0, int((max_age or 0) * 1000)],
-    )
-    trimmed, length, group, held, floor = reply
+    """Trim ``key`` to its safe floor, as ``fence``'s act (see the module docstring);
+    ``limit`` entries per script call, as many calls as it takes."""
+    total = 0
+    while True:
+        reply = await fenced_call(
+            client, TRIM, fence, [key], [max_len or 0, int((max_age or 0) * 1000), limit]
+        )
+        trimmed, length, group, held, floor, more = reply
+        total += int(trimmed)
+        if not int(more) or not int(trimmed):
+            break
     return Trimmed(
         key,
-        int(trimmed),
+        total,
         int(length),
         _text(group) if group else None,
         int(held),

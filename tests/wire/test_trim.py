@@ -152,3 +152,20 @@ async def test_a_stream_no_group_reads_is_trimmed_by_length_and_age_alone(
     assert [i for i, _ in await redis_client.xrange(stream)] == [newer]
     missing = await trim(redis_client, fence, f"{key_prefix}none", max_len=1, max_age=None)
     assert (missing.trimmed, missing.length) == (0, 0)
+
+
+async def test_a_long_trim_is_done_in_calls_of_a_bounded_size(
+    redis_client: Any, key_prefix: str
+) -> None:
+    """By length or by age, one script call trims at most ``limit`` entries; the calls
+    together trim exactly what one unbounded call would."""
+    stream = f"{key_prefix}s"
+    ids = await _fill(redis_client, stream, 95)
+    fence = await _lease(redis_client, key_prefix)
+    done = await trim(redis_client, fence, stream, max_len=10, max_age=None, limit=20)
+    assert (done.trimmed, done.length) == (85, 10)
+    assert (await redis_client.xrange(stream, count=1))[0][0] == ids[85]
+    await redis_client.xgroup_create(stream, "g", id=ids[89])  # has read up to 89
+    await asyncio.sleep(0.01)
+    done = await trim(redis_client, fence, stream, max_len=None, max_age=0.001, limit=2)
+    assert (done.trimmed, done.length, done.floor) == (5, 5, ids[90])
