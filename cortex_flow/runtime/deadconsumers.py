@@ -50,40 +50,51 @@ class DeadConsumers:
         self.deleted = 0
 
     async def run(self, fence: Fence) -> None:
+        """One pass: every declared group's consumers, read in one pipeline."""
         live = self.live() | {self.resolved.runner}
         idle_ms = int(self.idle * 1000)
-        for group in self.resolved.groups.values():
-            for sk in group.keys:
-                try:
-                    consumers = await self.client.xinfo_consumers(sk.key, group.name)
-                except ResponseError:
-                    continue  # no key or no group yet: nothing to clean
-                for row in consumers:
-                    name = _text(row["name"])
-                    if name in live or int(row["idle"]) < idle_ms:
-                        continue
-                    if int(row["pending"]) > 0:
-                        self.log.info(
-                            "group %s: consumer %s on %s is idle for %s with %d pending; "
-                            "claiming them before deleting it",
-                            group.name,
-                            name,
-                            sk.key,
-                            humanize(int(row["idle"]) / 1000),
-                            int(row["pending"]),
-                        )
-                        self.claim(group.name, name, idle_ms)
-                        continue
-                    if await delete_idle_consumer(self.client, fence, sk.key, group.name, name):
-                        self.deleted += 1
-                        self.log.info(
-                            "group %s: deleted consumer %s on %s (idle %s, nothing pending; "
-                            "its runner no longer beats)",
-                            group.name,
-                            name,
-                            sk.key,
-                            humanize(int(row["idle"]) / 1000),
-                        )
+        pairs = [(g.name, k.key) for g in self.resolved.groups.values() for k in g.keys]
+        if not pairs:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for group, key in pairs:
+            pipe.xinfo_consumers(key, group)
+        replies = await pipe.execute(raise_on_error=False)
+        for (group, key), consumers in zip(pairs, replies, strict=True):
+            if isinstance(consumers, ResponseError):
+                continue  # no key or no group yet: nothing to clean
+            if isinstance(consumers, BaseException):
+                raise consumers
+            for row in consumers:
+                name = _text(row["name"])
+                if name not in live and int(row["idle"]) >= idle_ms:
+                    await self._remove(fence, group, key, name, row, idle_ms)
+
+    async def _remove(
+        self, fence: Fence, group: str, key: str, name: str, row: Any, idle_ms: int
+    ) -> None:
+        idle = humanize(int(row["idle"]) / 1000)
+        if int(row["pending"]) > 0:
+            self.log.info(
+                "group %s: consumer %s on %s is idle for %s with %d pending; claiming them "
+                "before deleting it",
+                group,
+                name,
+                key,
+                idle,
+                int(row["pending"]),
+            )
+            self.claim(group, name, idle_ms)
+        elif await delete_idle_consumer(self.client, fence, key, group, name):
+            self.deleted += 1
+            self.log.info(
+                "group %s: deleted consumer %s on %s (idle %s, nothing pending; its runner "
+                "no longer beats)",
+                group,
+                name,
+                key,
+                idle,
+            )
 
 
 __all__ = ["DeadConsumers"]
