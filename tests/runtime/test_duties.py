@@ -28,7 +28,9 @@ from cortex_flow.flow.loader import load_project
 from cortex_flow.flow.topology import resolve
 from cortex_flow.wire.duties import holder_of
 
-FAST_DUTIES = ", duty_lease: 1s, retention_interval: 200ms, heartbeat_interval: 500ms"
+FAST_DUTIES = (
+    ", duty_lease: 1s, retention_interval: 200ms, heartbeat_interval: 500ms, dead_consumer_idle: 2s"
+)
 
 
 @pytest.fixture
@@ -189,7 +191,8 @@ async def test_a_killed_runner_s_entries_are_handled_once_and_its_duties_taken_o
     """Three runners, no heartbeats section: the one holding the retention duty is
     SIGKILLed with entries in flight. Within seconds another runner holds the duty with a
     higher token, the survivors notice the silence, and each of its entries is claimed by
-    one of them and handled exactly once (counted by message)."""
+    one of them and handled exactly once (counted by message); its consumer, idle and
+    with nothing pending any more, is then deleted from the group."""
     done = tmp_path / "done.txt"
     mod = write_module(tmp_path, _recorder(done))
     runners = _runners(
@@ -234,6 +237,9 @@ async def test_a_killed_runner_s_entries_are_handled_once_and_its_duties_taken_o
     counts = Counter(_done(done))
     assert sorted(counts, key=int) == [str(n) for n in range(36)]
     assert set(counts.values()) == {1}, counts
+    await wait_for(
+        lambda: _consumer_gone(redis_client, tasks, victim), timeout=15, what="its consumer gone"
+    )
     for name, (_, process) in runners.items():
         if name != victim:
             _stop(process)
@@ -242,6 +248,10 @@ async def test_a_killed_runner_s_entries_are_handled_once_and_its_duties_taken_o
 
 async def _holds(client: Any, key: str, consumer: str) -> bool:
     return await _pending_of(client, key, consumer) > 0
+
+
+async def _consumer_gone(client: Any, key: str, consumer: str) -> bool:
+    return consumer not in {c["name"] for c in await client.xinfo_consumers(key, "work")}
 
 
 async def _taken_over(client: Any, lease: str, dead_pid: int) -> tuple[int, str] | None:
