@@ -42,6 +42,8 @@ def render(data: dict[str, Any]) -> RenderableType:
     if data.get("stale_groups"):
         parts.append(_stale(data["stale_groups"]))
     parts.append(_runner(data["runner"]))
+    if "duties" in data:
+        parts.append(_duties(data["duties"]))
     return Group(*parts)
 
 
@@ -163,6 +165,17 @@ def _runner(runner: dict[str, Any]) -> Text:
         line.stylize("yellow", len(f"Runner {runner['name']}: "))
     beat = runner["heartbeat_age"]
     line.append(f"; last heartbeat {humanize(beat)} ago" if beat is not None else "")
+    return line
+
+
+def _duties(rows: list[dict[str, Any]]) -> Text:
+    """Which runner process holds each duty (agent events, retention, dead consumers)."""
+    held = [f"{d['name']} {d['holder']} (token {d['token']})" for d in rows if d["holder"]]
+    free = [d["name"] for d in rows if not d["holder"]]
+    line = Text("Duties: ", style="bold")
+    line.append("; ".join(held) if held else "none held (no runner running)")
+    if held and free:
+        line.append(f"; not held: {', '.join(free)}", style="yellow")
     return line
 
 

@@ -20,6 +20,7 @@ from cortex_flow.flow.durations import humanize
 from cortex_flow.flow.loader import Project
 from cortex_flow.flow.topology import Resolved
 from cortex_flow.ops.stale import count_lag, stale_from_infos
+from cortex_flow.runtime.duties import DUTIES
 from cortex_flow.runtime.retention import held_key
 from cortex_flow.wire.connection import RedisClient, describe_client, describe_error, is_cluster
 from cortex_flow.wire.entryids import id_key, id_ms
@@ -58,6 +59,8 @@ async def collect(
         pipe.xrevrange(key, count=1)
     pipe.xrevrange(resolved.runner_key, count=HEARTBEAT_PAGE)
     pipe.hgetall(held_key(resolved))
+    for duty in DUTIES:
+        pipe.get(resolved.duty_key(duty))
     if now is None and is_cluster(client):
         now = time.time()  # TIME has no key, so a cluster pipeline cannot route it
     if now is None:
@@ -90,6 +93,7 @@ async def collect(
             "newest_age": age(last_id),
         }
     beats, held = replies[len(keys) * 4 : len(keys) * 4 + 2]
+    leases = replies[len(keys) * 4 + 2 : len(keys) * 4 + 2 + len(DUTIES)]
     dynamic = [
         {"name": s.name, "key": s.spec.key, "status": "dynamic", "length": None}
         for s in resolved.streams.values()
@@ -111,11 +115,21 @@ async def collect(
         "groups": groups,
         "agents": agents,
         "dead_letters": dead_letters,
+        "duties": [_duty(name, _ok(value)) for name, value in zip(DUTIES, leases, strict=True)],
         "retention": _held_rows(_ok(held) or {}, now),
         "stale_groups": await count_lag(client, stale_from_infos(resolved, infos)),
     }
     data["problems"] = problems(data, resolved)
     return data
+
+
+def _duty(name: str, value: Any) -> dict[str, Any]:
+    """Who holds a duty: its token and the holder (``host:pid:start_ms``), or nobody."""
+    text = value.decode() if isinstance(value, bytes) else value
+    if not text:
+        return {"name": name, "token": None, "holder": None}
+    token, _, holder = str(text).partition(" ")
+    return {"name": name, "token": int(token) if token.isdigit() else None, "holder": holder}
 
 
 def _held_rows(raw: dict[Any, Any], now: float) -> list[dict[str, Any]]:

@@ -17,13 +17,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cortex_flow.flow.topology import Resolved, render_key
-from cortex_flow.runtime.duties import Duties
+from cortex_flow.runtime.duties import AGENTS_DUTY, Duties
 from cortex_flow.runtime.stats import AgentState
 from cortex_flow.wire.codec import encode
 from cortex_flow.wire.duties import LeaseLost
 from cortex_flow.wire.heartbeats import record_transition
-
-AGENTS_DUTY = "agents"
 
 
 def _iso(ts: float | None) -> str:
@@ -89,4 +87,4 @@ class AgentEvents:
             self._recorded[state.name] = state.up
 
 
-__all__ = ["AGENTS_DUTY", "AgentEvents"]
+__all__ = ["AgentEvents"]

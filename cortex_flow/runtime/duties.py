@@ -23,6 +23,11 @@ from typing import Any
 from cortex_flow.wire.duties import Fence, LeaseLost, acquire_all, release
 
 Act = Callable[[Fence], Awaitable[None]]
+
+AGENTS_DUTY = "agents"  # agent up/down events (runtime/agentevents.py)
+RETENTION_DUTY = "retention"  # trimming (runtime/retention.py)
+CONSUMERS_DUTY = "consumers"  # deleting dead consumers (runtime/deadconsumers.py)
+DUTIES = (AGENTS_DUTY, RETENTION_DUTY, CONSUMERS_DUTY)
 WARN_EVERY = 60.0  # a duty whose lease cannot be renewed says so at most this often
 
 
@@ -185,4 +190,4 @@ class Duties:
                 await asyncio.wait_for(self._stop.wait(), wait)
 
 
-__all__ = ["Act", "Duties"]
+__all__ = ["AGENTS_DUTY", "CONSUMERS_DUTY", "DUTIES", "RETENTION_DUTY", "Act", "Duties"]

@@ -24,12 +24,17 @@ from cortex_flow.flow.callables import importable_from
 from cortex_flow.flow.config import RunnerSettings
 from cortex_flow.flow.plan import Plan
 from cortex_flow.flow.topology import Resolved, ResolvedGroup
-from cortex_flow.runtime.agentevents import AGENTS_DUTY
 from cortex_flow.runtime.callpool import CallPool, threads_needed
 from cortex_flow.runtime.consumer import GroupConsumer
 from cortex_flow.runtime.deadconsumers import DeadConsumers
 from cortex_flow.runtime.delivery import TRANSIENT
-from cortex_flow.runtime.duties import Duties
+from cortex_flow.runtime.duties import (
+    AGENTS_DUTY,
+    CONSUMERS_DUTY,
+    DUTIES,
+    RETENTION_DUTY,
+    Duties,
+)
 from cortex_flow.runtime.faultlog import WHAT
 from cortex_flow.runtime.heartbeat import HeartbeatMonitor
 from cortex_flow.runtime.retention import RetentionDuty
@@ -40,8 +45,6 @@ from cortex_flow.wire.faults import passing_reason
 from cortex_flow.wire.groups import ensure_group
 
 log = logging.getLogger("cortex_flow.runner")
-RETENTION_DUTY = "retention"
-CONSUMERS_DUTY = "consumers"
 
 
 def route_tables(resolved: Resolved, base_dir: Path | None = None) -> dict[str, RouteTable]:
@@ -189,7 +192,7 @@ class RunningTopology:
         if self.dead_consumers is not None:
             self.dead_consumers.resolved = target
         if self.duties is not None:
-            for duty in (AGENTS_DUTY, RETENTION_DUTY, CONSUMERS_DUTY):
+            for duty in DUTIES:
                 self.duties.rekey(duty, target.duty_key(duty))
         self.resolved, self.tables = target, tables
 

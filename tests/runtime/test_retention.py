@@ -158,7 +158,7 @@ async def test_an_undeclared_group_holds_retention_shows_as_stale_and_is_pruned(
     config = _project(tmp_path, redis_url, key_prefix)
     tasks = f"{key_prefix}tasks"
     await redis_client.xgroup_create(tasks, "forgotten", id="0", mkstream=True)
-    async with running(config):
+    async with running(config) as runner:
         for n in range(150):
             await redis_client.xadd(tasks, {"n": str(n)})
         await wait_for(lambda: len(_handled(config)) == 150, timeout=30, what="all handled")
@@ -180,6 +180,9 @@ async def test_an_undeclared_group_holds_retention_shows_as_stale_and_is_pruned(
         doc = json.loads(capsys.readouterr().out)
         assert doc["stale_groups"][0]["name"] == "forgotten"
         assert doc["retention"][0]["group"] == "forgotten"
+        duties = {d["name"]: d["holder"] for d in doc["duties"]}
+        assert duties == dict.fromkeys(("agents", "retention", "consumers"), runner.instance)
+        assert f"retention {runner.instance}" in shown
 
         assert await asyncio.to_thread(cli, "prune", "slow", "--config", str(config), "--yes") == 1
         assert "is declared" in capsys.readouterr().err
