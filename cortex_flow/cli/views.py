@@ -25,7 +25,16 @@ def count(value: int | None) -> str:
 def _table(title: str, *columns: str) -> Table:
     table = Table(title=title, title_justify="left", title_style="bold", expand=False)
     for column in columns:
-        numeric = column in ("Length", "Pending", "Lag", "Entries", "Inbox", "Held", "Holds")
+        numeric = column in (
+            "Length",
+            "Pending",
+            "Lag",
+            "Entries",
+            "Inbox",
+            "Held",
+            "Holds",
+            "Max len",
+        )
         table.add_column(column, justify="right" if numeric else "left")
     return table
 
