@@ -6,9 +6,9 @@ stream; runners always beat, on ``<namespace>runners`` when the flows declare no
 (``host:pid:start_ms``), so a second process started under the same runner name is
 refused at start. An agent silent past its timeout is marked down: metrics and status
 show it, and the pending entries of consumers named after it are claimed at once. The
-``on_down`` / ``on_up`` events are published by the runner holding the ``agents`` duty
-only (:mod:`cortex_flow.runtime.duties`), one per transition: the agent's last
-published state is kept in Redis next to the event stream.
+``agent_down`` / ``agent_up`` events (to ``heartbeats.on_down``) are published only by
+the runner holding the ``agents`` duty (:mod:`cortex_flow.runtime.agentevents`), one per
+transition.
 
 Claims for a silent runner or agent are safe with any number of runners watching: each
 XCLAIM asks for a minimum idle time of half of how long the owner has been silent beyond

@@ -280,7 +280,7 @@ async def test_failing_own_beat_is_logged_at_most_once_a_minute(
         resolve(load_project(config).topology, "dup"),
         RunnerStats(runner="dup"),
         runner_interval=0.01,
-        on_down=lambda name: None,
+        on_down=lambda name, min_idle: None,
         log=logging.getLogger("test.heartbeat"),
     )
     monitor.key = "cf:heartbeats"
