@@ -103,11 +103,12 @@ class Duties:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for duty in self._duties.values():
-            if duty.fence is not None:
-                with contextlib.suppress(Exception):  # best effort: else it expires
-                    await asyncio.wait_for(release(self.client, duty.fence), 1.0)
-                self._set(duty, None)
+        held = [d for d in self._duties.values() if d.fence is not None]
+        releases = [release(self.client, d.fence) for d in held if d.fence is not None]
+        with contextlib.suppress(Exception):  # best effort: else the leases expire
+            await asyncio.wait_for(asyncio.gather(*releases), 1.0)
+        for duty in held:
+            self._set(duty, None)
 
     # -- the lease ---------------------------------------------------------------------
 
