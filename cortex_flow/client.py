@@ -142,8 +142,6 @@ class Client:
         entry_id: str = await self.redis.xadd(
             render_key(spec, {}),
             encode_beat(spec.codec, beat_fields(name, "agent", status)),
-            maxlen=spec.maxlen,
-            approximate=True,
         )
         return entry_id
 

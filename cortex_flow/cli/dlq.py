@@ -201,9 +201,6 @@ async def _change(
     elif not args.yes and not args.dry_run and not _confirm_purge(entries, keys):
         print("nothing purged", file=sys.stderr)
         return 1
-    caps = {
-        k.key: s.spec.maxlen for s in resolved.streams.values() if s.spec.maxlen for k in s.keys
-    }
     stderr = Console(stderr=True)
     quiet = len(entries) <= PROGRESS_ABOVE or not stderr.is_terminal
     with Progress(console=stderr, transient=True, disable=quiet) as bar:
@@ -213,9 +210,7 @@ async def _change(
             bar.advance(task, n)
 
         if replaying:
-            outcome = await replay(
-                client, entries, dry_run=args.dry_run, progress=advance, maxlen=caps
-            )
+            outcome = await replay(client, entries, dry_run=args.dry_run, progress=advance)
         else:
             outcome = await purge(client, entries, args.dry_run, advance)
     _report(console, outcome, verb, args.dry_run, entries)

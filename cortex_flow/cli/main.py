@@ -25,6 +25,7 @@ COMMANDS = {
     "send": "cortex_flow.cli.send:command",
     "status": "cortex_flow.cli.status:command",
     "dlq": "cortex_flow.cli.dlq:command",
+    "prune": "cortex_flow.cli.prune:command",
     "test": "cortex_flow.cli.test:command",
 }
 
@@ -113,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("list", "show"):
             d.add_argument("--json", action="store_true")
         d.add_argument("--dlq", help="dead-letter stream name or key (default: all declared)")
+
+    p = sub.add_parser(
+        "prune", parents=[common], help="destroy a consumer group no flow declares (stale)"
+    )
+    p.add_argument("group", help="the stale group's name (as status or plan list it)")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
     p = sub.add_parser("test", parents=[common], help="run flow tests (*.test.yaml)")
     p.add_argument("paths", nargs="*", type=Path)

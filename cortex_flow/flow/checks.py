@@ -145,6 +145,18 @@ def _check_stream(topo: Topology, name: str, spec: StreamSpec, problems: list[Pr
                 f"priorities: [{', '.join(DEFAULT_PRIORITIES)}] (highest first)",
             )
         )
+    bound_by_messages = sorted(variables - set(EXPANDABLE))
+    if spec.retained and bound_by_messages:
+        field = ("maxlen",) if spec.maxlen is not None else ("retention",)
+        problems.append(
+            origin.problem(
+                field,
+                f'the key "{_short(spec.key)}" has variables only a message binds '
+                f"({', '.join(bound_by_messages)}), so the retention pass cannot list its keys "
+                "to trim; cap a stream whose keys expand over priority and agent only, or "
+                "trim these keys yourself",
+            )
+        )
     for bad in sorted(variables & (RUNTIME_NAMES - set(EXPANDABLE))):
         problems.append(
             origin.problem(

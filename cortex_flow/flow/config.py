@@ -96,7 +96,22 @@ class RunnerSettings(Model):
         default=30.0, description="Time to finish in-flight work on stop."
     )
     heartbeat_interval: PositiveDuration = Field(
-        default=10.0, description="How often the runner itself beats."
+        default=2.0,
+        description="How often the runner itself beats; silent for 3 x this, it is taken for "
+        "down and other runners claim its pending messages.",
+    )
+    duty_lease: PositiveDuration = Field(
+        default=5.0,
+        description="How long a runner holds a duty (agent events, retention, clean-up) "
+        "without renewing it; another runner takes the duty over after that.",
+    )
+    retention_interval: PositiveDuration = Field(
+        default=10.0, description="How often streams with retention are trimmed."
+    )
+    dead_consumer_idle: PositiveDuration = Field(
+        default=3600.0,
+        description="A consumer whose runner no longer beats, idle this long, is deleted "
+        "from its group once nothing is pending for it (its entries are claimed first).",
     )
 
 

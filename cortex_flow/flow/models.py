@@ -43,6 +43,22 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+class RetentionSpec(Model):
+    """How much of a stream is kept once every group on it has read and acknowledged it."""
+
+    max_len: int | None = Field(
+        default=None,
+        ge=1,
+        description="Keep at most this many entries per key; entries a group has not read "
+        "or holds pending are never trimmed, so a lagging group can hold a key above it.",
+    )
+    max_age: PositiveDuration | None = Field(
+        default=None,
+        description="Trim entries older than this (by entry ID), once every group on the "
+        "key has read and acknowledged them.",
+    )
+
+
 class StreamSpec(Model):
     """A Redis stream, or a family of streams when ``key`` is a template."""
 
@@ -57,7 +73,15 @@ class StreamSpec(Model):
         description="Priority levels, highest first (needs `{{ priority }}`).",
     )
     maxlen: int | None = Field(
-        default=None, ge=1, description="Approximate cap on length: XADD MAXLEN ~ on every publish."
+        default=None,
+        ge=1,
+        description="The old spelling of `retention.max_len` (same meaning: never trims "
+        "unread or pending entries).",
+    )
+    retention: RetentionSpec | None = Field(
+        default=None,
+        description="Trim by length and age, never what a group has not read and acknowledged; "
+        "done by one runner at a time, every `runner.retention_interval`.",
     )
     codec: Literal["raw", "json"] = Field(
         default="raw",
@@ -65,6 +89,34 @@ class StreamSpec(Model):
         "with a JSON object, and `msg` is that object.",
     )
     description: str | None = None
+
+    @model_validator(mode="after")
+    def _one_cap(self) -> StreamSpec:
+        both = self.retention is not None and self.retention.max_len is not None
+        if self.maxlen is not None and both:
+            raise field_error(
+                "maxlen",
+                "maxlen is the old spelling of retention.max_len and both are given; "
+                "keep retention.max_len and remove maxlen",
+            )
+        return self
+
+    @property
+    def max_len(self) -> int | None:
+        """The length cap: ``retention.max_len``, else the old ``maxlen``."""
+        if self.retention is not None and self.retention.max_len is not None:
+            return self.retention.max_len
+        return self.maxlen
+
+    @property
+    def max_age(self) -> float | None:
+        """The age cap in seconds (``retention.max_age``)."""
+        return self.retention.max_age if self.retention is not None else None
+
+    @property
+    def retained(self) -> bool:
+        """Whether retention trims this stream at all."""
+        return self.max_len is not None or self.max_age is not None
 
     @field_validator("priorities")
     @classmethod

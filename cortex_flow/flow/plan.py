@@ -34,13 +34,16 @@ RESTART_SETTINGS = (
     "log.format",
     "flows",
     "reload.watch",
+    "runner.duty_lease",
+    "runner.retention_interval",
+    "runner.dead_consumer_idle",
 )
 SHOWN_KEYS = 4
 HIDDEN = "(value hidden)"
 # Values a plan never prints: they end up in logs, in /readyz and on terminals.
 _SECRET_NAME = re.compile(r"password|token|secret|authorization|api[-_]?key", re.IGNORECASE)
 _HEADERS = re.compile(r"(^|\.)http\.headers(\.|$)")
-STREAM_FIELDS = ("key", "priorities", "maxlen", "codec")
+STREAM_FIELDS = ("key", "priorities", "maxlen", "retention", "codec")
 
 
 @dataclass(frozen=True)
@@ -232,7 +235,9 @@ def _group_changes(
     # The consumer decodes what it reads (in priority order) and writes its dead letters
     # itself: such a change of either stream changes the consumer, not only its routes.
     read = restreamed.get(new.stream, set()) & {"key", "priorities", "codec"}
-    restart = restart or bool(more or read or restreamed.get(new.spec.dead_letter or ""))
+    # retention is applied by the retention duty, never by a consumer
+    written = restreamed.get(new.spec.dead_letter or "", set()) - {"maxlen", "retention"}
+    restart = restart or bool(more or read or written)
     out = [Change("change", "group", new.name, text) for text in texts + more]
     return out + _route_changes(new.name, old.spec.routes, new.spec.routes), restart
 

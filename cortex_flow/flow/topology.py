@@ -92,6 +92,23 @@ class Resolved:
     agents: dict[str, AgentSpec]
     heartbeat_key: str | None
     topology: Topology = field(compare=False, repr=False)
+    namespace: str = ""  # where the runners' own keys live (see :func:`namespace`)
+
+    @property
+    def runner_key(self) -> str:
+        """The stream runners beat on: the heartbeat stream, else ``<namespace>runners``."""
+        return self.heartbeat_key or f"{self.namespace}runners"
+
+    def duty_key(self, duty: str) -> str:
+        """The lease key of a duty; its fencing counter is this key plus ``:fence``.
+
+        Every duty's keys share one cluster slot (the namespace's hash tag, else the tag
+        ``{duty}`` after the namespace), so one script call takes or renews them all; they
+        start with the namespace, so an ACL key pattern for the flows' keys covers them.
+        """
+        ns = self.namespace
+        tagged = "{" in ns and "}" in ns.partition("{")[2]
+        return f"{ns}duty:{duty}" if tagged else f"{ns}{{duty}}:{duty}"
 
     def keys(self) -> dict[str, StreamKey]:
         """Every concrete key of every stream, by key."""
@@ -145,6 +162,24 @@ def inbox_group(topology: Topology, agent: str, inbox: AgentInbox) -> ResolvedGr
     return ResolvedGroup(inbox.group or agent, spec, inbox.stream, keys, agent, dlq, agent)
 
 
+def namespace(topology: Topology) -> str:
+    """The prefix the runners' own keys share with the flows' streams.
+
+    The longest prefix common to every stream key's fixed start, cut after its last
+    ``:`` (``cortex:tasks:{{ priority }}`` and ``cortex:events`` give ``cortex:``);
+    ``cortex-flow:`` when the keys share none.
+    """
+    starts = [spec.key.partition("{{")[0] for spec in topology.streams.values()]
+    if not starts:
+        return "cortex-flow:"
+    common = starts[0]
+    for start in starts[1:]:
+        while not start.startswith(common):
+            common = common[:-1]
+    cut = common.rfind(":")
+    return common[: cut + 1] if cut >= 0 else "cortex-flow:"
+
+
 def resolve(topology: Topology, runner: str) -> Resolved:
     """Concrete keys, groups and consumer names for a checked topology."""
     agents = sorted(topology.agents)
@@ -167,7 +202,15 @@ def resolve(topology: Topology, runner: str) -> Resolved:
     heartbeat_key = None
     if topology.heartbeats is not None:
         heartbeat_key = render_key(topology.streams[topology.heartbeats.stream], {})
-    return Resolved(runner, streams, groups, dict(topology.agents), heartbeat_key, topology)
+    return Resolved(
+        runner,
+        streams,
+        groups,
+        dict(topology.agents),
+        heartbeat_key,
+        topology,
+        namespace(topology),
+    )
 
 
 def wrong_type_problem(resolved: Resolved, key: str, held: str) -> str:

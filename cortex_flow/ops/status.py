@@ -9,6 +9,7 @@ only XLEN, XINFO, XPENDING and ranges of COUNT 1. ``cortex-flow status``
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -17,10 +18,13 @@ from cortex_flow.flow.durations import humanize
 from cortex_flow.flow.loader import Project
 from cortex_flow.flow.topology import Resolved, no_reader, unread_inboxes
 from cortex_flow.ops.admin import admin_get
+from cortex_flow.ops.stale import count_lag, stale_from_infos
+from cortex_flow.runtime.duties import DUTIES
+from cortex_flow.runtime.retention import held_key
 from cortex_flow.wire.connection import RedisClient, describe_client, describe_error, is_cluster
 from cortex_flow.wire.entryids import id_key, id_ms
 from cortex_flow.wire.heartbeats import PAGE as HEARTBEAT_PAGE
-from cortex_flow.wire.heartbeats import LatestBeats, latest_beats
+from cortex_flow.wire.heartbeats import latest_beats
 from cortex_flow.wire.lag import STATUS_CAP, count_unread
 from cortex_flow.wire.redis_errors import explain, redis_user
 
@@ -52,8 +56,10 @@ async def collect(
         pipe.xlen(key)
         pipe.xrange(key, count=1)
         pipe.xrevrange(key, count=1)
-    if resolved.heartbeat_key:
-        pipe.xrevrange(resolved.heartbeat_key, count=HEARTBEAT_PAGE)
+    pipe.xrevrange(resolved.runner_key, count=HEARTBEAT_PAGE)
+    pipe.hgetall(held_key(resolved))
+    for duty in DUTIES:
+        pipe.get(resolved.duty_key(duty))
     if now is None and is_cluster(client):
         now = time.time()  # TIME has no key, so a cluster pipeline cannot route it
     if now is None:
@@ -86,13 +92,14 @@ async def collect(
             "oldest_age": age(first_id),
             "newest_age": age(last_id),
         }
-    beats = replies[len(keys) * 4] if resolved.heartbeat_key else None
+    beats, held = replies[len(keys) * 4 : len(keys) * 4 + 2]
+    leases = replies[len(keys) * 4 + 2 : len(keys) * 4 + 2 + len(DUTIES)]
     dynamic = [
         {"name": s.name, "key": s.spec.key, "status": "dynamic", "length": None}
         for s in resolved.streams.values()
         if s.dynamic
     ]
-    groups = await _groups(client, resolved, streams, age)
+    groups, infos = await _groups(client, resolved, streams, age)
     agents, runner_age = await _agents(client, resolved, streams, _ok(beats) or [], age)
     dlq_keys = sorted({g.dead_letter for g in resolved.groups.values() if g.dead_letter})
     dead_letters = [
@@ -108,6 +115,9 @@ async def collect(
         "groups": groups,
         "agents": agents,
         "dead_letters": dead_letters,
+        "duties": [_duty(name, _ok(value)) for name, value in zip(DUTIES, leases, strict=True)],
+        "retention": _held_rows(_ok(held) or {}, now),
+        "stale_groups": await count_lag(client, stale_from_infos(resolved, infos)),
     }
     data["problems"] = problems(data, resolved)
     return data
@@ -119,9 +129,42 @@ def _refusal(client: RedisClient, error: BaseException, key: str) -> str:
     return why.text if why is not None else describe_error(error)
 
 
+def _duty(name: str, value: Any) -> dict[str, Any]:
+    """Who holds a duty: its token and the holder (``host:pid:start_ms``), or nobody."""
+    text = value.decode() if isinstance(value, bytes) else value
+    if not text:
+        return {"name": name, "token": None, "holder": None}
+    token, _, holder = str(text).partition(" ")
+    return {"name": name, "token": int(token) if token.isdigit() else None, "holder": holder}
+
+
+def _held_rows(raw: dict[Any, Any], now: float) -> list[dict[str, Any]]:
+    """The keys the retention duty found held above their cap, and by which group."""
+    rows = []
+    for key, value in sorted(raw.items()):
+        try:
+            record = json.loads(value)
+        except ValueError:
+            continue
+        since = float(record.get("since") or now)
+        rows.append(
+            {
+                "key": key.decode() if isinstance(key, bytes) else key,
+                "stream": record.get("stream"),
+                "group": record.get("group"),
+                "held": record.get("held"),
+                "max_len": record.get("max_len"),
+                "floor": record.get("floor"),
+                "since": since,
+                "held_for": round(max(0.0, now - since), 3),
+            }
+        )
+    return rows
+
+
 async def _groups(
     client: RedisClient, resolved: Resolved, streams: dict[str, dict[str, Any]], age: Any
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     live = [key for key, s in streams.items() if s["status"] == "ok"]
     pairs = [(g, k.key) for g in resolved.groups.values() for k in g.keys if k.key in live]
     pipe = client.pipeline(transaction=False)
@@ -177,7 +220,7 @@ async def _groups(
     for row in out:
         if row.get("status") == "ok" and row["lag"] is None:
             row["lag"] = counted.get((row["key"], row["last_delivered_id"]))
-    return out
+    return out, infos
 
 
 async def _agents(
@@ -190,13 +233,16 @@ async def _agents(
     """Each agent's last heartbeat, read newest first until all are found or the bound."""
     wanted = {name for name, spec in resolved.agents.items() if spec.heartbeat is not None}
     hb_key = resolved.heartbeat_key
-    latest = LatestBeats()
-    if hb_key is not None:
-        heartbeats = resolved.topology.heartbeats
-        codec = resolved.topology.streams[heartbeats.stream].codec if heartbeats else "raw"
-        latest = await latest_beats(
-            client, hb_key, codec, wanted=wanted, first_page=page, limit=HEARTBEAT_SCAN
-        )
+    heartbeats = resolved.topology.heartbeats
+    codec = resolved.topology.streams[heartbeats.stream].codec if heartbeats else "raw"
+    latest = await latest_beats(
+        client,
+        resolved.runner_key,
+        codec,
+        wanted=wanted if hb_key is not None else set(),
+        first_page=page,
+        limit=HEARTBEAT_SCAN,
+    )
     own = latest.runner(resolved.runner)
     runner_beat = own.entry_id if own is not None else None
     agents = []
@@ -258,6 +304,21 @@ def problems(data: dict[str, Any], resolved: Resolved) -> list[str]:
             found.append(f"cannot read {stream['key']}: {stream['error']}")
         elif stream["status"] not in ("ok", "missing", "dynamic"):
             found.append(f"{stream['key']} is {stream['status']}, not a stream; rename one")
+    for held in data["retention"]:
+        found.append(
+            f"group {held['group']} holds {held['key']} {held['held']:,} entries above its "
+            f"max_len {held['max_len']:,} (unread or pending there, so kept) for "
+            f"{humanize(held['held_for'])}; give the group more consumers"
+        )
+    for stale in data["stale_groups"]:
+        if stale["holds"] == 0:
+            continue  # listed in the table; it holds nothing back yet
+        holds = "an unknown number of" if stale["holds"] is None else f"{stale['holds']:,}"
+        found.append(
+            f"group {stale['name']} on {stale['key']} is declared by no flow and holds "
+            f"{holds} entries from retention ({stale['pending']:,} pending); "
+            f"`cortex-flow prune {stale['name']}` removes it"
+        )
     for group in data["groups"]:
         where = f"group {group['name']} on {group['key']}"
         if group["status"] == "missing":

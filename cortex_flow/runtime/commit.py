@@ -41,7 +41,8 @@ from cortex_flow.wire.faults import passing_reason
 # packing thousands of small arguments costs the client more than the work itself;
 # flat: decoding one table is cheaper for Redis than a table per entry and publish).
 # Per entry: source key index, entry id, publish count; per publish: target key index,
-# maxlen (0: none), field count, then the fields and values. KEYS holds every key once.
+# field count, then the fields and values (publishes never trim: retention does). KEYS
+# holds every key once.
 # An entry is acknowledged only when all its publishes succeeded; the reply lists the
 # others as {entry number, key refused, error}.
 COMMIT = """
@@ -55,16 +56,11 @@ while i <= n do
   i = i + 3
   local err, bad = nil, nil
   for _ = 1, publishes do
-    local key, maxlen, count = KEYS[b[i]], b[i + 1], b[i + 2]
-    local first, last = i + 3, i + 2 + count
+    local key, count = KEYS[b[i]], b[i + 1]
+    local first, last = i + 2, i + 1 + count
     i = last + 1
     if err == nil then
-      local r
-      if maxlen > 0 then
-        r = redis.pcall('XADD', key, 'MAXLEN', '~', maxlen, '*', unpack(b, first, last))
-      else
-        r = redis.pcall('XADD', key, '*', unpack(b, first, last))
-      end
+      local r = redis.pcall('XADD', key, '*', unpack(b, first, last))
       if type(r) == 'table' and r.err then err = r.err; bad = key end
     end
   end
@@ -118,8 +114,6 @@ class Committer:
         self.client = client
         self.name = group.name
         self.dead_letter_key = group.dead_letter
-        dlq = group.spec.dead_letter
-        self._dlq_maxlen = streams[dlq].maxlen if dlq is not None and dlq in streams else None
         self.max_deliveries = group.spec.retry.max_deliveries
         self._backoff = group.spec.retry.backoff
         self.cluster = cluster
@@ -142,7 +136,7 @@ class Committer:
             error=outcome.error,
         )
         assert self.dead_letter_key is not None
-        return Publish(self.dead_letter_key, fields, self._dlq_maxlen)
+        return Publish(self.dead_letter_key, fields)
 
     async def commit(self, outcomes: list[Outcome]) -> None:
         """Apply a batch of outcomes: publishes, dead letters and XACKs together.
@@ -211,7 +205,7 @@ class Committer:
             else:
                 pipe = self.client.pipeline(transaction=True)
                 for _, p in adds:
-                    pipe.xadd(p.key, p.fields, maxlen=p.maxlen, approximate=True)
+                    pipe.xadd(p.key, p.fields)
                 for key, ids in acks.items():
                     pipe.xack(key, self.name, *ids)
                 results = await pipe.execute(raise_on_error=False)
@@ -308,7 +302,6 @@ class Committer:
             for p in publishes:
                 fields = p.fields
                 add(index.setdefault(p.key, len(index) + 1))
-                add(p.maxlen or 0)
                 add(2 * len(fields))
                 for pair in fields.items():
                     batch += pair
@@ -381,7 +374,7 @@ class Committer:
             if mine:
                 pipe = self.client.pipeline(transaction=False)
                 for _, p in mine:
-                    pipe.xadd(p.key, p.fields, maxlen=p.maxlen, approximate=True)
+                    pipe.xadd(p.key, p.fields)
                 results = await pipe.execute(raise_on_error=False)
                 failed, unsaved = await self._rescue(mine, results, deferred, acked=False)
                 lost |= failed
@@ -431,9 +424,7 @@ class Committer:
             if dlq is not None and publish.key != dlq:
                 dead = self.dead_letter(Outcome(entry, DEAD, [], error))
                 try:
-                    await self.client.xadd(
-                        dead.key, dead.fields, maxlen=dead.maxlen, approximate=True
-                    )
+                    await self.client.xadd(dead.key, dead.fields)
                 except Exception as again:
                     error += f"; dead-lettering failed too: {again}"
                 else:

@@ -206,9 +206,10 @@ class GroupConsumer:
         """Replace the route table between two messages (a route-only reload)."""
         self.handler.table = table
 
-    def request_claim(self, consumers: Iterable[str]) -> None:
-        """Take over another consumer's pending entries now (its agent went down)."""
-        self.pending.request_claim(consumers)
+    def request_claim(self, consumers: Iterable[str], min_idle: int = 0) -> None:
+        """Take over another consumer's pending entries now (its agent went down), those
+        idle at least ``min_idle`` ms."""
+        self.pending.request_claim(consumers, min_idle)
         self._wake.set()
 
     async def stop(self, grace: float) -> bool:

@@ -166,6 +166,36 @@ class RunnerCollector:
         for (group, key, consumer), count in stats.consumers.items():
             consumers.add_metric([group, key, consumer], float(count))
         yield consumers
+        yield from self._retention()
+
+    def _retention(self) -> Iterator[Metric]:
+        labels = ["stream", "key", "group"]
+        held = GaugeMetricFamily(
+            "cortex_flow_retention_held",
+            "Entries a lagging group holds above the key's retention.max_len (unread or "
+            "pending in that group, so never trimmed).",
+            labels=labels,
+        )
+        since = GaugeMetricFamily(
+            "cortex_flow_retention_held_seconds",
+            "How long the group has held the key above its retention.max_len.",
+            labels=labels,
+        )
+        now = self.clock()
+        for (stream, key, group), (count, start) in self.stats.retention_held.items():
+            held.add_metric([stream, key, group], float(count))
+            since.add_metric([stream, key, group], max(0.0, now - start))
+        trimmed = CounterMetricFamily(
+            "cortex_flow_retention_trimmed",
+            "Entries this runner's retention passes trimmed (read and acknowledged by every "
+            "group, past max_len or max_age).",
+            labels=["key"],
+        )
+        for key, count in self.stats.trimmed.items():
+            trimmed.add_metric([key], float(count))
+        yield held
+        yield since
+        yield trimmed
 
     def _groups(self) -> Iterator[Metric]:
         errors = CounterMetricFamily(

@@ -36,6 +36,7 @@ class _DownConsumer:
 
     key: StreamKey
     name: str
+    min_idle: int = 0  # XCLAIM's min-idle (ms): what another runner claimed first is skipped
     after: str = "-"  # XPENDING start of the next page
     claimed: int = 0
 
@@ -154,17 +155,23 @@ class PendingWork:
 
     # -- other consumers' pending ------------------------------------------------------
 
-    def request_claim(self, consumers: Iterable[str]) -> None:
-        """Claim the pending entries of ``consumers`` (their runner or agent is down)."""
+    def request_claim(self, consumers: Iterable[str], min_idle: int = 0) -> None:
+        """Claim the pending entries of ``consumers`` (their runner or agent is down).
+
+        Each XCLAIM asks for ``min_idle`` ms of idle time: the owner's silence, so an
+        entry another runner claimed a moment before (its idle time starts again) is
+        left to it.
+        """
         names = sorted(set(consumers) - {self.me})
         queued = {(d.key.key, d.name): d for d in self._down}
         for key in self.keys:
             for name in names:
                 down = queued.get((key.key, name))
                 if down is None:
-                    self._down.append(_DownConsumer(key, name))
+                    self._down.append(_DownConsumer(key, name, min_idle))
                 else:
                     down.after = "-"  # down again: it may have read older entries meanwhile
+                    down.min_idle = min_idle
 
     @property
     def claiming(self) -> bool:
@@ -194,7 +201,7 @@ class PendingWork:
                         down.name,
                     )
                 down.after = "(" + rows[-1]["message_id"]
-                down.claimed += await self.take(key, rows, 0, claiming=True)
+                down.claimed += await self.take(key, rows, down.min_idle, claiming=True)
             if following is None:
                 self._down.remove(down)
                 if down.claimed:

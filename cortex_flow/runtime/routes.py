@@ -57,7 +57,6 @@ class Publish:
 
     key: str
     fields: dict[str, str]
-    maxlen: int | None
 
 
 class CompiledRoute:
@@ -188,7 +187,7 @@ class CompiledRoute:
                 f"{self.label}: agent {agent!r} is not declared; declare it under agents: "
                 f"or guard the route with `when: msg.to in agents`"
             )
-        return Publish(key, encode(self.target.codec, out), self.target.maxlen)
+        return Publish(key, encode(self.target.codec, out))
 
 
 class RouteTable:

@@ -155,7 +155,7 @@ class Runner:
         plan = diff(None, resolved)  # from nothing: every group is an add
         await running.provision(plan, resolved, stopping=lambda: self.stopping)
         await running.watch_heartbeats(
-            resolved, runner_interval=self.config.runner.heartbeat_interval, instance=self.instance
+            resolved, settings=self.config.runner, instance=self.instance
         )
         self.running = running
         running.apply(plan, resolved, tables)
@@ -223,9 +223,7 @@ class Runner:
 
     async def _check_name(self, resolved: Resolved) -> None:
         """Refuse to run under a name another live runner beats with (see heartbeat)."""
-        key = resolved.heartbeat_key
-        if key is None:
-            return  # no heartbeat stream: runners cannot see each other
+        key = resolved.runner_key
         heartbeats = resolved.topology.heartbeats
         codec = resolved.topology.streams[heartbeats.stream].codec if heartbeats else "raw"
         try:

@@ -22,16 +22,25 @@ from redis.exceptions import NoPermissionError, RedisError, ResponseError
 from cortex_flow.errors import CortexFlowError, ValidationFailed
 from cortex_flow.flow.callables import importable_from
 from cortex_flow.flow.calltargets import refused_object
-from cortex_flow.flow.config import Config
+from cortex_flow.flow.config import Config, RunnerSettings
 from cortex_flow.flow.limits import set_limits
 from cortex_flow.flow.outbound import OutboundPolicy, set_policy
 from cortex_flow.flow.plan import Plan, declared_keys
 from cortex_flow.flow.topology import Resolved, ResolvedGroup, wrong_type_problem
 from cortex_flow.runtime.callpool import CallPool, threads_needed
 from cortex_flow.runtime.consumer import GroupConsumer
+from cortex_flow.runtime.deadconsumers import DeadConsumers
 from cortex_flow.runtime.delivery import TRANSIENT
+from cortex_flow.runtime.duties import (
+    AGENTS_DUTY,
+    CONSUMERS_DUTY,
+    DUTIES,
+    RETENTION_DUTY,
+    Duties,
+)
 from cortex_flow.runtime.faultlog import WHAT
 from cortex_flow.runtime.heartbeat import HeartbeatMonitor
+from cortex_flow.runtime.retention import RetentionDuty
 from cortex_flow.runtime.routes import RouteTable
 from cortex_flow.runtime.stats import GroupStats, RunnerStats
 from cortex_flow.wire.connection import Backoff
@@ -134,6 +143,9 @@ class RunningTopology:
         self.tables: dict[str, RouteTable] = {}
         self.consumers: dict[str, GroupConsumer] = {}
         self.heartbeats: HeartbeatMonitor | None = None
+        self.duties: Duties | None = None
+        self.retention: RetentionDuty | None = None
+        self.dead_consumers: DeadConsumers | None = None
         self.retiring: set[asyncio.Task[bool]] = set()
         self.draining: dict[str, GroupConsumer] = {}  # retired, maybe still finishing
 
@@ -232,7 +244,14 @@ class RunningTopology:
             if runner_interval is not None:
                 self.heartbeats.runner_interval = runner_interval
             if self.heartbeats.update(target):  # a new key: beat and watch moved there
-                log.info("heartbeats: now on %s", target.heartbeat_key or "no stream (removed)")
+                log.info("heartbeats: now on %s", target.runner_key)
+        if self.retention is not None:
+            self.retention.resolved = target
+        if self.dead_consumers is not None:
+            self.dead_consumers.resolved = target
+        if self.duties is not None:
+            for duty in DUTIES:
+                self.duties.rekey(duty, target.duty_key(duty))
         self.resolved, self.tables = target, tables
 
     def _ensure_http(self, resolved: Resolved) -> None:
@@ -291,24 +310,75 @@ class RunningTopology:
     # -- heartbeats ------------------------------------------------------------------------
 
     async def watch_heartbeats(
-        self, resolved: Resolved, *, runner_interval: float, instance: str
+        self, resolved: Resolved, *, settings: RunnerSettings, instance: str
     ) -> None:
-        """Start the runner's beat and the watch over agents; a down agent is claimed for."""
+        """Start the runner's beat, the watch over agents and runners (a silent one is
+        claimed for), and this runner's part in the duties (agent events, retention,
+        dead consumers), each held by one runner at a time."""
+        self.duties = Duties(
+            self.client,
+            holder=instance,
+            lease=settings.duty_lease,
+            log=logging.getLogger("cortex_flow.duties"),
+        )
         self.heartbeats = HeartbeatMonitor(
             self.client,
             resolved,
             self.stats,
-            runner_interval=runner_interval,
+            runner_interval=settings.heartbeat_interval,
             on_down=self.claim_for,
             log=logging.getLogger("cortex_flow.heartbeat"),
             instance=instance,
+            duties=self.duties,
         )
+        self.retention = RetentionDuty(
+            self.client, resolved, self.stats, logging.getLogger("cortex_flow.retention")
+        )
+        self.dead_consumers = DeadConsumers(
+            self.client,
+            resolved,
+            idle=settings.dead_consumer_idle,
+            live=self._live_names,
+            claim=self._claim_in,
+            log=logging.getLogger("cortex_flow.duties"),
+        )
+        monitor = self.heartbeats
+        self.duties.add(
+            AGENTS_DUTY, resolved.duty_key(AGENTS_DUTY), on_change=monitor.events.duty_changed
+        )
+        self.duties.add(
+            RETENTION_DUTY,
+            resolved.duty_key(RETENTION_DUTY),
+            interval=settings.retention_interval,
+            act=self.retention.run,
+        )
+        self.duties.add(
+            CONSUMERS_DUTY,
+            resolved.duty_key(CONSUMERS_DUTY),
+            interval=min(60.0, max(1.0, settings.dead_consumer_idle / 4)),
+            act=self.dead_consumers.run,
+        )
+        await self.duties.start()
         await self.heartbeats.start()
 
-    def claim_for(self, name: str) -> None:
-        """An agent or runner went down: every group claims its consumers' entries now."""
+    def _live_names(self) -> set[str]:
+        """Consumer names in use now: runners that beat, agents that are up."""
+        monitor = self.heartbeats
+        if monitor is None:
+            return set()
+        live = {a.name for a in self.stats.agents.values() if a.up is not False}
+        return live | set(monitor.runners)
+
+    def claim_for(self, name: str, min_idle: int = 0) -> None:
+        """An agent or runner went down: every group claims its consumers' entries now,
+        those idle at least ``min_idle`` ms (so two runners never claim one entry)."""
         for consumer in self.consumers.values():
-            consumer.request_claim([name])
+            consumer.request_claim([name], min_idle)
+
+    def _claim_in(self, group: str, name: str, min_idle: int) -> None:
+        consumer = self.consumers.get(group)
+        if consumer is not None:
+            consumer.request_claim([name], min_idle)
 
     # -- stop ------------------------------------------------------------------------------
 
@@ -319,6 +389,8 @@ class RunningTopology:
         )
         if self.heartbeats is not None:
             await self.heartbeats.stop()
+        if self.duties is not None:
+            await self.duties.stop()
         if self.http is not None and self._own_http:
             await self.http.close()
         self.executor.shutdown(wait=False, cancel_futures=True)

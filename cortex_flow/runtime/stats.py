@@ -119,3 +119,6 @@ class RunnerStats:
     oldest_pending_age: dict[tuple[str, str], float] = field(default_factory=dict)
     lag: dict[tuple[str, str], int] = field(default_factory=dict)
     consumers: dict[tuple[str, str, str], int] = field(default_factory=dict)  # pending by consumer
+    # keys held above their max_len: (stream, key, group) -> (entries held, since epoch s)
+    retention_held: dict[tuple[str, str, str], tuple[int, float]] = field(default_factory=dict)
+    trimmed: dict[str, int] = field(default_factory=dict)  # entries this runner trimmed, by key

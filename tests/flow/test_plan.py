@@ -283,7 +283,8 @@ async def test_drift_reports_foreign_groups_missing_keys_and_groups(
         ("add", "group", "harold"),
     ]
     legacy, consumer, missing_key, missing_group = (str(c) for c in changes)
-    assert legacy.startswith(f"group legacy: exists on {high} but no flow declares it there")
+    assert legacy.startswith(f"group legacy: stale on {high}: no flow declares it there")
+    assert legacy.endswith("`cortex-flow prune legacy` removes it")
     assert f"consumer old-host on {high} is not this runner's (cortex): 1 pending" in consumer
     assert missing_key.endswith("stream missing: run would create it with group(s) agents")
     assert (
@@ -420,3 +421,11 @@ def test_plan_has_no_admin_option(tmp_path: Path, capsys: pytest.CaptureFixture[
     config = str(project(tmp_path, "redis://127.0.0.1:1", "t:"))
     assert cli("plan", "--config", config, "--admin", "127.0.0.1:9000") == 2
     assert "unrecognized arguments: --admin" in capsys.readouterr().err
+
+
+def test_changed_retention_of_the_dead_letter_stream_restarts_nothing(tmp_path: Path) -> None:
+    """Retention is applied by the retention duty, never by a consumer: a group that
+    dead-letters to a stream whose retention changed keeps running."""
+    plan = plan_for(tmp_path, lambda f: f["streams"]["dlq"].update(retention={"max_age": "1h"}))
+    assert texts(plan) == ["stream dlq: retention none -> {max_len: none, max_age: 1h}"]
+    assert plan.groups_to_restart == ()

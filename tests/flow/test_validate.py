@@ -1237,3 +1237,50 @@ def test_reload_of_a_project_without_config_file_keeps_the_defaults(project: Pro
     project.write("config.yaml", "runner: {name: later}\n")
     reloaded, _, _ = load_again(started, "cortex")
     assert reloaded.config.runner.name == "later"
+
+
+# --- retention ------------------------------------------------------------------------
+
+
+def test_maxlen_and_retention_max_len_together_is_an_error(project: Project) -> None:
+    """maxlen is the old spelling of retention.max_len: both at once is refused."""
+    project.write(
+        "flows/a.yaml",
+        "version: 1\nstreams: {s: {key: k, maxlen: 5, retention: {max_len: 10}}}\n",
+    )
+    code, out, _ = project.run()
+    assert code == 1
+    assert out.splitlines()[0] == (
+        "flows/a.yaml:2:23: streams.s.maxlen: maxlen is the old spelling of "
+        "retention.max_len and both are given; keep retention.max_len and remove maxlen"
+    )
+
+
+def test_retention_takes_a_length_and_an_age(project: Project) -> None:
+    """retention: {max_len, max_age} and maxlen with retention.max_age are valid."""
+    project.write(
+        "flows/a.yaml",
+        """
+        version: 1
+        streams:
+          s: {key: k, retention: {max_len: 10, max_age: 1h}}
+          t: {key: t, maxlen: 10, retention: {max_age: 30m}}
+        """,
+    )
+    code, out, _ = project.run()
+    assert code == 0, out
+
+
+def test_retention_on_keys_a_message_binds_is_an_error(project: Project) -> None:
+    """The retention pass cannot list keys only a message binds: refused, with the why."""
+    project.write(
+        "flows/a.yaml",
+        'version: 1\nstreams: {s: {key: "t:{{ tenant }}", retention: {max_age: 1h}}}\n',
+    )
+    code, out, _ = project.run()
+    assert code == 1
+    assert out.splitlines()[0] == (
+        'flows/a.yaml:2:49: streams.s.retention: the key "t:{{ tenant }}" has variables only '
+        "a message binds (tenant), so the retention pass cannot list its keys to trim; cap a "
+        "stream whose keys expand over priority and agent only, or trim these keys yourself"
+    )

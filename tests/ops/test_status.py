@@ -253,6 +253,9 @@ def test_json_output_shape(
         "groups",
         "agents",
         "dead_letters",
+        "duties",
+        "retention",
+        "stale_groups",
         "problems",
         "flow_problems",
     }

@@ -279,7 +279,8 @@ async def test_least_privilege_user_runs_every_group(
     """The ACL that docs/operating.md gives as the least a runner needs runs both groups
     (creating them) with no problem and no error logged."""
     setup.user("~t:*", "+@stream", "+evalsha", "+eval", "+script|load", "+ping",
-               "+client|setname")  # fmt: skip
+               "+client|setname", "+get", "+set", "+incr", "+del", "+pexpire", "+hget",
+               "+hset", "+type", "+time")  # fmt: skip
     setup.add(setup.a, range(5))
     setup.add(setup.b, range(5, 10))
     with caplog.at_level(logging.WARNING, logger="cortex_flow"):
