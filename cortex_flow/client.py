@@ -32,8 +32,9 @@ from cortex_flow.flow.loader import Project, load_project
 from cortex_flow.flow.topology import render_key, resolve
 from cortex_flow.ops.send import publish, target_key
 from cortex_flow.wire.access import project_url
-from cortex_flow.wire.codec import decode
-from cortex_flow.wire.connection import redis_from_url, wait_for_redis
+from cortex_flow.wire.codec import DecodeError, check_text, decode
+from cortex_flow.wire.connection import redis_from_url, same_slot, wait_for_redis
+from cortex_flow.wire.deadletters import dead_letter_fields
 from cortex_flow.wire.groups import ensure_group
 from cortex_flow.wire.heartbeats import beat_fields, encode_beat
 
@@ -206,6 +207,11 @@ class Client:
                 if not fields:  # trimmed or deleted while pending: nothing left to handle
                     await self.redis.xack(key, group, entry_id)
                     continue
+                try:
+                    check_text(fields)
+                except DecodeError as exc:
+                    await self._undecodable(key, group, entry_id, fields, counts, str(exc))
+                    continue
                 yield Message(
                     entry_id,
                     dict(fields),
@@ -215,6 +221,40 @@ class Client:
                     spec.codec,
                     self.redis,
                 )
+
+    async def _undecodable(
+        self,
+        key: str,
+        group: str,
+        entry_id: str,
+        fields: dict[str, str],
+        counts: Mapping[str, int],
+        reason: str,
+    ) -> None:
+        """An inbox entry that is not UTF-8: dead-lettered (its bytes kept) where the
+        flows give the group a dead_letter, else left pending; never yielded."""
+        resolved = resolve(self.project.topology, self._me("read an inbox"))
+        found = resolved.groups.get(group)
+        dlq = found.dead_letter if found is not None else None
+        error = f"cannot decode: {reason}"
+        if dlq is None:
+            log.error(
+                "inbox %s: %s %s; the group %s has no dead_letter, so it stays pending and "
+                "is skipped. Add dead_letter: to the group",
+                key,
+                entry_id,
+                error,
+                group,
+            )
+            return
+        dead = dead_letter_fields(fields, key, entry_id, group, counts.get(entry_id, 1), error)
+        pipe = self.redis.pipeline(transaction=same_slot(dlq, key))
+        assert found is not None and found.spec.dead_letter is not None
+        cap = self.project.topology.streams[found.spec.dead_letter].maxlen
+        pipe.xadd(dlq, dead, maxlen=cap, approximate=True)
+        pipe.xack(key, group, entry_id)
+        await pipe.execute()
+        log.warning("inbox %s: %s dead-lettered to %s: %s", key, entry_id, dlq, error)
 
     @contextlib.asynccontextmanager
     async def handle(self, message: Message) -> AsyncIterator[Message]:

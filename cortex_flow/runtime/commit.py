@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 from redis.exceptions import ResponseError
@@ -35,6 +34,7 @@ from cortex_flow.runtime.delivery import (
 from cortex_flow.runtime.routes import Publish
 from cortex_flow.runtime.stats import KeyStats
 from cortex_flow.wire.connection import same_slot
+from cortex_flow.wire.deadletters import dead_letter_fields
 from cortex_flow.wire.faults import passing_reason
 
 # ARGV[1] is the group, ARGV[2] the batch as one flat JSON array (one argument:
@@ -101,10 +101,6 @@ class CommitDeferred(Exception):
         self.error = error
 
 
-def _iso_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
 class Committer:
     """Commits one group's outcomes and counts and logs what became of each entry."""
 
@@ -137,14 +133,8 @@ class Committer:
     def dead_letter(self, outcome: Outcome) -> Publish:
         """The dead-letter entry for ``outcome``: its fields plus the ``dlq_*`` metadata."""
         entry = outcome.entry
-        fields = dict(entry.fields)
-        fields.update(
-            dlq_stream=entry.key.key,
-            dlq_id=entry.id,
-            dlq_group=self.name,
-            dlq_deliveries=str(entry.deliveries),
-            dlq_error=outcome.error[:4000],
-            dlq_at=_iso_now(),
+        fields = dead_letter_fields(
+            entry.fields, entry.key.key, entry.id, self.name, entry.deliveries, outcome.error
         )
         assert self.dead_letter_key is not None
         return Publish(self.dead_letter_key, fields, self._dlq_maxlen)

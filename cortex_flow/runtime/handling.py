@@ -24,11 +24,14 @@ from cortex_flow.flow.topology import ResolvedGroup
 from cortex_flow.runtime.deadlines import Deadlines
 from cortex_flow.runtime.delivery import ACK, DEAD, RETRY, Entry, Outcome
 from cortex_flow.runtime.routes import (
+    HANDLER_EXITS,
     CompiledRoute,
+    HandlerExit,
     Overran,
     PermanentError,
     Publish,
     RouteTable,
+    call_inline,
     call_route,
 )
 from cortex_flow.runtime.stats import GroupStats, KeyStats
@@ -104,7 +107,7 @@ class EntryHandler:
                 if action == "to":
                     publishes.append(route.publish(msg, ctx, bound))
                 elif action == "call" and route.inline and not route.is_async:
-                    route.fn(msg)  # type: ignore[misc]
+                    call_inline(route, msg)
                 elif action in ("call", "http"):
                     yield route, msg, ctx
                 if not route.continue_:
@@ -127,8 +130,8 @@ class EntryHandler:
         else:  # the usual case, without a call: the message and the key's variables
             try:
                 msg = decode(self.codec, entry.fields)
-            except DecodeError as exc:
-                return Outcome(entry, DEAD, [], f"cannot decode: {exc}")
+            except Exception as exc:
+                return undecodable(entry, exc)
             bound, ctx = self._bound[entry.key.key], None
         publishes: list[Publish] = []
         matched = False
@@ -146,6 +149,8 @@ class EntryHandler:
                     break
         except Exception as exc:
             return self._failure(entry, route, exc)
+        except HANDLER_EXITS as exc:
+            return self._failure(entry, route, HandlerExit.of(route, exc))
         finally:
             self._key_stats[entry.key.key].latency.observe(perf_counter() - started)
         if matched:
@@ -154,22 +159,40 @@ class EntryHandler:
 
     def _prepare(self, entry: Entry) -> tuple[Any, dict[str, Any], Any] | Outcome:
         """The decoded message, the key's variables and the template context (or None);
-        an undecodable entry's outcome instead."""
+        an undecodable entry's outcome instead.
+
+        Whatever fails here fails for this entry alone, and the same way every time
+        (``RecursionError``, ``MemoryError``: hostile input): it is dead-lettered at once.
+        """
         try:
             msg = decode(self.codec, entry.fields)
-        except DecodeError as exc:
-            return Outcome(entry, DEAD, [], f"cannot decode: {exc}")
+        except Exception as exc:
+            return undecodable(entry, exc)
         key = entry.key
         bound = self._bound.get(key.key)
         if bound is None:
             bound = {"priority": key.priority, "agent": key.agent, **self._base_vars}
             self._bound[key.key] = bound
         table = self.table
-        ctx = self._context(entry, msg, bound, table) if table.needs_context else None
+        try:
+            ctx = self._context(entry, msg, bound, table) if table.needs_context else None
+        except Exception as exc:
+            return Outcome(entry, DEAD, [], f"template context: {type(exc).__name__}: {exc}")
         return msg, bound, ctx
 
     def _failure(self, entry: Entry, route: CompiledRoute, exc: Exception) -> Outcome:
         """The outcome of ``route`` raising ``exc`` for ``entry``."""
+        if isinstance(exc, HandlerExit):
+            self.log.error(
+                "group %s: %s from %s: %s (%s); that is this message's failure, the runner "
+                "goes on. A handler should raise an exception rather than exit",
+                self.name,
+                entry.id,
+                entry.key.key,
+                exc,
+                route.label,
+            )
+            return self._failed(entry, f"{route.label}: {exc}")
         if isinstance(exc, PermanentError):
             return Outcome(entry, DEAD, [], str(exc))
         if isinstance(exc, Overran):
@@ -213,6 +236,8 @@ class EntryHandler:
                         await self._call_sync(route, msg, entry)
                 except Exception as exc:
                     route, msg, ctx = steps.throw(exc)
+                except HANDLER_EXITS as exc:
+                    route, msg, ctx = steps.throw(HandlerExit.of(route, exc))
                 else:
                     route, msg, ctx = steps.send(None)
         except StopIteration as stop:
@@ -305,3 +330,10 @@ class EntryHandler:
                 if resp.status >= 300:
                     body = (await resp.text())[:200]
                     raise RuntimeError(f"HTTP {resp.status} from {url}: {body}")
+
+
+def undecodable(entry: Entry, exc: Exception) -> Outcome:
+    """The outcome of an entry whose fields cannot be decoded: a dead letter, with why."""
+    if isinstance(exc, DecodeError):
+        return Outcome(entry, DEAD, [], f"cannot decode: {exc}")
+    return Outcome(entry, DEAD, [], f"cannot decode: {type(exc).__name__}: {exc}")

@@ -24,7 +24,7 @@ from typing import Any
 from cortex_flow.runtime.callpool import Call, CallPool
 from cortex_flow.runtime.delivery import Entry, Outcome
 from cortex_flow.runtime.handling import EntryHandler, Step
-from cortex_flow.runtime.routes import CompiledRoute, Overran, call_route
+from cortex_flow.runtime.routes import CompiledRoute, HandlerExit, Overran, call_route
 
 Steps = Generator[Step, None, Outcome]
 
@@ -190,7 +190,7 @@ class ThreadedDriver:
             self.handler.overrun_ended()
             error = Overran(route.timeout, now - flight.started)
         elif error is not None and not isinstance(error, Exception):
-            error = RuntimeError(f"{type(error).__name__}: {error}")  # SystemExit and the like
+            error = HandlerExit.of(route, error)  # SystemExit and the like: a failure
         self._advance(flight, error)
 
     def _expire(self, now: float) -> None:

@@ -142,4 +142,4 @@ def fake_client() -> Any:
         def register_script(self, script: Any) -> Any:
             return None
 
-    return TestFake(decode_responses=True)
+    return TestFake(decode_responses=True, encoding_errors="surrogateescape")

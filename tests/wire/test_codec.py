@@ -8,7 +8,7 @@ from cortex_flow.wire.codec import DecodeError, decode
 
 
 def test_json_nested_too_deep_is_a_decode_error() -> None:
-    with pytest.raises(DecodeError, match="not valid JSON"):
+    with pytest.raises(DecodeError, match="nested too deep"):
         decode("json", {"data": "[" * 100_000 + "]" * 100_000})
 
 
