@@ -284,6 +284,7 @@ async def probe_admin(admin: AdminSettings) -> dict[str, Any]:
         "reachable": True,
         "ready": body.get("status") == "ready",
         "reload": detail.get("reload"),
+        "stuck_calls": detail.get("stuck_calls") or {},
     }
 
 
@@ -298,5 +299,12 @@ async def snapshot(client: RedisClient, project: Project, resolved: Resolved) ->
     if not admin["reachable"] and admin["admin"] is not None:
         data["problems"].append(
             f"runner {resolved.runner} is not reachable at {admin['admin']} ({admin['reason']})"
+        )
+    for group, stuck in sorted(admin.get("stuck_calls", {}).items()):
+        held = stuck.get("held_back")
+        data["problems"].append(
+            f"group {group}: {stuck.get('stuck')} sync call(s) stuck past their timeout "
+            f"(max_stuck_calls {stuck.get('max_stuck_calls')})"
+            + ("; it starts no new message until one returns" if held else "")
         )
     return data

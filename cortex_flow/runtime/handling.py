@@ -74,6 +74,11 @@ class EntryHandler:
         self._key_stats = key_stats
         self.log = log or logging.getLogger("cortex_flow.consumer")
         self.group_stats = group_stats  # where overrunning sync calls are counted
+        spec = group.spec
+        # sync calls stuck past their timeout before no new message starts
+        self.max_stuck_calls = spec.max_stuck_calls or spec.concurrency
+        if group_stats is not None:
+            group_stats.max_stuck_calls = self.max_stuck_calls
         self.deadlines = Deadlines()  # the timeouts of async calls
         self._unmatched = 0  # acknowledged unmatched since the last warning
         self._unmatched_warn_at = 0.0  # time.monotonic() of the next allowed warning
@@ -259,10 +264,16 @@ class EntryHandler:
             if overran:
                 self.overrun_ended()
 
-    def overrun_started(self, route: CompiledRoute, entry: Entry) -> None:
-        """A sync call for ``entry`` is past its timeout and still running: say so."""
+    def overrun_started(self, route: CompiledRoute, entry: Entry, stuck: int = 0) -> None:
+        """A sync call for ``entry`` is past its timeout and still running: say so.
+
+        ``stuck``: how many of the group's calls now are; at ``max_stuck_calls`` the group
+        is held back (starts no new message until one returns).
+        """
+        held_back = stuck >= self.max_stuck_calls
         if self.group_stats is not None:
             self.group_stats.overrunning += 1
+            self.group_stats.held_back = held_back
         self.log.warning(
             "group %s: %s (%s) timed out after %gs and is still running; a sync call "
             "cannot be stopped: the message keeps its slot and is retried only once it "
@@ -272,11 +283,26 @@ class EntryHandler:
             route.label,
             route.timeout,
         )
+        if held_back:
+            self.log.error(
+                "group %s: %d sync calls are stuck past their timeout (max_stuck_calls %d); "
+                "the group starts no new message until one returns (other groups go on). "
+                "Make the handler return within its timeout, or raise max_stuck_calls",
+                self.name,
+                stuck,
+                self.max_stuck_calls,
+            )
 
-    def overrun_ended(self) -> None:
-        """An overrunning sync call returned."""
+    def overrun_ended(self, stuck: int = 0) -> None:
+        """An overrunning sync call returned; ``stuck`` of the group's still run."""
+        held_back = stuck >= self.max_stuck_calls
         if self.group_stats is not None:
             self.group_stats.overrunning -= 1
+            self.group_stats.held_back = held_back
+        if stuck + 1 >= self.max_stuck_calls > stuck:
+            self.log.info(
+                "group %s: a stuck sync call returned; new messages start again", self.name
+            )
 
     def _warn_unmatched(self) -> None:
         """Say (at most once a minute) that unmatched messages are being acknowledged."""

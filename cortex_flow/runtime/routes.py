@@ -298,6 +298,7 @@ async def _call(
         except TimeoutError:
             if pool.cancel(call):
                 raise  # still queued for a thread: it never ran
+            pool.stuck(call)
             if on_overrun is not None:
                 on_overrun(route)
             with contextlib.suppress(Exception, *HANDLER_EXITS):  # timed out either way

@@ -68,6 +68,8 @@ class GroupStats:
     # passing Redis errors met (out of memory, read-only, no answer, ...), by reason
     redis_errors: dict[str, int] = field(default_factory=dict)
     overrunning: int = 0  # sync calls past their timeout whose thread still runs
+    held_back: bool = False  # max_stuck_calls of them: no new message starts
+    max_stuck_calls: int = 0  # the group's bound (0: no sync call)
     leases_lost: int = 0  # held entries another consumer took over before a renewal
 
     def key(self, key: str) -> KeyStats:

@@ -67,7 +67,8 @@ class ThreadedDriver:
         self._finish = finish
         self._drop = drop
         self.log = log
-        self.in_flight = 0  # entries started and not finished
+        self.in_flight = 0  # entries started and not finished, the stuck ones included
+        self.stuck = 0  # of them, in a sync call past its timeout (they keep no slot)
         self._returned: list[Call] = []  # calls whose thread returned, to settle
         self._deadlines: list[tuple[float, int, Call]] = []  # a heap
         self._order = itertools.count()
@@ -86,7 +87,11 @@ class ThreadedDriver:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                while self.in_flight < self.concurrency:
+                # stuck calls keep their message but not its slot, up to max_stuck_calls
+                while (
+                    self.in_flight - self.stuck < self.concurrency
+                    and self.stuck < self.handler.max_stuck_calls
+                ):
                     entry = self._take()
                     if entry is None:
                         break
@@ -187,7 +192,8 @@ class ThreadedDriver:
         assert route is not None
         error = call.error
         if flight.overran:
-            self.handler.overrun_ended()
+            self.stuck -= 1
+            self.handler.overrun_ended(stuck=self.stuck)
             error = Overran(route.timeout, now - flight.started)
         elif error is not None and not isinstance(error, Exception):
             error = HandlerExit.of(route, error)  # SystemExit and the like: a failure
@@ -208,4 +214,6 @@ class ThreadedDriver:
                 self._advance(flight, TimeoutError(f"timed out after {route.timeout:g}s"))
             else:
                 flight.overran = True
-                self.handler.overrun_started(route, flight.entry)
+                self.stuck += 1
+                self.pool.stuck(call)
+                self.handler.overrun_started(route, flight.entry, stuck=self.stuck)
