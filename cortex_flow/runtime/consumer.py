@@ -383,8 +383,12 @@ class GroupConsumer:
         """How many entries to read or claim now: up to a batch, once there is room for one.
 
         At most ``concurrency`` run; about as many more may wait in the backlog, so a read
-        takes a whole batch instead of the one or two slots that just freed.
+        takes a whole batch instead of the one or two slots that just freed. While taking
+        back what a dead runner held, one entry at a time (``PendingWork.isolating``).
         """
+        if self.pending.isolating:  # calls stuck past their timeout do not hold it up
+            busy = self.held - len(self.reader.parked) - self.stats.overrunning
+            return 0 if busy > 0 else 1
         if self.handler.table.inline:  # a batch may be read while the last one commits
             held = self.held - len(self.reader.parked)  # parked: released by a read
             return self.spec.batch if held <= self.spec.batch else 0

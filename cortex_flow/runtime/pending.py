@@ -28,6 +28,7 @@ from typing import Any
 from cortex_flow.flow.topology import ResolvedGroup, StreamKey
 from cortex_flow.runtime.delivery import DEAD, Entry, Outcome, backoff_ms, pairs
 from cortex_flow.runtime.stats import KeyStats
+from cortex_flow.wire.deadletters import crash_reason, failures_key
 
 
 @dataclass(slots=True)
@@ -179,12 +180,12 @@ class PendingWork:
         one page waits there: entries claimed long before they can start would idle past
         ``claim_idle`` and be claimed again by yet another consumer.
         """
-        batch = self.spec.batch
         for down in list(self._down):
-            if self._capacity() == 0:
+            room = min(self.spec.batch, self._capacity())
+            if room == 0:
                 return
             key = down.key
-            rows, following = await self._page(key, down.after, batch, down.name)
+            rows, following = await self._page(key, down.after, room, down.name)
             if rows:
                 if down.claimed == 0:
                     self.log.info(
@@ -388,6 +389,25 @@ class PendingWork:
             )
             await self.client.xack(key.key, self.name, *gone)
 
+    async def _failures(self, entries: list[Entry]) -> dict[str, int]:
+        """How many deliveries of each of ``entries`` failed (the rest: its runner died)."""
+        pipe = self.client.pipeline(transaction=False)
+        for e in entries:
+            pipe.hget(failures_key(e.key.key), f"{self.name}:{e.id}")
+        try:
+            found = await pipe.execute()
+        except Exception as exc:  # the count is for the reason only
+            self.log.debug("group %s: failure counts not read: %s", self.name, exc)
+            return {}
+        return {e.id: int(n) for e, n in zip(entries, found, strict=True) if n}
+
+    @property
+    def isolating(self) -> bool:
+        """True while taking back entries a runner held when it died (ours from before
+        a restart, or a down consumer's): each runs alone, committed before the next is
+        claimed, so a message that kills its runner takes no neighbour with it."""
+        return bool(self._own or self._down)
+
     async def _process(self, entries: list[Entry]) -> None:
         """Run claimed entries; dead-letter those already delivered more than allowed."""
         if not entries:
@@ -396,14 +416,14 @@ class PendingWork:
         live = [e for e in entries if e.deliveries <= self.max_deliveries]
         if dead:
             # this claim is not a delivery to a handler: report the ones that were
+            failures = await self._failures(dead)
             await self._commit(
                 [
                     Outcome(
                         Entry(e.key, e.id, e.fields, e.deliveries - 1),
                         DEAD,
                         [],
-                        f"delivered {e.deliveries - 1} times without being "
-                        "acknowledged (its consumer crashed or timed out each time)",
+                        crash_reason(e.deliveries - 1, failures.get(e.id, 0)),
                     )
                     for e in dead
                 ]
