@@ -180,3 +180,52 @@ async def test_the_client_inbox_dead_letters_an_entry_that_is_not_utf8(
     [(_, dead)] = raw_redis.xrange(f"{key_prefix}dlq")
     assert {k: v for k, v in dead.items() if not k.startswith(b"dlq_")} == BAD_FIELDS
     assert raw_redis.xpending(inbox, "harold")["pending"] == 0
+
+
+class _HostileJson:
+    """``json`` as the codec sees it, failing on one message the way hostile input can."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def loads(self, text: str) -> Any:
+        if text == '"poison"':
+            raise self.error
+        return json.loads(text)
+
+    def dumps(self, value: Any, **options: Any) -> str:
+        return json.dumps(value, **options)
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (MemoryError(), "cannot decode: json codec: `data` (8 characters) is too big"),
+        (LookupError("odd"), "cannot decode: LookupError: odd"),
+    ],
+)
+async def test_any_failure_preparing_one_entry_dead_letters_it_alone(
+    new_project: NewProject,
+    redis_client: Any,
+    raw_redis: Any,
+    key_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    error: BaseException,
+    reason: str,
+) -> None:
+    """MemoryError or any other exception decoding one entry of an inline batch of 20:
+    the 19 others are published once, that one is dead-lettered after one delivery with
+    the real reason (on the previous main the batch failed as a whole)."""
+    monkeypatch.setattr("cortex_flow.wire.codec.json", _HostileJson(error))
+    flow = FLOW.replace('"{P}jobs"}', '"{P}jobs", codec: json}').replace("batch: 10", "batch: 20")
+    config, _ = new_project(flow.replace("ROUTE", "to: done"))
+    jobs = f"{key_prefix}jobs"
+    for n in range(20):
+        raw_redis.xadd(jobs, {"data": '"poison"' if n == 7 else json.dumps({"n": n})})
+    async with running(config):
+        await wait_for(lambda: raw_redis.xlen(f"{key_prefix}dlq") == 1, what="the dead letter")
+        await wait_for(lambda: none_pending(redis_client, jobs, "work"), what="all acknowledged")
+    done = [int(f[b"n"]) for _, f in raw_redis.xrange(f"{key_prefix}done")]
+    assert done == [n for n in range(20) if n != 7]
+    [(_, dead)] = raw_redis.xrange(f"{key_prefix}dlq")
+    assert (dead[b"dlq_deliveries"], dead[b"dlq_error"].decode()) == (b"1", reason)
