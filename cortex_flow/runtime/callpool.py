@@ -12,7 +12,10 @@ that block (a model or API call over a sync client) each get their own.
 A call's timeout runs from the moment it is queued, so a call that waits for a thread
 spends its timeout waiting. The pool therefore has room for a thread for every handler
 that may be in a sync call at once: the ``concurrency`` of each group with a sync,
-non-inline ``call`` route, summed (at least ``MIN_THREADS``). Threads start only when
+non-inline ``call`` route, summed (at least ``MIN_THREADS``). A call stuck past its
+timeout (:meth:`CallPool.stuck`) holds its thread until it returns, but that thread no
+longer counts against the size: each group bounds its own stuck calls, and no group's
+stuck calls take the threads of the others. Threads start only when
 needed and end after ``IDLE_EXIT`` seconds without work; a reload may raise the size.
 """
 

@@ -276,8 +276,8 @@ class EntryHandler:
             self.group_stats.held_back = held_back
         self.log.warning(
             "group %s: %s (%s) timed out after %gs and is still running; a sync call "
-            "cannot be stopped: the message keeps its slot and is retried only once it "
-            "returns",
+            "cannot be stopped: the message stays held (its slot goes to the next one) and "
+            "is retried only once it returns",
             self.name,
             entry.id,
             route.label,

@@ -8,7 +8,9 @@ their sync calls in the :class:`~cortex_flow.runtime.callpool.CallPool` (the cal
 one pass reach the threads in one hand-over), and is told of the calls that returned
 in runs. Timeouts are kept in one heap: a call still queued at its timeout is taken
 back and fails as timed out; one already running cannot be stopped, so it is said to
-overrun, keeps its slot, and fails as timed out once it returns. An ``async`` or
+overrun (stuck): its entry stays held and fails as timed out once it returns, but its
+slot goes to the next entry, up to the group's ``max_stuck_calls`` stuck at once; at
+that bound no new entry starts until one returns. An ``async`` or
 ``http`` route of the same table runs in a task of its own.
 """
 
