@@ -3,19 +3,36 @@
 ``raw``: ``msg`` is the entry's fields (strings). ``json``: the entry holds one
 field ``data`` with a JSON object, and ``msg`` is that object.
 
-Clients decode replies with ``surrogateescape`` (:mod:`cortex_flow.wire.connection`):
-a field that is not UTF-8 arrives as a str holding lone surrogates (U+DC80-U+DCFF, one
-per byte that is not UTF-8), never as an error in the middle of a read. :func:`decode`
-refuses such an entry with a :class:`DecodeError` naming the field, so that entry alone
-is dead-lettered; written back through the same client, its fields are the very bytes
-that were read.
+Clients decode replies with :data:`ERRORS` (:mod:`cortex_flow.wire.connection`), which
+is ``surrogateescape`` that also counts its use: a field that is not UTF-8 arrives as a
+str holding lone surrogates (U+DC80-U+DCFF, one per byte that is not UTF-8), never as
+an error in the middle of a read. :func:`decode` refuses such an entry with a
+:class:`DecodeError` naming the field, so that entry alone is dead-lettered; written
+back through the same client, its fields are the very bytes that were read. Until a
+process has met a byte that is not UTF-8, no entry can hold one and the check costs
+nothing.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Mapping
 from typing import Any
+
+# The error handler clients decode and encode with: ``surrogateescape``, counted.
+ERRORS = "cortex-flow-surrogateescape"
+_surrogateescape = codecs.lookup_error("surrogateescape")
+_escapes = 0  # times bytes that are not UTF-8 were met (read or written) in this process
+
+
+def _escape(exc: UnicodeError) -> tuple[str | bytes, int]:
+    global _escapes
+    _escapes += 1
+    return _surrogateescape(exc)
+
+
+codecs.register_error(ERRORS, _escape)
 
 
 class DecodeError(ValueError):
@@ -62,9 +79,12 @@ def _not_utf8(kind: str, name: str, text: str) -> DecodeError | None:
 def check_text(fields: Mapping[str, str]) -> None:
     """Raise :class:`DecodeError` naming the first field whose name or value is not UTF-8.
 
-    ``str.isascii()`` reads a flag CPython keeps on every string: ASCII fields cost
-    next to nothing; others are encoded once to find a byte that is not UTF-8.
+    Free until this process met such a byte (:data:`ERRORS` counts them); then
+    ``str.isascii()``, a flag CPython keeps on every string, passes ASCII fields at
+    once, and others are encoded once to find a byte that is not UTF-8.
     """
+    if not _escapes:
+        return
     for name, value in fields.items():
         if name.isascii() and value.isascii():
             continue

@@ -33,6 +33,7 @@ from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissi
 
 from cortex_flow.errors import ConnectionFailed
 from cortex_flow.flow.urls import describe_url, url_hosts, validate_url
+from cortex_flow.wire.codec import ERRORS
 
 __all__ = [
     "ENCODING_ERRORS",
@@ -59,8 +60,9 @@ CONNECT_TIMEOUT = 5.0
 HEALTH_CHECK_INTERVAL = 30
 LOG_EVERY = 5.0
 _TRUE = ("1", "true", "yes", "on")
-# One entry that is not UTF-8 must not make a whole read (a batch, a group) fail.
-ENCODING_ERRORS = "surrogateescape"
+# One entry that is not UTF-8 must not make a whole read (a batch, a group) fail:
+# surrogateescape, counted (see cortex_flow.wire.codec).
+ENCODING_ERRORS = ERRORS
 
 
 def redis_from_url(
@@ -73,7 +75,7 @@ def redis_from_url(
     """Build a client for ``url`` without connecting. Raises ``ValueError`` for a bad URL.
 
     ``socket_timeout`` bounds every reply: blocking reads must block for less than it.
-    Replies decode with ``surrogateescape``: bytes that are not UTF-8 arrive as lone
+    Replies decode with surrogateescape: bytes that are not UTF-8 arrive as lone
     surrogates instead of raising in the middle of a read, and a str holding them is
     written back as the very same bytes (see :func:`cortex_flow.wire.codec.check_text`).
     """

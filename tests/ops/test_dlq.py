@@ -219,11 +219,10 @@ def test_show_and_replay_an_entry_that_is_not_utf8(
 ) -> None:
     """show prints bytes that are not UTF-8 as \\xNN and names the field; replay publishes
     the original bytes (on the previous main both failed with UnicodeDecodeError)."""
-    meta = {"dlq_stream": f"{prefix}tasks:high", "dlq_id": "1-1", "dlq_group": "agents"}
+    fields: dict[bytes, bytes] = {b"text": b"\xff\xfeok", b"n\xe9": b"1"}
+    fields |= {b"dlq_stream": f"{prefix}tasks:high".encode(), b"dlq_group": b"agents"}
     with redis.Redis.from_url(redis_url) as raw:
-        entry_id = raw.xadd(
-            f"{prefix}dlq", {b"text": b"\xff\xfeok", b"n\xe9": b"1", **meta}
-        ).decode()
+        entry_id = raw.xadd(f"{prefix}dlq", fields).decode()
         assert cli("dlq", "show", entry_id, "--config", str(config)) == 0
         out = capsys.readouterr().out
         assert "\\xff\\xfeok" in out and "n\\xe9" in out and "not UTF-8" in out
