@@ -302,6 +302,9 @@ def admin_server() -> Iterator[str]:
                             "last_at": "2024-05-01T10:00:00Z",
                             "errors": ["flows/a.yaml:3:5: groups.x.stream: unknown stream"],
                         },
+                        "stuck_calls": {
+                            "agents": {"stuck": 4, "max_stuck_calls": 4, "held_back": True}
+                        },
                     },
                 }
             ).encode()
@@ -328,7 +331,8 @@ def test_runner_readiness_and_reload_errors_come_from_admin(
     admin_server: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """The runner section shows /readyz: ready, last reload outcome and its errors."""
+    """The runner section shows /readyz: ready, last reload outcome and its errors; a
+    group held back by stuck sync calls is a problem."""
     config = project(tmp_path, redis_url, prefix, agents=False, admin=admin_server)
     data = status_json(config, capsys)
     admin = data["runner"]["admin_status"]
@@ -341,6 +345,12 @@ def test_runner_readiness_and_reload_errors_come_from_admin(
     out = capsys.readouterr().out
     assert "ready; last reload rejected" in out
     assert "unknown stream" in out
+    held_back = (
+        "group agents: 4 sync call(s) stuck past their timeout (max_stuck_calls 4); it "
+        "starts no new message until one returns"
+    )
+    assert held_back in data["problems"]
+    assert "max_stuck_calls 4" in out
 
 
 def test_unreachable_runner_is_reported(
