@@ -39,11 +39,16 @@ class DecodeError(ValueError):
     """The entry cannot be turned into a message; it is dead-lettered at once."""
 
 
+def original_bytes(text: str) -> bytes:
+    """The bytes a field read as ``text`` holds in Redis."""
+    return text.encode("utf-8", "surrogateescape")
+
+
 def printable(text: str) -> str:
     """``text`` with each byte that is not UTF-8 shown as ``\\xNN`` (for people)."""
     if text.isascii():
         return text
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return original_bytes(text).decode("utf-8", "backslashreplace")
 
 
 def is_utf8(text: str) -> bool:
@@ -55,11 +60,6 @@ def is_utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def original_bytes(text: str) -> bytes:
-    """The bytes a field read as ``text`` holds in Redis."""
-    return text.encode("utf-8", "surrogateescape")
 
 
 def _not_utf8(kind: str, name: str, text: str) -> DecodeError | None:
