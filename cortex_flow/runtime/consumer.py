@@ -271,11 +271,10 @@ class GroupConsumer:
                         pending.recover()  # every entry of ours, due or not
                         self._retries.clear()
                         recover = False
-                    if pending.recovering:  # our own pending entries first, as room frees up
+                    if pending.recovering:  # our own pending entries first, one at a time
                         await pending.take_own()
-                        if pending.recovering:
-                            if self._capacity() == 0:
-                                await self._idle()
+                        if pending.recovering and self._capacity() == 0:
+                            await self._idle()
                             continue
                     now = time.monotonic()
                     due = self._retries.next_due()
@@ -291,14 +290,16 @@ class GroupConsumer:
                     if capacity == 0:
                         await self._idle()
                         continue
-                    # while a down consumer's entries remain, only glance for new ones;
-                    # a retry falling due ends the wait for new entries in time
-                    block = not pending.claiming
+                    # while what a dead runner held is taken back (one at a time), only
+                    # glance for new entries; a retry falling due ends the wait in time
+                    block = not pending.isolating
                     entries = await self._fetch(capacity, block=block, block_ms=self._block_ms())
                     if self.reader.parked:  # held for later: leased meanwhile
                         self._inflight.update((e.key.key, e.id) for e in self.reader.parked)
                     if entries:
                         await self._dispatch(entries)
+                    elif not block:  # the entry taken back runs: wait for it (or a while)
+                        await self._idle(self.block_ms / 1000)
                     backoff.reset()
                 except TRANSIENT as exc:
                     delay = backoff.next_delay()
@@ -338,10 +339,11 @@ class GroupConsumer:
             if not self._inflight:
                 self.done.set()
 
-    async def _idle(self) -> None:
-        """Wait for a free slot or a stop (a due retry needs a slot too)."""
+    async def _idle(self, timeout: float | None = None) -> None:
+        """Wait for a free slot or a stop (a due retry needs a slot too), or ``timeout``."""
         self._wake.clear()
-        await self._wake.wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
 
     def _block_ms(self) -> int:
         """How long a read may wait for new entries: until the next retry is due at most."""
@@ -383,12 +385,8 @@ class GroupConsumer:
         """How many entries to read or claim now: up to a batch, once there is room for one.
 
         At most ``concurrency`` run; about as many more may wait in the backlog, so a read
-        takes a whole batch instead of the one or two slots that just freed. While taking
-        back what a dead runner held, one entry at a time (``PendingWork.isolating``).
+        takes a whole batch instead of the one or two slots that just freed.
         """
-        if self.pending.isolating:  # calls stuck past their timeout do not hold it up
-            busy = self.held - len(self.reader.parked) - self.stats.overrunning
-            return 0 if busy > 0 else 1
         if self.handler.table.inline:  # a batch may be read while the last one commits
             held = self.held - len(self.reader.parked)  # parked: released by a read
             return self.spec.batch if held <= self.spec.batch else 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ FLOW = """
         dead_letter: dlq
         batch: 10
         concurrency: CONCURRENCY
-        retry: {max_deliveries: 3, backoff: {initial: 50ms, max: 50ms}}
+        retry: {max_deliveries: 3, backoff: {initial: 50ms, max: 50ms}, claim_idle: 300ms}
         routes:
           - call: CALL
             continue: true
@@ -54,13 +55,13 @@ CALLS = {
 }
 
 
-def _run_until_settled(config: Path, tmp_path: Path, raw: Any, prefix: str) -> int:
-    """Start runners one after another until the dead letter is written and nothing is
-    pending; how many of them died."""
+def _run_until_settled(config: Callable[[int], Path], tmp_path: Path, raw: Any, prefix: str) -> int:
+    """Start runners (``config(i)`` for the i-th) one after another until the dead letter
+    is written and nothing is pending; how many of them died."""
     log, died = tmp_path / "runner.log", 0
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
-        process = spawn_runner(config, log)
+        process = spawn_runner(config(died), log)
         try:
             while process.poll() is None and time.monotonic() < deadline:
                 settled = raw.exists(f"{prefix}dlq") and raw.xlen(f"{prefix}done") >= 9
@@ -77,8 +78,14 @@ def _run_until_settled(config: Path, tmp_path: Path, raw: Any, prefix: str) -> i
     raise AssertionError(f"not settled after {died} deaths:\n{log.read_text()[-3000:]}")
 
 
+# who takes back what the dead runner held: the same runner restarted (its own pending
+# entries), or each time a runner of another name (XPENDING IDLE past claim_idle)
+TAKERS = ["restarted", "another runner"]
+
+
 @pytest.mark.parametrize("kind", list(CALLS))
 @pytest.mark.parametrize("fail_first", [False, True])
+@pytest.mark.parametrize("taker", TAKERS)
 def test_a_message_that_kills_its_runner_takes_no_neighbour_with_it(
     new_project: NewProject,
     tmp_path: Path,
@@ -86,6 +93,7 @@ def test_a_message_that_kills_its_runner_takes_no_neighbour_with_it(
     key_prefix: str,
     kind: str,
     fail_first: bool,
+    taker: str,
 ) -> None:
     """Message 5 of 10 kills its runner (os._exit) each time it runs (after failing once,
     in the second case): the 9 others are published once each and run twice at most;
@@ -95,7 +103,11 @@ def test_a_message_that_kills_its_runner_takes_no_neighbour_with_it(
     calls_log = tmp_path / "calls.txt"
     handlers = HANDLERS.replace("CALLS", str(calls_log)).replace("FAIL_FIRST", str(fail_first))
     flow = FLOW.replace("CALL", call).replace("CONCURRENCY", str(concurrency))
-    config, _ = new_project(flow, handlers)
+
+    def config(i: int) -> Path:
+        name = "r1" if taker == "restarted" else f"r{i + 1}"
+        return new_project(flow, handlers, name=name)[0]
+
     with redis.Redis.from_url(redis_url, decode_responses=True) as raw:
         for n in range(10):
             raw.xadd(f"{key_prefix}jobs", {"n": str(n)})
