@@ -229,3 +229,28 @@ async def test_any_failure_preparing_one_entry_dead_letters_it_alone(
     assert done == [n for n in range(20) if n != 7]
     [(_, dead)] = raw_redis.xrange(f"{key_prefix}dlq")
     assert (dead[b"dlq_deliveries"], dead[b"dlq_error"].decode()) == (b"1", reason)
+
+
+async def test_without_a_dead_letter_the_inbox_skips_such_an_entry_and_leaves_it_pending(
+    new_project: NewProject,
+    raw_redis: Any,
+    redis_url: str,
+    key_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With no dead_letter to send it to, Client.inbox logs the entry that is not UTF-8,
+    leaves it pending (nothing is lost) and yields the good ones."""
+    config, _ = new_project(INBOX_FLOW.replace("dead_letter: dlq", ""))
+    inbox = f"{key_prefix}inbox:harold"
+    _add_mixed(raw_redis, inbox, 3, bad_at=1)
+    client = Client(load_project(config), redis_from_url(redis_url), "harold", owns=True)
+    seen = []
+    async with client:
+        async for message in client.inbox(block=0.05):
+            seen.append(message.msg["n"])
+            await message.ack()
+            if len(seen) == 3:
+                break
+    assert seen == ["0", "1", "2"]
+    assert raw_redis.xpending(inbox, "harold")["pending"] == 1
+    assert "has no dead_letter, so it stays pending" in caplog.text
