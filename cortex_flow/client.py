@@ -34,7 +34,7 @@ from cortex_flow.flow.topology import ResolvedGroup, render_key, resolve
 from cortex_flow.ops.inbox import InboxEntry, InboxReader
 from cortex_flow.ops.send import publish, target_key
 from cortex_flow.wire.access import project_url
-from cortex_flow.wire.codec import decode
+from cortex_flow.wire.codec import DecodeError, check_text, decode
 from cortex_flow.wire.connection import redis_from_url, wait_for_redis
 from cortex_flow.wire.heartbeats import beat_fields, encode_beat
 
@@ -210,12 +210,15 @@ class Client:
         name = self._me("read an inbox")
         key, resolved = self._reading(stream, group)
         spec = self.project.topology.streams[stream]
-        dlq = resolved.spec.dead_letter
-        maxlen = self.project.topology.streams[dlq].maxlen if dlq else None
-        reader = InboxReader(self.redis, resolved, key, name, dlq_maxlen=maxlen, log=log)
+        reader = InboxReader(self.redis, resolved, key, name, log=log)
         await reader.start()
         while True:
             for entry in await reader.next(count, block):
+                try:
+                    check_text(entry.fields)
+                except DecodeError as exc:  # never yielded: dead-lettered with its bytes
+                    await reader.give_up(entry, f"cannot decode: {exc}")
+                    continue
                 yield Message(
                     entry.id,
                     entry.fields,

@@ -335,6 +335,17 @@ class GroupSpec(Model):
         ),
     )
     batch: int = Field(default=100, ge=1, le=10_000, description="XREADGROUP COUNT.")
+    max_stuck_calls: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000,
+        description=(
+            "Sync calls of this group that may run on past their timeout (each holds a "
+            "thread: Python cannot stop it) before the group starts no new message until "
+            "one returns; stuck calls never take threads other groups need. Default: the "
+            "group's concurrency."
+        ),
+    )
     priority: Literal["strict", "weighted"] = "strict"
     weights: dict[Name, Annotated[int, Field(ge=1)]] | None = Field(
         default=None,

@@ -365,6 +365,7 @@ async def probe_admin(admin: AdminSettings) -> dict[str, Any]:
         "ready": body.get("status") == "ready",
         "reload": reload,
         "problems": [str(p) for p in detail.get("problems") or []],
+        "stuck_calls": detail.get("stuck_calls") or {},
     }
 
 
@@ -382,4 +383,11 @@ async def snapshot(client: RedisClient, project: Project, resolved: Resolved) ->
         )
     # what Redis refuses the runner (ACL, credentials, TLS, DNS), as the runner sees it
     data["problems"].extend(f"runner {resolved.runner}: {p}" for p in admin.get("problems", []))
+    for group, stuck in sorted(admin.get("stuck_calls", {}).items()):
+        held = stuck.get("held_back")
+        data["problems"].append(
+            f"group {group}: {stuck.get('stuck')} sync call(s) stuck past their timeout "
+            f"(max_stuck_calls {stuck.get('max_stuck_calls')})"
+            + ("; it starts no new message until one returns" if held else "")
+        )
     return data

@@ -273,11 +273,10 @@ class GroupConsumer:
                         pending.recover()  # every entry of ours, due or not
                         self._retries.clear()
                         recover = False
-                    if pending.recovering:  # our own pending entries first, as room frees up
+                    if pending.recovering:  # our own pending entries first, one at a time
                         await pending.take_own()
-                        if pending.recovering:
-                            if self._capacity() == 0:
-                                await self._idle()
+                        if pending.recovering and self._capacity() == 0:
+                            await self._idle()
                             continue
                     now = time.monotonic()
                     due = self._retries.next_due()
@@ -293,14 +292,16 @@ class GroupConsumer:
                     if capacity == 0:
                         await self._idle()
                         continue
-                    # while a down consumer's entries remain, only glance for new ones;
-                    # a retry falling due ends the wait for new entries in time
-                    block = not pending.claiming
+                    # while what a dead runner held is taken back (one at a time), only
+                    # glance for new entries; a retry falling due ends the wait in time
+                    block = not pending.isolating
                     entries = await self._fetch(capacity, block=block, block_ms=self._block_ms())
                     if self.reader.parked:  # held for later: leased meanwhile
                         self._inflight.update((e.key.key, e.id) for e in self.reader.parked)
                     if entries:
                         await self._dispatch(entries)
+                    elif not block:  # the entry taken back runs: wait for it (or a while)
+                        await self._idle(self.block_ms / 1000)
                     backoff.reset()
                     if self.stats.problems:
                         self.faults.cleared("blocked")
@@ -347,10 +348,11 @@ class GroupConsumer:
             if not self._inflight:
                 self.done.set()
 
-    async def _idle(self) -> None:
-        """Wait for a free slot or a stop (a due retry needs a slot too)."""
+    async def _idle(self, timeout: float | None = None) -> None:
+        """Wait for a free slot or a stop (a due retry needs a slot too), or ``timeout``."""
         self._wake.clear()
-        await self._wake.wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
 
     def _block_ms(self) -> int:
         """How long a read may wait for new entries: until the next retry is due at most."""
@@ -385,13 +387,14 @@ class GroupConsumer:
         return True
 
     async def _autoclaim(self) -> bool:
-        """XAUTOCLAIM (see PendingWork.autoclaim); an ACL refusal turns crash recovery off
+        """Claim entries idle past ``claim_idle`` (see PendingWork.autoclaim: XPENDING IDLE,
+        then XCLAIM); an ACL refusal turns crash recovery off
         (said once in a while, shown by status) while reads go on."""
         try:
             more = await self.pending.autoclaim()
         except ResponseError as exc:
             keys = [k.key for k in self.keys]
-            why = explain(exc, user=self.faults.user, command="XAUTOCLAIM", keys=keys)
+            why = explain(exc, user=self.faults.user, command="XCLAIM", keys=keys)
             if why is None or why.kind != "acl":
                 raise
             self.faults.refused("recovery", why, "reads and retries go on")

@@ -209,6 +209,12 @@ class RunnerCollector:
             "Sync calls past their timeout whose thread still runs (the message waits).",
             labels=["group"],
         )
+        held_back = GaugeMetricFamily(
+            "cortex_flow_group_held_back",
+            "1 while max_stuck_calls sync calls of the group are stuck past their timeout: "
+            "it starts no new message until one returns (other groups go on).",
+            labels=["group"],
+        )
         lost = CounterMetricFamily(
             "cortex_flow_leases_lost",
             "Held entries another consumer took over before this one renewed their lease.",
@@ -218,9 +224,11 @@ class RunnerCollector:
             for reason, count in sorted(group.redis_errors.items()):
                 errors.add_metric([group.group, reason], float(count))
             overrunning.add_metric([group.group], float(group.overrunning))
+            held_back.add_metric([group.group], float(group.held_back))
             lost.add_metric([group.group], float(group.leases_lost))
         yield errors
         yield overrunning
+        yield held_back
         yield lost
 
     def _agents(self) -> Iterator[Metric]:

@@ -38,6 +38,21 @@ class PermanentError(Exception):
     """A failure retrying cannot fix (bad template data, unknown target): dead-letter now."""
 
 
+# What a handler may raise that Python does not count as an Exception. Raised by one
+# handler for one message, each is that message's failure, never the runner's exit.
+HANDLER_EXITS = (SystemExit, KeyboardInterrupt, GeneratorExit)
+
+
+class HandlerExit(Exception):
+    """A handler raised SystemExit, KeyboardInterrupt or GeneratorExit: a failure."""
+
+    @classmethod
+    def of(cls, route: CompiledRoute, exc: BaseException) -> HandlerExit:
+        """``exc``, raised by ``route``'s handler, as its message's failure."""
+        args = ", ".join(repr(a) for a in exc.args)
+        return cls(f"{route.handler} raised {type(exc).__name__}({args})")
+
+
 def _failure(label: str, what: str, exc: Exception, raw: bool) -> PermanentError:
     """``exc``, raised evaluating ``what`` of a route, as a PermanentError that says why.
 
@@ -82,7 +97,9 @@ class CompiledRoute:
         self.is_async = False
         self.inline = False
         self.timeout = 0.0
+        self.handler = ""  # ``module:function`` of a call route, for errors and logs
         if route.call is not None:
+            self.handler = route.call.function
             fn = call_resolver.get()(route.call.function)
             assert callable(fn)
             self.fn = fn
@@ -187,7 +204,12 @@ class CompiledRoute:
                 f"{self.label}: agent {agent!r} is not declared; declare it under agents: "
                 f"or guard the route with `when: msg.to in agents`"
             )
-        return Publish(key, encode(self.target.codec, out))
+        try:
+            fields = encode(self.target.codec, out)
+        except Exception as exc:  # RecursionError, a value JSON cannot hold: every time
+            what = f"encoding for stream {self.target_name}"
+            raise _failure(self.label, what, exc, False) from exc
+        return Publish(key, fields)
 
 
 class RouteTable:
@@ -224,6 +246,14 @@ class Overran(TimeoutError):
         self.ran = ran
 
 
+def call_inline(route: CompiledRoute, msg: Any) -> None:
+    """A sync ``call`` route run here; SystemExit and the like are its failure."""
+    try:
+        route.fn(msg)  # type: ignore[misc]
+    except HANDLER_EXITS as exc:
+        raise HandlerExit.of(route, exc) from None
+
+
 async def call_route(
     route: CompiledRoute,
     msg: Any,
@@ -237,6 +267,19 @@ async def call_route(
     ``on_overrun`` is told, and this waits for the thread to return (the message keeps
     its slot and its lease, and is not retried meanwhile), then raises :class:`Overran`.
     """
+    try:
+        await _call(route, msg, executor, on_overrun, deadlines)
+    except HANDLER_EXITS as exc:
+        raise HandlerExit.of(route, exc) from None
+
+
+async def _call(
+    route: CompiledRoute,
+    msg: Any,
+    executor: CallPool | None,
+    on_overrun: Callable[[CompiledRoute], None] | None,
+    deadlines: Deadlines | None,
+) -> None:
     fn = route.fn
     assert fn is not None
     if route.is_async:
@@ -246,7 +289,7 @@ async def call_route(
             async with asyncio.timeout(route.timeout):
                 await fn(msg)
     elif route.inline:
-        fn(msg)
+        call_inline(route, msg)
     else:
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -263,8 +306,9 @@ async def call_route(
         except TimeoutError:
             if pool.cancel(call):
                 raise  # still queued for a thread: it never ran
+            pool.stuck(call)
             if on_overrun is not None:
                 on_overrun(route)
-            with contextlib.suppress(Exception):  # its outcome is the timeout either way
+            with contextlib.suppress(Exception, *HANDLER_EXITS):  # timed out either way
                 await call.returning()
             raise Overran(route.timeout, loop.time() - started) from None

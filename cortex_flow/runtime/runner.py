@@ -292,6 +292,16 @@ class Runner:
             "draining": self.stats.draining,
             "groups": sorted(self.consumers),
             "problems": problems,
+            # groups with sync calls stuck past their timeout (status shows them)
+            "stuck_calls": {
+                name: {
+                    "stuck": g.overrunning,
+                    "max_stuck_calls": g.max_stuck_calls,
+                    "held_back": g.held_back,
+                }
+                for name, g in sorted(self.stats.groups.items())
+                if g.overrunning
+            },
             "reload": {
                 "last_outcome": reload.last_outcome,
                 "last_at": reload.last_at,

@@ -71,6 +71,8 @@ class GroupStats:
     # area ("blocked": reads; "recovery": claims of idle entries; "commit"), in one line
     problems: dict[str, str] = field(default_factory=dict)
     overrunning: int = 0  # sync calls past their timeout whose thread still runs
+    held_back: bool = False  # max_stuck_calls of them: no new message starts
+    max_stuck_calls: int = 0  # the group's bound (0: no sync call)
     leases_lost: int = 0  # held entries another consumer took over before a renewal
 
     def key(self, key: str) -> KeyStats:
