@@ -35,7 +35,16 @@ from cortex_flow.flow.models import StreamSpec
 from cortex_flow.flow.topology import ResolvedGroup
 from cortex_flow.runtime.callpool import default_pool
 from cortex_flow.runtime.commit import Committer
-from cortex_flow.runtime.delivery import ACK, DEAD, RETRY, TRANSIENT, Entry, Outcome
+from cortex_flow.runtime.delivery import (
+    ACK,
+    DEAD,
+    RETRY,
+    TRANSIENT,
+    Acks,
+    Entry,
+    Held,
+    Outcome,
+)
 from cortex_flow.runtime.faultlog import FaultLog
 from cortex_flow.runtime.handling import EntryHandler
 from cortex_flow.runtime.leases import Leases
@@ -107,7 +116,7 @@ class GroupConsumer:
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         # (key, id) this consumer holds: running, in the backlog or waiting to be committed
-        self._inflight: set[tuple[str, str]] = set()
+        self._inflight = Held()
         # failed for good with no dead_letter: left pending, no longer claimed
         self._stuck: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -122,7 +131,13 @@ class GroupConsumer:
         self._retries = RetryTimer()  # when our failed entries are due again
         self._key_stats: dict[str, KeyStats] = {k.key: stats.key(k.key) for k in self.keys}
         self.reader = GroupReader(
-            client, group, block_ms=self.block_ms, cluster=cluster, sleep=self._sleep, log=self.log
+            client,
+            group,
+            block_ms=self.block_ms,
+            cluster=cluster,
+            sleep=self._sleep,
+            log=self.log,
+            acked=self._acked,
         )
         codec = streams[group.stream].codec
         self.handler = EntryHandler(
@@ -295,6 +310,8 @@ class GroupConsumer:
                     # a retry falling due ends the wait for new entries in time
                     block = not pending.claiming
                     entries = await self._fetch(capacity, block=block, block_ms=self._block_ms())
+                    if self.reader.acks:  # not sent with a read: committed by the outbox
+                        self._flush_acks()
                     if self.reader.parked:  # held for later: leased meanwhile
                         self._inflight.update((e.key.key, e.id) for e in self.reader.parked)
                     if entries:
@@ -330,6 +347,7 @@ class GroupConsumer:
                 await self._dispatch(parked)
             while self._tasks:  # what we hold, the backlog included, is finished
                 await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._flush_acks()
             await self.outbox.close()
         finally:
             lease.cancel()
@@ -340,6 +358,7 @@ class GroupConsumer:
 
     async def _idle(self) -> None:
         """Wait for a free slot or a stop (a due retry needs a slot too)."""
+        self._flush_acks()  # no read comes to take them
         self._wake.clear()
         await self._wake.wait()
 
@@ -416,17 +435,31 @@ class GroupConsumer:
     # -- processing --------------------------------------------------------------------
 
     async def _dispatch(self, entries: list[Entry]) -> None:
-        if self.handler.table.inline:
-            # handled here, in order; committed by the outbox's flusher while the next
-            # batch is read (the two round trips overlap)
+        table = self.handler.table
+        if table.inline:
+            # handled here, in order. Plain acknowledgements go in the same pipeline as
+            # the next read; other outcomes are committed by the outbox's flusher while
+            # the next batch is read (the two round trips overlap)
+            if table.inline_sync:  # nothing else runs meanwhile: held once handled
+                acks: list[Acks] = []
+                outcomes = self.handler.run_batch(entries, acks)
+                for ack in acks:
+                    self._inflight.hold(ack)
+                self.reader.acks += acks
+                if outcomes:
+                    self._inflight.update([(o.entry.key.key, o.entry.id) for o in outcomes])
+                    self.outbox.put_all(outcomes)
+                return
             held = [(e.key.key, e.id) for e in entries]
             self._inflight.update(held)  # leased meanwhile
             try:
-                self.outbox.put_all(await self._run_inline(entries))
+                outcomes = await self._run_inline(entries)
             except BaseException:
                 # unfinished: no longer held, so the re-read after the error takes them
                 self._inflight.difference_update(held)
                 raise
+            if outcomes:
+                self.outbox.put_all(outcomes)
             return
         rank = self._rank
         for entry in entries:
@@ -436,10 +469,7 @@ class GroupConsumer:
         self._start_backlog()
 
     async def _run_inline(self, entries: list[Entry]) -> list[Outcome]:
-        """The outcomes of an inline batch, handled here in order."""
-        if self.handler.table.inline_sync:
-            run = self.handler.run_inline
-            return [run(entry) for entry in entries]
+        """The outcomes of an inline batch with async calls, handled here in order."""
         steps_of, drive, outcomes = self.handler.steps, self.handler.drive, []
         for entry in entries:
             steps = steps_of(entry)
@@ -548,6 +578,35 @@ class GroupConsumer:
 
     async def _commit_until_done(self, outcomes: list[Outcome]) -> None:
         await commit_until_done(self.committer, outcomes, self.faults, self._schedule_retry)
+
+    def _acked(self, acks: list[Acks], replies: list[Any]) -> None:
+        """Acknowledgements sent with a read: counted, no longer held; an XACK Redis
+        refused is committed again by the outbox."""
+        refused: list[Acks] = []
+        for ack, reply in zip(acks, replies, strict=True):
+            if isinstance(reply, Exception):
+                refused.append(ack)
+                continue
+            stats = self._key_stats[ack.key]
+            stats.processed += len(ack.entries)
+            stats.retried += ack.retried
+            self._inflight.release(ack)
+        if refused:
+            self._to_outbox(refused)
+
+    def _flush_acks(self) -> None:
+        """Acknowledgements no read is about to send: to the outbox."""
+        acks, self.reader.acks = self.reader.acks, []
+        if acks:
+            self._to_outbox(acks)
+
+    def _to_outbox(self, acks: list[Acks]) -> None:
+        """Acknowledgements committed by the outbox, as an outcome each (held as such)."""
+        outcomes = [Outcome(e, ACK, []) for ack in acks for e in ack.entries]
+        self._inflight.update([(o.entry.key.key, o.entry.id) for o in outcomes])
+        for ack in acks:
+            self._inflight.release(ack)
+        self.outbox.put_all(outcomes)
 
     def _committed(self, outcomes: list[Outcome]) -> None:
         self._inflight.difference_update([(o.entry.key.key, o.entry.id) for o in outcomes])

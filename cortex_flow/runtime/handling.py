@@ -20,9 +20,9 @@ from typing import Any
 from jinja2.runtime import Context
 
 from cortex_flow.flow.templates import Now, context_base, context_over
-from cortex_flow.flow.topology import ResolvedGroup
+from cortex_flow.flow.topology import ResolvedGroup, StreamKey
 from cortex_flow.runtime.deadlines import Deadlines
-from cortex_flow.runtime.delivery import ACK, DEAD, RETRY, Entry, Outcome
+from cortex_flow.runtime.delivery import ACK, DEAD, RETRY, Acks, Entry, Outcome
 from cortex_flow.runtime.routes import (
     CompiledRoute,
     Overran,
@@ -31,7 +31,7 @@ from cortex_flow.runtime.routes import (
     RouteTable,
     call_route,
 )
-from cortex_flow.runtime.stats import GroupStats, KeyStats
+from cortex_flow.runtime.stats import GroupStats, KeyStats, Latency
 from cortex_flow.wire.codec import DecodeError, decode
 
 # what EntryHandler.steps asks its driver to run: a call or http route, the message and
@@ -115,26 +115,94 @@ class EntryHandler:
             self._key_stats[entry.key.key].latency.observe(time.perf_counter() - started)
         return self._settled(entry, matched, publishes)
 
-    def run_inline(self, entry: Entry) -> Outcome:
-        """:meth:`steps` for a table of ``to``, ``drop`` and inline sync calls only
-        (``table.inline_sync``): nothing to wait for, so no generator per message."""
+    def run_batch(self, entries: list[Entry], acks: list[Acks]) -> list[Outcome]:
+        """:meth:`steps` over a batch, for a table of ``to``, ``drop`` and inline sync calls
+        only (``table.inline_sync``): nothing to wait for, so no generator per message.
+
+        Entries that ran and have nothing to publish (the usual case) get no outcome of
+        their own: they go to ``acks``, one :class:`Acks` per run of entries of one key,
+        once the whole batch ran. The others' outcomes are returned, in order.
+        """
         table = self.table
-        if table.needs_context or entry.key.key not in self._bound:
-            prepared = self._prepare(entry)
-            if isinstance(prepared, Outcome):
-                return prepared
-            msg, bound, ctx = prepared
-        else:  # the usual case, without a call: the message and the key's variables
+        outcomes: list[Outcome] = []
+        done: list[Acks] = []
+        if table.needs_context:  # a template context per message: the general step
+            for entry in entries:
+                outcome = self._run_one(entry)
+                if outcome.kind == ACK and not outcome.publishes:
+                    _ack(done, entry)
+                else:
+                    outcomes.append(outcome)
+            acks += done
+            return outcomes
+        # No `when` and no template: every route applies, in order, to every message.
+        routes, codec = table.routes, self.codec
+        current = ""
+        bound: dict[str, Any] = {}
+        ack: Acks | None = None
+        latencies: list[float] = []
+        latency: Latency | None = None
+        started = perf_counter()
+        for entry in entries:
+            key = entry.key.key
+            if key != current:
+                if latency is not None:
+                    latency.observe_all(latencies)
+                    latencies = []
+                current, bound, ack = key, self._bind(entry.key), None
+                latency = self._key_stats[key].latency
             try:
-                msg = decode(self.codec, entry.fields)
+                msg = decode(codec, entry.fields)
             except DecodeError as exc:
-                return Outcome(entry, DEAD, [], f"cannot decode: {exc}")
-            bound, ctx = self._bound[entry.key.key], None
+                outcomes.append(Outcome(entry, DEAD, [], f"cannot decode: {exc}"))
+                started = perf_counter()
+                continue
+            publishes: list[Publish] | None = None
+            failure: Outcome | None = None
+            try:
+                for route in routes:
+                    if route.action == "to":
+                        if publishes is None:
+                            publishes = []
+                        publishes.append(route.publish(msg, None, bound))
+                    elif route.fn is not None:
+                        route.fn(msg)
+                    if not route.continue_:
+                        break
+            except Exception as exc:
+                failure = self._failure(entry, route, exc)
+            now = perf_counter()  # the entry's time: decoding and its routes
+            latencies.append(now - started)
+            started = now
+            if failure is not None:
+                outcomes.append(failure)
+            elif publishes is not None:
+                outcomes.append(Outcome(entry, ACK, publishes))
+            elif not routes:
+                outcomes.append(self._settled(entry, False, []))
+            else:
+                if ack is None:
+                    ack = Acks(key, [])
+                    done.append(ack)
+                ack.entries.append(entry)
+                if entry.deliveries > 1:
+                    ack.retried += 1
+        if latency is not None:
+            latency.observe_all(latencies)
+        acks += done
+        return outcomes
+
+    def _run_one(self, entry: Entry) -> Outcome:
+        """One entry of an ``inline_sync`` table that needs a template context."""
+        prepared = self._prepare(entry)
+        if isinstance(prepared, Outcome):
+            return prepared
+        msg, bound, ctx = prepared
         publishes: list[Publish] = []
         matched = False
         started = perf_counter()
         try:
-            for route in table.routes:
+            for route in self.table.routes:
                 if route.when is not None and not route.matches(ctx):
                     continue
                 matched = True
@@ -148,9 +216,15 @@ class EntryHandler:
             return self._failure(entry, route, exc)
         finally:
             self._key_stats[entry.key.key].latency.observe(perf_counter() - started)
-        if matched:
-            return Outcome(entry, ACK, publishes)
         return self._settled(entry, matched, publishes)
+
+    def _bind(self, key: StreamKey) -> dict[str, Any]:
+        """The variables of ``key`` (read-only), built once."""
+        bound = self._bound.get(key.key)
+        if bound is None:
+            bound = {"priority": key.priority, "agent": key.agent, **self._base_vars}
+            self._bound[key.key] = bound
+        return bound
 
     def _prepare(self, entry: Entry) -> tuple[Any, dict[str, Any], Any] | Outcome:
         """The decoded message, the key's variables and the template context (or None);
@@ -159,11 +233,7 @@ class EntryHandler:
             msg = decode(self.codec, entry.fields)
         except DecodeError as exc:
             return Outcome(entry, DEAD, [], f"cannot decode: {exc}")
-        key = entry.key
-        bound = self._bound.get(key.key)
-        if bound is None:
-            bound = {"priority": key.priority, "agent": key.agent, **self._base_vars}
-            self._bound[key.key] = bound
+        bound = self._bind(entry.key)
         table = self.table
         ctx = self._context(entry, msg, bound, table) if table.needs_context else None
         return msg, bound, ctx
@@ -305,3 +375,14 @@ class EntryHandler:
                 if resp.status >= 300:
                     body = (await resp.text())[:200]
                     raise RuntimeError(f"HTTP {resp.status} from {url}: {body}")
+
+
+def _ack(acks: list[Acks], entry: Entry) -> None:
+    """Add ``entry`` to the last of ``acks`` if it is of the same key, else to a new one."""
+    key = entry.key.key
+    if not acks or acks[-1].key != key:
+        acks.append(Acks(key, []))
+    ack = acks[-1]
+    ack.entries.append(entry)
+    if entry.deliveries > 1:
+        ack.retried += 1

@@ -43,6 +43,14 @@ class Latency:
         self.total += seconds
         self.count += 1
 
+    def observe_all(self, seconds: list[float]) -> None:
+        """Observe each of ``seconds``: a batch's latencies in one call."""
+        counts = self.counts
+        for value in seconds:
+            counts[bisect.bisect_left(BUCKETS, value)] += 1
+        self.total += sum(seconds)
+        self.count += len(seconds)
+
 
 @dataclass
 class KeyStats:

@@ -137,8 +137,7 @@ class ThreadedDriver:
                 else:
                     route, msg, ctx = flight.steps.send(None)
             except StopIteration as stop:
-                self.in_flight -= 1
-                self._flights.discard(flight)
+                self._landed(flight)
                 self._finish(stop.value)
                 return
             loop = asyncio.get_running_loop()
@@ -153,8 +152,7 @@ class ThreadedDriver:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
         except Exception:
-            self.in_flight -= 1
-            self._flights.discard(flight)
+            self._landed(flight)
             self.log.exception(
                 "group %s: %s from %s could not be finished; it stays pending and is retried",
                 self.handler.name,
@@ -162,6 +160,12 @@ class ThreadedDriver:
                 flight.entry.key.key,
             )
             self._drop(flight.entry)
+
+    def _landed(self, flight: _Flight) -> None:
+        """``flight`` is no longer in flight (once, whatever happens after)."""
+        if flight in self._flights:
+            self._flights.discard(flight)
+            self.in_flight -= 1
 
     async def _awaited(self, flight: _Flight, route: CompiledRoute, msg: Any, ctx: Any) -> None:
         """An ``async`` call or ``http`` post among the routes: awaited, then stepped on."""
