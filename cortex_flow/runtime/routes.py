@@ -255,6 +255,9 @@ async def call_route(
         except TimeoutError:
             if pool.cancel(call):
                 raise  # still queued for a thread: it never ran
+            if call.returned:  # in time, not handed back to the loop yet
+                await call.returning()
+                return
             if on_overrun is not None:
                 on_overrun(route)
             with contextlib.suppress(Exception):  # its outcome is the timeout either way

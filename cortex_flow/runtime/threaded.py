@@ -32,12 +32,13 @@ Steps = Generator[Step, None, Outcome]
 class _Flight:
     """One entry in flight: its steps, and the call it waits for."""
 
-    __slots__ = ("entry", "overran", "route", "started", "steps")
+    __slots__ = ("call", "entry", "overran", "route", "started", "steps")
 
     def __init__(self, entry: Entry, steps: Steps) -> None:
         self.entry = entry
         self.steps = steps
         self.route: CompiledRoute | None = None
+        self.call: Call | None = None  # the sync call it waits for
         self.started = 0.0  # loop time the current call was queued
         self.overran = False
 
@@ -74,6 +75,7 @@ class ThreadedDriver:
         self._wake: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # async and http routes
         self._flights: set[_Flight] = set()  # started, not finished
+        self._closed = False  # ended (finished, failed or cancelled)
 
     def poke(self) -> None:
         """New entries wait (or the stop came): look again."""
@@ -108,8 +110,22 @@ class ThreadedDriver:
                 self._drop(flight.entry)
             raise
         finally:
+            self._closed = True
             for task in self._tasks:
                 task.cancel()
+            self._abandon()
+
+    def _abandon(self) -> None:
+        """Ended with entries in flight (a stop whose grace ran out, an error): their
+        calls still queued never run (a successor may take the entries now); one that
+        overran leaves the ``overrunning`` gauge when its thread returns."""
+        returned, self._returned = self._returned, []
+        for call in returned:
+            self._returned_one(call)
+        for flight in self._flights:
+            waiting = flight.call
+            if waiting is not None and waiting.tag is flight and self.pool.cancel(waiting):
+                waiting.tag = None
 
     async def _wait(self, loop: asyncio.AbstractEventLoop) -> None:
         self._wake = wake = loop.create_future()
@@ -145,7 +161,7 @@ class ThreadedDriver:
             flight.started = now = loop.time()
             if route.action == "call" and not route.is_async:
                 call = self.pool.call(loop, route.fn, msg, self._returned_one)  # type: ignore[arg-type]
-                call.tag = flight
+                call.tag, flight.call = flight, call
                 heapq.heappush(self._deadlines, (now + route.timeout, next(self._order), call))
             else:
                 task = loop.create_task(self._awaited(flight, route, msg, ctx))
@@ -181,6 +197,12 @@ class ThreadedDriver:
         self.poke()  # room for the next entry, or the last one finished
 
     def _returned_one(self, call: Call) -> None:
+        if self._closed:  # nobody settles it any more
+            flight: _Flight | None = call.tag
+            call.tag = None
+            if flight is not None and flight.overran:
+                self.handler.overrun_ended()
+            return
         self._returned.append(call)
         self.poke()
 
@@ -210,6 +232,8 @@ class ThreadedDriver:
             if self.pool.cancel(call):  # still queued: it never ran
                 call.tag = None
                 self._advance(flight, TimeoutError(f"timed out after {route.timeout:g}s"))
+            elif call.returned:  # in time, not handed back yet: settled when it is
+                continue
             else:
                 flight.overran = True
                 self.handler.overrun_started(route, flight.entry)
