@@ -44,6 +44,7 @@ from cortex_flow.runtime.delivery import (
     Entry,
     Held,
     Outcome,
+    plain_acks,
 )
 from cortex_flow.runtime.faultlog import FaultLog
 from cortex_flow.runtime.handling import EntryHandler
@@ -115,6 +116,7 @@ class GroupConsumer:
         self._lease_every = max(retry.claim_idle / 3, 0.05)
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
+        self._idling = False  # the main loop waits for room (_idle)
         # (key, id) this consumer holds: running, in the backlog or waiting to be committed
         self._inflight = Held()
         # failed for good with no dead_letter: left pending, no longer claimed
@@ -303,6 +305,8 @@ class GroupConsumer:
                         if await pending.autoclaim():
                             next_claim = now  # a backlog of idle entries: keep taking it
                     capacity = self._capacity()
+                    if capacity == 0 and self._acks_ride():
+                        capacity = self._capacity()
                     if capacity == 0:
                         await self._idle()
                         continue
@@ -360,7 +364,11 @@ class GroupConsumer:
         """Wait for a free slot or a stop (a due retry needs a slot too)."""
         self._flush_acks()  # no read comes to take them
         self._wake.clear()
-        await self._wake.wait()
+        self._idling = True
+        try:
+            await self._wake.wait()
+        finally:
+            self._idling = False
 
     def _block_ms(self) -> int:
         """How long a read may wait for new entries: until the next retry is due at most."""
@@ -398,17 +406,21 @@ class GroupConsumer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
-    def _capacity(self) -> int:
+    def _capacity(self, free: int = 0) -> int:
         """How many entries to read or claim now: up to a batch, once there is room for one.
 
         At most ``concurrency`` run; about as many more may wait in the backlog, so a read
-        takes a whole batch instead of the one or two slots that just freed.
+        takes a whole batch instead of the one or two slots that just freed. Entries
+        parked, or finished and to be acknowledged with the next read, take no room; nor
+        do ``free`` more.
         """
+        # parked: read, waiting for a read; acknowledged with the next read
+        busy = self.held - len(self.reader.parked) - free
+        for ack in self.reader.acks:
+            busy -= len(ack.entries)
         if self.handler.table.inline:  # a batch may be read while the last one commits
-            held = self.held - len(self.reader.parked)  # parked: released by a read
-            return self.spec.batch if held <= self.spec.batch else 0
+            return self.spec.batch if busy <= self.spec.batch else 0
         concurrency, batch = self.spec.concurrency, self.spec.batch
-        busy = self.held - len(self.reader.parked)  # parked: read, waiting for a read
         room = min(batch, 2 * concurrency - busy)
         if busy and room < min(batch, concurrency):
             return 0  # wait for a batch's worth of room
@@ -445,7 +457,10 @@ class GroupConsumer:
                 outcomes = self.handler.run_batch(entries, acks)
                 for ack in acks:
                     self._inflight.hold(ack)
-                self.reader.acks += acks
+                if self.reader.takes_acks:
+                    self.reader.acks += acks
+                elif acks:
+                    self._to_outbox(acks)
                 if outcomes:
                     self._inflight.update([(o.entry.key.key, o.entry.id) for o in outcomes])
                     self.outbox.put_all(outcomes)
@@ -470,16 +485,8 @@ class GroupConsumer:
 
     async def _run_inline(self, entries: list[Entry]) -> list[Outcome]:
         """The outcomes of an inline batch with async calls, handled here in order."""
-        steps_of, drive, outcomes = self.handler.steps, self.handler.drive, []
-        for entry in entries:
-            steps = steps_of(entry)
-            try:
-                step = next(steps)
-            except StopIteration as stop:
-                outcomes.append(stop.value)
-            else:  # an inline async call
-                outcomes.append(await drive(steps, step, entry))
-        return outcomes
+        handle = self._handle
+        return [await handle(entry) for entry in entries]
 
     def _start_backlog(self) -> None:
         # Reads and claims bring more than the free slots; the rest waits here, highest
@@ -537,9 +544,25 @@ class GroupConsumer:
         return next(q for q in self._backlog if q).popleft()
 
     def _finish(self, outcome: Outcome) -> None:
-        # a batch ends when nothing else runs or waits: commit now, without the delay
+        # a batch ends when nothing else runs or waits: commit now, without the delay;
+        # or, when the main loop waits for room to read, with that read (_acks_ride)
         driving = self._driver.in_flight if self._driver is not None else 0
-        self.outbox.put(outcome, batch_ended=not (self._active or self._waiting or driving))
+        ended = not (self._active or self._waiting or driving)
+        if ended and self._idling and self.reader.takes_acks:
+            self._wake.set()
+            ended = False  # the flusher commits them after FLUSH_DELAY unless the read does
+        self.outbox.put(outcome, batch_ended=ended)
+
+    def _acks_ride(self) -> bool:
+        """Finished outcomes waiting in the outbox, all plain acknowledgements, go with
+        the next read instead (one round trip for both) if that makes room to read."""
+        if not self.reader.takes_acks:
+            return False
+        plain = self.outbox.plain()
+        if not plain or not self._capacity(free=plain):
+            return False
+        self.reader.acks += plain_acks(self.outbox.take())
+        return True
 
     def _give_up(self, entry: Entry) -> None:
         """An entry that could not be finished: it stays pending and is taken back."""
@@ -552,27 +575,25 @@ class GroupConsumer:
 
     async def _work(self) -> None:
         self._starting -= 1
+        handle = self._handle
         while (entry := self._take()) is not None:
             self._start_backlog()  # the next entry's worker, should this one wait
-            await self._handle_one(entry)
-
-    async def _handle_one(self, entry: Entry) -> None:
-        self._active += 1
-        try:
-            outcome = await self._handle(entry)
-        except Exception:
-            # nobody awaits this task: an error left unlogged here would vanish
-            self.log.exception(
-                "group %s: %s from %s could not be finished; it stays pending and is retried",
-                self.name,
-                entry.id,
-                entry.key.key,
-            )
-            self._give_up(entry)
-            return
-        finally:
-            self._active -= 1
-        self._finish(outcome)
+            self._active += 1
+            try:
+                outcome = await handle(entry)
+            except Exception:
+                # nobody awaits this task: an error left unlogged here would vanish
+                self.log.exception(
+                    "group %s: %s from %s could not be finished; it stays pending and is retried",
+                    self.name,
+                    entry.id,
+                    entry.key.key,
+                )
+                self._give_up(entry)
+                continue
+            finally:
+                self._active -= 1
+            self._finish(outcome)
 
     # -- committing --------------------------------------------------------------------
 
@@ -590,7 +611,11 @@ class GroupConsumer:
             stats = self._key_stats[ack.key]
             stats.processed += len(ack.entries)
             stats.retried += ack.retried
-            self._inflight.release(ack)
+            if ack.loose:
+                key = ack.key
+                self._inflight.difference_update([(key, e.id) for e in ack.entries])
+            else:
+                self._inflight.release(ack)
         if refused:
             self._to_outbox(refused)
 

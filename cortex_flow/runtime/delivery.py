@@ -63,6 +63,7 @@ class Acks:
     entries: list[Entry]
     retried: int = 0  # of them, delivered before
     ids: set[str] | None = None  # the entries' IDs, made when first asked for
+    loose: bool = False  # held as a (key, id) each rather than as a whole
 
     def holds(self, entry_id: str) -> bool:
         if self.ids is None:
@@ -108,6 +109,21 @@ class Held(set[tuple[str, str]]):
         for ack in list(self._acks.values()):
             for entry in ack.entries:
                 yield ack.key, entry.id
+
+
+def plain_acks(outcomes: list[Outcome]) -> list[Acks]:
+    """``outcomes`` (plain acknowledgements) as one :class:`Acks` per run of one key."""
+    acks: list[Acks] = []
+    ack: Acks | None = None
+    for outcome in outcomes:
+        entry = outcome.entry
+        if ack is None or ack.key != entry.key.key:
+            ack = Acks(entry.key.key, [], loose=True)
+            acks.append(ack)
+        ack.entries.append(entry)
+        if entry.deliveries > 1:
+            ack.retried += 1
+    return acks
 
 
 def pairs(flat: list[Any]) -> dict[str, str]:

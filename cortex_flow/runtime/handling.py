@@ -258,36 +258,42 @@ class EntryHandler:
         return Outcome(entry, ACK, publishes)
 
     async def handle(self, entry: Entry) -> Outcome:
-        """Run the routes for ``entry``, awaiting each call; never raises for a route's failure."""
-        steps = self.steps(entry)
-        try:
-            step = next(steps)
-        except StopIteration as stop:
-            done: Outcome = stop.value
-            return done
-        return await self.drive(steps, step, entry)
+        """Run the routes for ``entry``, awaiting each call; never raises for a route's failure.
 
-    async def drive(
-        self, steps: Generator[Step, None, Outcome], step: Step, entry: Entry
-    ) -> Outcome:
-        """Make ``step`` and the rest of ``steps`` (begun) for ``entry``; its outcome."""
-        route, msg, ctx = step
+        :meth:`steps`, with the calls and posts made here: one coroutine per message,
+        which completes without suspending when nothing it awaits waits.
+        """
+        prepared = self._prepare(entry)
+        if isinstance(prepared, Outcome):
+            return prepared
+        msg, bound, ctx = prepared
+        publishes: list[Publish] = []
+        matched = False
+        started = perf_counter()
         try:
-            while True:
-                try:
-                    if route.action == "http":
-                        await self.post(route, msg, ctx)
-                    elif route.is_async:
+            for route in self.table.routes:
+                if route.when is not None and not route.matches(ctx):
+                    continue
+                matched = True
+                action = route.action
+                if action == "to":
+                    publishes.append(route.publish(msg, ctx, bound))
+                elif action == "call":
+                    if route.is_async:
                         await self.deadlines.run(route.fn, msg, route.timeout)  # type: ignore[arg-type]
+                    elif route.inline:
+                        route.fn(msg)  # type: ignore[misc]
                     else:
                         await self._call_sync(route, msg, entry)
-                except Exception as exc:
-                    route, msg, ctx = steps.throw(exc)
-                else:
-                    route, msg, ctx = steps.send(None)
-        except StopIteration as stop:
-            outcome: Outcome = stop.value
-            return outcome
+                elif action == "http":
+                    await self.post(route, msg, ctx)
+                if not route.continue_:
+                    break
+        except Exception as exc:
+            return self._failure(entry, route, exc)
+        finally:
+            self._key_stats[entry.key.key].latency.observe(perf_counter() - started)
+        return self._settled(entry, matched, publishes)
 
     async def _call_sync(self, route: CompiledRoute, msg: Any, entry: Entry) -> None:
         """A sync call in the pool; past its timeout it is said to overrun until it returns."""

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from redis.exceptions import ResponseError
 
 from cortex_flow.runtime.commit import CommitDeferred, Committer
-from cortex_flow.runtime.delivery import RETRY, TRANSIENT, Outcome
+from cortex_flow.runtime.delivery import ACK, RETRY, TRANSIENT, Outcome
 from cortex_flow.runtime.faultlog import FaultLog
 from cortex_flow.wire.faults import passing_reason
 
@@ -94,6 +94,18 @@ class Outbox:
         self._ready.set()
         if batch_ended or len(self.outcomes) >= self.batch:
             self._full.set()
+
+    def plain(self) -> int:
+        """How many of the outcomes waiting are plain acknowledgements, if all are."""
+        for outcome in self.outcomes:
+            if outcome.kind != ACK or outcome.publishes:
+                return 0
+        return len(self.outcomes)
+
+    def take(self) -> list[Outcome]:
+        """Take back the outcomes waiting (not those being committed)."""
+        outcomes, self.outcomes = self.outcomes, []
+        return outcomes
 
     def put_all(self, outcomes: list[Outcome]) -> None:
         """Add a batch's outcomes and commit them now."""

@@ -97,6 +97,10 @@ class GroupReader:
                 self._script = client.register_script(FIND_FIRST)
             else:
                 self._descend = True
+        # whether ``acks`` go with the first read of every fetch (before any BLOCK)
+        self.takes_acks = (
+            acked is not None and not cluster and (len(self.keys) == 1 or self._descend)
+        )
 
     async def fetch(
         self, count: int, block: bool = True, block_ms: int | None = None
@@ -195,8 +199,8 @@ class GroupReader:
         XACK is idempotent: when the pipeline fails, whether they were applied is not
         known, and they are sent again with the next read.
         """
-        acks = self.acks
-        if not acks or self.cluster or self._acked is None:
+        acks, acked = self.acks, self._acked
+        if not acks or acked is None or not self.takes_acks:
             return await self.client.xreadgroup(self.name, self.me, streams, count=count)
         self.acks = []
         pipe = self.client.pipeline(transaction=False)
@@ -208,7 +212,7 @@ class GroupReader:
         except BaseException:
             self.acks[:0] = acks
             raise
-        self._acked(acks, replies[:-1])
+        acked(acks, replies[:-1])
         resp = replies[-1]
         if isinstance(resp, Exception):
             raise resp
