@@ -485,8 +485,8 @@ class GroupConsumer:
 
     async def _run_inline(self, entries: list[Entry]) -> list[Outcome]:
         """The outcomes of an inline batch with async calls, handled here in order."""
-        handle = self._handle
-        return [await handle(entry) for entry in entries]
+        handle, task = self._handle, asyncio.current_task()
+        return [await handle(entry, task) for entry in entries]
 
     def _start_backlog(self) -> None:
         # Reads and claims bring more than the free slots; the rest waits here, highest
@@ -507,6 +507,7 @@ class GroupConsumer:
     def _drive(self) -> None:
         """Sync calls: one driver task keeps the entries in flight (see runtime.threaded)."""
         if self._driver is not None:
+            self._driver.start()  # their calls reach the threads now
             self._driver.poke()
             return
         if not self._waiting:
@@ -541,17 +542,20 @@ class GroupConsumer:
         if not self._waiting:
             return None
         self._waiting -= 1
-        return next(q for q in self._backlog if q).popleft()
+        for queue in self._backlog:
+            if queue:
+                return queue.popleft()
+        raise AssertionError("the backlog count is off")  # pragma: no cover
 
     def _finish(self, outcome: Outcome) -> None:
         # a batch ends when nothing else runs or waits: commit now, without the delay;
         # or, when the main loop waits for room to read, with that read (_acks_ride)
         driving = self._driver.in_flight if self._driver is not None else 0
         ended = not (self._active or self._waiting or driving)
-        if ended and self._idling and self.reader.takes_acks:
+        read = ended and self._idling and self.reader.takes_acks
+        if read:
             self._wake.set()
-            ended = False  # the flusher commits them after FLUSH_DELAY unless the read does
-        self.outbox.put(outcome, batch_ended=ended)
+        self.outbox.put(outcome, batch_ended=ended, read=read)
 
     def _acks_ride(self) -> bool:
         """Finished outcomes waiting in the outbox, all plain acknowledgements, go with
@@ -575,12 +579,12 @@ class GroupConsumer:
 
     async def _work(self) -> None:
         self._starting -= 1
-        handle = self._handle
+        handle, task = self._handle, asyncio.current_task()
         while (entry := self._take()) is not None:
             self._start_backlog()  # the next entry's worker, should this one wait
             self._active += 1
             try:
-                outcome = await handle(entry)
+                outcome = await handle(entry, task)
             except Exception:
                 # nobody awaits this task: an error left unlogged here would vanish
                 self.log.exception(

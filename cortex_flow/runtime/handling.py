@@ -257,11 +257,12 @@ class EntryHandler:
             self._warn_unmatched()
         return Outcome(entry, ACK, publishes)
 
-    async def handle(self, entry: Entry) -> Outcome:
+    async def handle(self, entry: Entry, task: asyncio.Task[Any] | None = None) -> Outcome:
         """Run the routes for ``entry``, awaiting each call; never raises for a route's failure.
 
         :meth:`steps`, with the calls and posts made here: one coroutine per message,
-        which completes without suspending when nothing it awaits waits.
+        which completes without suspending when nothing it awaits waits. ``task``: the
+        task running this (found if not given).
         """
         prepared = self._prepare(entry)
         if isinstance(prepared, Outcome):
@@ -280,7 +281,7 @@ class EntryHandler:
                     publishes.append(route.publish(msg, ctx, bound))
                 elif action == "call":
                     if route.is_async:
-                        await self.deadlines.run(route.fn, msg, route.timeout)  # type: ignore[arg-type]
+                        await self.deadlines.run(route.fn, msg, route.timeout, task)  # type: ignore[arg-type]
                     elif route.inline:
                         route.fn(msg)  # type: ignore[misc]
                     else:

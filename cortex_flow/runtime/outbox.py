@@ -88,11 +88,13 @@ class Outbox:
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name=f"commit:{self.group}")
 
-    def put(self, outcome: Outcome, *, batch_ended: bool) -> None:
-        """Add an outcome; ``batch_ended``: nothing else runs or waits, commit now."""
+    def put(self, outcome: Outcome, *, batch_ended: bool, read: bool = False) -> None:
+        """Add an outcome; ``batch_ended``: nothing else runs or waits, commit now.
+        ``read``: a read is about to take the outcomes waiting (:meth:`take`): commit
+        them only if it has not after ``FLUSH_DELAY``."""
         self.outcomes.append(outcome)
         self._ready.set()
-        if batch_ended or len(self.outcomes) >= self.batch:
+        if not read and (batch_ended or len(self.outcomes) >= self.batch):
             self._full.set()
 
     def plain(self) -> int:

@@ -6,18 +6,18 @@ bookkeeping rather than on the handlers. Here one task keeps up to ``concurrency
 entries in flight: it steps each entry's routes (:meth:`EntryHandler.steps`), queues
 their sync calls in the :class:`~cortex_flow.runtime.callpool.CallPool` (the calls of
 one pass reach the threads in one hand-over), and is told of the calls that returned
-in runs. Timeouts are kept in one heap: a call still queued at its timeout is taken
-back and fails as timed out; one already running cannot be stopped, so it is said to
-overrun, keeps its slot, and fails as timed out once it returns. An ``async`` or
+in runs. Deadlines wait in a queue per timeout (calls of one timeout fall due in the
+order they were queued): a call still queued at its timeout is taken back and fails as
+timed out; one already running cannot be stopped, so it is said to overrun, keeps its
+slot, and fails as timed out once it returns. An ``async`` or
 ``http`` route of the same table runs in a task of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
 import logging
+from collections import deque
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -70,12 +70,13 @@ class ThreadedDriver:
         self.log = log
         self.in_flight = 0  # entries started and not finished
         self._returned: list[Call] = []  # calls whose thread returned, to settle
-        self._deadlines: list[tuple[float, int, Call]] = []  # a heap
-        self._order = itertools.count()
+        # (deadline, call) by timeout: calls of one timeout are queued in deadline order
+        self._deadlines: dict[float, deque[tuple[float, Call]]] = {}
         self._wake: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # async and http routes
         self._flights: set[_Flight] = set()  # started, not finished
         self._closed = False  # ended (finished, failed or cancelled)
+        self._loop = asyncio.get_running_loop()
 
     def poke(self) -> None:
         """New entries wait (or the stop came): look again."""
@@ -83,22 +84,31 @@ class ThreadedDriver:
         if wake is not None and not wake.done():
             wake.set_result(None)
 
+    def start(self) -> None:
+        """Start the entries waiting, up to ``concurrency`` in flight; their calls go to
+        the threads now. The consumer calls this as it reads them (no wait for this
+        driver's task to come round), and so does :meth:`run`."""
+        if self._closed:
+            return
+        steps = self.handler.steps
+        while self.in_flight < self.concurrency:
+            entry = self._take()
+            if entry is None:
+                break
+            self.in_flight += 1
+            flight = _Flight(entry, steps(entry))
+            self._flights.add(flight)
+            self._advance(flight, None, first=True)
+        self.pool.flush(self._loop)
+
     async def run(self) -> None:
         """Until nothing is in flight and nothing waits to start."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         try:
             while True:
-                while self.in_flight < self.concurrency:
-                    entry = self._take()
-                    if entry is None:
-                        break
-                    self.in_flight += 1
-                    flight = _Flight(entry, self.handler.steps(entry))
-                    self._flights.add(flight)
-                    self._advance(flight, None, first=True)
+                self.start()
                 if not self.in_flight:
                     return
-                self.pool.flush(loop)  # this pass's calls to the threads now
                 if not self._returned:
                     await self._wait(loop)
                 returned, self._returned = self._returned, []
@@ -130,11 +140,14 @@ class ThreadedDriver:
     async def _wait(self, loop: asyncio.AbstractEventLoop) -> None:
         self._wake = wake = loop.create_future()
         timer = None
-        heap = self._deadlines
-        while heap and heap[0][2].tag is None:  # settled meanwhile
-            heapq.heappop(heap)
-        if heap:
-            timer = loop.call_at(heap[0][0], self.poke)
+        first = None
+        for queue in self._deadlines.values():
+            while queue and queue[0][1].tag is None:  # settled meanwhile
+                queue.popleft()
+            if queue and (first is None or queue[0][0] < first):
+                first = queue[0][0]
+        if first is not None:
+            timer = loop.call_at(first, self.poke)
         try:
             await wake
         finally:
@@ -156,13 +169,16 @@ class ThreadedDriver:
                 self._landed(flight)
                 self._finish(stop.value)
                 return
-            loop = asyncio.get_running_loop()
+            loop = self._loop
             flight.route, flight.overran = route, False
             flight.started = now = loop.time()
             if route.action == "call" and not route.is_async:
                 call = self.pool.call(loop, route.fn, msg, self._returned_one)  # type: ignore[arg-type]
                 call.tag, flight.call = flight, call
-                heapq.heappush(self._deadlines, (now + route.timeout, next(self._order), call))
+                queue = self._deadlines.get(route.timeout)
+                if queue is None:
+                    queue = self._deadlines[route.timeout] = deque()
+                queue.append((now + route.timeout, call))
             else:
                 task = loop.create_task(self._awaited(flight, route, msg, ctx))
                 self._tasks.add(task)
@@ -221,19 +237,17 @@ class ThreadedDriver:
 
     def _expire(self, now: float) -> None:
         """Calls past their timeout: taken back if still queued, else said to overrun."""
-        heap = self._deadlines
-        while heap and heap[0][0] <= now:
-            _, _, call = heapq.heappop(heap)
-            flight: _Flight | None = call.tag
-            if flight is None:  # returned and settled
-                continue
-            route = flight.route
-            assert route is not None
-            if self.pool.cancel(call):  # still queued: it never ran
-                call.tag = None
-                self._advance(flight, TimeoutError(f"timed out after {route.timeout:g}s"))
-            elif call.returned:  # in time, not handed back yet: settled when it is
-                continue
-            else:
-                flight.overran = True
-                self.handler.overrun_started(route, flight.entry)
+        for queue in list(self._deadlines.values()):  # stepping on may add a timeout
+            while queue and queue[0][0] <= now:
+                _, call = queue.popleft()
+                flight: _Flight | None = call.tag
+                if flight is None:  # returned and settled
+                    continue
+                route = flight.route
+                assert route is not None
+                if self.pool.cancel(call):  # still queued: it never ran
+                    call.tag = None
+                    self._advance(flight, TimeoutError(f"timed out after {route.timeout:g}s"))
+                elif not call.returned:  # returned in time, not handed back yet: it is done
+                    flight.overran = True
+                    self.handler.overrun_started(route, flight.entry)

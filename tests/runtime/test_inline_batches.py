@@ -39,6 +39,23 @@ HANDLERS = """
 
     def seen(msg):
         ran.append(msg["n"])
+
+    async def aseen(msg):
+        ran.append(msg["n"])
+"""
+
+# an async call, at most 10 at once: a read of 20 waits for the batch to end
+ASYNC_FLOW = """
+    version: 1
+    streams:
+      jobs: {key: "{P}jobs"}
+    groups:
+      work:
+        stream: jobs
+        batch: 20
+        concurrency: 10
+        routes:
+          - call: "{M}:aseen"
 """
 
 
@@ -89,9 +106,14 @@ class _Pipeline:
 
 
 async def _consume(
-    new_project: NewProject, redis_client: Any, key_prefix: str, client: Any, n: int
+    new_project: NewProject,
+    redis_client: Any,
+    key_prefix: str,
+    client: Any,
+    n: int,
+    flow: str = FLOW,
 ) -> tuple[GroupConsumer, str]:
-    config, mod = new_project(FLOW, HANDLERS)
+    config, mod = new_project(flow, HANDLERS)
     project = load_project(config)
     resolved = resolve(project.topology, "t1")
     group = resolved.groups["work"]
@@ -124,6 +146,17 @@ async def test_acknowledgements_go_with_the_next_read(
     assert Counter(module(mod).ran) == Counter(str(i) for i in range(200))
     # the last batch has no read after it: committed on its own, like any idle moment's
     assert client.lone_xacks <= 2, client.lone_xacks
+
+
+async def test_acknowledgements_of_async_calls_go_with_the_read_that_waited_for_them(
+    new_project: NewProject, redis_client: Any, key_prefix: str
+) -> None:
+    """A batch of async calls that ends while the consumer waits for room is acknowledged
+    in the pipeline of the read that follows."""
+    client = _Counting(redis_client)
+    _, mod = await _consume(new_project, redis_client, key_prefix, client, 200, ASYNC_FLOW)
+    assert Counter(module(mod).ran) == Counter(str(i) for i in range(200))
+    assert client.lone_xacks <= 3, client.lone_xacks  # of 10 batches
 
 
 async def test_an_acknowledgement_refused_in_the_pipeline_is_committed_by_the_outbox(
