@@ -226,6 +226,22 @@ class EntryHandler:
             self._bound[key.key] = bound
         return bound
 
+    def message(self, entry: Entry) -> Any:
+        """The message of ``entry`` for a table that is one sync call (``table.only_call``),
+        or the outcome of an entry that cannot be decoded."""
+        prepared = self._prepare(entry)
+        return prepared if isinstance(prepared, Outcome) else prepared[0]
+
+    def called(
+        self, entry: Entry, route: CompiledRoute, error: Exception | None, seconds: float
+    ) -> Outcome:
+        """What :meth:`steps` returns once ``route``, a table's only route and a sync call
+        (``table.only_call``), returned or raised ``error``, ``seconds`` after it began."""
+        self._key_stats[entry.key.key].latency.observe(seconds)
+        if error is None:
+            return Outcome(entry, ACK, [])
+        return self._failure(entry, route, error)
+
     def _prepare(self, entry: Entry) -> tuple[Any, dict[str, Any], Any] | Outcome:
         """The decoded message, the key's variables and the template context (or None);
         an undecodable entry's outcome instead."""

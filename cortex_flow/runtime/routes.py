@@ -204,6 +204,16 @@ class RouteTable:
         self.threaded = any(
             r.action == "call" and not r.inline and not r.is_async for r in self.routes
         )
+        # the table is one sync call and nothing else: no route steps to go through
+        first = self.routes[0] if len(self.routes) == 1 else None
+        self.only_call = (
+            first
+            if first is not None
+            and first.action == "call"
+            and not (first.inline or first.is_async)
+            and first.when is None
+            else None
+        )
 
 
 class Overran(TimeoutError):

@@ -30,11 +30,12 @@ Steps = Generator[Step, None, Outcome]
 
 
 class _Flight:
-    """One entry in flight: its steps, and the call it waits for."""
+    """One entry in flight: its steps (None: the table is one sync call), and the call it
+    waits for."""
 
     __slots__ = ("call", "entry", "overran", "route", "started", "steps")
 
-    def __init__(self, entry: Entry, steps: Steps) -> None:
+    def __init__(self, entry: Entry, steps: Steps | None) -> None:
         self.entry = entry
         self.steps = steps
         self.route: CompiledRoute | None = None
@@ -90,15 +91,30 @@ class ThreadedDriver:
         driver's task to come round), and so does :meth:`run`."""
         if self._closed:
             return
-        steps = self.handler.steps
+        handler = self.handler
+        steps, only = handler.steps, handler.table.only_call
         while self.in_flight < self.concurrency:
             entry = self._take()
             if entry is None:
                 break
             self.in_flight += 1
-            flight = _Flight(entry, steps(entry))
+            if only is None:
+                flight = _Flight(entry, steps(entry))
+                self._flights.add(flight)
+                self._advance(flight, None, first=True)
+                continue
+            # the table is one sync call: no route steps to go through
+            flight = _Flight(entry, None)
             self._flights.add(flight)
-            self._advance(flight, None, first=True)
+            try:
+                msg = handler.message(entry)
+                if isinstance(msg, Outcome):  # cannot be decoded
+                    self._landed(flight)
+                    self._finish(msg)
+                else:
+                    self._queue_call(flight, only, msg)
+            except Exception:
+                self._lost(flight)
         self.pool.flush(self._loop)
 
     async def run(self) -> None:
@@ -155,9 +171,16 @@ class ThreadedDriver:
             if timer is not None:
                 timer.cancel()
 
-    def _advance(self, flight: _Flight, error: BaseException | None, first: bool = False) -> None:
+    def _advance(self, flight: _Flight, error: Exception | None, first: bool = False) -> None:
         """Step ``flight`` on to its next call (queued) or to its outcome (finished)."""
         try:
+            if flight.steps is None:  # its only route returned or failed
+                route = flight.route
+                assert route is not None
+                seconds = self._loop.time() - flight.started
+                self._landed(flight)
+                self._finish(self.handler.called(flight.entry, route, error, seconds))
+                return
             try:
                 if first:
                     route, msg, ctx = next(flight.steps)
@@ -169,29 +192,39 @@ class ThreadedDriver:
                 self._landed(flight)
                 self._finish(stop.value)
                 return
-            loop = self._loop
-            flight.route, flight.overran = route, False
-            flight.started = now = loop.time()
             if route.action == "call" and not route.is_async:
-                call = self.pool.call(loop, route.fn, msg, self._returned_one)  # type: ignore[arg-type]
-                call.tag, flight.call = flight, call
-                queue = self._deadlines.get(route.timeout)
-                if queue is None:
-                    queue = self._deadlines[route.timeout] = deque()
-                queue.append((now + route.timeout, call))
+                self._queue_call(flight, route, msg)
             else:
-                task = loop.create_task(self._awaited(flight, route, msg, ctx))
+                flight.route, flight.overran = route, False
+                flight.started = self._loop.time()
+                task = self._loop.create_task(self._awaited(flight, route, msg, ctx))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
         except Exception:
-            self._landed(flight)
-            self.log.exception(
-                "group %s: %s from %s could not be finished; it stays pending and is retried",
-                self.handler.name,
-                flight.entry.id,
-                flight.entry.key.key,
-            )
-            self._drop(flight.entry)
+            self._lost(flight)
+
+    def _queue_call(self, flight: _Flight, route: CompiledRoute, msg: Any) -> None:
+        """Queue ``flight``'s sync call in the pool, its deadline with the others."""
+        loop = self._loop
+        flight.route, flight.overran = route, False
+        flight.started = now = loop.time()
+        call = self.pool.call(loop, route.fn, msg, self._returned_one)  # type: ignore[arg-type]
+        call.tag, flight.call = flight, call
+        queue = self._deadlines.get(route.timeout)
+        if queue is None:
+            queue = self._deadlines[route.timeout] = deque()
+        queue.append((now + route.timeout, call))
+
+    def _lost(self, flight: _Flight) -> None:
+        """``flight`` could not be stepped on: given up, it stays pending and is retried."""
+        self._landed(flight)
+        self.log.exception(
+            "group %s: %s from %s could not be finished; it stays pending and is retried",
+            self.handler.name,
+            flight.entry.id,
+            flight.entry.key.key,
+        )
+        self._drop(flight.entry)
 
     def _landed(self, flight: _Flight) -> None:
         """``flight`` is no longer in flight (once, whatever happens after)."""
@@ -227,12 +260,14 @@ class ThreadedDriver:
         call.tag = None
         route = flight.route
         assert route is not None
-        error = call.error
+        error: Exception | None = None
         if flight.overran:
             self.handler.overrun_ended()
             error = Overran(route.timeout, now - flight.started)
-        elif error is not None and not isinstance(error, Exception):
-            error = RuntimeError(f"{type(error).__name__}: {error}")  # SystemExit and the like
+        elif isinstance(call.error, Exception):
+            error = call.error
+        elif call.error is not None:  # SystemExit and the like
+            error = RuntimeError(f"{type(call.error).__name__}: {call.error}")
         self._advance(flight, error)
 
     def _expire(self, now: float) -> None:

@@ -232,6 +232,7 @@ class _Steps:
     outcome as ``(id, "ok")`` or ``(id, error class name)``."""
 
     name = "work"
+    table = SimpleNamespace(only_call=None)  # steps for every entry
 
     def __init__(self, routes: dict[str, Any]) -> None:
         self.routes = routes
