@@ -524,6 +524,7 @@ class GroupConsumer:
         task = asyncio.create_task(driver.run(), name=f"calls:{self.name}")
         self._tasks.add(task)
         task.add_done_callback(self._driver_done)
+        driver.start()  # the calls reach the threads now, not when the task first runs
 
     def _driver_done(self, task: asyncio.Task[None]) -> None:
         self._driver = None
