@@ -137,6 +137,8 @@ class EntryHandler:
             return outcomes
         # No `when` and no template: every route applies, in order, to every message.
         routes, codec = table.routes, self.codec
+        # the usual table: one inline call and nothing else
+        only = routes[0].fn if len(routes) == 1 and routes[0].action == "call" else None
         current = ""
         bound: dict[str, Any] = {}
         ack: Acks | None = None
@@ -160,15 +162,19 @@ class EntryHandler:
             publishes: list[Publish] | None = None
             failure: Outcome | None = None
             try:
-                for route in routes:
-                    if route.action == "to":
-                        if publishes is None:
-                            publishes = []
-                        publishes.append(route.publish(msg, None, bound))
-                    elif route.fn is not None:
-                        route.fn(msg)
-                    if not route.continue_:
-                        break
+                if only is not None:
+                    route = routes[0]
+                    only(msg)
+                else:
+                    for route in routes:
+                        if route.action == "to":
+                            if publishes is None:
+                                publishes = []
+                            publishes.append(route.publish(msg, None, bound))
+                        elif route.fn is not None:
+                            route.fn(msg)
+                        if not route.continue_:
+                            break
             except Exception as exc:
                 failure = self._failure(entry, route, exc)
             now = perf_counter()  # the entry's time: decoding and its routes
