@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from projects import NewProject, module, none_pending, wait_for
+from projects import NewProject, module, none_pending, running, wait_for
 from redis.exceptions import ResponseError
 
 from cortex_flow.flow.callables import importable_from
@@ -168,6 +168,39 @@ async def test_an_acknowledgement_refused_in_the_pipeline_is_committed_by_the_ou
     assert client.refused == 2
     assert client.lone_xacks >= 1  # the refused ones, again through the outbox
     assert Counter(module(mod).ran) == Counter(str(i) for i in range(100))
+
+
+WEIGHTED_FLOW = """
+    version: 1
+    streams:
+      jobs: {key: "{P}jobs:{{ priority }}", priorities: [high, low]}
+    groups:
+      work:
+        stream: jobs
+        batch: 20
+        priority: weighted
+        weights: {high: 3, low: 1}
+        routes:
+          - call: {function: "{M}:seen", inline: true}
+"""
+
+
+async def test_weighted_reads_leave_acknowledgements_to_the_outbox(
+    new_project: NewProject, redis_client: Any, key_prefix: str
+) -> None:
+    """Weighted reads cannot carry acknowledgements: the outbox commits them, each once."""
+    config, mod = new_project(WEIGHTED_FLOW, HANDLERS)
+    for level in ("high", "low"):
+        for i in range(60):
+            await redis_client.xadd(f"{key_prefix}jobs:{level}", {"n": f"{level}{i}"})
+    async with running(config) as runner:
+        stats = runner.stats.groups["work"].keys
+        for level in ("high", "low"):
+            key = f"{key_prefix}jobs:{level}"
+            await wait_for(lambda k=key: stats[k].processed == 60, what=f"{level} processed")
+            await wait_for(lambda k=key: none_pending(redis_client, k, "work"), what="acked")
+    expected = [f"{level}{i}" for level in ("high", "low") for i in range(60)]
+    assert Counter(module(mod).ran) == Counter(expected)
 
 
 def test_held_counts_whole_runs_of_acknowledgements() -> None:
