@@ -142,25 +142,26 @@ class EntryHandler:
         current = ""
         bound: dict[str, Any] = {}
         ack: Acks | None = None
-        latencies: list[float] = []
+        # handler latency per run of one key: each of its entries counts the run's mean
         latency: Latency | None = None
+        count = 0
         started = perf_counter()
         for entry in entries:
             key = entry.key.key
             if key != current:
                 if latency is not None:
-                    latency.observe_all(latencies)
-                    latencies = []
-                current, bound, ack = key, self._bind(entry.key), None
+                    now = perf_counter()
+                    latency.observe_many((now - started) / count, count)
+                    started = now
+                current, bound, ack, count = key, self._bind(entry.key), None, 0
                 latency = self._key_stats[key].latency
+            count += 1
             try:
                 msg = decode(codec, entry.fields)
             except DecodeError as exc:
                 outcomes.append(Outcome(entry, DEAD, [], f"cannot decode: {exc}"))
-                started = perf_counter()
                 continue
             publishes: list[Publish] | None = None
-            failure: Outcome | None = None
             try:
                 if only is not None:
                     route = routes[0]
@@ -176,13 +177,9 @@ class EntryHandler:
                         if not route.continue_:
                             break
             except Exception as exc:
-                failure = self._failure(entry, route, exc)
-            now = perf_counter()  # the entry's time: decoding and its routes
-            latencies.append(now - started)
-            started = now
-            if failure is not None:
-                outcomes.append(failure)
-            elif publishes is not None:
+                outcomes.append(self._failure(entry, route, exc))
+                continue
+            if publishes is not None:
                 outcomes.append(Outcome(entry, ACK, publishes))
             elif not routes:
                 outcomes.append(self._settled(entry, False, []))
@@ -194,7 +191,7 @@ class EntryHandler:
                 if entry.deliveries > 1:
                     ack.retried += 1
         if latency is not None:
-            latency.observe_all(latencies)
+            latency.observe_many((perf_counter() - started) / count, count)
         acks += done
         return outcomes
 

@@ -43,13 +43,11 @@ class Latency:
         self.total += seconds
         self.count += 1
 
-    def observe_all(self, seconds: list[float]) -> None:
-        """Observe each of ``seconds``: a batch's latencies in one call."""
-        counts = self.counts
-        for value in seconds:
-            counts[bisect.bisect_left(BUCKETS, value)] += 1
-        self.total += sum(seconds)
-        self.count += len(seconds)
+    def observe_many(self, seconds: float, count: int) -> None:
+        """Observe ``count`` messages that took ``seconds`` each (a batch's mean)."""
+        self.counts[bisect.bisect_left(BUCKETS, seconds)] += count
+        self.total += seconds * count
+        self.count += count
 
 
 @dataclass

@@ -345,15 +345,25 @@ async def test_a_queued_call_taken_back_never_runs() -> None:
     pool = CallPool(threads=1)
     loop = asyncio.get_running_loop()
     ran: list[str] = []
+    started, release = threading.Event(), threading.Event()
+
+    def first_call(_: Any) -> None:
+        started.set()
+        release.wait(10)
+        ran.append("first")
+
     try:
-        first = pool.call(loop, lambda _: time.sleep(0.2) or ran.append("first"), None)
+        first = pool.call(loop, first_call, None)
         second = pool.call(loop, lambda _: ran.append("second"), None)
-        await asyncio.sleep(0.05)  # the first runs, the second waits for the only thread
-        assert pool.cancel(second)
+        await wait_for(started.is_set, what="the first call running")
+        assert pool.cancel(second)  # it waits for the only thread
         assert not pool.cancel(first)  # running: it cannot be taken back
+        release.set()
         await first.returning()
-        await asyncio.sleep(0.05)
+        # queued after the second: had it stayed in the queue, it would run first
+        await pool.call(loop, lambda _: None, None).returning()
     finally:
+        release.set()
         pool.shutdown()
     assert ran == ["first"]
 
