@@ -157,9 +157,11 @@ class ThreadedDriver:
         self._wake = wake = loop.create_future()
         timer = None
         first = None
-        for queue in self._deadlines.values():
+        for timeout, queue in self._deadlines.items():
             while queue and queue[0][1].tag is None:  # settled meanwhile
                 queue.popleft()
+            if len(queue) > 2 * self.concurrency + 64:  # settled behind one that runs long
+                self._deadlines[timeout] = queue = deque(d for d in queue if d[1].tag is not None)
             if queue and (first is None or queue[0][0] < first):
                 first = queue[0][0]
         if first is not None:

@@ -299,6 +299,32 @@ async def test_a_call_returned_in_time_but_not_handed_back_yet_is_not_overrun() 
     assert handler.overrunning == 0
 
 
+async def test_deadlines_of_settled_calls_do_not_pile_up_behind_a_long_one() -> None:
+    """One call runs long while hundreds of others come and go: the deadlines kept stay
+    bounded by the concurrency, not by the calls made."""
+    pool = CallPool(threads=2)
+    release = threading.Event()
+    ids = [f"1-{i}" for i in range(400)]
+    routes = {i: _sync_route(lambda _: None) for i in ids[1:]}
+    routes[ids[0]] = _sync_route(lambda _: release.wait(30))
+    handler = _Steps(routes)
+    outcomes: list[Any] = []
+    driver = ThreadedDriver(cast(Any, handler), pool, 4, _queue(ids), outcomes.append, print, LOG)
+    for route in routes.values():
+        route.timeout = 60.0
+    task = asyncio.create_task(driver.run())
+    try:
+        await wait_for(lambda: len(outcomes) == 399, what="the short calls done")
+        kept = sum(len(queue) for queue in driver._deadlines.values())
+        assert kept <= 2 * 4 + 64, kept
+        release.set()
+        await asyncio.wait_for(task, 10)
+    finally:
+        release.set()
+        pool.shutdown()
+    assert len(outcomes) == 400
+
+
 async def test_an_outcome_that_cannot_be_finished_leaves_the_flight_once() -> None:
     """``finish`` raising: the entry is given up once and the driver still ends."""
     pool = CallPool(threads=1)
