@@ -50,6 +50,9 @@ from cortex_flow.wire.connection import Backoff
 from cortex_flow.wire.faults import passing_reason
 from cortex_flow.wire.groups import ensure_group
 
+# How long an idle consumer's read waits for new entries (ms): one command per wait.
+IDLE_BLOCK_MS = 5000
+
 __all__ = [
     "ACK",
     "DEAD",
@@ -102,10 +105,13 @@ class GroupConsumer:
         self.log = log or logging.getLogger("cortex_flow.consumer")
         retry = self.spec.retry
         self.block_ms = max(10, int(min(block, retry.backoff.initial) * 1000))
+        # nothing held, nothing to retry: a read may wait longer (stop and claims cut it)
+        self.idle_block_ms = max(self.block_ms, IDLE_BLOCK_MS)
         self._claim_every = max(retry.claim_idle / 4, 0.05)
         self._lease_every = max(retry.claim_idle / 3, 0.05)
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
+        self._interrupt = asyncio.Event()  # ends an idle read early: a stop, a claim
         # (key, id) this consumer holds: running, in the backlog or waiting to be committed
         self._inflight: set[tuple[str, str]] = set()
         # failed for good with no dead_letter: left pending, no longer claimed
@@ -209,11 +215,13 @@ class GroupConsumer:
         """Take over another consumer's pending entries now (its agent went down)."""
         self.pending.request_claim(consumers)
         self._wake.set()
+        self._interrupt.set()
 
     async def stop(self, grace: float) -> bool:
         """Stop reading, finish and acknowledge what is in flight; False if grace ran out."""
         self._stopping.set()
         self._wake.set()
+        self._interrupt.set()
         if self._task is None:
             self.done.set()
             return True
@@ -294,7 +302,11 @@ class GroupConsumer:
                     # while a down consumer's entries remain, only glance for new ones;
                     # a retry falling due ends the wait for new entries in time
                     block = not pending.claiming
-                    entries = await self._fetch(capacity, block=block, block_ms=self._block_ms())
+                    block_ms = self._block_ms()
+                    if block and block_ms > self.block_ms:
+                        entries = await self._fetch_idle(capacity, block_ms)
+                    else:
+                        entries = await self._fetch(capacity, block=block, block_ms=block_ms)
                     if self.reader.parked:  # held for later: leased meanwhile
                         self._inflight.update((e.key.key, e.id) for e in self.reader.parked)
                     if entries:
@@ -344,11 +356,38 @@ class GroupConsumer:
         await self._wake.wait()
 
     def _block_ms(self) -> int:
-        """How long a read may wait for new entries: until the next retry is due at most."""
+        """How long a read may wait for new entries: until the next retry is due at most;
+        with nothing held the longer idle wait (a failure can then only come from a read)."""
         due = self._retries.next_due()
         if due is None:
-            return self.block_ms
+            return self.block_ms if self._inflight else self.idle_block_ms
         return max(1, min(self.block_ms, int((due - time.monotonic()) * 1000)))
+
+    async def _fetch_idle(self, capacity: int, block_ms: int) -> list[Entry]:
+        """The idle wait: a blocking read that a stop or a claim request ends early.
+
+        Ending it closes its connection; an entry Redis delivered just then stays pending
+        under our name, so our pending entries are re-read first (unless stopping: then
+        the next start under this name, or ``claim_idle``, takes it).
+        """
+        self._interrupt.clear()
+        if self._stopping.is_set() or self.pending.claiming:
+            return []
+        read = asyncio.ensure_future(self._fetch(capacity, block=True, block_ms=block_ms))
+        interrupt = asyncio.ensure_future(self._interrupt.wait())
+        try:
+            await asyncio.wait({read, interrupt}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            interrupt.cancel()
+        if read.done():
+            return read.result()
+        read.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await read
+        if read.cancelled():
+            self._reread = True
+            return []
+        return read.result()
 
     def _drop_parked(self) -> None:
         for entry in self.reader.drop_parked():

@@ -36,6 +36,7 @@ from cortex_flow.wire.processes import pid_alive
 WARN_EVERY = 60.0  # a failing beat of the runner's own is logged at most this often
 STOP_BEAT_TIMEOUT = 1.0  # the last ("stopped") beat must not hold up a shutdown
 RUNNER_SILENCE = 3  # a runner silent for this many of its intervals is down
+WATCH_BLOCK = 5.0  # the longest the watch's read waits for beats (s)
 
 
 def runner_instance(started_at: float | None = None) -> str:
@@ -289,7 +290,9 @@ class HeartbeatMonitor:
         await self._check()
         while not self._stop.is_set():
             try:
-                resp = await self.client.xread({key: last_id}, count=1000, block=500)
+                resp = await self.client.xread(
+                    {key: last_id}, count=1000, block=self._watch_block_ms()
+                )
                 for _, items in resp or []:
                     for entry_id, fields in items:
                         parsed = parse_beat(self.beat_codec, entry_id, fields)
@@ -303,6 +306,18 @@ class HeartbeatMonitor:
                 self.log.warning("heartbeats: reading %s failed (%s); retrying", key, exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), 1.0)
+
+    def _watch_block_ms(self) -> int:
+        """How long the watch's read may wait: until the next agent or runner could be
+        past its timeout (one read per wait, not a poll), ``WATCH_BLOCK`` at most."""
+        now = time.time()
+        deadlines = [
+            s.last_beat + s.timeout for s in self.stats.agents.values() if s.up and s.last_beat
+        ]
+        silence = RUNNER_SILENCE * self.runner_interval
+        deadlines.extend(ts + silence for ts in self.runners.values())
+        wait = min([WATCH_BLOCK, *(d - now for d in deadlines)])
+        return max(10, int(wait * 1000) + 10)
 
     async def _check(self) -> None:
         now = time.time()

@@ -37,7 +37,8 @@ from cortex_flow.wire.connection import (
 
 log = logging.getLogger("cortex_flow.runner")
 
-PROBE_EVERY = 1.0  # seconds between two PINGs of the connection probe
+PROBE_EVERY = 5.0  # seconds between two PINGs of the connection probe while Redis answers
+PROBE_EVERY_DOWN = 1.0  # ... and while it does not: "answers again" is seen within a second
 PROBE_TIMEOUT = 2.0  # a PING unanswered this long counts as Redis down
 
 Watcher = Callable[[], AsyncIterator[Any]]
@@ -162,8 +163,9 @@ class Runner:
         self._tasks.append(asyncio.create_task(self._probe(), name="redis:probe"))
 
     async def _probe(self) -> None:
-        """PING Redis every ``PROBE_EVERY``: ``connected`` (the gauge, ``/readyz``) is
-        false while it does not answer within ``PROBE_TIMEOUT``, and the log says so."""
+        """PING Redis every ``PROBE_EVERY`` (every ``PROBE_EVERY_DOWN`` while it is down):
+        ``connected`` (the gauge, ``/readyz``) is false while it does not answer within
+        ``PROBE_TIMEOUT``, and the log says so."""
         where = describe_url(self.url) if self.url else "(given client)"
         down_since: float | None = None
         while not self._stop.is_set():
@@ -191,7 +193,8 @@ class Runner:
                     down_since = None
                 self.stats.connected = True
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), PROBE_EVERY)
+                every = PROBE_EVERY if down_since is None else PROBE_EVERY_DOWN
+                await asyncio.wait_for(self._stop.wait(), every)
 
     async def _start_embedded(self) -> None:
         from cortex_flow.wire.embedded import resolve_url

@@ -56,6 +56,10 @@ SOCKET_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 5.0
 # A pooled connection idle this long is PINGed before reuse, so a dead one is replaced.
 HEALTH_CHECK_INTERVAL = 30
+# Each idle group waits in a blocking read on a connection of its own: a pool of
+# redis-py's default 100 would refuse the 101st group ("Too many connections").
+# Redis's own maxclients default is 10,000.
+MAX_CONNECTIONS = 10_000
 LOG_EVERY = 5.0
 _TRUE = ("1", "true", "yes", "on")
 
@@ -82,6 +86,7 @@ def redis_from_url(
         "socket_keepalive": True,
         "health_check_interval": HEALTH_CHECK_INTERVAL,
         "client_name": client_name,
+        "max_connections": MAX_CONNECTIONS,
     }
     # Each credential the URL lacks comes from the environment: secrets stay out of files.
     for field in ("username", "password"):
@@ -133,7 +138,7 @@ def _sentinel_client(url: str, query: dict[str, str], options: dict[str, Any]) -
             sentinel_options[key] = options[key]
     sentinel_options["client_name"] = options["client_name"]
     nodes = url_hosts(url, 26379)
-    sentinel = Sentinel(nodes, sentinel_kwargs=sentinel_options, **options)  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(nodes, sentinel_kwargs=sentinel_options, **options)
     client: aioredis.Redis = sentinel.master_for(unquote(service))
     return client
 
