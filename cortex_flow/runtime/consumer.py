@@ -47,7 +47,7 @@ from cortex_flow.runtime.routes import RouteTable
 from cortex_flow.runtime.stats import GroupStats, KeyStats
 from cortex_flow.runtime.threaded import ThreadedDriver
 from cortex_flow.wire.connection import Backoff
-from cortex_flow.wire.faults import passing_reason
+from cortex_flow.wire.faults import CLUSTER_ERRORS, passing_reason
 from cortex_flow.wire.groups import ensure_group
 
 # How long an idle consumer's read waits for new entries (ms): one command per wait.
@@ -334,6 +334,11 @@ class GroupConsumer:
                     else:
                         await self._unexpected(backoff)
                         recover = True
+                except CLUSTER_ERRORS as exc:  # no slot owner, redirections exhausted
+                    delay = backoff.next_delay()
+                    self.faults.report("failover", exc, f"retrying in {delay:.1f}s")
+                    recover = True
+                    await self._sleep(delay)
                 except Exception:
                     await self._unexpected(backoff)
                     recover = True

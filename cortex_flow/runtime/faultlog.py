@@ -10,6 +10,7 @@ import logging
 import time
 
 from cortex_flow.runtime.stats import GroupStats
+from cortex_flow.wire.faults import error_text
 
 EVERY = 10.0
 
@@ -44,7 +45,7 @@ class FaultLog:
             return
         self._logged[reason] = now
         count, self._since[reason] = self._since[reason], 0
-        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        detail = error_text(exc)
         self.log.warning(
             "group %s: %s (%s); %s. Outcomes are kept and committed once it recovers; "
             "nothing is counted as a failure or dead-lettered for it (%d time%s since "

@@ -31,7 +31,7 @@ from cortex_flow.runtime.heartbeat import HeartbeatMonitor
 from cortex_flow.runtime.routes import RouteTable
 from cortex_flow.runtime.stats import GroupStats, RunnerStats
 from cortex_flow.wire.connection import Backoff
-from cortex_flow.wire.faults import passing_reason
+from cortex_flow.wire.faults import CLUSTER_ERRORS, passing_reason
 from cortex_flow.wire.groups import ensure_group
 
 log = logging.getLogger("cortex_flow.runner")
@@ -121,7 +121,7 @@ class RunningTopology:
                     for key in group.keys:
                         await self.create_group(group, key.key)
                 return
-            except (*TRANSIENT, ResponseError) as exc:
+            except (*TRANSIENT, *CLUSTER_ERRORS, ResponseError) as exc:
                 reason = passing_reason(exc)
                 delay = backoff.next_delay()
                 late = deadline is not None and time.monotonic() + delay > deadline
