@@ -106,7 +106,9 @@ class Client:
     async def publish(self, stream: str, msg: Mapping[str, Any], **vars: str) -> str:
         """Publish to a declared stream; ``vars`` pick the key (priority, agent...)."""
         priority, agent = vars.pop("priority", None), vars.pop("agent", None)
-        key, spec = target_key(self.project, stream, priority=priority, agent=agent, extra=vars)
+        key, spec = target_key(
+            self.project, stream, priority=priority, agent=agent, extra=vars, msg=msg
+        )
         return await publish(self.redis, key, spec, msg)
 
     async def send_task(

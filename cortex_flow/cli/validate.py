@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cortex_flow.errors import Problem
 from cortex_flow.flow.callables import check_imports, importable_from
+from cortex_flow.flow.clusterslots import cluster_slot_problems
 from cortex_flow.flow.declared import Topology
 from cortex_flow.flow.loader import check_project
 from cortex_flow.flow.report import format_problems
@@ -21,8 +22,11 @@ def _imports(topology: Topology, base_dir: Path) -> list[Problem]:
 def command(args: argparse.Namespace) -> int:
     checked = check_project(args.config, args.paths or None)
     problems = checked.problems
+    if checked.project is not None:  # slots: a problem for validate, a warning for run
+        project = checked.project
+        problems = cluster_slot_problems(project.topology, project.config.redis.url)
     if checked.project is not None and args.check_imports:
-        problems = _imports(checked.project.topology, checked.project.base_dir)
+        problems = [*problems, *_imports(checked.project.topology, checked.project.base_dir)]
     output = format_problems(problems, args.format, checked.files)
     if output:
         print(output)

@@ -20,6 +20,7 @@ from jinja2.runtime import Context
 
 from cortex_flow.flow.checks import resolve_callable
 from cortex_flow.flow.models import Route, StreamSpec
+from cortex_flow.flow.slots import PARTITION, PartitionPicker
 from cortex_flow.flow.templates import Expression, Template, make_context
 from cortex_flow.flow.topology import ResolvedGroup, key_template, key_variables
 from cortex_flow.runtime.callpool import CallPool, default_pool
@@ -99,8 +100,16 @@ class CompiledRoute:
             needed = key_variables(self.target)
             self.key = key_template(self.target.key)
             self.vars = {k: Template(v) for k, v in route.vars.items()}
-            # variables neither the route nor a literal gives come from the source entry
-            self.inherit = tuple(v for v in sorted(needed) if v not in route.vars)
+            # variables neither the route nor a literal gives come from the source entry;
+            # a partitioned target's partition is picked per message instead
+            self.inherit = tuple(
+                v for v in sorted(needed) if v not in route.vars and v != PARTITION
+            )
+            self.picker = (
+                PartitionPicker(self.target.partitions, self.target.partition_key)
+                if PARTITION in needed and self.target.partitions
+                else None
+            )
             self.set = {k: Template(v) for k, v in (route.set or {}).items()}
             self.set_given = route.set is not None
         self.needs_context = self.when is not None or (
@@ -145,13 +154,15 @@ class CompiledRoute:
             values: dict[str, Any] = {v: bound.get(v) for v in self.inherit}
             for name, template in self.vars.items():
                 values[name] = template.render(ctx) if ctx is not None else template.source
-            key = self.key.source if self.key.is_literal else self.key.render(make_context(values))
             if self.set_given:
                 out: Mapping[str, Any] = {
                     k: (t.render(ctx) if ctx is not None else t.source) for k, t in self.set.items()
                 }
             else:
                 out = msg
+            if self.picker is not None:  # from the message as published
+                values[PARTITION] = self.picker.tag(out)
+            key = self.key.source if self.key.is_literal else self.key.render(make_context(values))
         except UndefinedError as exc:
             raise PermanentError(f"{self.label}: {exc.message}") from None
         except Exception as exc:  # TypeError, SecurityError, ...: the same every time

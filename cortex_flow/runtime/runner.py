@@ -20,9 +20,9 @@ from cortex_flow.flow.loader import Project
 from cortex_flow.flow.plan import diff
 from cortex_flow.flow.topology import Resolved, resolve
 from cortex_flow.runtime.callpool import CallPool
-from cortex_flow.runtime.consumer import GroupConsumer
 from cortex_flow.runtime.gauges import refresh_gauges
 from cortex_flow.runtime.heartbeat import HeartbeatMonitor, check_runner_name, runner_instance
+from cortex_flow.runtime.partitioned import Consumer
 from cortex_flow.runtime.reload import Reload, reload_topology, watch_changes
 from cortex_flow.runtime.routes import RouteTable
 from cortex_flow.runtime.running import RunningTopology, route_tables
@@ -93,7 +93,7 @@ class Runner:
     # -- what runs now ---------------------------------------------------------------------
 
     @property
-    def consumers(self) -> dict[str, GroupConsumer]:
+    def consumers(self) -> dict[str, Consumer]:
         """The running consumers by group name."""
         return self.running.consumers if self.running is not None else {}
 

@@ -24,10 +24,10 @@ from cortex_flow.flow.callables import importable_from
 from cortex_flow.flow.plan import Plan
 from cortex_flow.flow.topology import Resolved, ResolvedGroup
 from cortex_flow.runtime.callpool import CallPool, threads_needed
-from cortex_flow.runtime.consumer import GroupConsumer
 from cortex_flow.runtime.delivery import TRANSIENT
 from cortex_flow.runtime.faultlog import WHAT
 from cortex_flow.runtime.heartbeat import HeartbeatMonitor
+from cortex_flow.runtime.partitioned import Consumer, make_consumer
 from cortex_flow.runtime.routes import RouteTable
 from cortex_flow.runtime.stats import GroupStats, RunnerStats
 from cortex_flow.wire.connection import Backoff
@@ -92,10 +92,10 @@ class RunningTopology:
         self.executor = executor or CallPool()
         self.resolved: Resolved | None = None
         self.tables: dict[str, RouteTable] = {}
-        self.consumers: dict[str, GroupConsumer] = {}
+        self.consumers: dict[str, Consumer] = {}
         self.heartbeats: HeartbeatMonitor | None = None
         self.retiring: set[asyncio.Task[bool]] = set()
-        self.draining: dict[str, GroupConsumer] = {}  # retired, maybe still finishing
+        self.draining: dict[str, Consumer] = {}  # retired, maybe still finishing
 
     # -- provisioning (awaits; nothing running changes) ------------------------------------
 
@@ -200,7 +200,7 @@ class RunningTopology:
             predecessor = draining.done
         stats = self.stats.groups.get(group.name) or GroupStats(group.name, group.consumer)
         self.stats.groups[group.name] = stats
-        consumer = GroupConsumer(
+        consumer = make_consumer(
             self.client,
             group,
             table,
@@ -216,7 +216,7 @@ class RunningTopology:
         consumer.start()
         self.consumers[group.name] = consumer
 
-    def _retire(self, consumer: GroupConsumer) -> None:
+    def _retire(self, consumer: Consumer) -> None:
         """Stop a replaced or removed consumer in the background; ``stop`` awaits it."""
         task = asyncio.create_task(consumer.stop(self.shutdown_grace))
         self.retiring.add(task)

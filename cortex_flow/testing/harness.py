@@ -234,7 +234,9 @@ class FlowHarness:
         **vars: str,
     ) -> str:
         """Publish ``msg`` to a declared stream, as ``cortex-flow send`` does; returns its ID."""
-        key, spec = target_key(self.project, stream, priority=priority, agent=agent, extra=vars)
+        key, spec = target_key(
+            self.project, stream, priority=priority, agent=agent, extra=vars, msg=msg
+        )
         return await publish(self.client, key, spec, msg)
 
     async def entries(self, stream_or_key: str, **vars: str) -> Entries:
