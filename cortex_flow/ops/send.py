@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
-from cortex_flow.errors import CortexFlowError
+from cortex_flow.errors import CortexFlowError, NotReplicated
 from cortex_flow.flow.loader import Project
 from cortex_flow.flow.modelerrors import did_you_mean
 from cortex_flow.flow.models import StreamSpec
@@ -114,9 +114,33 @@ def picker(partitions: int, partition_key: str | None) -> PartitionPicker:
     return PartitionPicker(partitions, partition_key)
 
 
-async def publish(client: Any, key: str, spec: StreamSpec, msg: Mapping[str, Any]) -> str:
-    """XADD ``msg`` encoded with the stream's codec, trimmed to its ``maxlen`` (approximate)."""
-    entry_id: str = await client.xadd(
-        key, encode(spec.codec, msg), maxlen=spec.maxlen, approximate=True
-    )
-    return entry_id
+async def publish(
+    client: Any,
+    key: str,
+    spec: StreamSpec,
+    msg: Mapping[str, Any],
+    *,
+    replicas: int = 0,
+    wait_ms: int = 1000,
+) -> str:
+    """XADD ``msg`` encoded with the stream's codec, trimmed to its ``maxlen`` (approximate).
+
+    ``replicas``: then WAIT until that many replicas have it, at most ``wait_ms``, or
+    raise :class:`NotReplicated`: a failover (Sentinel's is not coordinated) discards a
+    write the old master acknowledged and had not passed on, so a producer that must
+    not lose a message publishes it again (at least once).
+    """
+    fields = encode(spec.codec, msg)
+    if not replicas:
+        entry_id: str = await client.xadd(key, fields, maxlen=spec.maxlen, approximate=True)
+        return entry_id
+    pipe = client.pipeline(transaction=False)  # one connection: WAIT covers the XADD
+    pipe.xadd(key, fields, maxlen=spec.maxlen, approximate=True)
+    pipe.execute_command("WAIT", replicas, wait_ms)
+    entry_id, acked = await pipe.execute()
+    if int(acked) < replicas:
+        raise NotReplicated(
+            f"{entry_id} on {key} reached {acked} of {replicas} replica(s) within {wait_ms} ms "
+            "(a failover under way?); publish it again"
+        )
+    return str(entry_id)

@@ -42,6 +42,9 @@ class PartitionedConsumer:
             )
             for part in partitions_of(group.keys)
         ]
+        shared = self.parts[0].faults  # a failover is said once for the group, not N times
+        for part in self.parts[1:]:
+            part.faults = shared
         self.done = asyncio.Event()  # set when every partition's consumer is done
         self._watch: asyncio.Task[None] | None = None
 
