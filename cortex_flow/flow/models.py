@@ -71,7 +71,8 @@ class StreamSpec(Model):
         description="Spread the stream over this many keys, one hash tag each (the key's "
         "`{{ partition }}` renders as `{p0}` ... `{pN-1}`), so on a Redis Cluster one "
         "stream's work spreads over the masters while each partition keeps its priority "
-        "levels in one slot. Groups read every partition.",
+        "levels in one slot. A group reads every partition; the runners split them, "
+        "each partition read by one runner at a time.",
     )
     partition_key: str | None = Field(
         default=None,

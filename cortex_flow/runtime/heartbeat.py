@@ -120,6 +120,8 @@ class HeartbeatMonitor:
         self.instance = instance or runner_instance()
         self.key: str | None = None
         self.runners: dict[str, float] = {}  # other runners' last beats, kept across reloads
+        self.stopped: set[str] = set()  # runners whose last beat said "stopped"
+        self.seen_beats = False  # the watch has read the stream once: runners are known
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._ending: set[asyncio.Task[None]] = set()  # cancelled by a reload, not yet done
@@ -251,6 +253,10 @@ class HeartbeatMonitor:
                     self._twin(beat.instance, ts)
                 return
             self.runners[name] = max(ts, self.runners.get(name, 0.0))
+            if beat.status == "stopped":
+                self.stopped.add(name)
+            else:
+                self.stopped.discard(name)
             return
         state = self.stats.agents.get(name)
         if state is not None and (state.last_beat is None or ts > state.last_beat):
@@ -285,6 +291,7 @@ class HeartbeatMonitor:
                 for beat in instances.values():
                     self._seen(beat)
             last_id = seed.newest_id or last_id
+            self.seen_beats = True
         except Exception as exc:
             self.log.warning("heartbeats: cannot read %s yet (%s)", key, exc)
         await self._check()
@@ -299,6 +306,7 @@ class HeartbeatMonitor:
                         if parsed is not None:
                             self._seen(parsed)
                         last_id = entry_id
+                self.seen_beats = True
                 await self._check()
             except asyncio.CancelledError:
                 raise
@@ -306,6 +314,13 @@ class HeartbeatMonitor:
                 self.log.warning("heartbeats: reading %s failed (%s); retrying", key, exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), 1.0)
+
+    def live_runners(self) -> set[str] | None:
+        """The other runners beating now (not silent, not stopped); None while unknown
+        (no heartbeat stream, or the watch has not read it yet)."""
+        if self.key is None or not self.seen_beats:
+            return None
+        return set(self.runners) - self.stopped
 
     def _watch_block_ms(self) -> int:
         """How long the watch's read may wait: until the next agent or runner could be

@@ -212,9 +212,19 @@ class RunningTopology:
             predecessor=predecessor,
             block=self.block,
             log=logging.getLogger("cortex_flow.consumer"),
+            members=self._live_runners,
+            shutdown_grace=self.shutdown_grace,
         )
         consumer.start()
         self.consumers[group.name] = consumer
+
+    def _live_runners(self) -> set[str] | None:
+        """The other runners beating now, for partitioned groups to split partitions by;
+        an empty set without heartbeats (then each runner reads every partition)."""
+        monitor = self.heartbeats
+        if monitor is None or monitor.key is None:
+            return set()
+        return monitor.live_runners()
 
     def _retire(self, consumer: Consumer) -> None:
         """Stop a replaced or removed consumer in the background; ``stop`` awaits it."""

@@ -98,3 +98,77 @@ async def test_without_a_partition_key_producers_take_partitions_in_turn(
         await client.publish("spread", {"n": str(n)})
     counts = [int(await redis_client.xlen(f"{key_prefix}spread:{{p{i}}}")) for i in range(3)]
     assert counts == [10, 10, 10]
+
+
+OWNED = """
+    version: 1
+    streams:
+      chats:
+        key: "{P}chats:{{ partition }}"
+        partitions: 6
+        partition_key: "{{ msg.conversation }}"
+      beats: {key: "{P}beats"}
+    heartbeats: {stream: beats}
+    groups:
+      answer:
+        stream: chats
+        concurrency: 1
+        routes:
+          - call: {function: "{M}:record", inline: true}
+"""
+
+RECORD = """
+    handled = []
+
+    def record(msg):
+        handled.append((msg["conversation"], int(msg["n"])))
+"""
+
+
+def _owned(runners: list[Any]) -> list[list[int]]:
+    return [r.consumers["answer"].owned() for r in runners]
+
+
+async def test_each_partition_is_read_by_one_runner_so_a_conversation_stays_in_order(
+    new_project: NewProject, redis_client: Any, key_prefix: str
+) -> None:
+    """Three runners split the six partitions between them (each read by one runner), so
+    with concurrency 1 every conversation is handled in publish order; a runner that
+    stops hands its partitions to the others, and order still holds."""
+    from projects import module
+
+    configs = [
+        new_project(
+            OWNED,
+            RECORD,
+            name=name,
+            config_name=f"{name}.yaml",
+            runner_extra=", heartbeat_interval: 200ms",
+        )
+        for name in ("r1", "r2", "r3")
+    ]
+    client = Client(load_project(configs[0][0]), redis_client)
+    async with running(configs[0][0]) as r1, running(configs[1][0]) as r2:
+        async with running(configs[2][0]) as r3:
+            handled = module(configs[-1][1]).handled  # the flows name the last module written
+
+            def split(runners: list[Any]) -> bool:
+                owned = _owned(runners)
+                flat = sorted(i for part in owned for i in part)
+                return all(owned) and flat == list(range(6))
+
+            await wait_for(lambda: split([r1, r2, r3]), timeout=20, what="partitions split")
+            for n in range(600):
+                await client.publish("chats", {"conversation": f"c{n % 12}", "n": str(n)})
+            await wait_for(lambda: len(handled) == 600, timeout=30, what="600 handled")
+        # r3 stopped: its partitions move to r1 and r2
+        await wait_for(lambda: split([r1, r2]), timeout=20, what="r3's partitions taken over")
+        for n in range(600, 900):
+            await client.publish("chats", {"conversation": f"c{n % 12}", "n": str(n)})
+        await wait_for(lambda: len(handled) == 900, timeout=30, what="900 handled")
+    by_conversation: dict[str, list[int]] = defaultdict(list)
+    for conversation, n in handled:
+        by_conversation[conversation].append(n)
+    for conversation, numbers in by_conversation.items():
+        assert numbers == sorted(numbers), conversation  # in publish order, once each
+    assert sorted(n for _, n in handled) == list(range(900))
