@@ -43,6 +43,8 @@ FLOWS = f"""
         key: "fo:done:{{{{ partition }}}}"
         partitions: {PARTITIONS}
         partition_key: "{{{{ msg.n }}}}"
+      beats: {{key: "fo:beats"}}
+    heartbeats: {{stream: beats}}               # the runners split the partitions by these
     groups:
       work:
         stream: jobs
@@ -109,7 +111,7 @@ async def _run(
     published: set[int] = set()
     halfway = asyncio.Event()
     began = time.monotonic()
-    async with running(first), running(second):
+    async with running(first) as one, running(second) as two:
         producing = asyncio.create_task(_produce(producer, published, halfway))
         await asyncio.wait_for(halfway.wait(), 120)
         await event()
@@ -123,6 +125,9 @@ async def _run(
                 return False
 
         await wait_for(settled, timeout=120, what="every surviving message handled")
+        # the two runners share the partitions, each read by one of them
+        owned = [one.consumers["work"].owned(), two.consumers["work"].owned()]  # type: ignore[union-attr]
+        assert all(owned) and sorted(owned[0] + owned[1]) == list(range(PARTITIONS)), owned
     seconds = time.monotonic() - began
     jobs, done = await _numbers(client, JOBS), await _numbers(client, DONE)
     figures = {
@@ -170,7 +175,7 @@ async def _cluster_run(
         what = "cluster, master SIGKILLed" if kill else "cluster, CLUSTER FAILOVER"
         figures = await _run(tmp_path, cluster.url, client, failover, what, caplog)
         # one partitioned group's work went to every master: each holds some partitions
-        owners = {client.get_node_from_key(key).port for key in JOBS}
+        owners = {getattr(client.get_node_from_key(key), "port", None) for key in JOBS}
         assert len(owners) == cluster.masters
         return figures, cluster
     finally:
@@ -215,7 +220,7 @@ async def _sentinel_run(
     sentinel = PrivateSentinel(tmp_path / "sentinel", master).start()
     url = sentinel.url
     client: Any = redis_from_url(url)
-    sentinels = aioredis.Redis(port=sentinel.node.port, decode_responses=True)
+    sentinels: Any = aioredis.Redis(port=sentinel.node.port, decode_responses=True)
 
     async def replica_known() -> bool:
         found = await sentinels.execute_command("SENTINEL", "REPLICAS", sentinel.service)

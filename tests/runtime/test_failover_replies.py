@@ -37,7 +37,7 @@ def test_a_failover_reply_is_a_passing_state_as_redis_py_parses_it(
 ) -> None:
     """redis-py strips the code from the message (``status_code`` keeps it): the reply
     is still recognised, and logged with its code."""
-    error = BaseParser.parse_error(reply)
+    error = BaseParser.parse_error(reply)  # type: ignore[no-untyped-call]
     assert passing_reason(error) == reason
     assert passing_reason(reply) == reason  # as a script's pcall reports it
     assert error_text(error) == reply

@@ -12,6 +12,7 @@ from projects import NewProject, running, wait_for
 
 from cortex_flow.flow.loader import load_project
 from cortex_flow.flow.topology import resolve
+from cortex_flow.runtime.consumer import GroupConsumer
 from cortex_flow.runtime.heartbeat import WATCH_BLOCK
 from cortex_flow.runtime.reader import GroupReader
 from cortex_flow.runtime.stats import AgentState
@@ -148,7 +149,9 @@ async def test_stop_ends_an_idle_wait_at_once(new_project: NewProject, key_prefi
         await asyncio.sleep(0.6)  # past the first short read: in the idle wait now
         assert runner.running is not None
         consumers = list(runner.running.consumers.values())
-        assert consumers and all(c.idle_block_ms >= 5000 for c in consumers)
+        assert consumers and all(
+            isinstance(c, GroupConsumer) and c.idle_block_ms >= 5000 for c in consumers
+        )
         assert all(await asyncio.gather(*(c.stop(1.0) for c in consumers)))
 
 

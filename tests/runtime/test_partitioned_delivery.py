@@ -76,7 +76,7 @@ async def test_one_conversation_stays_in_one_partition_through_producers_and_rou
 
         async def all_replied() -> bool:
             counts = await asyncio.gather(*(redis_client.xlen(k) for k in replies))
-            return sum(counts) == 241
+            return bool(sum(counts) == 241)
 
         await wait_for(all_replied, timeout=30)
     routed = await _by_partition(redis_client, replies)
