@@ -175,8 +175,8 @@ class GroupReader:
                     return reply_entries(key, resp[0][1])
         if block_ms is None:
             return []  # not waiting: every key was looked at above
-        if self.polls:
-            await self._sleep(block_ms / 1000)  # keys in different slots: poll
+        if self.polls:  # keys in different slots: poll, at the reader's pace (not idle's)
+            await self._sleep(min(block_ms, self.block_ms) / 1000)
             return []
         return await self._wait_any(count, block_ms)
 
