@@ -21,9 +21,12 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+
+from redis.exceptions import ResponseError
 
 from cortex_flow.flow.models import StreamSpec
 from cortex_flow.flow.topology import ResolvedGroup, StreamKey, partitions_of
@@ -33,6 +36,10 @@ from cortex_flow.runtime.stats import GroupStats
 
 REBALANCE_EVERY = 1.0  # seconds between two looks at who beats (in memory: no command)
 HELD_PAGE = 1000  # a previous owner with this many pending entries is taken as busy
+# Who reads the group (XINFO CONSUMERS) is looked up when the runners beating change,
+# every ROSTER_EVERY s, and every ROSTER_RETRY s while a live runner is not (yet) one.
+ROSTER_EVERY = 30.0
+ROSTER_RETRY = 3.0
 
 Members = Callable[[], set[str] | None]  # the other runners beating now; None: unknown
 
@@ -75,6 +82,9 @@ class PartitionedConsumer:
         self._leaving: dict[int, GroupConsumer] = {}  # handed over, still finishing
         self._claims: set[str] = set()  # consumers to claim for, in parts started later
         self._faults: Any = None  # one fault log for the group, not one per partition
+        self._roster: set[str] = set()  # consumers of the group, last looked up
+        self._roster_live: frozenset[str] = frozenset()  # the runners beating then
+        self._roster_at = -ROSTER_EVERY
         self._stopping = False
         self._loop: asyncio.Task[None] | None = None
         self.done = asyncio.Event()  # set when every partition's consumer is done
@@ -134,32 +144,61 @@ class PartitionedConsumer:
     def _all(self) -> list[GroupConsumer]:
         return [*self.parts.values(), *self._leaving.values()]
 
-    def _mine(self) -> set[int] | None:
-        """The partitions this runner should read; None while the runners are unknown."""
-        others = self._members() if self._members is not None else set()
-        if others is None:
+    async def _others(self) -> set[str] | None:
+        """The other runners that read this group now: beating (not silent, not stopped)
+        and registered as consumers of it (a runner of other flows on the same heartbeat
+        stream is not one); None while the runners are unknown."""
+        live = self._members() if self._members is not None else set()
+        if live is None:
             return None
-        runners = others | {self.group.consumer}
-        me = self.group.consumer
-        return {i for i in range(len(self._partitions)) if owner(i, runners) == me}
+        if not live:
+            return set()
+        now = time.monotonic()
+        stale = now - self._roster_at >= (ROSTER_RETRY if live - self._roster else ROSTER_EVERY)
+        if live != self._roster_live or stale:
+            self._roster_live, self._roster_at = frozenset(live), now
+            key = self._partitions[0][0].key
+            try:
+                found = await self.client.xinfo_consumers(key, self.name)
+                self._roster = {str(c["name"]) for c in found}
+            except ResponseError as exc:  # a server (or fake) without it: all that beat
+                self.log.debug("group %s: XINFO CONSUMERS failed (%s)", self.name, exc)
+                self._roster = set(live)
+        return live & self._roster
+
+    async def _register(self) -> None:
+        """Make this runner a consumer of the group (on its first partition's first key),
+        so the other runners count it among those that share the partitions."""
+        key = self._partitions[0][0].key
+        try:
+            await self.client.xgroup_createconsumer(key, self.name, self.group.consumer)
+        except ResponseError as exc:  # a server (or fake) without it: counted when it reads
+            self.log.debug("group %s: XGROUP CREATECONSUMER failed (%s)", self.name, exc)
 
     async def _rebalance(self) -> None:
         """Start the partitions this runner owns, hand over the ones it no longer does."""
+        registered = False
         while not self._stopping:
-            mine = self._mine()
-            if mine is not None:
-                for index in sorted(set(self.parts) - mine):
-                    self._hand_over(index)
-                others = (self._members() or set()) if self._members is not None else set()
-                for index in sorted(mine - set(self.parts)):
-                    try:
-                        if await self._free(index, others):
-                            self._take(index)
-                    except Exception as exc:  # Redis not answering: look again next time
-                        self.log.debug(
-                            "group %s: partition %d not taken yet (%s)", self.name, index, exc
-                        )
+            try:
+                if not registered:
+                    await self._register()
+                    registered = True
+                others = await self._others()
+                if others is not None:
+                    await self._apply(others)
+            except Exception as exc:  # Redis not answering: look again next time
+                self.log.debug("group %s: partitions not balanced yet (%s)", self.name, exc)
             await asyncio.sleep(REBALANCE_EVERY)
+
+    async def _apply(self, others: set[str]) -> None:
+        me = self.group.consumer
+        runners = others | {me}
+        mine = {i for i in range(len(self._partitions)) if owner(i, runners) == me}
+        for index in sorted(set(self.parts) - mine):
+            self._hand_over(index)
+        for index in sorted(mine - set(self.parts)):
+            if await self._free(index, others):
+                self._take(index)
 
     async def _free(self, index: int, others: set[str]) -> bool:
         """Whether no other live runner holds entries of the partition any more.

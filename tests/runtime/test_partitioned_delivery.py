@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -129,13 +130,37 @@ def _owned(runners: list[Any]) -> list[list[int]]:
     return [r.consumers["answer"].owned() for r in runners]
 
 
+OTHER = """
+    version: 1
+    streams:
+      jobs: {key: "{P}jobs"}
+      beats: {key: "{P}beats"}
+    heartbeats: {stream: beats}
+    groups:
+      jobs:
+        stream: jobs
+        routes:
+          - drop: true
+"""
+
+
 async def test_each_partition_is_read_by_one_runner_so_a_conversation_stays_in_order(
-    new_project: NewProject, redis_client: Any, key_prefix: str
+    new_project: NewProject, redis_client: Any, key_prefix: str, redis_url: str, tmp_path: Path
 ) -> None:
     """Three runners split the six partitions between them (each read by one runner), so
-    with concurrency 1 every conversation is handled in publish order; a runner that
-    stops hands its partitions to the others, and order still holds."""
-    from projects import module
+    with concurrency 1 every conversation is handled in publish order; a runner of other
+    flows beating on the same stream gets none; a runner that stops hands its partitions
+    to the others, and order still holds."""
+    from projects import make_project, module
+
+    other = make_project(
+        tmp_path / "other",
+        OTHER,
+        url=redis_url,
+        prefix=key_prefix,
+        name="r4",
+        runner_extra=", heartbeat_interval: 200ms",
+    )
 
     configs = [
         new_project(
@@ -148,7 +173,7 @@ async def test_each_partition_is_read_by_one_runner_so_a_conversation_stays_in_o
         for name in ("r1", "r2", "r3")
     ]
     client = Client(load_project(configs[0][0]), redis_client)
-    async with running(configs[0][0]) as r1, running(configs[1][0]) as r2:
+    async with running(other), running(configs[0][0]) as r1, running(configs[1][0]) as r2:
         async with running(configs[2][0]) as r3:
             handled = module(configs[-1][1]).handled  # the flows name the last module written
 
