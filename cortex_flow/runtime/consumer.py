@@ -365,7 +365,9 @@ class GroupConsumer:
         with nothing held the longer idle wait (a failure can then only come from a read)."""
         due = self._retries.next_due()
         if due is None:
-            return self.block_ms if self._inflight else self.idle_block_ms
+            # the longer wait once a wait found nothing (not between two busy batches)
+            idle = self.reader.idle and not self._inflight
+            return self.idle_block_ms if idle else self.block_ms
         return max(1, min(self.block_ms, int((due - time.monotonic()) * 1000)))
 
     async def _fetch_idle(self, capacity: int, block_ms: int) -> list[Entry]:

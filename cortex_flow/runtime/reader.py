@@ -115,6 +115,11 @@ class GroupReader:
                 group.stream,
             )
 
+    @property
+    def idle(self) -> bool:
+        """Whether the last blocking read found nothing."""
+        return self._idle
+
     async def fetch(
         self, count: int, block: bool = True, block_ms: int | None = None
     ) -> list[Entry]:
