@@ -50,8 +50,9 @@ from cortex_flow.wire.connection import Backoff
 from cortex_flow.wire.faults import CLUSTER_ERRORS, passing_reason
 from cortex_flow.wire.groups import ensure_group
 
-# How long an idle consumer's read waits for new entries (ms): one command per wait.
-IDLE_BLOCK_MS = 5000
+# How long an idle consumer's read waits for new entries at most (ms): one command per
+# wait. It ends in time for the next claim of idle entries; below the socket timeout.
+IDLE_BLOCK_MS = 20_000
 
 __all__ = [
     "ACK",
@@ -108,6 +109,7 @@ class GroupConsumer:
         # nothing held, nothing to retry: a read may wait longer (stop and claims cut it)
         self.idle_block_ms = max(self.block_ms, IDLE_BLOCK_MS)
         self._claim_every = max(retry.claim_idle / 4, 0.05)
+        self._next_claim = 0.0  # monotonic time of the next claim of idle entries
         self._lease_every = max(retry.claim_idle / 3, 0.05)
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
@@ -253,7 +255,6 @@ class GroupConsumer:
         backoff = Backoff(initial=0.1, maximum=5.0)
         pending = self.pending
         recover = True
-        next_claim = 0.0
         recreate = False
         lease = asyncio.create_task(
             self.leases.keep(self._inflight, self._lease_every, self.stats, self.faults),
@@ -291,10 +292,10 @@ class GroupConsumer:
                         await self._retry_due(now)
                     if pending.claiming:
                         await pending.claim_from_down()
-                    if now >= next_claim:
-                        next_claim = now + self._claim_every
+                    if now >= self._next_claim:
+                        self._next_claim = now + self._claim_every
                         if await pending.autoclaim():
-                            next_claim = now  # a backlog of idle entries: keep taking it
+                            self._next_claim = now  # a backlog of idle entries: keep taking it
                     capacity = self._capacity()
                     if capacity == 0:
                         await self._idle()
@@ -366,8 +367,10 @@ class GroupConsumer:
         due = self._retries.next_due()
         if due is None:
             # the longer wait once a wait found nothing (not between two busy batches)
-            idle = self.reader.idle and not self._inflight
-            return self.idle_block_ms if idle else self.block_ms
+            if not self.reader.idle or self._inflight:
+                return self.block_ms
+            until_claim = int((self._next_claim - time.monotonic()) * 1000)
+            return max(self.block_ms, min(self.idle_block_ms, until_claim))
         return max(1, min(self.block_ms, int((due - time.monotonic()) * 1000)))
 
     async def _fetch_idle(self, capacity: int, block_ms: int) -> list[Entry]:
