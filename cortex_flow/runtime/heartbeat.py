@@ -23,6 +23,7 @@ from cortex_flow.errors import CortexFlowError
 from cortex_flow.flow.topology import Resolved, key_template, render_key
 from cortex_flow.runtime.stats import AgentState, RunnerStats
 from cortex_flow.wire.codec import encode
+from cortex_flow.wire.faults import error_text
 from cortex_flow.wire.heartbeats import (
     SCAN_LIMIT,
     Beat,
@@ -37,6 +38,7 @@ WARN_EVERY = 60.0  # a failing beat of the runner's own is logged at most this o
 STOP_BEAT_TIMEOUT = 1.0  # the last ("stopped") beat must not hold up a shutdown
 RUNNER_SILENCE = 3  # a runner silent for this many of its intervals is down
 WATCH_BLOCK = 5.0  # the longest the watch's read waits for beats (s)
+READ_WARN_EVERY = 10.0  # a failing watch read is logged at most this often (s)
 
 
 def runner_instance(started_at: float | None = None) -> str:
@@ -122,6 +124,8 @@ class HeartbeatMonitor:
         self.runners: dict[str, float] = {}  # other runners' last beats, kept across reloads
         self.stopped: set[str] = set()  # runners whose last beat said "stopped"
         self.seen_beats = False  # the watch has read the stream once: runners are known
+        self._read_failures = 0  # failed reads of the watch since it last read
+        self._read_warned_at: float | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._ending: set[asyncio.Task[None]] = set()  # cancelled by a reload, not yet done
@@ -311,9 +315,29 @@ class HeartbeatMonitor:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.log.warning("heartbeats: reading %s failed (%s); retrying", key, exc)
+                self._read_failed(key, exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), 1.0)
+            else:
+                if self._read_failures:
+                    self.log.info("heartbeats: reading %s again", key)
+                    self._read_failures, self._read_warned_at = 0, None
+
+    def _read_failed(self, key: str, exc: Exception) -> None:
+        """A failed read of the watch (a failover, Redis down): said once per
+        ``READ_WARN_EVERY`` with a count, not once a second."""
+        self._read_failures += 1
+        now = time.monotonic()
+        if self._read_warned_at is not None and now - self._read_warned_at < READ_WARN_EVERY:
+            return
+        self._read_warned_at = now
+        self.log.warning(
+            "heartbeats: reading %s failed (%s); retrying every second (%d time%s so far)",
+            key,
+            error_text(exc),
+            self._read_failures,
+            "" if self._read_failures == 1 else "s",
+        )
 
     def live_runners(self) -> set[str] | None:
         """The other runners beating now (not silent, not stopped); None while unknown

@@ -176,3 +176,26 @@ def test_the_heartbeat_watch_waits_until_the_next_timeout_at_most() -> None:
     assert 500 <= block(soon) <= 1100  # type: ignore[arg-type]
     runner = Watch({}, {"r2": now - 28.0})  # silent for 3 x 10 s at now + 2 s
     assert 1500 <= block(runner) <= 2100  # type: ignore[arg-type]
+
+
+def test_a_failing_heartbeat_watch_says_so_once_in_a_while(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A watch read failing every second (a failover, Redis down) is one warning per
+    ten seconds with a count, not a line a second."""
+    from types import SimpleNamespace
+
+    from cortex_flow.runtime.heartbeat import HeartbeatMonitor
+
+    watch = SimpleNamespace(
+        log=logging.getLogger("cortex_flow.heartbeat"), _read_failures=0, _read_warned_at=None
+    )
+    caplog.set_level(logging.INFO)
+    for _ in range(5):
+        HeartbeatMonitor._read_failed(watch, "beats", ConnectionError("Connection refused"))  # type: ignore[arg-type]
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [
+        "heartbeats: reading beats failed (Connection refused); retrying every second "
+        "(1 time so far)"
+    ]
+    assert watch._read_failures == 5
