@@ -198,7 +198,7 @@ class PartitionedConsumer:
             self._hand_over(index)
         for index in sorted(mine - set(self.parts)):
             if await self._free(index, others):
-                self._take(index)
+                self._take(index, others)
 
     async def _free(self, index: int, others: set[str]) -> bool:
         """Whether no other live runner holds entries of the partition any more.
@@ -235,7 +235,7 @@ class PartitionedConsumer:
             **self._options,
         )
 
-    def _take(self, index: int) -> None:
+    def _take(self, index: int, others: set[str]) -> None:
         leaving = self._leaving.pop(index, None)
         part = self._make(self._partitions[index])
         if leaving is not None:
@@ -245,8 +245,9 @@ class PartitionedConsumer:
         part.faults = self._faults
         if self._http is not None:
             part.http = self._http
-        if self._claims:
-            part.request_claim(self._claims)
+        claims = self._claims - others  # went down once; not those beating again
+        if claims:
+            part.request_claim(claims)
         part.start()
         self.parts[index] = part
         self.log.info("group %s: reading partition %d (%s)", self.name, index, self._tag(index))
