@@ -60,7 +60,8 @@ class Runner:
     ``client`` is a Redis client to use (else one is made from ``url`` or the config);
     ``http`` stands in for the HTTP client of ``http`` routes (a test stub);
     ``announce`` receives the line that tells other processes how to reach an embedded
-    server (the CLI prints it; the default logs it).
+    server (the CLI prints it; the default logs it); ``ui`` makes what mounts extra routes
+    on the admin endpoint from the runner (the CLI's dashboard, :mod:`cortex_flow.ops.dashboard`).
     """
 
     def __init__(
@@ -74,6 +75,7 @@ class Runner:
         block: float = 1.0,
         http: Any = None,
         announce: Callable[[str], None] | None = None,
+        ui: Callable[[Runner], Callable[[Any], None]] | None = None,
     ) -> None:
         self.project = project
         self.config = project.config
@@ -90,6 +92,7 @@ class Runner:
         self._http = http
         self._announce = announce or log.info
         self._admin_enabled = admin
+        self._ui = ui
         self._watcher = watcher
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
@@ -265,6 +268,7 @@ class Runner:
             # read per request: a reload may change them
             hosts=lambda: self.config.admin.hosts,
             token=lambda: self.config.admin.token,
+            extend=self._ui(self) if self._ui is not None else None,
         )
         await admin.start()
         self.admin = admin
