@@ -204,16 +204,20 @@ class Dashboard:
         return web.json_response(await self.sections(dict(request.query)))
 
     async def events(self, request: web.Request) -> web.StreamResponse:
-        """Server-sent events: one ``data:`` line of sections per refresh until the client goes."""
+        """Server-sent events: one ``data:`` line per refresh, of the sections that changed."""
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await response.prepare(request)
         query = dict(request.query)
+        sent: dict[str, str] = {}
         try:
             while True:
-                body = json.dumps(await self.sections(query))
-                await response.write(f"data: {body}\n\n".encode())
+                fresh = await self.sections(query)
+                # only what changed since the last push: the topology rarely does
+                changed = {k: v for k, v in fresh.items() if sent.get(k) != v}
+                sent = fresh
+                await response.write(f"data: {json.dumps(changed)}\n\n".encode())
                 await asyncio.sleep(self.refresh)
         except (ConnectionResetError, asyncio.CancelledError):
             pass

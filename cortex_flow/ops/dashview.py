@@ -97,6 +97,7 @@ def age(seconds: float | None) -> str:
 
 # --- the topology, drawn without mermaid.js -----------------------------------------------
 
+AGENTS_DRAWN = 30  # more agents than this are drawn as one node
 _ROW = 34  # px between nodes in a column
 _COLUMNS = {"stream": 20, "group": 300, "target": 560}
 _WIDTH = {"stream": 220, "group": 200, "target": 200}
@@ -132,8 +133,10 @@ def topology_svg(resolved: Resolved) -> str:
             edges.append((f"g:{name}", f"t:{name}:{index}", "route"))
         if spec.dead_letter:
             edges.append((f"g:{name}", f"s:{spec.dead_letter}", "dead"))
-    for agent in resolved.agents:
-        targets.append((f"a:{agent}", f"agent {agent}"))
+    if len(resolved.agents) <= AGENTS_DRAWN:
+        targets.extend((f"a:{agent}", f"agent {agent}") for agent in resolved.agents)
+    else:  # a thousand boxes say less than their number; the agents table lists them
+        targets.append(("a:*", f"{len(resolved.agents)} agents"))
     where: dict[str, tuple[float, float, str]] = {}
     nodes = []
     for column, items in (
