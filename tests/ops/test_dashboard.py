@@ -79,11 +79,10 @@ async def test_the_page_pages_a_thousand_rows_and_lists_dead_letters(
     await redis_client.xadd(
         f"{prefix}dlq", {"n": "1", "dlq_stream": f"{prefix}tasks", "dlq_error": "boom: it broke"}
     )
-    async with _session() as http:
-        async with http.get(_base(runner) + "/ui?agents_page=2") as response:
-            assert response.status == 200
-            html = await response.text()
-            assert response.cookies[CSRF_COOKIE]["samesite"] == "Strict"
+    async with _session() as http, http.get(_base(runner) + "/ui?agents_page=2") as response:
+        assert response.status == 200
+        html = await response.text()
+        assert response.cookies[CSRF_COOKIE]["samesite"] == "Strict"
     agents = re.findall(r'data-agent="(a\d+)"', html)
     assert agents == [f"a{i:04d}" for i in range(50, 100)]
     assert 'href="?agents_page=1" rel="prev"' in html
@@ -96,10 +95,9 @@ async def test_the_page_pages_a_thousand_rows_and_lists_dead_letters(
 
 async def test_the_event_stream_pushes_the_sections(runner: Runner) -> None:
     """/ui/events answers text/event-stream whose first event carries every section."""
-    async with _session() as http:
-        async with http.get(_base(runner) + "/ui/events") as response:
-            assert response.headers["Content-Type"] == "text/event-stream"
-            line = await response.content.readline()
+    async with _session() as http, http.get(_base(runner) + "/ui/events") as response:
+        assert response.headers["Content-Type"] == "text/event-stream"
+        line = await response.content.readline()
     assert line.startswith(b"data: {")
     for section in (b'"summary"', b'"topology"', b'"groups"', b'"agents"', b'"dlq"', b'"reloads"'):
         assert section in line

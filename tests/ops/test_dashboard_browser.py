@@ -110,8 +110,16 @@ def browser() -> Iterator[Any]:
 
 def _send(config: Path, fields: dict[str, str]) -> None:
     subprocess.run(
-        [sys.executable, "-m", "cortex_flow", "send", "--config", str(config), "tasks"]
-        + [json.dumps(fields)],
+        [
+            sys.executable,
+            "-m",
+            "cortex_flow",
+            "send",
+            "--config",
+            str(config),
+            "tasks",
+            json.dumps(fields),
+        ],
         check=True,
         capture_output=True,
         cwd=config.parent,
