@@ -28,7 +28,6 @@ import jinja2
 from aiohttp import web
 
 from cortex_flow.flow.config import Config
-from cortex_flow.flow.graph import mermaid
 from cortex_flow.flow.topology import Resolved
 from cortex_flow.ops import dashview
 from cortex_flow.ops.dlq import Filters, list_entries, purge, replay
@@ -176,7 +175,6 @@ class Dashboard:
             "counts": dashview.summary(data),
             "data": data,
             "topology_svg": dashview.topology_svg(resolved),
-            "mermaid": mermaid(resolved),
             "streams_page": dashview.page_of("streams", streams, query),
             "groups_page": dashview.page_of("groups", groups, query),
             "agents_page": dashview.page_of("agents", data["agents"], query),

@@ -57,6 +57,9 @@ SOCKET_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 5.0
 # A pooled connection idle this long is PINGed before reuse, so a dead one is replaced.
 HEALTH_CHECK_INTERVAL = 30
+# every group's blocking read holds a connection: redis-py 8's default pool of 100 would
+# starve a runner of ~100 groups (and its probe, scrapes and dashboard) with "Too many connections"
+MAX_CONNECTIONS = 10_000
 LOG_EVERY = 5.0
 _TRUE = ("1", "true", "yes", "on")
 
@@ -83,6 +86,7 @@ def redis_from_url(
         "socket_keepalive": True,
         "health_check_interval": HEALTH_CHECK_INTERVAL,
         "client_name": client_name,
+        "max_connections": MAX_CONNECTIONS,
     }
     # Each credential the URL lacks comes from the environment: secrets stay out of files.
     for field in ("username", "password"):

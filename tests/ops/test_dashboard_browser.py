@@ -196,7 +196,8 @@ def test_a_replay_without_the_csrf_token_is_refused(
     url, config = dashboard
     _send(config, {"kind": "bad"})
     wait_for_sync(lambda: r.xlen(f"{prefix}dlq") == 1, timeout=20, what="the dead letter")
-    dead_id = r.xrange(f"{prefix}dlq")[0][0]
+    listed: Any = r.xrange(f"{prefix}dlq")
+    dead_id = listed[0][0]
     browser.get(url)
     status = browser.execute_async_script(
         """
