@@ -10,6 +10,7 @@ from cortex_flow.flow.loader import Project
 from cortex_flow.flow.modelerrors import did_you_mean
 from cortex_flow.flow.models import StreamSpec
 from cortex_flow.flow.topology import key_variables, render_key
+from cortex_flow.runtime import tracing
 from cortex_flow.wire.codec import encode
 
 
@@ -83,5 +84,8 @@ def target_key(
 
 async def publish(client: Any, key: str, spec: StreamSpec, msg: Mapping[str, Any]) -> str:
     """XADD ``msg`` encoded with the stream's codec (never trimmed here: retention does)."""
-    entry_id: str = await client.xadd(key, encode(spec.codec, msg))
+    fields = encode(spec.codec, msg)
+    if tracing.setup():  # the OTEL_* variables ask for traces: say where this one starts
+        tracing.inject(fields, key)
+    entry_id: str = await client.xadd(key, fields)
     return entry_id

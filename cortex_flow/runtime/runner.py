@@ -20,6 +20,7 @@ from cortex_flow.flow.exposed import topology_doc
 from cortex_flow.flow.loader import Project
 from cortex_flow.flow.plan import diff
 from cortex_flow.flow.topology import Resolved, no_reader, resolve, unread_inboxes
+from cortex_flow.runtime import tracing
 from cortex_flow.runtime.callpool import CallPool
 from cortex_flow.runtime.consumer import GroupConsumer
 from cortex_flow.runtime.gauges import refresh_gauges
@@ -132,6 +133,7 @@ class Runner:
         resolved = resolve(self.project.topology, self.name)
         tables = route_tables(resolved, self.project.base_dir, self.config)
         apply_settings(self.config)
+        tracing.setup()  # once, before any consumer: off unless OTEL_* ask for traces
         await self._start_admin()  # a port in use fails now, not after Redis is reached
         if self.client is None:
             if self.url == "embedded":

@@ -1,0 +1,160 @@
+"""The consumer span of each message: :class:`TracedHandler` wraps a group's EntryHandler.
+
+Imported only when tracing is on (:func:`cortex_flow.runtime.tracing.traced`), so it may
+import opentelemetry at the top. The wrapper stands in for the handler everywhere the
+consumer uses it: it starts a ``process {stream}`` span when an entry's routes begin, makes
+it current while they run (the route generator's steps, and the awaited calls of
+:meth:`drive`), stamps the span's ``traceparent`` on the entry's ``to`` publishes, sends it
+as a header on ``http`` routes, records a retry or dead letter as an event, and ends the
+span with the outcome.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+
+from cortex_flow.runtime.delivery import DEAD, RETRY, Entry, Outcome
+
+__all__ = ["TracedHandler"]
+
+FIELD = "traceparent"  # cortex_flow.runtime.tracing.FIELD (which imports this module)
+
+_OWN = frozenset(("_inner", "_tracer", "_spans"))
+
+
+class _TracingHttp:
+    """The ``http`` routes' client with ``traceparent`` added from the current context."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Any:
+        headers = dict(kwargs.pop("headers", None) or {})
+        propagate.inject(headers)
+        return self.inner.request(method, url, headers=headers, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class TracedHandler:
+    """An :class:`~cortex_flow.runtime.handling.EntryHandler` with a span per message."""
+
+    def __init__(self, inner: Any, tracer: Any) -> None:
+        object.__setattr__(self, "_inner", inner)
+        object.__setattr__(self, "_tracer", tracer)
+        object.__setattr__(self, "_spans", {})  # id(entry) -> span, while its routes run
+        if inner.http is not None and not isinstance(inner.http, _TracingHttp):
+            inner.http = _TracingHttp(inner.http)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _OWN:
+            object.__setattr__(self, name, value)
+        elif name == "http" and value is not None and not isinstance(value, _TracingHttp):
+            setattr(self._inner, name, _TracingHttp(value))
+        else:
+            setattr(self._inner, name, value)
+
+    # --- spans ---------------------------------------------------------------------------
+
+    def _start(self, entry: Entry) -> Any:
+        parent = propagate.extract({FIELD: entry.fields[FIELD]}) if FIELD in entry.fields else None
+        producer = trace.get_current_span(parent).get_span_context() if parent else None
+        links = [Link(producer)] if producer is not None and producer.is_valid else []
+        # the producer's trace continues here: a parent (so one trace runs from `send`
+        # through every hop) and, as the messaging conventions ask, a link to it
+        span = self._tracer.start_span(
+            f"process {entry.key.stream}",
+            context=parent,
+            kind=SpanKind.CONSUMER,
+            links=links,
+            attributes={
+                "messaging.system": "redis",
+                "messaging.operation.type": "process",
+                "messaging.destination.name": entry.key.key,
+                "messaging.consumer.group.name": self._inner.name,
+                "messaging.message.id": entry.id,
+                "messaging.message.delivery_count": entry.deliveries,
+            },
+        )
+        self._spans[id(entry)] = span
+        return span
+
+    def _end(self, entry: Entry, outcome: Outcome) -> Outcome:
+        span = self._spans.pop(id(entry), None)
+        if span is None:
+            return outcome
+        if outcome.publishes:
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier, context=trace.set_span_in_context(span))
+            for publish in outcome.publishes:
+                publish.fields[FIELD] = carrier[FIELD]
+        if outcome.kind == RETRY:
+            span.add_event("retry", {"error": outcome.error, "deliveries": entry.deliveries})
+        elif outcome.kind == DEAD:
+            span.add_event("dead_letter", {"error": outcome.error})
+        if outcome.error:
+            span.set_status(Status(StatusCode.ERROR, outcome.error))
+        span.end()
+        return outcome
+
+    def _attached(self, entry: Entry) -> Any:
+        span = self._spans.get(id(entry))
+        return otel_context.attach(trace.set_span_in_context(span)) if span else None
+
+    # --- the handler's faces -------------------------------------------------------------
+
+    def steps(self, entry: Entry) -> Generator[Any, None, Outcome]:
+        self._start(entry)
+        inner = self._inner.steps(entry)
+        sent: Any = None
+        thrown: BaseException | None = None
+        while True:
+            token = self._attached(entry)
+            try:
+                step = inner.throw(thrown) if thrown is not None else inner.send(sent)
+            except StopIteration as stop:
+                return self._end(entry, stop.value)
+            finally:
+                if token is not None:
+                    otel_context.detach(token)
+            thrown, sent = None, None
+            try:
+                sent = yield step
+            except Exception as exc:
+                thrown = exc
+
+    def run_inline(self, entry: Entry) -> Outcome:
+        span = self._start(entry)
+        token = otel_context.attach(trace.set_span_in_context(span))
+        try:
+            outcome: Outcome = self._inner.run_inline(entry)
+        finally:
+            otel_context.detach(token)
+        return self._end(entry, outcome)
+
+    async def handle(self, entry: Entry) -> Outcome:
+        steps = self.steps(entry)
+        try:
+            step = next(steps)
+        except StopIteration as stop:
+            done: Outcome = stop.value
+            return done
+        return await self.drive(steps, step, entry)
+
+    async def drive(self, steps: Any, step: Any, entry: Entry) -> Outcome:
+        token = self._attached(entry)  # the awaited calls run in the message's span
+        try:
+            outcome: Outcome = await self._inner.drive(steps, step, entry)
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+        return outcome
