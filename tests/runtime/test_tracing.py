@@ -175,3 +175,49 @@ def test_without_otel_variables_the_handler_is_not_wrapped(new_project: Any) -> 
     # redis-py itself imports opentelemetry when it is installed; cortex-flow adds nothing
     out = _run_once(config, hide_otel=False)
     assert (out[0], out[-2:]) == ("EntryHandler", ["no", "spans"])
+
+
+async def test_http_routes_send_the_message_span_as_traceparent(
+    new_project: Any, spans: Any, prefix: str
+) -> None:
+    """The POST of an http route carries the consumer span's context in its header."""
+    from aiohttp import web
+
+    headers: list[str] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        headers.append(request.headers.get("traceparent", ""))
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    server = web.AppRunner(app)
+    await server.setup()
+    await web.TCPSite(server, "127.0.0.1", 0).start()
+    base = f"http://127.0.0.1:{server.addresses[0][1]}"
+    config, _ = new_project(
+        f"""
+        version: 1
+        streams:
+          events: {{key: "{{P}}events"}}
+        groups:
+          bridge:
+            stream: events
+            routes:
+              - http: {{url: "{base}/hook", timeout: 5s}}
+        """
+    )
+    try:
+        async with running(config), Client.from_config(config) as client:
+            await client.publish("events", {"n": "1"})
+            await wait_for(lambda: headers, what="the POST")
+            await wait_for(
+                lambda: any(s.name == "process events" for s in spans.get_finished_spans()),
+                what="the span",
+            )
+    finally:
+        await server.cleanup()
+    span = next(s for s in spans.get_finished_spans() if s.name == "process events")
+    trace_id, span_id = f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}"
+    assert len(headers) == 1
+    assert headers[0].split("-")[:3] == ["00", trace_id, span_id]
