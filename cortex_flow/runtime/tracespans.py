@@ -23,8 +23,11 @@ from cortex_flow.runtime.delivery import DEAD, RETRY, Entry, Outcome
 __all__ = ["TracedHandler"]
 
 FIELD = "traceparent"  # cortex_flow.runtime.tracing.FIELD (which imports this module)
+# what JSON log lines read (tracing.current_message): the message whose routes run, kept in
+# the OpenTelemetry context so that it holds inside handlers' own nested spans too
+MESSAGE = otel_context.create_key("cortex_flow.message")
 
-_OWN = frozenset(("_inner", "_tracer", "_spans"))
+_OWN = frozenset(("_inner", "_tracer", "_spans", "_contexts"))
 
 
 class _TracingHttp:
@@ -49,6 +52,7 @@ class TracedHandler:
         object.__setattr__(self, "_inner", inner)
         object.__setattr__(self, "_tracer", tracer)
         object.__setattr__(self, "_spans", {})  # id(entry) -> span, while its routes run
+        object.__setattr__(self, "_contexts", {})  # id(entry) -> the context to attach
         if inner.http is not None and not isinstance(inner.http, _TracingHttp):
             inner.http = _TracingHttp(inner.http)
 
@@ -86,10 +90,14 @@ class TracedHandler:
             },
         )
         self._spans[id(entry)] = span
-        return span
+        about = {"message_id": entry.id, "group": self._inner.name, "stream": entry.key.key}
+        context = otel_context.set_value(MESSAGE, about, trace.set_span_in_context(span))
+        self._contexts[id(entry)] = context
+        return context
 
     def _end(self, entry: Entry, outcome: Outcome) -> Outcome:
         span = self._spans.pop(id(entry), None)
+        self._contexts.pop(id(entry), None)
         if span is None:
             return outcome
         if outcome.publishes:
@@ -107,8 +115,8 @@ class TracedHandler:
         return outcome
 
     def _attached(self, entry: Entry) -> Any:
-        span = self._spans.get(id(entry))
-        return otel_context.attach(trace.set_span_in_context(span)) if span else None
+        context = self._contexts.get(id(entry))
+        return otel_context.attach(context) if context is not None else None
 
     # --- the handler's faces -------------------------------------------------------------
 
@@ -133,8 +141,7 @@ class TracedHandler:
                 thrown = exc
 
     def run_inline(self, entry: Entry) -> Outcome:
-        span = self._start(entry)
-        token = otel_context.attach(trace.set_span_in_context(span))
+        token = otel_context.attach(self._start(entry))
         try:
             outcome: Outcome = self._inner.run_inline(entry)
         finally:

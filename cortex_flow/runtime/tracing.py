@@ -27,7 +27,7 @@ import os
 from collections.abc import MutableMapping
 from typing import Any
 
-__all__ = ["FIELD", "enable", "enabled", "inject", "setup", "trace_id", "traced"]
+__all__ = ["FIELD", "current_message", "enable", "enabled", "inject", "setup", "traced"]
 
 log = logging.getLogger("cortex_flow.tracing")
 
@@ -130,14 +130,25 @@ def inject(fields: MutableMapping[str, Any], destination: str) -> None:
         fields[FIELD] = carrier[FIELD]
 
 
-def trace_id() -> str | None:
-    """The current trace's ID as 32 hex digits (for log lines), or None."""
+def current_message() -> dict[str, str]:
+    """For log lines: the current ``trace_id`` and, while a message's routes run (its
+    handlers' own spans included), its ``message_id``, ``group`` and ``stream``; empty
+    when tracing is off."""
     if _tracer is None:
-        return None
+        return {}
+    from opentelemetry import context as otel_context
     from opentelemetry import trace
 
-    context = trace.get_current_span().get_span_context()
-    return f"{context.trace_id:032x}" if context.is_valid else None
+    from cortex_flow.runtime.tracespans import MESSAGE
+
+    span_context = trace.get_current_span().get_span_context()
+    if not span_context.is_valid:
+        return {}
+    found = {"trace_id": f"{span_context.trace_id:032x}"}
+    about = otel_context.get_value(MESSAGE)
+    if isinstance(about, dict):
+        found.update(about)
+    return found
 
 
 def traced(handler: Any) -> Any:

@@ -53,6 +53,9 @@ HANDLERS = """
 """
 
 
+_EXPORTER: list[Any] = []  # one in-memory exporter per process, on the global provider
+
+
 @pytest.fixture
 def spans() -> Iterator[Any]:
     from opentelemetry import trace
@@ -60,18 +63,20 @@ def spans() -> Iterator[Any]:
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    exporter = InMemorySpanExporter()
-    if not isinstance(trace.get_tracer_provider(), TracerProvider):
-        trace.set_tracer_provider(TracerProvider())  # once per process: handlers use it too
-    provider: Any = trace.get_tracer_provider()
-    processor = SimpleSpanProcessor(exporter)
-    provider.add_span_processor(processor)
-    tracing.enable(provider)
+    if not _EXPORTER:
+        if not isinstance(trace.get_tracer_provider(), TracerProvider):
+            trace.set_tracer_provider(TracerProvider())  # handlers' own spans use it too
+        provider: Any = trace.get_tracer_provider()
+        _EXPORTER.append(InMemorySpanExporter())
+        provider.add_span_processor(SimpleSpanProcessor(_EXPORTER[0]))
+    exporter = _EXPORTER[0]
+    exporter.clear()
+    tracing.enable(trace.get_tracer_provider())
     try:
         yield exporter
     finally:
         tracing.disable()
-        processor.shutdown()  # this test's exporter takes no more spans
+        exporter.clear()
 
 
 async def test_one_trace_runs_from_send_through_the_router_to_the_agents_handler(
@@ -221,3 +226,40 @@ async def test_http_routes_send_the_message_span_as_traceparent(
     trace_id, span_id = f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}"
     assert len(headers) == 1
     assert headers[0].split("-")[:3] == ["00", trace_id, span_id]
+
+
+async def test_a_handlers_json_log_lines_carry_the_trace_and_message(
+    new_project: Any, spans: Any, prefix: str
+) -> None:
+    """Logged inside the message's span: trace_id, message_id, group and stream are fields."""
+    import io
+    import json
+    import logging
+
+    from cortex_flow.runtime.logs import JsonFormatter
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JsonFormatter())
+    logging.getLogger("agent").addHandler(handler)
+    handlers = HANDLERS.replace(
+        "done.append", 'logging.getLogger("agent").warning("done"); done.append'
+    ).replace(
+        "from opentelemetry import trace", "import logging\n    from opentelemetry import trace"
+    )
+    config, mod = new_project(FLOWS, handlers)
+    try:
+        async with running(config), Client.from_config(config) as client:
+            await client.publish("tasks", {"task": "t3"})
+            await wait_for(lambda: module(mod).done == ["t3"], what="the handler")
+            await wait_for(
+                lambda: any(s.name == "process inbox" for s in spans.get_finished_spans()),
+                what="the span",
+            )
+    finally:
+        logging.getLogger("agent").removeHandler(handler)
+    line = json.loads(out.getvalue().splitlines()[0])
+    span = next(s for s in spans.get_finished_spans() if s.name == "process inbox")
+    assert line["trace_id"] == f"{span.context.trace_id:032x}"
+    assert line["message_id"] == span.attributes["messaging.message.id"]
+    assert (line["group"], line["stream"]) == ("coder", f"{prefix}inbox:coder")
