@@ -16,7 +16,15 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
 
 from cortex_flow.runtime.delivery import DEAD, RETRY, Entry, Outcome
 
@@ -28,6 +36,19 @@ FIELD = "traceparent"  # cortex_flow.runtime.tracing.FIELD (which imports this m
 MESSAGE = otel_context.create_key("cortex_flow.message")
 
 _OWN = frozenset(("_inner", "_tracer", "_spans", "_contexts"))
+
+
+def _parse(value: str | None) -> SpanContext | None:
+    """A W3C ``traceparent`` (version 00) as a remote span context; None if invalid."""
+    if value is None or len(value) != 55 or value[:3] != "00-":
+        return None
+    try:
+        trace_id, span_id, flags = int(value[3:35], 16), int(value[36:52], 16), int(value[53:], 16)
+    except ValueError:
+        return None
+    if not trace_id or not span_id:
+        return None
+    return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags))
 
 
 class _TracingHttp:
@@ -70,9 +91,9 @@ class TracedHandler:
     # --- spans ---------------------------------------------------------------------------
 
     def _start(self, entry: Entry) -> Any:
-        parent = propagate.extract({FIELD: entry.fields[FIELD]}) if FIELD in entry.fields else None
-        producer = trace.get_current_span(parent).get_span_context() if parent else None
-        links = [Link(producer)] if producer is not None and producer.is_valid else []
+        producer = _parse(entry.fields.get(FIELD))
+        parent = trace.set_span_in_context(NonRecordingSpan(producer)) if producer else None
+        links = [Link(producer)] if producer is not None else []
         # the producer's trace continues here: a parent (so one trace runs from `send`
         # through every hop) and, as the messaging conventions ask, a link to it
         span = self._tracer.start_span(
@@ -101,10 +122,10 @@ class TracedHandler:
         if span is None:
             return outcome
         if outcome.publishes:
-            carrier: dict[str, str] = {}
-            propagate.inject(carrier, context=trace.set_span_in_context(span))
+            context = span.get_span_context()
+            parent = f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
             for publish in outcome.publishes:
-                publish.fields[FIELD] = carrier[FIELD]
+                publish.fields[FIELD] = parent
         if outcome.kind == RETRY:
             span.add_event("retry", {"error": outcome.error, "deliveries": entry.deliveries})
         elif outcome.kind == DEAD:
