@@ -14,7 +14,9 @@ the admin guard (Host, cross-site, token), they need the CSRF token: a random va
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
+import html
 import json
 import logging
 import secrets
@@ -78,6 +80,7 @@ class Dashboard:
         self._read_at = 0.0
         self._lock = asyncio.Lock()
         self._sampler: asyncio.Task[None] | None = None
+        self._closed = asyncio.Event()  # the endpoint is stopping: event streams end
 
     def mount(self, app: web.Application) -> None:
         app.router.add_get("/ui", self.page)
@@ -88,12 +91,16 @@ class Dashboard:
         app.router.add_post("/ui/dlq/{action:replay|purge}", self.dlq_action)
         app.router.add_static("/ui/static/", UI / "static", append_version=False)
         app.on_startup.append(self._start)
+        app.on_shutdown.append(self._closing)  # before connections close: SSE loops end
         app.on_cleanup.append(self._stop)
 
     # --- sampling and reading ------------------------------------------------------------
 
     async def _start(self, app: web.Application) -> None:
         self._sampler = asyncio.create_task(self._sample_forever(), name="dashboard:sample")
+
+    async def _closing(self, app: web.Application) -> None:
+        self._closed.set()
 
     async def _stop(self, app: web.Application) -> None:
         if self._sampler is not None:
@@ -137,7 +144,11 @@ class Dashboard:
 
     async def sections(self, query: dict[str, str]) -> dict[str, str]:
         """Every section's HTML for the page ``query`` asks for."""
-        data = await self.data()
+        try:
+            data = await self.data()
+        except Exception as exc:  # Redis down or refusing: say so where the counts go
+            log.warning("dashboard: cannot read Redis: %s", exc)
+            return {"summary": f'<p class="error">cannot read Redis: {html.escape(str(exc))}</p>'}
         resolved = self.runner.resolved
         if data is None or resolved is None:
             return {"summary": "<p>the runner is still starting</p>"}
@@ -210,15 +221,16 @@ class Dashboard:
         query = dict(request.query)
         sent: dict[str, str] = {}
         try:
-            while True:
+            while not self._closed.is_set():
                 fresh = await self.sections(query)
                 # only what changed since the last push: the topology rarely does
                 changed = {k: v for k, v in fresh.items() if sent.get(k) != v}
                 sent = fresh
                 await response.write(f"data: {json.dumps(changed)}\n\n".encode())
-                await asyncio.sleep(self.refresh)
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closed.wait(), self.refresh)
+        except ConnectionResetError:
+            pass  # the page was closed
         return response
 
     async def login_page(self, request: web.Request) -> web.Response:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -188,3 +189,19 @@ def test_sparkline_scales_to_the_highest_rate() -> None:
     svg = sparkline([0.0, 5.0, 10.0], width=100, height=20)
     assert 'points="0.0,19.0 50.0,10.0 100.0,1.0"' in svg
     assert "<polyline" not in sparkline([3.0])
+
+
+async def test_an_open_event_stream_ends_cleanly_when_the_runner_stops(
+    tmp_path: Path, redis_url: str, prefix: str
+) -> None:
+    """A page left open does not hold the stop up: its event stream ends, complete."""
+    runner = await _started(tmp_path, redis_url, prefix)
+    try:
+        async with _session() as http, http.get(_base(runner) + "/ui/events") as response:
+            assert (await response.content.readline()).startswith(b"data: ")
+            stopping = asyncio.ensure_future(runner.stop(2))
+            rest = await response.content.read()  # to the end: no payload error
+            assert rest in (b"", b"\n") or rest.startswith(b"data: ")
+            await stopping
+    finally:
+        await runner.stop(2)
