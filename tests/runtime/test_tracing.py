@@ -263,3 +263,24 @@ async def test_a_handlers_json_log_lines_carry_the_trace_and_message(
     assert line["trace_id"] == f"{span.context.trace_id:032x}"
     assert line["message_id"] == span.attributes["messaging.message.id"]
     assert (line["group"], line["stream"]) == ("coder", f"{prefix}inbox:coder")
+
+
+def test_send_traces_when_the_otel_variables_ask(new_project: Any, r: Any, prefix: str) -> None:
+    """`cortex-flow send` with OTEL_TRACES_EXPORTER=console: a producer span, and the entry
+    carries its traceparent."""
+    config, _ = new_project(FLOWS.replace("call: {M}:work", "drop: true"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env |= {"OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "sender"}
+    done = subprocess.run(
+        [sys.executable, "-m", "cortex_flow", "send", "--config", str(config), "tasks", "{}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    ((_, fields),) = r.xrange(f"{prefix}tasks")
+    assert f'"name": "send {prefix}tasks"' in done.stdout
+    trace_id = fields["traceparent"].split("-")[1]
+    assert f'"trace_id": "0x{trace_id}"' in done.stdout
+    assert '"service.name": "sender"' in done.stdout
