@@ -135,6 +135,14 @@ class TracedHandler:
         span.end()
         return outcome
 
+    def _abandon(self, entry: Entry, exc: BaseException) -> None:
+        span = self._spans.pop(id(entry), None)
+        self._contexts.pop(id(entry), None)
+        if span is not None:
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            span.end()
+
     def _attached(self, entry: Entry) -> Any:
         context = self._contexts.get(id(entry))
         return otel_context.attach(context) if context is not None else None
@@ -152,6 +160,9 @@ class TracedHandler:
                 step = inner.throw(thrown) if thrown is not None else inner.send(sent)
             except StopIteration as stop:
                 return self._end(entry, stop.value)
+            except BaseException as exc:  # not a route's failure: the consumer logs it
+                self._abandon(entry, exc)
+                raise
             finally:
                 if token is not None:
                     otel_context.detach(token)
@@ -165,6 +176,9 @@ class TracedHandler:
         token = otel_context.attach(self._start(entry))
         try:
             outcome: Outcome = self._inner.run_inline(entry)
+        except BaseException as exc:
+            self._abandon(entry, exc)
+            raise
         finally:
             otel_context.detach(token)
         return self._end(entry, outcome)
