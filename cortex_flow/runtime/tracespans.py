@@ -35,7 +35,7 @@ FIELD = "traceparent"  # cortex_flow.runtime.tracing.FIELD (which imports this m
 # the OpenTelemetry context so that it holds inside handlers' own nested spans too
 MESSAGE = otel_context.create_key("cortex_flow.message")
 
-_OWN = frozenset(("_inner", "_tracer", "_spans", "_contexts"))
+_OWN = frozenset(("_inner", "_tracer", "_spans", "_contexts", "_by_msg"))
 
 
 def _parse(value: str | None) -> SpanContext | None:
@@ -74,6 +74,7 @@ class TracedHandler:
         object.__setattr__(self, "_tracer", tracer)
         object.__setattr__(self, "_spans", {})  # id(entry) -> span, while its routes run
         object.__setattr__(self, "_contexts", {})  # id(entry) -> the context to attach
+        object.__setattr__(self, "_by_msg", {})  # id(msg) -> that context, while it waits
         if inner.http is not None and not isinstance(inner.http, _TracingHttp):
             inner.http = _TracingHttp(inner.http)
 
@@ -151,6 +152,14 @@ class TracedHandler:
 
     def steps(self, entry: Entry) -> Generator[Any, None, Outcome]:
         self._start(entry)
+        waiting: set[int] = set()  # the ids of this entry's msgs in _by_msg
+        try:
+            return (yield from self._steps(entry, waiting))
+        finally:
+            for key in waiting:
+                self._by_msg.pop(key, None)
+
+    def _steps(self, entry: Entry, waiting: set[int]) -> Generator[Any, None, Outcome]:
         inner = self._inner.steps(entry)
         sent: Any = None
         thrown: BaseException | None = None
@@ -167,6 +176,9 @@ class TracedHandler:
                 if token is not None:
                     otel_context.detach(token)
             thrown, sent = None, None
+            # the sync-call driver posts http routes itself: post() finds the span by msg
+            self._by_msg[id(step[1])] = self._contexts.get(id(entry))
+            waiting.add(id(step[1]))
             try:
                 sent = yield step
             except Exception as exc:
@@ -191,6 +203,16 @@ class TracedHandler:
             done: Outcome = stop.value
             return done
         return await self.drive(steps, step, entry)
+
+    async def post(self, route: Any, msg: Any, ctx: Any) -> None:
+        """An ``http`` route made by the sync-call driver, inside its message's span."""
+        context = self._by_msg.get(id(msg))
+        token = otel_context.attach(context) if context is not None else None
+        try:
+            await self._inner.post(route, msg, ctx)
+        finally:
+            if token is not None:
+                otel_context.detach(token)
 
     async def drive(self, steps: Any, step: Any, entry: Entry) -> Outcome:
         token = self._attached(entry)  # the awaited calls run in the message's span

@@ -182,10 +182,12 @@ def test_without_otel_variables_the_handler_is_not_wrapped(new_project: Any) -> 
     assert (out[0], out[-2:]) == ("EntryHandler", ["no", "spans"])
 
 
+@pytest.mark.parametrize("before", ["", "- call: {M}:noop\n                continue: true"])
 async def test_http_routes_send_the_message_span_as_traceparent(
-    new_project: Any, spans: Any, prefix: str
+    new_project: Any, spans: Any, prefix: str, before: str
 ) -> None:
-    """The POST of an http route carries the consumer span's context in its header."""
+    """The POST of an http route carries the consumer span's context in its header, also
+    in a group with sync calls (their driver makes the POST)."""
     from aiohttp import web
 
     headers: list[str] = []
@@ -209,8 +211,10 @@ async def test_http_routes_send_the_message_span_as_traceparent(
           bridge:
             stream: events
             routes:
+              {before}
               - http: {{url: "{base}/hook", timeout: 5s}}
-        """
+        """,
+        "def noop(msg):\n    pass\n",
     )
     try:
         async with running(config), Client.from_config(config) as client:
