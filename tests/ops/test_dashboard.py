@@ -205,3 +205,82 @@ async def test_an_open_event_stream_ends_cleanly_when_the_runner_stops(
             await stopping
     finally:
         await runner.stop(2)
+
+
+class _Counting:
+    """A view of a runner whose Redis client counts round trips (commands and pipelines)."""
+
+    def __init__(self, url: str, config: Path) -> None:
+        from redis.asyncio import Redis
+
+        from cortex_flow.flow.topology import resolve
+        from cortex_flow.runtime.stats import RunnerStats
+
+        trips = self.trips = [0]
+
+        class Counting(Redis):  # type: ignore[type-arg]
+            async def execute_command(self, *args: Any, **options: Any) -> Any:
+                trips[0] += 1
+                return await super().execute_command(*args, **options)
+
+            def pipeline(self, *args: Any, **kwargs: Any) -> Any:
+                pipe = super().pipeline(*args, **kwargs)
+                execute = pipe.execute
+
+                async def counted(*a: Any, **k: Any) -> Any:
+                    trips[0] += 1
+                    return await execute(*a, **k)
+
+                pipe.execute = counted  # type: ignore[method-assign]
+                return pipe
+
+        project = load_project(config)
+        self.client = Counting.from_url(url, decode_responses=True)
+        self.config = project.config
+        self.stats = RunnerStats(runner="ui3")
+        self.resolved = resolve(project.topology, "ui3")
+
+
+async def _round_trips(tmp_path: Path, url: str, prefix: str, agents: int, groups: int) -> int:
+    from cortex_flow.ops.dashboard import Dashboard
+
+    folder = tmp_path / f"a{agents}"
+    names = ", ".join(f"a{i:04d}: {{heartbeat: {{interval: 5s}}}}" for i in range(agents))
+    streams = "".join(f'          s{g}: {{key: "{{P}}s{g}"}}\n' for g in range(groups))
+    flow_groups = "".join(
+        f"          g{g}:\n            stream: s{g}\n            dead_letter: dlq\n"
+        f"            routes: [{{drop: true}}]\n"
+        for g in range(groups)
+    )
+    flows = (
+        "version: 1\nstreams:\n"
+        + streams.replace("          ", "  ")
+        + '  dlq: {key: "{P}dlq"}\n  beats: {key: "{P}beats"}\nheartbeats: {stream: beats}\n'
+        + f"agents: {{{names}}}\ngroups:\n"
+        + flow_groups.replace("          ", "  ")
+    )
+    config = write_project(folder, flows, prefix=prefix, config=f"redis: {{url: '{url}'}}\n")
+    view = _Counting(url, config)
+    for g in range(groups):
+        await view.client.xgroup_create(f"{prefix}s{g}", f"g{g}", id="0", mkstream=True)
+        await view.client.xadd(f"{prefix}s{g}", {"n": "1"})
+    await view.client.xadd(f"{prefix}dlq", {"n": "1", "dlq_stream": f"{prefix}s0"})
+    for a in range(agents):
+        await view.client.xadd(f"{prefix}beats", {"agent": f"a{a:04d}", "kind": "agent"})
+    try:
+        view.trips[0] = 0
+        sections = await Dashboard(view).sections({})
+        assert "a0000" in sections["agents"]
+        return view.trips[0]
+    finally:
+        await view.client.aclose()
+
+
+async def test_round_trips_do_not_grow_with_agents_or_groups(
+    tmp_path: Path, redis_url: str, prefix: str
+) -> None:
+    """A page costs as many round trips with 300 agents and 60 groups as with 3 and 2."""
+    small = await _round_trips(tmp_path, redis_url, prefix + "small:", agents=3, groups=2)
+    large = await _round_trips(tmp_path, redis_url, prefix + "large:", agents=300, groups=60)
+    assert small == large, (small, large)
+    assert large == 3  # status's two pipelined rounds and one page of dead letters
