@@ -283,4 +283,4 @@ async def test_round_trips_do_not_grow_with_agents_or_groups(
     small = await _round_trips(tmp_path, redis_url, prefix + "small:", agents=3, groups=2)
     large = await _round_trips(tmp_path, redis_url, prefix + "large:", agents=300, groups=60)
     assert small == large, (small, large)
-    assert large == 3  # status's two pipelined rounds and one page of dead letters
+    assert large <= 4  # status's pipelined rounds (one more on Redis 6.2: no lag) and the DLQ
