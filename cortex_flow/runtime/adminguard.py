@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-__all__ = ["OPEN", "guard"]
+__all__ = ["OPEN", "guard", "refuse", "request_host"]
 
 # read-only endpoints that answer without the token: probes and scrapers rarely carry one
 OPEN = frozenset(("/", "/healthz", "/readyz", "/metrics"))
@@ -36,14 +36,14 @@ FORM_TYPES = frozenset(("application/x-www-form-urlencoded", "multipart/form-dat
 SAME_SITE = frozenset(("same-origin", "none"))  # "none": typed in, or a bookmark
 
 
-def _refuse(status: int, error: str, fix: str, request: web.Request) -> web.Response:
+def refuse(status: int, error: str, fix: str, request: web.Request) -> web.Response:
     headers = {"WWW-Authenticate": 'Bearer realm="cortex-flow"'} if status == 401 else None
     return web.json_response(
         {"error": error, "fix": fix, "path": request.path}, status=status, headers=headers
     )
 
 
-def _host_name(host: str) -> str:
+def request_host(host: str) -> str:
     """``Host:`` without its port, lower case, IPv6 brackets removed."""
     host = host.strip().lower()
     if host.startswith("["):
@@ -62,7 +62,7 @@ def guard(
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         allowed = hosts()
         host = request.headers.get("Host", "")
-        if "*" not in allowed and _host_name(host) not in allowed:
+        if "*" not in allowed and request_host(host) not in allowed:
             log.warning(
                 "admin endpoint: refused %s %s with Host %r from %s (not in admin.allowed_hosts)",
                 request.method,
@@ -70,7 +70,7 @@ def guard(
                 host[:100],
                 request.remote,
             )
-            return _refuse(
+            return refuse(
                 403,
                 f"Host {host!r} is not allowed",
                 "use one of " + ", ".join(sorted(allowed)) + " or list the name in "
@@ -87,7 +87,7 @@ def guard(
                     request.remote,
                     refused,
                 )
-                return _refuse(
+                return refuse(
                     403,
                     refused,
                     "send it from a program (curl, the cortex-flow command), not a web page",
@@ -107,7 +107,7 @@ def guard(
                     request.remote,
                     "wrong token" if sent else "no token",
                 )
-                return _refuse(
+                return refuse(
                     401,
                     "wrong token" if sent else "this endpoint needs the admin token",
                     "send Authorization: Bearer $CORTEX_ADMIN_TOKEN (the value of admin.token)",
