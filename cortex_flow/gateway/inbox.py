@@ -56,8 +56,15 @@ class InboxSession:
         """Up to ``count`` (clipped to :attr:`room`) entries as frames, waiting up to
         ``block`` seconds for one; entries that cannot be decoded are dead-lettered."""
         count = min(count, self.room)
-        if count <= 0:
-            return []
+        deadline = time.monotonic() + block
+        frames: list[dict[str, Any]] = []
+        while count > 0 and not frames:
+            frames = await self._take(count, max(0.0, deadline - time.monotonic()))
+            if time.monotonic() >= deadline:
+                break
+        return frames
+
+    async def _take(self, count: int, block: float) -> list[dict[str, Any]]:
         frames = []
         for entry in await self.reader.next(count, block):
             try:

@@ -55,8 +55,12 @@ async def test_publish_errors_are_sends_as_json_400(served: Served) -> None:
 async def test_idempotency_key_publishes_once(served: Served) -> None:
     """The same Idempotency-Key answers the first entry's ID and adds nothing."""
     headers = {**served.auth(), "Idempotency-Key": "order-17"}
-    first = await (await served.http.post("/v1/streams/tasks", json={"a": "1"}, headers=headers)).json()
-    again = await (await served.http.post("/v1/streams/tasks", json={"a": "2"}, headers=headers)).json()
+    first = await (
+        await served.http.post("/v1/streams/tasks", json={"a": "1"}, headers=headers)
+    ).json()
+    again = await (
+        await served.http.post("/v1/streams/tasks", json={"a": "2"}, headers=headers)
+    ).json()
     other = await served.http.post(
         "/v1/streams/tasks", json={"a": "3"}, headers={**headers, "Idempotency-Key": "order-18"}
     )
@@ -71,7 +75,9 @@ async def test_bad_bodies(served: Served) -> None:
     """Malformed JSON and a non-object are 400, another content type 415, a big body 413."""
     post = served.http.post
     auth = served.auth()
-    bad = await post("/v1/streams/tasks", data=b"{nope", headers={**auth, "Content-Type": "application/json"})
+    bad = await post(
+        "/v1/streams/tasks", data=b"{nope", headers={**auth, "Content-Type": "application/json"}
+    )
     listed = await post("/v1/streams/tasks", json=[1, 2], headers=auth)
     form = await post("/v1/streams/tasks", data={"a": "b"}, headers=auth)
     empty = await post("/v1/streams/tasks", headers=auth)
