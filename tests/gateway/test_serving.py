@@ -82,12 +82,12 @@ async def test_tls(tmp_path: Path, redis_url: str, key_prefix: str) -> None:
     )
     project = load_project(write(tmp_path, redis_url, key_prefix, settings), env=ENV)
     context = ssl.create_default_context(cafile=str(tmp_path / "certs" / "ca.pem"))
-    async with Gateway(lambda: project, lambda: connect(redis_url)) as gateway:
-        async with aiohttp.ClientSession() as http:
-            resp = await http.get(f"https://127.0.0.1:{gateway.bound_port}/", ssl=context)
-            assert resp.status == 200
-            with pytest.raises(aiohttp.ClientError):
-                await http.get(f"http://127.0.0.1:{gateway.bound_port}/")
+    gateway = Gateway(lambda: project, lambda: connect(redis_url))
+    async with gateway, aiohttp.ClientSession() as http:
+        resp = await http.get(f"https://127.0.0.1:{gateway.bound_port}/", ssl=context)
+        assert resp.status == 200
+        with pytest.raises(aiohttp.ClientError):
+            await http.get(f"http://127.0.0.1:{gateway.bound_port}/")
 
 
 def _problems(tmp_path: Path, redis_url: str, gateway: str, flows: str | None = None) -> str:
