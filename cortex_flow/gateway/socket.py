@@ -3,8 +3,9 @@
 The client says how many messages it can hold (``{"credit": N}``, adding up); the gateway
 pushes at most that many (and never more than ``gateway.max_credit`` unsettled), each as
 ``{"type": "message", "id", "msg", "deliveries"}``. The client answers each with
-``{"ack": id}`` or ``{"fail": id, "error": "..."}``; the gateway confirms with
-``{"type": "acked", "id"}`` / ``{"type": "failed", "id"}`` and answers a frame it cannot
+``{"ack": id}`` (or ``{"ack": [id, ...]}``, one XACK for all) or ``{"fail": id, "error":
+"..."}``; the gateway confirms with ``{"type": "acked", "id"}`` (``"ids"`` for a list) /
+``{"type": "failed", "id"}`` and answers a frame it cannot
 use with ``{"type": "error", "error"}``. When the connection drops, what was pushed and not
 acknowledged stays pending for the agent and comes again on the next connection.
 """
@@ -93,6 +94,10 @@ async def _settle(doc: Any, session: InboxSession) -> dict[str, Any]:
         return {"credit": credit}
     if "ack" in doc:
         entry_id = doc["ack"]
+        if isinstance(entry_id, list):  # several at once: one XACK
+            acked, unknown = await session.ack([str(i) for i in entry_id])
+            reply: dict[str, Any] = {"type": "acked", "ids": acked}
+            return {**reply, "unknown": unknown} if unknown else reply
         acked, _ = await session.ack([str(entry_id)])
         if acked:
             return {"type": "acked", "id": entry_id}

@@ -153,3 +153,18 @@ async def test_long_poll_and_ack(served: Served) -> None:
     bad = await served.http.get("/v1/agents/harold/inbox?count=zero", headers=auth)
     assert bad.status == 400
     assert await _pending(served) == 1
+
+
+async def test_several_acked_in_one_frame(served: Served) -> None:
+    """`{"ack": [ids]}` settles them with one reply naming them (and any not held)."""
+    ids = await _fill(served, 3)
+    async with served.http.ws_connect("/v1/agents/harold/inbox", headers=served.auth()) as ws:
+        await ws.send_json({"credit": 3})
+        await _receive(ws, 3)
+        await ws.send_json({"ack": [*ids, "7-7"]})
+        assert await ws.receive_json(timeout=10) == {
+            "type": "acked",
+            "ids": ids,
+            "unknown": ["7-7"],
+        }
+    assert await _pending(served) == 0
