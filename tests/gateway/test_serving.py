@@ -3,6 +3,7 @@ and the config rules that keep it off and on loopback."""
 
 from __future__ import annotations
 
+import json
 import os
 import ssl
 import subprocess
@@ -127,3 +128,28 @@ def test_agent_tokens_come_from_the_environment(tmp_path: Path, redis_url: str) 
         load_project(tmp_path / "config.yaml", env={"SHORT": "abc123"})
     assert "must be at least 16 characters" in str(caught.value)
     assert "abc123" not in str(caught.value)
+
+
+def test_tokens_are_not_in_the_topology_the_admin_endpoint_serves(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """GET /topology (and plan) show a digest of an agent's token, never the token."""
+    from cortex_flow.flow.exposed import read_doc, topology_doc
+
+    project = load_project(write(tmp_path, redis_url, "p:"), env=ENV)
+    doc = topology_doc(project.topology, project.config, "r1")
+    assert HAROLD not in json.dumps(doc)
+    assert doc["flows"]["agents"]["harold"]["token"].startswith("hidden-")
+    assert read_doc(doc)[1].agents["harold"].may_send == ["tasks", "inbox", "notes"]
+
+
+def test_schema_check_fails_on_a_stale_openapi_document(tmp_path: Path) -> None:
+    """`cortex-flow schema --check` (make validate) covers schemas/gateway.openapi.json."""
+    from cortex_flow.cli.main import cli
+
+    assert cli("schema", "--out", str(tmp_path)) == 0
+    doc = tmp_path / "gateway.openapi.json"
+    assert json.loads(doc.read_text())["paths"]["/v1/streams/{stream}"]["post"]
+    assert cli("schema", "--check", "--out", str(tmp_path)) == 0
+    doc.write_text("{}\n")
+    assert cli("schema", "--check", "--out", str(tmp_path)) == 1
