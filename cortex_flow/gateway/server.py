@@ -38,6 +38,7 @@ __all__ = ["Gateway"]
 
 SHUTDOWN_TIMEOUT = 5.0
 MAX_WAIT = 60.0  # longest long poll
+REPLACED = 4000  # WebSocket close code: the agent connected again
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -62,6 +63,9 @@ class Gateway:
         self._log = log or logging.getLogger("cortex_flow.gateway")
         self._polls: dict[str, InboxSession] = {}
         self._poll_locks: dict[str, asyncio.Lock] = {}
+        # the one WebSocket reading each agent's inbox, and an event set when it has ended
+        self._sockets: dict[str, tuple[web.WebSocketResponse, asyncio.Event]] = {}
+        self._socket_locks: dict[str, asyncio.Lock] = {}
         self._runner: web.AppRunner | None = None
         self.bound_port: int | None = None
 
@@ -250,13 +254,34 @@ class Gateway:
         ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=self.settings.max_body)
         if not ws.can_prepare(request).ok:
             return await self._poll(request, agent)
-        session = await self._session(request, agent)
-        if isinstance(session, web.Response):
-            return session
-        await ws.prepare(request)
-        self._log.info("gateway: agent %s reads its inbox over a WebSocket", agent)
-        await serve_socket(ws, session, agent, self._log)
+        async with self._socket_locks.setdefault(agent, asyncio.Lock()):
+            await self._take_over(agent)
+            session = await self._session(request, agent)
+            if isinstance(session, web.Response):
+                return session
+            self._polls.pop(agent, None)  # what a long poll held comes again here
+            ended = asyncio.Event()
+            self._sockets[agent] = (ws, ended)
+        try:
+            await ws.prepare(request)
+            self._log.info("gateway: agent %s reads its inbox over a WebSocket", agent)
+            await serve_socket(ws, session, agent, self._log)
+        finally:
+            ended.set()
+            if self._sockets.get(agent, (None,))[0] is ws:
+                del self._sockets[agent]
         return ws
+
+    async def _take_over(self, agent: str) -> None:
+        """Close the agent's earlier socket and wait until it has stopped reading: two
+        readers as one consumer would each get the other's pending entries."""
+        earlier = self._sockets.pop(agent, None)
+        if earlier is None:
+            return
+        old, ended = earlier
+        self._log.info("gateway: agent %s connected again; closing its earlier socket", agent)
+        await old.close(code=REPLACED, message=b"replaced by a newer connection of this agent")
+        await ended.wait()
 
     async def _polling(self, request: web.Request, agent: str) -> InboxSession | web.Response:
         """The agent's long-poll session: one per agent, kept between polls."""

@@ -168,3 +168,19 @@ async def test_several_acked_in_one_frame(served: Served) -> None:
             "unknown": ["7-7"],
         }
     assert await _pending(served) == 0
+
+
+async def test_a_new_socket_replaces_the_agents_earlier_one(served: Served) -> None:
+    """A second connection of the agent closes the first (code 4000) and gets what the
+    first held and did not ack; it is never handed to both at once."""
+    ids = await _fill(served, 2)
+    auth = served.auth()
+    async with served.http.ws_connect("/v1/agents/harold/inbox", headers=auth) as first:
+        await first.send_json({"credit": 2})
+        assert [f["id"] for f in await _receive(first, 2)] == ids
+        async with served.http.ws_connect("/v1/agents/harold/inbox", headers=auth) as second:
+            closing = await first.receive(timeout=10)
+            assert closing.data == 4000, closing
+            await second.send_json({"credit": 5})
+            again = await _receive(second, 2)
+            assert [(f["id"], f["deliveries"]) for f in again] == [(i, 2) for i in ids]
