@@ -1,8 +1,9 @@
 """Who is calling the gateway: the ``Host:`` check, then the agent a bearer token names.
 
 Every route but the open ones (:attr:`Route.auth` false) takes ``Authorization: Bearer
-<token>``; the token is compared with every agent's (``agents.X.token``) in constant time,
-all of them each time, so the time taken says nothing about which came close. The token is
+<token>`` (a browser's WebSocket, which cannot send it, offers the subprotocol
+``cortex-flow.bearer.<token>``); the token is compared with every agent's
+(``agents.X.token``) in constant time, all of them each time, so the time taken says nothing about which came close. The token is
 never logged. What the named agent may do (its own inbox, the streams in ``may_send``) is
 the handlers' to check, with :func:`forbidden`.
 """
@@ -20,9 +21,11 @@ from aiohttp.typedefs import Handler, Middleware
 from cortex_flow.flow.loader import Project
 from cortex_flow.runtime.adminguard import refuse, request_host
 
-__all__ = ["AGENT", "agent_of", "authenticate", "forbidden"]
+__all__ = ["AGENT", "PROTOCOL", "agent_of", "authenticate", "forbidden"]
 
 # set on the request: the token's agent (a plain string key before aiohttp had RequestKey)
+PROTOCOL = "cortex-flow"  # the WebSocket subprotocol the gateway answers
+BEARER_PROTOCOL = "cortex-flow.bearer."
 AGENT: Any = getattr(web, "RequestKey", lambda name, _: f"cortex_flow.{name}")("agent", str)
 
 
@@ -68,7 +71,7 @@ def authenticate(
             )
         if request.path in open_paths:
             return await handler(request)
-        sent = request.headers.get("Authorization", "")
+        sent = request.headers.get("Authorization", "") or _from_protocols(request)
         agent = agent_of(project(), sent) if sent else None
         if agent is None:
             log.warning(
@@ -89,6 +92,17 @@ def authenticate(
         return await handler(request)
 
     return check
+
+
+def _from_protocols(request: web.Request) -> str:
+    """A browser's WebSocket cannot send headers: it offers the token as the subprotocol
+    ``cortex-flow.bearer.<token>`` beside ``cortex-flow`` (the one the gateway answers)."""
+    offered = request.headers.get("Sec-WebSocket-Protocol", "")
+    for protocol in offered.split(","):
+        name = protocol.strip()
+        if name.startswith(BEARER_PROTOCOL):
+            return "Bearer " + name[len(BEARER_PROTOCOL) :]
+    return ""
 
 
 def forbidden(request: web.Request, error: str, fix: str) -> web.Response:

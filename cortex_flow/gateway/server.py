@@ -22,7 +22,7 @@ from aiohttp import web
 from cortex_flow.errors import CortexFlowError
 from cortex_flow.flow.gatewayconfig import GatewaySettings
 from cortex_flow.flow.loader import Project
-from cortex_flow.gateway.auth import AGENT, authenticate, forbidden
+from cortex_flow.gateway.auth import AGENT, PROTOCOL, authenticate, forbidden
 from cortex_flow.gateway.idempotency import idempotency_key, publish_once
 from cortex_flow.gateway.inbox import InboxSession
 from cortex_flow.gateway.openapi import document
@@ -251,7 +251,9 @@ class Gateway:
         agent = self._own(request)
         if isinstance(agent, web.Response):
             return agent
-        ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=self.settings.max_body)
+        ws = web.WebSocketResponse(
+            heartbeat=30.0, max_msg_size=self.settings.max_body, protocols=(PROTOCOL,)
+        )
         if not ws.can_prepare(request).ok:
             return await self._poll(request, agent)
         async with self._socket_locks.setdefault(agent, asyncio.Lock()):

@@ -184,3 +184,21 @@ async def test_a_new_socket_replaces_the_agents_earlier_one(served: Served) -> N
             await second.send_json({"credit": 5})
             again = await _receive(second, 2)
             assert [(f["id"], f["deliveries"]) for f in again] == [(i, 2) for i in ids]
+
+
+async def test_a_browser_offers_its_token_as_a_subprotocol(served: Served) -> None:
+    """Without headers (a browser), the token comes as the subprotocol
+    cortex-flow.bearer.<token>; the gateway answers cortex-flow. A wrong one is 401."""
+    from conftest import HAROLD
+
+    [entry_id] = await _fill(served, 1)
+    offered = ("cortex-flow", f"cortex-flow.bearer.{HAROLD}")
+    async with served.http.ws_connect("/v1/agents/harold/inbox", protocols=offered) as ws:
+        assert ws.protocol == "cortex-flow"
+        await ws.send_json({"credit": 1})
+        assert [f["id"] for f in await _receive(ws, 1)] == [entry_id]
+    wrong = await served.http.get(
+        "/v1/agents/harold/inbox",
+        headers={"Sec-WebSocket-Protocol": "cortex-flow, cortex-flow.bearer.nope-nope-nope-nope"},
+    )
+    assert wrong.status == 401
