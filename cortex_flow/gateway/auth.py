@@ -4,8 +4,8 @@ Every route but the open ones (:attr:`Route.auth` false) takes ``Authorization: 
 <token>`` (a browser's WebSocket, which cannot send it, offers the subprotocol
 ``cortex-flow.bearer.<token>``); the token is compared with every agent's
 (``agents.X.token``) in constant time, all of them each time, so the time taken says
-nothing about which came close. The token is never logged. What the named agent may do (its own inbox, the streams in ``may_send``) is
-the handlers' to check, with :func:`forbidden`.
+nothing about which came close. The token is never logged. What the named agent may do
+(its own inbox, the streams in ``may_send``) is the handlers' to check (:func:`forbidden`).
 """
 
 from __future__ import annotations
