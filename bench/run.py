@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "calls":
                 got = calls.run(server, args.call_messages, args.io_messages, args.repeat)
             elif name == "steady":
-                got = steady.run(server, args.steady_messages)
+                got = steady.run(server, args.steady_messages, args.repeat)
             elif name == "latency":
                 got = latency.run(server, args.latency_backlog, args.latency_samples, mine)
             elif name == "gateway":

@@ -23,7 +23,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from cortex_flow.flow.topology import ResolvedGroup
-from cortex_flow.runtime.delivery import Entry, scripting_unavailable
+from cortex_flow.runtime.delivery import Acks, Entry, scripting_unavailable
 from cortex_flow.runtime.pending import reply_entries
 from cortex_flow.runtime.scheduler import Scheduler
 from cortex_flow.wire.connection import same_slot
@@ -69,6 +69,7 @@ class GroupReader:
         cluster: bool,
         sleep: Callable[[float], Awaitable[None]],
         log: logging.Logger,
+        acked: Callable[[list[Acks], list[Any]], None] | None = None,
     ) -> None:
         self.client = client
         self.name = group.name
@@ -78,6 +79,10 @@ class GroupReader:
         self.cluster = cluster
         self.log = log
         self._sleep = sleep
+        # plain acknowledgements sent in the same pipeline as the next read (one round
+        # trip for both); ``acked(acks, replies)`` is told each XACK's reply or error
+        self.acks: list[Acks] = []
+        self._acked = acked
         self._scheduler = Scheduler(self.keys, group.spec.priority, group.spec.weights)
         self._script: Any = None
         self._descend = False  # strict: read the levels from the top down to ``_level``
@@ -92,6 +97,10 @@ class GroupReader:
                 self._script = client.register_script(FIND_FIRST)
             else:
                 self._descend = True
+        # whether ``acks`` go with the first read of every fetch (before any BLOCK)
+        self.takes_acks = (
+            acked is not None and not cluster and (len(self.keys) == 1 or self._descend)
+        )
 
     async def fetch(
         self, count: int, block: bool = True, block_ms: int | None = None
@@ -104,7 +113,7 @@ class GroupReader:
             streams = {key.key: ">"}
             # a backlog is read without BLOCK (redis-py then waits on the socket with
             # the command's own timeout, which costs it more per call)
-            resp = await self.client.xreadgroup(self.name, self.me, streams, count=count)
+            resp = await self._read(streams, count)
             if not (resp and resp[0][1]) and block_ms is not None:
                 resp = await self.client.xreadgroup(
                     self.name, self.me, streams, count=count, block=block_ms
@@ -160,7 +169,7 @@ class GroupReader:
         level = self._level
         while True:
             streams = {k.key: ">" for k in self.keys[: level + 1]}
-            resp = await self.client.xreadgroup(self.name, self.me, streams, count=count)
+            resp = await self._read(streams, count)
             entries = self._entries(resp)
             if entries:
                 return self._highest(entries)
@@ -174,7 +183,7 @@ class GroupReader:
         top = self._rank[self.parked[0].key.key]
         if top:
             streams = {k.key: ">" for k in self.keys[:top]}
-            resp = await self.client.xreadgroup(self.name, self.me, streams, count=count)
+            resp = await self._read(streams, count)
             entries = self._entries(resp)
             if entries:
                 return self._highest(entries)
@@ -183,6 +192,31 @@ class GroupReader:
         released, self.parked = self.parked[:cut], self.parked[cut:]
         self._level = top
         return released
+
+    async def _read(self, streams: dict[str, str], count: int) -> Any:
+        """XREADGROUP without BLOCK; the acknowledgements waiting go in the same pipeline.
+
+        XACK is idempotent: when the pipeline fails, whether they were applied is not
+        known, and they are sent again with the next read.
+        """
+        acks, acked = self.acks, self._acked
+        if not acks or acked is None or not self.takes_acks:
+            return await self.client.xreadgroup(self.name, self.me, streams, count=count)
+        self.acks = []
+        pipe = self.client.pipeline(transaction=False)
+        for ack in acks:
+            pipe.xack(ack.key, self.name, *[e.id for e in ack.entries])
+        pipe.xreadgroup(self.name, self.me, streams, count=count)
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except BaseException:
+            self.acks[:0] = acks
+            raise
+        acked(acks, replies[:-1])
+        resp = replies[-1]
+        if isinstance(resp, Exception):
+            raise resp
+        return resp
 
     def _highest(self, entries: list[Entry]) -> list[Entry]:
         """The entries of the highest key among ``entries`` (sorted by priority); the

@@ -228,11 +228,21 @@ class RouteTable:
         self.needs_context = any(r.needs_context for r in self.routes)
         # every action completes without a thread or socket: process whole batches inline
         self.inline = all(r.action in ("to", "drop") or r.inline for r in self.routes)
-        # and nothing to await at all: EntryHandler.run_inline
+        # and nothing to await at all: EntryHandler.run_batch
         self.inline_sync = self.inline and not any(r.is_async for r in self.routes)
         # a sync call runs in a thread: its handlers all wait, so they start together
         self.threaded = any(
             r.action == "call" and not r.inline and not r.is_async for r in self.routes
+        )
+        # the table is one sync call and nothing else: no route steps to go through
+        first = self.routes[0] if len(self.routes) == 1 else None
+        self.only_call = (
+            first
+            if first is not None
+            and first.action == "call"
+            and not (first.inline or first.is_async)
+            and first.when is None
+            else None
         )
 
 
@@ -306,6 +316,9 @@ async def _call(
         except TimeoutError:
             if pool.cancel(call):
                 raise  # still queued for a thread: it never ran
+            if call.returned:  # in time, not handed back to the loop yet
+                await call.returning()
+                return
             pool.stuck(call)
             if on_overrun is not None:
                 on_overrun(route)

@@ -43,6 +43,12 @@ class Latency:
         self.total += seconds
         self.count += 1
 
+    def observe_many(self, seconds: float, count: int) -> None:
+        """Observe ``count`` messages that took ``seconds`` each (a batch's mean)."""
+        self.counts[bisect.bisect_left(BUCKETS, seconds)] += count
+        self.total += seconds * count
+        self.count += count
+
 
 @dataclass
 class KeyStats:
