@@ -24,10 +24,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import calls, consume, gateway, latency, memory, route, steady  # noqa: E402
+from bench import calls, consume, gateway, idle, latency, memory, route, steady  # noqa: E402
 from bench.common import Figure, Server  # noqa: E402
 
-BENCHES = ("consume", "route", "calls", "steady", "latency", "memory", "gateway")
+BENCHES = ("consume", "route", "calls", "steady", "latency", "memory", "idle", "gateway")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latency-samples", type=int, help="default 400 (quick 200)")
     p.add_argument("--memory-first", type=int, help="default 100,000 (quick 50,000)")
     p.add_argument("--memory-last", type=int, help="default 1,000,000 (quick 300,000)")
+    p.add_argument("--idle-seconds", type=int, help="default 20 (quick 6)")
     p.add_argument(
         "--profile", choices=("consume", "route", "latency"), help="cProfile cortex-flow's runs"
     )
@@ -65,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     default("latency_samples", 400, 200)
     default("memory_first", 100_000, 50_000)
     default("memory_last", 1_000_000, 300_000)
+    default("idle_seconds", 20, 6)
     default("gateway_requests", 20_000, 5_000)
     args.only = [b.strip() for b in args.only.split(",") if b.strip()]
     unknown = set(args.only) - set(BENCHES)
@@ -155,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                 got = steady.run(server, args.steady_messages, args.repeat)
             elif name == "latency":
                 got = latency.run(server, args.latency_backlog, args.latency_samples, mine)
+            elif name == "idle":
+                got = idle.run(server, args.idle_seconds)
             elif name == "gateway":
                 got = gateway.run(server, args.gateway_requests, args.gateway_requests)
             else:

@@ -76,10 +76,21 @@ class Message:
 
 
 class Client:
-    """Sends, beats and reads for one project; ``agent`` names who is speaking."""
+    """Sends, beats and reads for one project; ``agent`` names who is speaking.
+
+    ``replicas``: each publish waits (WAIT) until that many replicas hold it and raises
+    :class:`~cortex_flow.errors.NotReplicated` otherwise, so no acknowledged publish is
+    lost to a failover (publish again on that error; at least once).
+    """
 
     def __init__(
-        self, project: Project, redis: Any, agent: str | None = None, *, owns: bool = False
+        self,
+        project: Project,
+        redis: Any,
+        agent: str | None = None,
+        *,
+        owns: bool = False,
+        replicas: int = 0,
     ) -> None:
         if agent is not None and agent not in project.topology.agents:
             known = ", ".join(sorted(project.topology.agents)) or "none"
@@ -87,13 +98,17 @@ class Client:
         self.project = project
         self.redis = redis
         self.agent = agent
+        self.replicas = replicas
         self._owns = owns
 
     @classmethod
-    def from_config(cls, path: str | Path = "config.yaml", *, agent: str | None = None) -> Client:
+    def from_config(
+        cls, path: str | Path = "config.yaml", *, agent: str | None = None, replicas: int = 0
+    ) -> Client:
         """Load the project and connect to its Redis (``embedded``: the running server)."""
         project = load_project(Path(path))
-        return cls(project, redis_from_url(project_url(project)), agent, owns=True)
+        url = project_url(project)
+        return cls(project, redis_from_url(url), agent, owns=True, replicas=replicas)
 
     async def __aenter__(self) -> Self:
         await wait_for_redis(self.redis, timeout=5.0, log=log)
@@ -117,8 +132,10 @@ class Client:
     async def publish(self, stream: str, msg: Mapping[str, Any], **vars: str) -> str:
         """Publish to a declared stream; ``vars`` pick the key (priority, agent...)."""
         priority, agent = vars.pop("priority", None), vars.pop("agent", None)
-        key, spec = target_key(self.project, stream, priority=priority, agent=agent, extra=vars)
-        return await publish(self.redis, key, spec, msg)
+        key, spec = target_key(
+            self.project, stream, priority=priority, agent=agent, extra=vars, msg=msg
+        )
+        return await publish(self.redis, key, spec, msg, replicas=self.replicas)
 
     async def send_task(
         self, msg: Mapping[str, Any], priority: str = "normal", stream: str = "tasks"

@@ -57,9 +57,13 @@ from cortex_flow.runtime.routes import RouteTable
 from cortex_flow.runtime.stats import GroupStats, KeyStats
 from cortex_flow.runtime.threaded import ThreadedDriver
 from cortex_flow.wire.connection import Backoff, describe_client
-from cortex_flow.wire.faults import passing_reason
+from cortex_flow.wire.faults import CLUSTER_ERRORS, passing_reason
 from cortex_flow.wire.groups import ensure_group
 from cortex_flow.wire.redis_errors import explain, redis_user
+
+# How long an idle consumer's read waits for new entries at most (ms): one command per
+# wait. It ends in time for the next claim of idle entries; below the socket timeout.
+IDLE_BLOCK_MS = 20_000
 
 __all__ = [
     "ACK",
@@ -113,11 +117,15 @@ class GroupConsumer:
         self.log = log or logging.getLogger("cortex_flow.consumer")
         retry = self.spec.retry
         self.block_ms = max(10, int(min(block, retry.backoff.initial) * 1000))
+        # nothing held, nothing to retry: a read may wait longer (stop and claims cut it)
+        self.idle_block_ms = max(self.block_ms, IDLE_BLOCK_MS)
         self._claim_every = max(retry.claim_idle / 4, 0.05)
+        self._next_claim = 0.0  # monotonic time of the next claim of idle entries
         self._lease_every = max(retry.claim_idle / 3, 0.05)
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._idling = False  # the main loop waits for room (_idle)
+        self._interrupt = asyncio.Event()  # ends an idle read early: a stop, a claim
         # (key, id) this consumer holds: running, in the backlog or waiting to be committed
         self._inflight = Held()
         # failed for good with no dead_letter: left pending, no longer claimed
@@ -228,11 +236,13 @@ class GroupConsumer:
         idle at least ``min_idle`` ms."""
         self.pending.request_claim(consumers, min_idle)
         self._wake.set()
+        self._interrupt.set()
 
     async def stop(self, grace: float) -> bool:
         """Stop reading, finish and acknowledge what is in flight; False if grace ran out."""
         self._stopping.set()
         self._wake.set()
+        self._interrupt.set()
         if self._task is None:
             self.done.set()
             return True
@@ -264,7 +274,6 @@ class GroupConsumer:
         backoff = Backoff(initial=0.1, maximum=5.0)
         pending = self.pending
         recover = True
-        next_claim = 0.0
         recreate = False
         lease = asyncio.create_task(
             self.leases.keep(self._inflight, self._lease_every, self.stats, self.faults),
@@ -301,10 +310,10 @@ class GroupConsumer:
                         await self._retry_due(now)
                     if pending.claiming:
                         await pending.claim_from_down()
-                    if now >= next_claim:
-                        next_claim = now + self._claim_every
+                    if now >= self._next_claim:
+                        self._next_claim = now + self._claim_every
                         if await self._autoclaim():
-                            next_claim = now  # a backlog of idle entries: keep taking it
+                            self._next_claim = now  # a backlog of idle entries: keep taking it
                     capacity = self._capacity()
                     if capacity == 0 and self._acks_ride():
                         capacity = self._capacity()
@@ -314,7 +323,13 @@ class GroupConsumer:
                     # while what a dead runner held is taken back (one at a time), only
                     # glance for new entries; a retry falling due ends the wait in time
                     block = not pending.isolating
-                    entries = await self._fetch(capacity, block=block, block_ms=self._block_ms())
+                    block_ms = self._block_ms()
+                    if block and block_ms > self.block_ms:
+                        if self.reader.acks:  # not held through a long wait
+                            self._flush_acks()
+                        entries = await self._fetch_idle(capacity, block_ms)
+                    else:
+                        entries = await self._fetch(capacity, block=block, block_ms=block_ms)
                     if self.reader.acks:  # not sent with a read: committed by the outbox
                         self._flush_acks()
                     if self.reader.parked:  # held for later: leased meanwhile
@@ -353,6 +368,11 @@ class GroupConsumer:
                     else:
                         await self._unexpected(backoff)
                         recover = True
+                except CLUSTER_ERRORS as exc:  # no slot owner, redirections exhausted
+                    delay = backoff.next_delay()
+                    self.faults.report("failover", exc, f"retrying in {delay:.1f}s")
+                    recover = True
+                    await self._sleep(delay)
                 except Exception:
                     await self._unexpected(backoff)
                     recover = True
@@ -382,11 +402,42 @@ class GroupConsumer:
             self._idling = False
 
     def _block_ms(self) -> int:
-        """How long a read may wait for new entries: until the next retry is due at most."""
+        """How long a read may wait for new entries: until the next retry is due at most;
+        with nothing held the longer idle wait (a failure can then only come from a read)."""
         due = self._retries.next_due()
         if due is None:
-            return self.block_ms
+            # the longer wait once a wait found nothing (not between two busy batches)
+            if not self.reader.idle or self._inflight:
+                return self.block_ms
+            until_claim = int((self._next_claim - time.monotonic()) * 1000)
+            return max(self.block_ms, min(self.idle_block_ms, until_claim))
         return max(1, min(self.block_ms, int((due - time.monotonic()) * 1000)))
+
+    async def _fetch_idle(self, capacity: int, block_ms: int) -> list[Entry]:
+        """The idle wait: a blocking read that a stop or a claim request ends early.
+
+        Ending it closes its connection; an entry Redis delivered just then stays pending
+        under our name, so our pending entries are re-read first (unless stopping: then
+        the next start under this name, or ``claim_idle``, takes it).
+        """
+        self._interrupt.clear()
+        if self._stopping.is_set() or self.pending.claiming:
+            return []
+        read = asyncio.ensure_future(self._fetch(capacity, block=True, block_ms=block_ms))
+        interrupt = asyncio.ensure_future(self._interrupt.wait())
+        try:
+            await asyncio.wait({read, interrupt}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            interrupt.cancel()
+        if read.done():
+            return read.result()
+        read.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await read
+        if read.cancelled():
+            self._reread = True
+            return []
+        return read.result()
 
     def _drop_parked(self) -> None:
         for entry in self.reader.drop_parked():

@@ -20,7 +20,7 @@ from redis.exceptions import ResponseError
 from cortex_flow.runtime.commit import CommitDeferred, Committer
 from cortex_flow.runtime.delivery import ACK, DEAD, RETRY, TRANSIENT, Outcome
 from cortex_flow.runtime.faultlog import FaultLog
-from cortex_flow.wire.faults import passing_reason
+from cortex_flow.wire.faults import CLUSTER_ERRORS, passing_reason
 from cortex_flow.wire.redis_errors import explain
 
 # finished outcomes wait at most this long to be committed with others (one round trip)
@@ -45,7 +45,7 @@ async def commit_until_done(
         except CommitDeferred as exc:
             outcomes = exc.outcomes  # the rest was applied
             faults.report(exc.reason, exc, f"committing again in {delay:.2g}s")
-        except (*TRANSIENT, ResponseError) as exc:
+        except (*TRANSIENT, *CLUSTER_ERRORS, ResponseError) as exc:
             reason = passing_reason(exc)
             why = (
                 explain(exc, user=faults.user, keys=_keys(committer, outcomes))

@@ -11,6 +11,12 @@ read takes them. Where neither can run (keys in different cluster slots, a serve
 without scripting) each key is tried in turn. When none has any, one blocking
 XREADGROUP over every key waits for the next entry. A passing error running the
 script (BUSY, NOGROUP, ...) is raised, not a reason to give the script up.
+
+An idle group costs one command per wait: once a blocking read came back empty, the
+next read is that blocking read again, without the non-blocking look or the script
+first (a blocking XREADGROUP answers at once when any of its keys holds new entries).
+Keys of one group in different cluster slots cannot block in one read: the group polls
+them, and says so once when it starts.
 """
 
 from __future__ import annotations
@@ -92,7 +98,10 @@ class GroupReader:
         self.parked: list[Entry] = []
         self._by_key = {k.key: k for k in self.keys}
         self._rank = {k.key: i for i, k in enumerate(self.keys)}
-        if len(self.keys) > 1 and (not cluster or same_slot(*[k.key for k in self.keys])):
+        # the last blocking read found nothing: the next one need not look first
+        self._idle = False
+        self.polls = len(self.keys) > 1 and cluster and not same_slot(*self._by_key)
+        if len(self.keys) > 1 and not self.polls:
             if group.spec.priority == "weighted":
                 self._script = client.register_script(FIND_FIRST)
             else:
@@ -101,6 +110,24 @@ class GroupReader:
         self.takes_acks = (
             acked is not None and not cluster and (len(self.keys) == 1 or self._descend)
         )
+        if self.polls:
+            log.warning(
+                "group %s: its %d keys (%s) are in different cluster slots, so one read "
+                "cannot wait on them all: it polls them every %.1fs (up to that much latency, "
+                "%d commands a poll). Give the stream's key one hash tag (e.g. "
+                '"{%s}:...") or use partitions: N; `cortex-flow validate` names the keys',
+                self.name,
+                len(self.keys),
+                ", ".join(self._by_key),
+                block_ms / 1000,
+                len(self.keys),
+                group.stream,
+            )
+
+    @property
+    def idle(self) -> bool:
+        """Whether the last blocking read found nothing."""
+        return self._idle
 
     async def fetch(
         self, count: int, block: bool = True, block_ms: int | None = None
@@ -108,17 +135,24 @@ class GroupReader:
         """Read up to ``count`` new entries, waiting up to ``block_ms`` (default: the
         reader's) for some if ``block``."""
         block_ms = (block_ms or self.block_ms) if block else None
+        # idle (the last wait found nothing), with no acknowledgement to carry first
+        waiting = self._idle and block_ms is not None and not self.parked and not self.acks
         if len(self.keys) == 1:
             key = self.keys[0]
             streams = {key.key: ">"}
             # a backlog is read without BLOCK (redis-py then waits on the socket with
             # the command's own timeout, which costs it more per call)
-            resp = await self._read(streams, count)
+            resp = None
+            if not waiting:
+                resp = await self._read(streams, count)
             if not (resp and resp[0][1]) and block_ms is not None:
                 resp = await self.client.xreadgroup(
                     self.name, self.me, streams, count=count, block=block_ms
                 )
+                self._idle = not (resp and resp[0][1])
             return reply_entries(key, resp[0][1]) if resp and resp[0][1] else []
+        if waiting and not self.polls:  # idle: straight to the blocking read over all keys
+            return await self._wait_any(count, block_ms or self.block_ms)
         if self._descend:
             entries = await self._descending(count)
             if entries or block_ms is None or self.parked:
@@ -156,8 +190,8 @@ class GroupReader:
                     return reply_entries(key, resp[0][1])
         if block_ms is None:
             return []  # not waiting: every key was looked at above
-        if self.cluster and self._script is None:
-            await self._sleep(block_ms / 1000)  # keys in different slots: poll
+        if self.polls:  # keys in different slots: poll, at the reader's pace (not idle's)
+            await self._sleep(min(block_ms, self.block_ms) / 1000)
             return []
         return await self._wait_any(count, block_ms)
 
@@ -241,6 +275,7 @@ class GroupReader:
         resp = await self.client.xreadgroup(
             self.name, self.me, {k.key: ">" for k in self.keys}, count=count, block=block_ms
         )
+        self._idle = not resp
         if not resp:
             if time.monotonic() - started < block_ms / 2000:
                 await self._sleep(0.02)  # a server (or fake) that does not block

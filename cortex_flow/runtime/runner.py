@@ -21,9 +21,9 @@ from cortex_flow.flow.loader import Project
 from cortex_flow.flow.plan import diff
 from cortex_flow.flow.topology import Resolved, no_reader, resolve, unread_inboxes
 from cortex_flow.runtime.callpool import CallPool
-from cortex_flow.runtime.consumer import GroupConsumer
 from cortex_flow.runtime.gauges import refresh_gauges
 from cortex_flow.runtime.heartbeat import HeartbeatMonitor, check_runner_name, runner_instance
+from cortex_flow.runtime.partitioned import Consumer
 from cortex_flow.runtime.reload import Reload, reload_topology, watch_changes
 from cortex_flow.runtime.routes import RouteTable
 from cortex_flow.runtime.running import (
@@ -44,7 +44,8 @@ from cortex_flow.wire.redis_errors import explain, redis_user
 
 log = logging.getLogger("cortex_flow.runner")
 
-PROBE_EVERY = 1.0  # seconds between two PINGs of the connection probe
+PROBE_EVERY = 5.0  # seconds between two PINGs of the connection probe while Redis answers
+PROBE_EVERY_DOWN = 1.0  # ... and while it does not: "answers again" is seen within a second
 PROBE_TIMEOUT = 2.0  # a PING unanswered this long counts as Redis down
 
 Watcher = Callable[[], AsyncIterator[Any]]
@@ -99,7 +100,7 @@ class Runner:
     # -- what runs now ---------------------------------------------------------------------
 
     @property
-    def consumers(self) -> dict[str, GroupConsumer]:
+    def consumers(self) -> dict[str, Consumer]:
         """The running consumers by group name."""
         return self.running.consumers if self.running is not None else {}
 
@@ -177,8 +178,9 @@ class Runner:
         self._tasks.append(asyncio.create_task(self._probe(), name="redis:probe"))
 
     async def _probe(self) -> None:
-        """PING Redis every ``PROBE_EVERY``: ``connected`` (the gauge, ``/readyz``) is
-        false while it does not answer within ``PROBE_TIMEOUT``, and the log says so."""
+        """PING Redis every ``PROBE_EVERY`` (every ``PROBE_EVERY_DOWN`` while it is down):
+        ``connected`` (the gauge, ``/readyz``) is false while it does not answer within
+        ``PROBE_TIMEOUT``, and the log says so."""
         where = describe_url(self.url) if self.url else "(given client)"
         down_since: float | None = None
         while not self._stop.is_set():
@@ -207,7 +209,8 @@ class Runner:
                     down_since = None
                 self.stats.connected = True
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), PROBE_EVERY)
+                every = PROBE_EVERY if down_since is None else PROBE_EVERY_DOWN
+                await asyncio.wait_for(self._stop.wait(), every)
 
     async def _start_embedded(self) -> None:
         from cortex_flow.wire.embedded import resolve_url
