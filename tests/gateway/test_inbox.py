@@ -202,3 +202,21 @@ async def test_a_browser_offers_its_token_as_a_subprotocol(served: Served) -> No
         headers={"Sec-WebSocket-Protocol": "cortex-flow, cortex-flow.bearer.nope-nope-nope-nope"},
     )
     assert wrong.status == 401
+
+
+async def test_a_frame_over_max_body_closes_the_socket_and_loses_nothing(served: Served) -> None:
+    """A frame larger than gateway.max_body (64 KiB here) closes the socket with 1009; what
+    was pushed stays pending and comes again on the next connection."""
+    from aiohttp import WSMsgType
+
+    [entry_id] = await _fill(served, 1)
+    async with served.http.ws_connect("/v1/agents/harold/inbox", headers=served.auth()) as ws:
+        await ws.send_json({"credit": 1})
+        await _receive(ws, 1)
+        await ws.send_str('{"ack": "' + "x" * 100_000 + '"}')
+        closing = await ws.receive(timeout=10)
+        assert closing.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING)
+        assert ws.close_code == 1009
+    async with served.http.ws_connect("/v1/agents/harold/inbox", headers=served.auth()) as ws:
+        await ws.send_json({"credit": 1})
+        assert [(f["id"], f["deliveries"]) for f in await _receive(ws, 1)] == [(entry_id, 2)]
