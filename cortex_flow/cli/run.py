@@ -12,6 +12,7 @@ import time
 
 from cortex_flow.flow.loader import Project, load_project
 from cortex_flow.gateway import Gateway
+from cortex_flow.ops.dashboard import mount
 from cortex_flow.runtime.callpool import THREAD_PREFIX
 from cortex_flow.runtime.logs import setup_logging
 from cortex_flow.runtime.runner import ForcedStop, Runner, serve
@@ -37,7 +38,7 @@ def _calls_still_running(wait: float = 0.5) -> bool:
 async def _run(project: Project) -> None:
     """The runner, and the gateway beside it when ``gateway.listen`` is set (it reads the
     runner's project, so a reload changes its tokens and streams)."""
-    runner = Runner(project, announce=_announce)
+    runner = Runner(project, announce=_announce, ui=mount)
     if project.config.gateway.listen is None:
         await serve(runner)
         return

@@ -12,6 +12,7 @@ from cortex_flow.flow.modelerrors import did_you_mean
 from cortex_flow.flow.models import StreamSpec
 from cortex_flow.flow.slots import PARTITION, PartitionPicker
 from cortex_flow.flow.topology import key_variables, render_key
+from cortex_flow.runtime import tracing
 from cortex_flow.wire.codec import encode
 
 
@@ -131,6 +132,8 @@ async def publish(
     not lose a message publishes it again (at least once).
     """
     fields = encode(spec.codec, msg)
+    if tracing.setup():  # the OTEL_* variables ask for traces: say where this one starts
+        tracing.inject(fields, key)
     if not replicas:
         entry_id: str = await client.xadd(key, fields)
         return entry_id

@@ -56,6 +56,7 @@ from cortex_flow.runtime.retries import RetryTimer
 from cortex_flow.runtime.routes import RouteTable
 from cortex_flow.runtime.stats import GroupStats, KeyStats
 from cortex_flow.runtime.threaded import ThreadedDriver
+from cortex_flow.runtime.tracing import traced
 from cortex_flow.wire.connection import Backoff, describe_client
 from cortex_flow.wire.faults import CLUSTER_ERRORS, passing_reason
 from cortex_flow.wire.groups import ensure_group
@@ -151,15 +152,18 @@ class GroupConsumer:
             acked=self._acked,
         )
         codec = streams[group.stream].codec
-        self.handler = EntryHandler(
-            group,
-            table,
-            codec,
-            self._key_stats,
-            executor=executor,
-            http=http,
-            log=self.log,
-            group_stats=stats,
+        # with tracing on, a span per message (cortex_flow.runtime.tracing); else as is
+        self.handler: EntryHandler = traced(
+            EntryHandler(
+                group,
+                table,
+                codec,
+                self._key_stats,
+                executor=executor,
+                http=http,
+                log=self.log,
+                group_stats=stats,
+            )
         )
         self.committer = Committer(
             client,

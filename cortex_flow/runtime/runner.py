@@ -20,6 +20,7 @@ from cortex_flow.flow.exposed import topology_doc
 from cortex_flow.flow.loader import Project
 from cortex_flow.flow.plan import diff
 from cortex_flow.flow.topology import Resolved, no_reader, resolve, unread_inboxes
+from cortex_flow.runtime import tracing
 from cortex_flow.runtime.callpool import CallPool
 from cortex_flow.runtime.gauges import refresh_gauges
 from cortex_flow.runtime.heartbeat import HeartbeatMonitor, check_runner_name, runner_instance
@@ -61,7 +62,8 @@ class Runner:
     ``client`` is a Redis client to use (else one is made from ``url`` or the config);
     ``http`` stands in for the HTTP client of ``http`` routes (a test stub);
     ``announce`` receives the line that tells other processes how to reach an embedded
-    server (the CLI prints it; the default logs it).
+    server (the CLI prints it; the default logs it); ``ui`` makes what mounts extra routes
+    on the admin endpoint from the runner (the CLI's dashboard, :mod:`cortex_flow.ops.dashboard`).
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class Runner:
         block: float = 1.0,
         http: Any = None,
         announce: Callable[[str], None] | None = None,
+        ui: Callable[[Runner], Callable[[Any], None]] | None = None,
     ) -> None:
         self.project = project
         self.config = project.config
@@ -91,6 +94,7 @@ class Runner:
         self._http = http
         self._announce = announce or log.info
         self._admin_enabled = admin
+        self._ui = ui
         self._watcher = watcher
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
@@ -130,6 +134,7 @@ class Runner:
         resolved = resolve(self.project.topology, self.name)
         tables = route_tables(resolved, self.project.base_dir, self.config)
         apply_settings(self.config)
+        tracing.setup()  # once, before any consumer: off unless OTEL_* ask for traces
         await self._start_admin()  # a port in use fails now, not after Redis is reached
         if self.client is None:
             if self.url == "embedded":
@@ -268,6 +273,7 @@ class Runner:
             # read per request: a reload may change them
             hosts=lambda: self.config.admin.hosts,
             token=lambda: self.config.admin.token,
+            extend=self._ui(self) if self._ui is not None else None,
         )
         await admin.start()
         self.admin = admin
