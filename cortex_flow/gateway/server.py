@@ -22,6 +22,7 @@ from aiohttp import web
 from cortex_flow.errors import CortexFlowError
 from cortex_flow.flow.gatewayconfig import GatewaySettings
 from cortex_flow.flow.loader import Project
+from cortex_flow.flow.models import StreamSpec
 from cortex_flow.gateway.auth import AGENT, PROTOCOL, authenticate, forbidden
 from cortex_flow.gateway.idempotency import idempotency_key, publish_once
 from cortex_flow.gateway.inbox import InboxSession
@@ -156,43 +157,13 @@ class Gateway:
 
     async def _publish(self, request: web.Request) -> web.Response:
         agent: str = request[AGENT]
-        stream = request.match_info["stream"]
         msg = await _body(request, required=True)
         if isinstance(msg, web.Response):
             return msg
-        project = self._project()
-        extra = {}
-        for var in request.query.getall("var", []):
-            name, eq, value = var.partition("=")
-            if not eq:
-                return _bad(request, f"var takes NAME=VALUE, got {var!r}", "var")
-            extra[name] = value
-        try:
-            key, spec = target_key(
-                project,
-                stream,
-                priority=request.query.get("priority"),
-                agent=request.query.get("agent"),
-                extra=extra,
-            )
-        except TargetError as exc:
-            return _json(
-                {
-                    "error": str(exc),
-                    "about": exc.about,
-                    "choices": exc.choices,
-                    "path": request.path,
-                },
-                status=400,
-            )
-        allowed = project.topology.agents[agent].may_send
-        if stream not in allowed:
-            return forbidden(
-                request,
-                f"agent {agent} may not send to stream {stream}",
-                f"add {stream} to agents.{agent}.may_send in the flows "
-                f"(now: [{', '.join(allowed)}])",
-            )
+        target = self._target(request, agent)
+        if isinstance(target, web.Response):
+            return target
+        key, spec = target
         client = await self.redis()
         once = request.headers.get("Idempotency-Key")
         if once:
@@ -204,6 +175,38 @@ class Gateway:
             return _json({"id": entry_id, "key": key, "replayed": replayed}, status=202)
         entry_id = await publish(client, key, spec, msg)
         return _json({"id": entry_id, "key": key}, status=202)
+
+    def _target(self, request: web.Request, agent: str) -> tuple[str, StreamSpec] | web.Response:
+        """The key the request's stream and query name, if ``agent`` may send there:
+        400 with ``cortex-flow send``'s words when it names none, 403 past ``may_send``."""
+        stream = request.match_info["stream"]
+        project = self._project()
+        extra = {}
+        for var in request.query.getall("var", []):
+            name, eq, value = var.partition("=")
+            if not eq:
+                return _bad(request, f"var takes NAME=VALUE, got {var!r}", "var")
+            extra[name] = value
+        try:
+            target = target_key(
+                project,
+                stream,
+                priority=request.query.get("priority"),
+                agent=request.query.get("agent"),
+                extra=extra,
+            )
+        except TargetError as exc:
+            body = {"error": str(exc), "about": exc.about, "choices": exc.choices}
+            return _json({**body, "path": request.path}, status=400)
+        allowed = project.topology.agents[agent].may_send
+        if stream not in allowed:
+            return forbidden(
+                request,
+                f"agent {agent} may not send to stream {stream}",
+                f"add {stream} to agents.{agent}.may_send in the flows "
+                f"(now: [{', '.join(allowed)}])",
+            )
+        return target
 
     def _own(self, request: web.Request) -> web.Response | str:
         agent: str = request[AGENT]
