@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -24,6 +23,9 @@ from cortex_flow.flow.gatewayconfig import GatewaySettings
 from cortex_flow.flow.loader import Project
 from cortex_flow.flow.models import StreamSpec
 from cortex_flow.gateway.auth import AGENT, PROTOCOL, authenticate, forbidden
+from cortex_flow.gateway.bodies import bad as _bad
+from cortex_flow.gateway.bodies import body as _body
+from cortex_flow.gateway.bodies import json_response as _json
 from cortex_flow.gateway.idempotency import idempotency_key, publish_once
 from cortex_flow.gateway.inbox import InboxSession
 from cortex_flow.gateway.openapi import document
@@ -40,10 +42,6 @@ __all__ = ["Gateway"]
 SHUTDOWN_TIMEOUT = 5.0
 MAX_WAIT = 60.0  # longest long poll
 REPLACED = 4000  # WebSocket close code: the agent connected again
-
-
-def _json(body: Any, status: int = 200) -> web.Response:
-    return web.json_response(body, status=status)
 
 
 class Gateway:
@@ -340,30 +338,3 @@ class Gateway:
             else:
                 unknown.append(str(fail))
         return _json({"acked": acked, "failed": failed, "unknown": unknown})
-
-
-def _bad(request: web.Request, error: str, about: str) -> web.Response:
-    return _json({"error": error, "about": about, "path": request.path}, status=400)
-
-
-async def _body(request: web.Request, *, required: bool) -> dict[str, Any] | web.Response:
-    """The JSON object in the body (``{}`` for none when not ``required``); a 400/415
-    response when it is not one."""
-    if not request.can_read_body:
-        if required:
-            return _bad(request, 'the body must be a JSON object, e.g. {"type": "chat"}', "body")
-        return {}
-    if request.content_type != "application/json":
-        return refuse(
-            415,
-            f"the body is {request.content_type}, not application/json",
-            "send Content-Type: application/json",
-            request,
-        )
-    try:
-        doc = json.loads(await request.read())
-    except ValueError as exc:
-        return _bad(request, f"the body is not valid JSON: {exc}", "body")
-    if not isinstance(doc, dict):
-        return _bad(request, 'the body must be a JSON object, e.g. {"type": "chat"}', "body")
-    return doc
