@@ -153,3 +153,19 @@ def test_schema_check_fails_on_a_stale_openapi_document(tmp_path: Path) -> None:
     assert cli("schema", "--check", "--out", str(tmp_path)) == 0
     doc.write_text("{}\n")
     assert cli("schema", "--check", "--out", str(tmp_path)) == 1
+
+
+def test_gateway_command_with_the_gateway_off_says_how_to_turn_it_on(
+    tmp_path: Path,
+    redis_url: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`cortex-flow gateway` without gateway.listen is a usage error naming the setting."""
+    from cortex_flow.cli.main import cli
+
+    config = write(tmp_path, redis_url, "p:")
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    assert cli("gateway", "--config", str(config)) == 2
+    assert "gateway.listen is off" in capsys.readouterr().err
