@@ -71,6 +71,8 @@ class ThreadedDriver:
         self._finish = finish
         self._drop = drop
         self.log = log
+        # what runs a call in its message's context (tracing on), else None: nothing per call
+        self._wrap: Callable[[Entry, Any], Any] | None = getattr(handler, "wrap_call", None)
         self.in_flight = 0  # entries started and not finished, the stuck ones included
         self.stuck = 0  # of them, in a sync call past its timeout (they keep no slot)
         self._returned: list[Call] = []  # calls whose thread returned, to settle
@@ -216,7 +218,10 @@ class ThreadedDriver:
         loop = self._loop
         flight.route, flight.overran = route, False
         flight.started = now = loop.time()
-        call = self.pool.call(loop, route.fn, msg, self._returned_one)  # type: ignore[arg-type]
+        fn: Any = route.fn
+        if self._wrap is not None:  # tracing: the call runs in its message's span
+            fn = self._wrap(flight.entry, fn)
+        call = self.pool.call(loop, fn, msg, self._returned_one)
         call.tag, flight.call = flight, call
         queue = self._deadlines.get(route.timeout)
         if queue is None:

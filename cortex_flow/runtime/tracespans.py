@@ -217,6 +217,22 @@ class TracedHandler:
         outcome: Outcome = self._inner.called(entry, route, error, seconds)
         return self._end(entry, outcome)
 
+    def wrap_call(self, entry: Entry, fn: Any) -> Any:
+        """``fn`` run in a call thread with ``entry``'s span current, so the spans a sync
+        handler makes nest under its message's."""
+        context = self._contexts.get(id(entry))
+        if context is None:
+            return fn
+
+        def in_span(msg: Any) -> Any:
+            token = otel_context.attach(context)
+            try:
+                return fn(msg)
+            finally:
+                otel_context.detach(token)
+
+        return in_span
+
     async def handle(self, entry: Entry, task: Any = None) -> Outcome:
         token = otel_context.attach(self._start(entry))  # awaited calls run in the span
         try:

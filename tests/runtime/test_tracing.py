@@ -111,6 +111,33 @@ async def test_one_trace_runs_from_send_through_the_router_to_the_agents_handler
     assert agent.attributes["messaging.destination.name"] == f"{prefix}inbox:coder"
 
 
+SYNC_HANDLERS = """
+    from opentelemetry import trace
+
+    done = []
+
+    def work(msg):  # a plain def: it runs in a call thread
+        with trace.get_tracer("agent").start_as_current_span("agent sync work"):
+            done.append(msg["task"])
+"""
+
+
+async def test_a_sync_handlers_own_span_nests_under_its_message_span(
+    new_project: Any, spans: Any
+) -> None:
+    """A sync handler runs in a call thread with its message's span current, so a span it
+    starts is that span's child (on the sync-call driver's fast path)."""
+    config, mod = new_project(FLOWS, SYNC_HANDLERS)
+    async with running(config), Client.from_config(config) as client:
+        await client.publish("tasks", {"task": "t9"})
+        await wait_for(lambda: module(mod).done == ["t9"], what="the handler")
+        await wait_for(lambda: len(spans.get_finished_spans()) >= 4, what="four spans")
+    by_name = {s.name: s for s in spans.get_finished_spans()}
+    agent, work = by_name["process inbox"], by_name["agent sync work"]
+    assert work.context.trace_id == agent.context.trace_id
+    assert work.parent is not None and work.parent.span_id == agent.context.span_id
+
+
 async def test_retries_and_dead_letters_are_span_events(
     new_project: Any, spans: Any, r: Any, prefix: str
 ) -> None:
