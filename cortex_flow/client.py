@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +31,26 @@ from redis.exceptions import RedisError
 from cortex_flow.errors import CortexFlowError
 from cortex_flow.flow.loader import Project, load_project
 from cortex_flow.flow.topology import render_key, resolve
+from cortex_flow.flow.models import StreamSpec
+from cortex_flow.ops.requests import (
+    ReplyInbox,
+    check_answered,
+    parts_in_order,
+    project_prefix,
+    raise_for,
+    replies,
+    request_fields,
+    seconds,
+)
 from cortex_flow.ops.send import publish, target_key
+from cortex_flow.ops.tasks import cancel, task_state
 from cortex_flow.wire.access import project_url
 from cortex_flow.wire.codec import decode
 from cortex_flow.wire.connection import redis_from_url, wait_for_redis
 from cortex_flow.wire.groups import ensure_group
 from cortex_flow.wire.heartbeats import beat_fields, encode_beat
+from cortex_flow.wire.replies import FINAL, PART, Reply
+from cortex_flow.wire.tasks import TaskState
 
 __all__ = ["Client", "Message"]
 
@@ -77,6 +92,8 @@ class Client:
         self.redis = redis
         self.agent = agent
         self._owns = owns
+        self._replies: ReplyInbox | None = None  # made on the first request
+        self._asked: dict[str, str] = {}  # entry id -> key of the requests made here
 
     @classmethod
     def from_config(cls, path: str | Path = "config.yaml", *, agent: str | None = None) -> Client:
@@ -93,6 +110,9 @@ class Client:
 
     async def aclose(self) -> None:
         """Close the connection (when :meth:`from_config` opened it)."""
+        if self._replies is not None:
+            await self._replies.close()
+            self._replies = None
         if self._owns:
             await self.redis.aclose()
 
@@ -103,21 +123,153 @@ class Client:
 
     # -- sending -------------------------------------------------------------------------
 
-    async def publish(self, stream: str, msg: Mapping[str, Any], **vars: str) -> str:
-        """Publish to a declared stream; ``vars`` pick the key (priority, agent...)."""
+    async def publish(
+        self, stream: str, msg: Mapping[str, Any], *, ttl: float | str | None = None, **vars: str
+    ) -> str:
+        """Publish to a declared stream; ``vars`` pick the key (priority, agent...).
+
+        ``ttl`` (seconds or ``"30s"``) sets a deadline: read later, it is not handled.
+        """
+        if ttl is None:
+            key, spec = self._target(stream, vars)
+            return await publish(self.redis, key, spec, msg)
+        key, spec = self._target(stream, vars)
+        fields = request_fields(spec.codec, msg, ttl=seconds(ttl, "ttl"))
+        entry_id: str = await self.redis.xadd(key, fields, maxlen=spec.maxlen, approximate=True)
+        return entry_id
+
+    def _target(self, stream: str, vars: dict[str, str]) -> tuple[str, StreamSpec]:
         priority, agent = vars.pop("priority", None), vars.pop("agent", None)
-        key, spec = target_key(self.project, stream, priority=priority, agent=agent, extra=vars)
-        return await publish(self.redis, key, spec, msg)
+        return target_key(self.project, stream, priority=priority, agent=agent, extra=vars)
 
     async def send_task(
-        self, msg: Mapping[str, Any], priority: str = "normal", stream: str = "tasks"
+        self,
+        msg: Mapping[str, Any],
+        priority: str = "normal",
+        stream: str = "tasks",
+        *,
+        ttl: float | str | None = None,
     ) -> str:
         """Queue a task at a priority; returns the entry ID."""
-        return await self.publish(stream, msg, priority=priority)
+        return await self.publish(stream, msg, priority=priority, ttl=ttl)
 
-    async def send_to(self, agent: str, msg: Mapping[str, Any], stream: str = "inbox") -> str:
+    async def send_to(
+        self,
+        agent: str,
+        msg: Mapping[str, Any],
+        stream: str = "inbox",
+        *,
+        ttl: float | str | None = None,
+    ) -> str:
         """Send a direct message to one agent's inbox; returns the entry ID."""
-        return await self.publish(stream, msg, agent=agent)
+        return await self.publish(stream, msg, agent=agent, ttl=ttl)
+
+    # -- conversations -------------------------------------------------------------------
+
+    async def request(
+        self,
+        stream: str,
+        msg: Mapping[str, Any],
+        *,
+        timeout: float = 30.0,
+        ttl: float | str | None = None,
+        **vars: str,
+    ) -> Any:
+        """Publish ``msg`` as a request and return the reply (what the handler returned).
+
+        Raises :class:`~cortex_flow.RequestTimeout` when no reply came within ``timeout``
+        seconds, :class:`~cortex_flow.RequestFailed` when the message was dead-lettered
+        or expired, :class:`~cortex_flow.RequestCanceled` when it was canceled.
+        """
+        async for reply in self._ask(stream, msg, timeout, ttl, vars):
+            if reply.kind == FINAL:
+                return reply.data
+            raise_for(reply)
+        raise AssertionError("unreachable: a request ends with a reply or an error")
+
+    async def stream(
+        self,
+        stream: str,
+        msg: Mapping[str, Any],
+        *,
+        timeout: float = 30.0,
+        ttl: float | str | None = None,
+        raw: bool = False,
+        **vars: str,
+    ) -> AsyncIterator[Any]:
+        """Publish ``msg`` as a request and yield the parts its handler (an async
+        generator) yields, in order, until its end; errors as :meth:`request`.
+
+        A handler restarted after a crash sends its parts again, marked with a higher
+        ``attempt``: the parts already yielded are skipped. ``raw=True`` yields every
+        part as a :class:`~cortex_flow.wire.replies.Reply` (``seq``, ``attempt``) instead.
+        """
+        seen, attempt = 0, 0
+        async for reply in self._ask(stream, msg, timeout, ttl, vars):
+            if reply.kind == PART:
+                if raw:
+                    yield reply
+                    continue
+                new, seen, attempt = parts_in_order(reply, seen, attempt)
+                if new:
+                    yield reply.data
+            elif reply.kind != FINAL:
+                raise_for(reply)
+
+    async def _ask(
+        self,
+        stream: str,
+        msg: Mapping[str, Any],
+        timeout: float,
+        ttl: float | str | None,
+        vars: dict[str, str],
+    ) -> AsyncIterator[Reply]:
+        wait = seconds(timeout, "timeout")
+        life = seconds(ttl, "ttl") if ttl is not None else None
+        key, spec = self._target(stream, vars)
+        check_answered(self.project, key, stream)
+        if self._replies is None:
+            self._replies = ReplyInbox(self.redis, project_prefix(self.project))
+        inbox = self._replies
+        await inbox.ready()
+        corr = uuid.uuid4().hex
+        queue = inbox.register(corr)
+        try:
+            fields = request_fields(spec.codec, msg, corr=corr, reply=inbox.key, ttl=life)
+            entry_id = await self.redis.xadd(key, fields, maxlen=spec.maxlen, approximate=True)
+            if len(self._asked) >= 10_000:  # a bound: older ones need stream= then
+                self._asked.pop(next(iter(self._asked)))
+            self._asked[entry_id] = key
+            async for reply in replies(queue, wait, f"request {entry_id} on {key}"):
+                yield reply
+        finally:
+            inbox.forget(corr)
+
+    def _key_of(self, entry_id: str, stream: str | None, vars: dict[str, str]) -> str:
+        if stream is not None:
+            return self._target(stream, vars)[0]
+        key = self._asked.get(entry_id)
+        if key is None:
+            raise CortexFlowError(
+                f"entry {entry_id} was not requested by this client; name its stream: "
+                "stream=NAME (and priority=, agent= as needed)"
+            )
+        return key
+
+    async def cancel(self, entry_id: str, *, stream: str | None = None, **vars: str) -> bool:
+        """Cancel a message: True if canceled, False if it had already ended (nothing
+        changes then). ``stream`` (and its vars) name its key unless this client asked it."""
+        key = self._key_of(entry_id, stream, vars)
+        result = await cancel(self.redis, project_prefix(self.project), key, entry_id)
+        if not result.canceled:
+            log.info("%s on %s already %s; nothing changed", entry_id, key, result.state)
+        return result.canceled
+
+    async def task(self, entry_id: str, *, stream: str | None = None, **vars: str) -> TaskState:
+        """The state of the task begun by ``entry_id``: submitted, working, completed,
+        failed, canceled or expired, with attempts, the last error and the reply stream."""
+        key = self._key_of(entry_id, stream, vars)
+        return await task_state(self.redis, project_prefix(self.project), key, entry_id)
 
     # -- heartbeats ------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from cortex_flow.runtime.delivery import (
     backoff_ms,
     scripting_unavailable,
 )
+from cortex_flow.runtime.replies import Conversations, apply_write, queue_expiries
 from cortex_flow.runtime.routes import Publish
 from cortex_flow.runtime.stats import KeyStats
 from cortex_flow.wire.connection import same_slot
@@ -43,31 +44,53 @@ from cortex_flow.wire.faults import passing_reason
 # Per entry: source key index, entry id, publish count; per publish: target key index,
 # maxlen (0: none), field count, then the fields and values. KEYS holds every key once.
 # An entry is acknowledged only when all its publishes succeeded; the reply lists the
-# others as {entry number, key refused, error}.
+# others as {entry number, key refused, error}. A string maxlen marks a conversation's
+# write (runtime.replies); an entry whose task was canceled skips its writes, is
+# acknowledged and listed as {entry number, '', 'CANCELED'}.
 COMMIT = """
 local group = ARGV[1]
 local b = cjson.decode(ARGV[2])
+-- a conversation's write (runtime.replies): "c" a guard, "r" a reply, "h<ms>" a state
+local function conversation(key, mode, first, last)
+  local m = string.sub(mode, 1, 1)
+  if m == 'c' then
+    if redis.call('HGET', key, 'cancel') == '1' then return 'canceled' end
+    return nil
+  elseif m == 'r' then
+    return redis.pcall('XADD', key, 'NOMKSTREAM', 'MAXLEN', '~', tonumber(string.sub(mode, 2)),
+      '*', unpack(b, first, last))
+  end
+  local r = redis.pcall('HSET', key, unpack(b, first, last))
+  if type(r) == 'table' and r.err then return r end
+  return redis.pcall('PEXPIRE', key, tonumber(string.sub(mode, 2)))
+end
 local failed, acks = {}, {}
 local i, e, n = 1, 0, #b
 while i <= n do
   e = e + 1
   local src, id, publishes = KEYS[b[i]], b[i + 1], b[i + 2]
   i = i + 3
-  local err, bad = nil, nil
+  local err, bad, canceled = nil, nil, false
   for _ = 1, publishes do
     local key, maxlen, count = KEYS[b[i]], b[i + 1], b[i + 2]
     local first, last = i + 3, i + 2 + count
     i = last + 1
-    if err == nil then
+    if err == nil and not canceled then
       local r
-      if maxlen > 0 then
-        r = redis.pcall('XADD', key, 'MAXLEN', '~', maxlen, '*', unpack(b, first, last))
+      if type(maxlen) ~= 'string' then
+        if maxlen > 0 then
+          r = redis.pcall('XADD', key, 'MAXLEN', '~', maxlen, '*', unpack(b, first, last))
+        else
+          r = redis.pcall('XADD', key, '*', unpack(b, first, last))
+        end
       else
-        r = redis.pcall('XADD', key, '*', unpack(b, first, last))
+        r = conversation(key, maxlen, first, last)
+        if r == 'canceled' then canceled = true; r = nil end
       end
       if type(r) == 'table' and r.err then err = r.err; bad = key end
     end
   end
+  if canceled then failed[#failed + 1] = {e, '', 'CANCELED'} end
   if err == nil then
     local list = acks[src]
     if list == nil then list = {}; acks[src] = list end
@@ -118,8 +141,10 @@ class Committer:
         cluster: bool,
         log: logging.Logger,
         stuck: set[tuple[str, str]] | None = None,
+        conversations: Conversations | None = None,
     ) -> None:
         self.client = client
+        self.conversations = conversations  # replies and task states of dead letters
         self.name = group.name
         self.dead_letter_key = group.dead_letter
         dlq = group.spec.dead_letter
@@ -200,7 +225,7 @@ class Committer:
                 if self.dead_letter_key is None:
                     self._stuck(outcome)
                     continue
-                adds.append((outcome, self.dead_letter(outcome)))
+                adds.extend((outcome, p) for p in self._publishes(outcome))
             else:
                 adds.extend((outcome, p) for p in outcome.publishes)
             acks.setdefault(source, []).append(entry.id)
@@ -216,9 +241,10 @@ class Committer:
             else:
                 pipe = self.client.pipeline(transaction=True)
                 for _, p in adds:
-                    pipe.xadd(p.key, p.fields, maxlen=p.maxlen, approximate=True)
+                    apply_write(pipe, p)
                 for key, ids in acks.items():
                     pipe.xack(key, self.name, *ids)
+                queue_expiries(pipe, [p for _, p in adds])
                 results = await pipe.execute(raise_on_error=False)
                 lost, _ = await self._rescue(adds, results, deferred)
                 done = [o for o in done if id(o) not in lost]
@@ -292,7 +318,13 @@ class Committer:
         )
 
     def _publishes(self, outcome: Outcome) -> list[Publish]:
-        return [self.dead_letter(outcome)] if outcome.kind == DEAD else outcome.publishes
+        if outcome.kind != DEAD:
+            return outcome.publishes
+        dead = self.dead_letter(outcome)
+        if self.conversations is None:
+            return [dead]
+        writes = self.conversations.on_dead(outcome)  # guard first, then the dead letter
+        return [*writes[:1], dead, *writes[1:]] if writes else [dead]
 
     async def _run_script(self, outcomes: list[Outcome], deferred: Deferred) -> set[int]:
         """Commit with :data:`COMMIT`; entries whose publish was refused are dead-lettered.
@@ -313,7 +345,7 @@ class Committer:
             for p in publishes:
                 fields = p.fields
                 add(index.setdefault(p.key, len(index) + 1))
-                add(p.maxlen or 0)
+                add(p.mode or p.maxlen or 0)
                 add(2 * len(fields))
                 for pair in fields.items():
                     batch += pair
@@ -341,6 +373,9 @@ class Committer:
         retry: list[Outcome] = []
         for number, key, error in failed:
             outcome = outcomes[int(number) - 1]
+            if error == "CANCELED":  # acknowledged; its writes skipped: its task was canceled
+                self._key_stats[outcome.entry.key.key].canceled += 1
+                continue
             rejected.add(id(outcome))
             if passing_reason(str(error)) is not None:
                 deferred.append((outcome, str(error)))  # OOM, READONLY, ...: not its fault
@@ -386,7 +421,8 @@ class Committer:
             if mine:
                 pipe = self.client.pipeline(transaction=False)
                 for _, p in mine:
-                    pipe.xadd(p.key, p.fields, maxlen=p.maxlen, approximate=True)
+                    apply_write(pipe, p)
+                queue_expiries(pipe, [p for _, p in mine])
                 results = await pipe.execute(raise_on_error=False)
                 failed, unsaved = await self._rescue(mine, results, deferred, acked=False)
                 lost |= failed

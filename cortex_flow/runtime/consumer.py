@@ -34,6 +34,7 @@ from redis.exceptions import ResponseError
 from cortex_flow.flow.models import StreamSpec
 from cortex_flow.flow.topology import ResolvedGroup
 from cortex_flow.runtime.callpool import default_pool
+from cortex_flow.runtime.cancels import CancelWatch
 from cortex_flow.runtime.commit import Committer
 from cortex_flow.runtime.delivery import ACK, DEAD, RETRY, TRANSIENT, Entry, Outcome
 from cortex_flow.runtime.faultlog import FaultLog
@@ -42,6 +43,7 @@ from cortex_flow.runtime.leases import Leases
 from cortex_flow.runtime.outbox import Outbox, commit_until_done
 from cortex_flow.runtime.pending import PendingWork
 from cortex_flow.runtime.reader import FIND_FIRST, GroupReader
+from cortex_flow.runtime.replies import Conversations
 from cortex_flow.runtime.retries import RetryTimer
 from cortex_flow.runtime.routes import RouteTable
 from cortex_flow.runtime.stats import GroupStats, KeyStats
@@ -135,6 +137,12 @@ class GroupConsumer:
             log=self.log,
             group_stats=stats,
         )
+        # requests, deadlines, task states and cancels (runtime.replies, runtime.cancels)
+        self.conversations = Conversations(group, streams, self._key_stats, self.log)
+        self.cancels = CancelWatch(client, self.conversations, self.log)
+        self.conversations.want_watch = self.cancels.start
+        self.handler.conv = self.conversations
+        self.handler.client = client
         self.committer = Committer(
             client,
             group,
@@ -143,6 +151,7 @@ class GroupConsumer:
             cluster=cluster,
             log=self.log,
             stuck=self._stuck,
+            conversations=self.conversations,
         )
         self.leases = Leases(client, self.name, self.me, self.log)
         self.faults = FaultLog(self.name, stats, self.log)
@@ -334,6 +343,7 @@ class GroupConsumer:
         finally:
             lease.cancel()
             await self.handler.deadlines.close()
+            await self.cancels.close()
             self._drop_backlog()
             if not self._inflight:
                 self.done.set()

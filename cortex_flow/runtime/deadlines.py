@@ -28,8 +28,8 @@ class Deadlines:
         self._watchdog: asyncio.Task[None] | None = None
         self.tick = MAX_TICK
 
-    async def run(self, fn: Callable[[Any], Awaitable[Any]], msg: Any, timeout: float) -> None:
-        """Await ``fn(msg)``; ``TimeoutError`` if it runs past ``timeout`` seconds."""
+    async def run(self, fn: Callable[[Any], Awaitable[Any]], msg: Any, timeout: float) -> Any:
+        """Await ``fn(msg)`` and return its value; ``TimeoutError`` past ``timeout`` seconds."""
         task = current_task()
         assert task is not None
         self._running[task] = monotonic() + timeout  # the loop's clock
@@ -40,7 +40,7 @@ class Deadlines:
                 self._watch(), name="call-deadlines"
             )
         try:
-            await fn(msg)
+            value = await fn(msg)
         except asyncio.CancelledError:
             if self._settle(task):
                 raise TimeoutError(f"timed out after {timeout:g}s") from None
@@ -49,6 +49,7 @@ class Deadlines:
             self._running.pop(task, None)
         if self._settle(task):  # the call swallowed its cancellation: it was cut off
             raise TimeoutError(f"timed out after {timeout:g}s")
+        return value
 
     def _settle(self, task: asyncio.Task[Any]) -> bool:
         """Whether ``task`` was cancelled by us; if so, that cancellation is taken back."""

@@ -22,7 +22,8 @@ from jinja2.runtime import Context
 from cortex_flow.flow.templates import Now, context_base, context_over
 from cortex_flow.flow.topology import ResolvedGroup
 from cortex_flow.runtime.deadlines import Deadlines
-from cortex_flow.runtime.delivery import ACK, DEAD, RETRY, Entry, Outcome
+from cortex_flow.runtime.delivery import ACK, DEAD, RETRY, Entry, Outcome, backoff_ms
+from cortex_flow.runtime.replies import Canceled, Conversations
 from cortex_flow.runtime.routes import (
     CompiledRoute,
     Overran,
@@ -33,6 +34,7 @@ from cortex_flow.runtime.routes import (
 )
 from cortex_flow.runtime.stats import GroupStats, KeyStats
 from cortex_flow.wire.codec import DecodeError, decode
+from cortex_flow.wire.replies import FIELDS as REQUEST_FIELDS
 
 # what EntryHandler.steps asks its driver to run: a call or http route, the message and
 # the template context (or None)
@@ -67,6 +69,10 @@ class EntryHandler:
         self.name = group.name
         self.codec = codec
         self.max_deliveries = group.spec.retry.max_deliveries
+        self.backoff = group.spec.retry.backoff
+        # deadlines, replies, cancels (runtime.replies); the client sends streamed parts
+        self.conv: Conversations | None = None
+        self.client: Any = None
         self._has_dead_letter = group.dead_letter is not None
         self._key_stats = key_stats
         self.log = log or logging.getLogger("cortex_flow.consumer")
@@ -88,12 +94,23 @@ class EntryHandler:
         and ``http`` route; the driver runs it and sends ``None`` back, or throws in what
         it raised. Returns the outcome; never raises for a route's failure.
         """
+        conv = self.conv
+        involved = conv is not None and conv.involved(entry.fields)
+        if involved:
+            assert conv is not None
+            early = conv.before(entry)
+            if early is not None:
+                return early
         prepared = self._prepare(entry)
         if isinstance(prepared, Outcome):
             return prepared
         msg, bound, ctx = prepared
+        if involved and self.codec == "raw":
+            for name in REQUEST_FIELDS:
+                msg.pop(name, None)
         publishes: list[Publish] = []
         matched = False
+        result: Any = None  # the last call's return value: the reply
         started = time.perf_counter()
         try:
             for route in self.table.routes:
@@ -104,21 +121,27 @@ class EntryHandler:
                 if action == "to":
                     publishes.append(route.publish(msg, ctx, bound))
                 elif action == "call" and route.inline and not route.is_async:
-                    route.fn(msg)  # type: ignore[misc]
+                    result = route.fn(msg)  # type: ignore[misc]
                 elif action in ("call", "http"):
-                    yield route, msg, ctx
+                    result = yield route, msg, ctx
                 if not route.continue_:
                     break
         except Exception as exc:
             return self._failure(entry, route, exc)
         finally:
             self._key_stats[entry.key.key].latency.observe(time.perf_counter() - started)
-        return self._settled(entry, matched, publishes)
+        outcome = self._settled(entry, matched, publishes)
+        if involved and outcome.kind == ACK:
+            assert conv is not None
+            return conv.finish(outcome, result)
+        return outcome
 
     def run_inline(self, entry: Entry) -> Outcome:
         """:meth:`steps` for a table of ``to``, ``drop`` and inline sync calls only
         (``table.inline_sync``): nothing to wait for, so no generator per message."""
         table = self.table
+        if self.conv is not None and self.conv.involved(entry.fields):
+            return self._run_steps(entry)
         if table.needs_context or entry.key.key not in self._bound:
             prepared = self._prepare(entry)
             if isinstance(prepared, Outcome):
@@ -152,6 +175,16 @@ class EntryHandler:
             return Outcome(entry, ACK, publishes)
         return self._settled(entry, matched, publishes)
 
+    def _run_steps(self, entry: Entry) -> Outcome:
+        """:meth:`steps` run through for an inline table (no step ever yields)."""
+        steps = self.steps(entry)
+        try:
+            next(steps)
+        except StopIteration as stop:
+            done: Outcome = stop.value
+            return done
+        raise RuntimeError("an inline table yielded a step")  # pragma: no cover
+
     def _prepare(self, entry: Entry) -> tuple[Any, dict[str, Any], Any] | Outcome:
         """The decoded message, the key's variables and the template context (or None);
         an undecodable entry's outcome instead."""
@@ -170,6 +203,9 @@ class EntryHandler:
 
     def _failure(self, entry: Entry, route: CompiledRoute, exc: Exception) -> Outcome:
         """The outcome of ``route`` raising ``exc`` for ``entry``."""
+        if isinstance(exc, Canceled):
+            assert self.conv is not None
+            return self.conv.was_canceled(entry)
         if isinstance(exc, PermanentError):
             return Outcome(entry, DEAD, [], str(exc), attempt_failed=True)
         if isinstance(exc, Overran):
@@ -204,22 +240,35 @@ class EntryHandler:
         route, msg, ctx = step
         try:
             while True:
+                value: Any = None
                 try:
                     if route.action == "http":
                         await self.post(route, msg, ctx)
                     elif route.is_async:
-                        await self.deadlines.run(route.fn, msg, route.timeout)  # type: ignore[arg-type]
+                        value = await self.run_async(route, msg, entry)
                     else:
-                        await self._call_sync(route, msg, entry)
+                        value = await self._call_sync(route, msg, entry)
                 except Exception as exc:
                     route, msg, ctx = steps.throw(exc)
                 else:
-                    route, msg, ctx = steps.send(None)
+                    route, msg, ctx = steps.send(value)
         except StopIteration as stop:
             outcome: Outcome = stop.value
             return outcome
 
-    async def _call_sync(self, route: CompiledRoute, msg: Any, entry: Entry) -> None:
+    async def run_async(self, route: CompiledRoute, msg: Any, entry: Entry) -> Any:
+        """An async call with its timeout; cancellable and streaming for a request."""
+        conv = self.conv
+        if conv is None or not conv.involved(entry.fields):
+            return await self.deadlines.run(route.fn, msg, route.timeout)  # type: ignore[arg-type]
+
+        def run(fn: Any, msg: Any) -> Any:
+            return self.deadlines.run(fn, msg, route.timeout)
+
+        assert route.fn is not None
+        return await conv.run_async(route.fn, msg, entry, run, self.client, route.is_stream)
+
+    async def _call_sync(self, route: CompiledRoute, msg: Any, entry: Entry) -> Any:
         """A sync call in the pool; past its timeout it is said to overrun until it returns."""
         overran = False
 
@@ -229,7 +278,7 @@ class EntryHandler:
             self.overrun_started(route, entry)
 
         try:
-            await call_route(route, msg, self.executor, overrun, self.deadlines)
+            return await call_route(route, msg, self.executor, overrun, self.deadlines)
         finally:
             if overran:
                 self.overrun_ended()
@@ -289,6 +338,12 @@ class EntryHandler:
         # atomically with its XACK, rather than waiting for a claim that would do the same
         if entry.deliveries >= self.max_deliveries:
             return Outcome(entry, DEAD, [], error, attempt_failed=True)
+        conv = self.conv
+        if conv is not None and conv.involved(entry.fields):
+            # retries never run past a deadline: expire now instead of waiting for it
+            if conv.retry_expires(entry, backoff_ms(self.backoff, entry.deliveries)):
+                self._key_stats[entry.key.key].failed += 1
+                return conv.expired(entry, f"its deadline falls before its next retry ({error})")
         return Outcome(entry, RETRY, [], error, attempt_failed=True)
 
     async def post(self, route: CompiledRoute, msg: Any, ctx: Any) -> None:

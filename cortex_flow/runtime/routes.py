@@ -55,6 +55,11 @@ class Publish:
     key: str
     fields: dict[str, str]
     maxlen: int | None
+    # how the commit applies it (runtime.replies): "" an XADD; "r" a reply (XADD
+    # NOMKSTREAM: a reply stream that expired is not made again); "h<ms>" a task state
+    # (HSET, PEXPIRE ms); "c" a guard: the entry's other writes are skipped if its task
+    # was canceled (HGET key cancel)
+    mode: str = ""
 
 
 class CompiledRoute:
@@ -78,6 +83,7 @@ class CompiledRoute:
         self.raw = streams[group.stream].codec == "raw"
         self.fn: Callable[..., Any] | None = None
         self.is_async = False
+        self.is_stream = False
         self.inline = False
         self.timeout = 0.0
         if route.call is not None:
@@ -87,6 +93,9 @@ class CompiledRoute:
             self.is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
                 getattr(fn, "__call__", None)  # noqa: B004 - async callable objects
             )
+            # an async generator streams its items as partial replies (runtime.replies)
+            self.is_stream = inspect.isasyncgenfunction(fn)
+            self.is_async = self.is_async or self.is_stream
             self.inline = route.call.inline
             self.timeout = route.call.timeout
         if route.http is not None:
@@ -222,23 +231,23 @@ async def call_route(
     executor: CallPool | None = None,
     on_overrun: Callable[[CompiledRoute], None] | None = None,
     deadlines: Deadlines | None = None,
-) -> None:
+) -> Any:
     """Run a ``call`` route: async awaited, sync in a thread (or inline), with its timeout.
 
     An async call is cancelled at its timeout. A sync call cannot be: past its timeout
     ``on_overrun`` is told, and this waits for the thread to return (the message keeps
     its slot and its lease, and is not retried meanwhile), then raises :class:`Overran`.
+    Returns what the call returned.
     """
     fn = route.fn
     assert fn is not None
     if route.is_async:
         if deadlines is not None:
-            await deadlines.run(fn, msg, route.timeout)
-        else:
-            async with asyncio.timeout(route.timeout):
-                await fn(msg)
+            return await deadlines.run(fn, msg, route.timeout)
+        async with asyncio.timeout(route.timeout):
+            return await fn(msg)
     elif route.inline:
-        fn(msg)
+        return fn(msg)
     else:
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -248,10 +257,9 @@ async def call_route(
         assert waiter is not None
         try:
             if deadlines is not None:
-                await deadlines.run(lambda _: waiter, None, route.timeout)
-            else:
-                async with asyncio.timeout(route.timeout):
-                    await waiter
+                return await deadlines.run(lambda _: waiter, None, route.timeout)
+            async with asyncio.timeout(route.timeout):
+                return await waiter
         except TimeoutError:
             if pool.cancel(call):
                 raise  # still queued for a thread: it never ran

@@ -126,8 +126,11 @@ class ThreadedDriver:
             if timer is not None:
                 timer.cancel()
 
-    def _advance(self, flight: _Flight, error: BaseException | None, first: bool = False) -> None:
-        """Step ``flight`` on to its next call (queued) or to its outcome (finished)."""
+    def _advance(
+        self, flight: _Flight, error: BaseException | None, first: bool = False, value: Any = None
+    ) -> None:
+        """Step ``flight`` on to its next call (queued) or to its outcome (finished);
+        ``value`` is what the last call returned."""
         try:
             try:
                 if first:
@@ -135,7 +138,7 @@ class ThreadedDriver:
                 elif error is not None:
                     route, msg, ctx = flight.steps.throw(error)
                 else:
-                    route, msg, ctx = flight.steps.send(None)
+                    route, msg, ctx = flight.steps.send(value)
             except StopIteration as stop:
                 self.in_flight -= 1
                 self._flights.discard(flight)
@@ -165,15 +168,18 @@ class ThreadedDriver:
 
     async def _awaited(self, flight: _Flight, route: CompiledRoute, msg: Any, ctx: Any) -> None:
         """An ``async`` call or ``http`` post among the routes: awaited, then stepped on."""
+        value: Any = None
         try:
             if route.action == "http":
                 await self.handler.post(route, msg, ctx)
+            elif route.is_async:
+                value = await self.handler.run_async(route, msg, flight.entry)
             else:
-                await call_route(route, msg, deadlines=self.handler.deadlines)
+                value = await call_route(route, msg, deadlines=self.handler.deadlines)
         except Exception as exc:
             self._advance(flight, exc)
         else:
-            self._advance(flight, None)
+            self._advance(flight, None, value=value)
         self.poke()  # room for the next entry, or the last one finished
 
     def _returned_one(self, call: Call) -> None:
@@ -191,7 +197,7 @@ class ThreadedDriver:
             error = Overran(route.timeout, now - flight.started)
         elif error is not None and not isinstance(error, Exception):
             error = RuntimeError(f"{type(error).__name__}: {error}")  # SystemExit and the like
-        self._advance(flight, error)
+        self._advance(flight, error, value=call.value)
 
     def _expire(self, now: float) -> None:
         """Calls past their timeout: taken back if still queued, else said to overrun."""
