@@ -30,8 +30,8 @@ from redis.exceptions import RedisError
 
 from cortex_flow.errors import CortexFlowError
 from cortex_flow.flow.loader import Project, load_project
-from cortex_flow.flow.topology import render_key, resolve
 from cortex_flow.flow.models import StreamSpec
+from cortex_flow.flow.topology import render_key, resolve
 from cortex_flow.ops.requests import (
     ReplyInbox,
     check_answered,

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
 import pytest
-from projects import NewProject, module, none_pending, running, wait_for
+from projects import NewProject, module, running
 
 from cortex_flow import Client, RequestFailed, RequestTimeout
 from cortex_flow.errors import CortexFlowError
@@ -87,7 +86,7 @@ async def test_request_returns_the_handlers_reply(config: tuple[Path, str]) -> N
 
 async def test_a_to_route_carries_the_reply_address(config: tuple[Path, str]) -> None:
     """The agent at the end of a chain answers the original requester."""
-    path, mod = config
+    path, _mod = config
     async with running(path), Client.from_config(path) as client:
         assert await client.request("ask", {"n": "5", "op": "forward"}, timeout=10) == {"n": 10}
 

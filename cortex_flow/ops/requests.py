@@ -38,7 +38,9 @@ def seconds(value: Any, what: str) -> float:
     try:
         number = parse_duration(value) if isinstance(value, str) else float(value)
     except (TypeError, ValueError) as exc:
-        raise CortexFlowError(f"{what} must be a duration such as 30s or 1.5, got {value!r}: {exc}")
+        raise CortexFlowError(
+            f"{what} must be a duration such as 30s or 1.5, got {value!r}: {exc}"
+        ) from None
     if not math.isfinite(number) or number <= 0:
         raise CortexFlowError(f"{what} must be more than 0 seconds, got {value!r}")
     return number
@@ -168,9 +170,7 @@ def raise_for(reply: Reply) -> None:
         )
 
 
-async def replies(
-    queue: asyncio.Queue[Reply], timeout: float, what: str
-) -> AsyncIterator[Reply]:
+async def replies(queue: asyncio.Queue[Reply], timeout: float, what: str) -> AsyncIterator[Reply]:
     """The replies to one request until its end; RequestTimeout once ``timeout`` passed."""
     deadline = time.monotonic() + timeout
     while True:

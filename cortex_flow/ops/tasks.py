@@ -92,7 +92,12 @@ async def cancel(redis: Any, prefix: str, key: str, entry_id: str) -> CancelResu
         await redis.xadd(
             reply,
             wire.reply_fields(
-                corr, wire.CANCELED, stream=key, entry_id=entry_id, attempt=attempt, error="canceled"
+                corr,
+                wire.CANCELED,
+                stream=key,
+                entry_id=entry_id,
+                attempt=attempt,
+                error="canceled",
             ),
             maxlen=wire.REPLY_MAXLEN,
             approximate=True,

@@ -339,11 +339,14 @@ class EntryHandler:
         if entry.deliveries >= self.max_deliveries:
             return Outcome(entry, DEAD, [], error, attempt_failed=True)
         conv = self.conv
-        if conv is not None and conv.involved(entry.fields):
-            # retries never run past a deadline: expire now instead of waiting for it
-            if conv.retry_expires(entry, backoff_ms(self.backoff, entry.deliveries)):
-                self._key_stats[entry.key.key].failed += 1
-                return conv.expired(entry, f"its deadline falls before its next retry ({error})")
+        # retries never run past a deadline: expire now instead of waiting for it
+        if (
+            conv is not None
+            and conv.involved(entry.fields)
+            and conv.retry_expires(entry, backoff_ms(self.backoff, entry.deliveries))
+        ):
+            self._key_stats[entry.key.key].failed += 1
+            return conv.expired(entry, f"its deadline falls before its next retry ({error})")
         return Outcome(entry, RETRY, [], error, attempt_failed=True)
 
     async def post(self, route: CompiledRoute, msg: Any, ctx: Any) -> None:

@@ -252,7 +252,9 @@ class Conversations:
             self._cancelling.add(task)
             task.cancel()
 
-    def _streamer(self, fn: Callable[[Any], Any], entry: Entry, client: Any) -> Callable[[Any], Any]:
+    def _streamer(
+        self, fn: Callable[[Any], Any], entry: Entry, client: Any
+    ) -> Callable[[Any], Any]:
         """``fn``, an async generator, as a coroutine sending each item as a part."""
         reply = entry.fields.get(REPLY)
         corr = entry.fields.get(CORR, "")
