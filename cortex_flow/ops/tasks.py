@@ -86,7 +86,13 @@ async def cancel(redis: Any, prefix: str, key: str, entry_id: str) -> CancelResu
     )
     if outcome != "ok":
         return CancelResult(False, tasks.CANCELED if outcome == "already" else str(outcome))
-    await redis.publish(wire.cancel_channel(prefix), f"{key} {entry_id}")
+    member, recent = f"{key} {entry_id}", wire.recent_cancels(prefix)
+    pipe = redis.pipeline(transaction=False)
+    pipe.zadd(recent, {member: now_ms()})
+    pipe.zremrangebyscore(recent, "-inf", now_ms() - int(CANCEL_KEEP * 1000))
+    pipe.pexpire(recent, int(CANCEL_KEEP * 1000))
+    pipe.publish(wire.cancel_channel(prefix), member)
+    await pipe.execute()
     if reply:
         attempt = await _pending(redis, key, entry_id)
         await redis.xadd(

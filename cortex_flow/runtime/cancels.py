@@ -2,9 +2,11 @@
 
 ``Client.cancel`` (and ``cortex-flow cancel``) marks the task canceled in its hash and
 announces ``<stream key> <entry id>`` on the channel. A runner that hears it skips the
-entry if it has not started it and cancels its async handler if it runs. One that does
-not hear it (it started later, or its connection dropped) still honours the cancel: the
-commit script reads the task's mark and discards the result (:mod:`runtime.replies`).
+entry if it has not started it and cancels its async handler if it runs. Cancels are
+also kept in a sorted set (``<prefix>cancels``, by time) that a watch reads once it
+listens, so a runner started later knows them too. One that missed it anyway (its
+connection dropped) still honours the cancel: the commit script reads the task's mark
+and discards the result (:mod:`runtime.replies`).
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ from typing import Any
 from cortex_flow.runtime.delivery import TRANSIENT
 from cortex_flow.runtime.replies import Conversations
 from cortex_flow.wire.connection import Backoff
-from cortex_flow.wire.replies import cancel_channel
+from cortex_flow.wire.replies import cancel_channel, now_ms, recent_cancels
 
 
 class CancelWatch:
-    """Subscribes once a group sees its first request; feeds cancels to its Conversations."""
+    """Listens for one group's consumer; feeds cancels to its Conversations."""
 
     def __init__(self, client: Any, conv: Conversations, log: logging.Logger) -> None:
         self.client = client
@@ -32,20 +34,29 @@ class CancelWatch:
         self._closed = False
 
     def start(self) -> None:
-        """Start listening (once); called from the handler on the first request."""
+        """Start listening (once), when the consumer starts."""
         if self._task is None:
-            self.conv.watching = True
             self._task = asyncio.get_running_loop().create_task(
                 self._listen(), name=f"cancels:{self.conv.name}"
             )
 
     async def _listen(self) -> None:
-        channel = cancel_channel(self.conv.prefix)
+        prefix = self.conv.prefix
+        channel = cancel_channel(prefix)
         backoff = Backoff(initial=0.1, maximum=5.0)
         while not self._closed:
             pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(channel)
+                # what was canceled before we listened: from the recent cancels' set
+                since = now_ms() - self.conv.keep_ms
+                for member in await self.client.zrangebyscore(
+                    recent_cancels(prefix), since, "+inf"
+                ):
+                    text = member.decode() if isinstance(member, bytes) else str(member)
+                    key, _, entry_id = text.rpartition(" ")
+                    if key:
+                        self.conv.cancel(key, entry_id)
                 self.subscribed.set()
                 backoff.reset()
                 while True:
@@ -73,6 +84,11 @@ class CancelWatch:
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
+
+    async def ready(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) until listening and past cancels are known."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.subscribed.wait(), timeout)
 
     async def close(self) -> None:
         self._closed = True

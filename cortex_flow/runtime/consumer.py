@@ -65,6 +65,10 @@ __all__ = [
 ]
 
 
+# how long a starting consumer waits to hear of past cancels before it reads anyway
+CANCELS_READY = 2.0
+
+
 class GroupConsumer:
     """Runs one Redis consumer (``runner.name``) of one group over all the group's keys.
 
@@ -140,7 +144,6 @@ class GroupConsumer:
         # requests, deadlines, task states and cancels (runtime.replies, runtime.cancels)
         self.conversations = Conversations(group, streams, self._key_stats, self.log)
         self.cancels = CancelWatch(client, self.conversations, self.log)
-        self.conversations.want_watch = self.cancels.start
         self.handler.conv = self.conversations
         self.handler.client = client
         self.committer = Committer(
@@ -262,6 +265,8 @@ class GroupConsumer:
         )
         # always: a route-only reload may swap an inline table for one that is not
         self.outbox.start()
+        self.cancels.start()
+        await self.cancels.ready(CANCELS_READY)  # past cancels known before the first read
         try:
             while not self._stopping.is_set():
                 try:

@@ -63,8 +63,6 @@ class Conversations:
         self.canceled: dict[tuple[str, str], None] = {}
         self.running: dict[tuple[str, str], asyncio.Task[Any]] = {}
         self._cancelling: set[asyncio.Task[Any]] = set()
-        self.watching = False  # a cancel watch listens (started on the first request)
-        self.want_watch: Callable[[], None] | None = None
 
     def involved(self, fields: Mapping[str, str]) -> bool:
         return self.every or REPLY in fields or DEADLINE in fields
@@ -80,8 +78,6 @@ class Conversations:
 
     def before(self, entry: Entry) -> Outcome | None:
         """The outcome of an entry expired or canceled before it ran; None: handle it."""
-        if REPLY in entry.fields and not self.watching and self.want_watch is not None:
-            self.want_watch()
         deadline = self.deadline(entry)
         if deadline is not None:
             late = now_ms() - deadline

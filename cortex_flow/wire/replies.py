@@ -69,6 +69,11 @@ def cancel_channel(prefix: str) -> str:
     return f"{prefix}cancel"
 
 
+def recent_cancels(prefix: str) -> str:
+    """The sorted set of recent cancels (member ``stream key`` space ``id``, score Unix ms)."""
+    return f"{prefix}cancels"
+
+
 def deadline_of(fields: Mapping[str, str]) -> int | None:
     """The entry's deadline in Unix ms, or None (no deadline, or one that cannot be read)."""
     raw = fields.get(DEADLINE)
