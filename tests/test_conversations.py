@@ -10,7 +10,6 @@ import pytest
 from projects import NewProject, module, none_pending, running, wait_for
 
 from cortex_flow import Client, RequestCanceled, RequestFailed
-from cortex_flow.runtime.runner import Runner
 
 FLOWS = """
 version: 1
@@ -224,7 +223,7 @@ async def test_cancel_before_handling_and_after_completion(
             await wait_for(lambda: none_pending(redis_client, f"{key_prefix}work", "work"))
             assert await client.request("work", {"n": "done"}, timeout=10) == {"n": "done"}
         assert module(mod).handled == ["done"]
-        done = [i for i in client._asked if i != entry_id][0]
+        done = next(i for i in client._asked if i != entry_id)
         assert await client.cancel(done) is False
         assert (await client.task(done)).state == "completed"
 
