@@ -37,6 +37,7 @@ from cortex_flow.ops.requests import (
     check_answered,
     parts_in_order,
     project_prefix,
+    publish_with_ttl,
     raise_for,
     replies,
     request_fields,
@@ -130,13 +131,10 @@ class Client:
 
         ``ttl`` (seconds or ``"30s"``) sets a deadline: read later, it is not handled.
         """
-        if ttl is None:
-            key, spec = self._target(stream, vars)
-            return await publish(self.redis, key, spec, msg)
         key, spec = self._target(stream, vars)
-        fields = request_fields(spec.codec, msg, ttl=seconds(ttl, "ttl"))
-        entry_id: str = await self.redis.xadd(key, fields, maxlen=spec.maxlen, approximate=True)
-        return entry_id
+        if ttl is None:
+            return await publish(self.redis, key, spec, msg)
+        return await publish_with_ttl(self.redis, key, spec, msg, seconds(ttl, "ttl"))
 
     def _target(self, stream: str, vars: dict[str, str]) -> tuple[str, StreamSpec]:
         priority, agent = vars.pop("priority", None), vars.pop("agent", None)

@@ -1,4 +1,8 @@
-"""``cortex-flow send STREAM JSON``: publish one message the way the flows name it."""
+"""``cortex-flow send STREAM JSON``: publish one message the way the flows name it.
+
+``--ttl 30s`` gives it a deadline; ``--wait [TIMEOUT]`` sends it as a request and prints
+the reply as JSON (exit 0), the failure (exit 1) or that it timed out (exit 124).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,20 @@ import argparse
 import asyncio
 import json
 import logging
+import sys
+from typing import Any
 
-from cortex_flow.errors import UsageError
-from cortex_flow.flow.loader import load_project
+from cortex_flow.client import Client
+from cortex_flow.errors import (
+    CortexFlowError,
+    RequestCanceled,
+    RequestFailed,
+    RequestTimeout,
+    UsageError,
+)
+from cortex_flow.flow.loader import Project, load_project
+from cortex_flow.flow.models import StreamSpec
+from cortex_flow.ops.requests import publish_with_ttl, seconds
 from cortex_flow.ops.send import TargetError, publish, target_key
 from cortex_flow.wire.access import connect_project
 
@@ -17,15 +32,12 @@ log = logging.getLogger("cortex_flow.send")
 # what the library's target errors are about -> the flag that gives it
 FLAGS = {"priority": "--priority", "agent": "--agent", "var": "--var"}
 
+# `send --wait` when no reply came in time (as timeout(1) does)
+EXIT_TIMEOUT = 124
 
-def command(args: argparse.Namespace) -> int:
-    project = load_project(args.config)
-    try:
-        msg = json.loads(args.json)
-    except ValueError as exc:
-        raise UsageError(f"JSON argument is not valid JSON: {exc}") from None
-    if not isinstance(msg, dict):
-        raise UsageError('JSON argument must be an object, e.g. \'{"type": "chat"}\'')
+
+def target(project: Project, args: argparse.Namespace) -> tuple[str, StreamSpec, dict[str, str]]:
+    """The key ``args`` name (stream, --priority, --agent, --var), its spec and the vars."""
     bad = [v for v in args.var if "=" not in v]
     if bad:
         raise UsageError(f"--var takes NAME=VALUE, got {bad[0]!r}")
@@ -36,16 +48,73 @@ def command(args: argparse.Namespace) -> int:
         )
     except TargetError as exc:
         raise UsageError(_with_flags(exc)) from None
+    names = dict(extra)
+    if args.priority is not None:
+        names["priority"] = args.priority
+    if args.agent is not None:
+        names["agent"] = args.agent
+    return key, spec, names
+
+
+def _duration(value: Any, flag: str) -> float:
+    try:
+        return seconds(value, flag)
+    except CortexFlowError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def command(args: argparse.Namespace) -> int:
+    project = load_project(args.config)
+    try:
+        msg = json.loads(args.json)
+    except ValueError as exc:
+        raise UsageError(f"JSON argument is not valid JSON: {exc}") from None
+    if not isinstance(msg, dict):
+        raise UsageError('JSON argument must be an object, e.g. \'{"type": "chat"}\'')
+    key, spec, names = target(project, args)
+    ttl = _duration(args.ttl, "--ttl") if args.ttl is not None else None
+    if args.wait is not None:
+        return _request(project, args.stream, msg, _duration(args.wait, "--wait"), ttl, names)
 
     async def go() -> str:
         client = await connect_project(project, wait=3.0, log=log)
         try:
-            return await publish(client, key, spec, msg)
+            if ttl is None:
+                return await publish(client, key, spec, msg)
+            return await publish_with_ttl(client, key, spec, msg, ttl)
         finally:
             await client.aclose()
 
     entry_id = asyncio.run(go())
     print(f"sent {entry_id} to {key}")
+    return 0
+
+
+def _request(
+    project: Project,
+    stream: str,
+    msg: dict[str, Any],
+    timeout: float,
+    ttl: float | None,
+    names: dict[str, str],
+) -> int:
+    async def go() -> Any:
+        redis = await connect_project(project, wait=3.0, log=log)
+        client = Client(project, redis, owns=True)
+        try:
+            return await client.request(stream, msg, timeout=timeout, ttl=ttl, **names)
+        finally:
+            await client.aclose()
+
+    try:
+        reply = asyncio.run(go())
+    except RequestTimeout as exc:
+        print(f"timed out: {exc}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    except (RequestFailed, RequestCanceled) as exc:
+        print(f"failed: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply, ensure_ascii=False))
     return 0
 
 

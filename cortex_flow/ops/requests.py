@@ -21,6 +21,7 @@ from typing import Any
 from cortex_flow.errors import CortexFlowError, RequestCanceled, RequestFailed, RequestTimeout
 from cortex_flow.flow.durations import parse_duration
 from cortex_flow.flow.loader import Project
+from cortex_flow.flow.models import StreamSpec
 from cortex_flow.flow.topology import resolve
 from cortex_flow.wire import replies as wire
 from cortex_flow.wire.codec import encode
@@ -36,7 +37,11 @@ def seconds(value: Any, what: str) -> float:
     """``value`` (seconds, or a duration such as ``"30s"``) as a positive number of
     seconds; a clear error for anything else."""
     try:
-        number = parse_duration(value) if isinstance(value, str) else float(value)
+        if isinstance(value, str):  # "30s", or a bare number of seconds
+            bare = value.strip().replace(".", "", 1)
+            number = float(value) if bare.isdigit() else parse_duration(value)
+        else:
+            number = float(value)
     except (TypeError, ValueError) as exc:
         raise CortexFlowError(
             f"{what} must be a duration such as 30s or 1.5, got {value!r}: {exc}"
@@ -195,3 +200,12 @@ def parts_in_order(reply: Reply, seen: int, attempt: int) -> tuple[bool, int, in
     if reply.seq < seen:
         return False, seen, max(attempt, reply.attempt)
     return True, reply.seq + 1, max(attempt, reply.attempt)
+
+
+async def publish_with_ttl(
+    client: Any, key: str, spec: StreamSpec, msg: Mapping[str, Any], ttl: float
+) -> str:
+    """XADD ``msg`` with a deadline ``ttl`` seconds from now (``cf_deadline``)."""
+    fields = request_fields(spec.codec, msg, ttl=ttl)
+    entry_id: str = await client.xadd(key, fields, maxlen=spec.maxlen, approximate=True)
+    return entry_id
