@@ -33,6 +33,7 @@ from cortex_flow.flow.loader import Project, load_project
 from cortex_flow.flow.models import StreamSpec
 from cortex_flow.flow.topology import render_key, resolve
 from cortex_flow.ops.requests import (
+    REPLY_IDLE,
     ReplyInbox,
     check_answered,
     parts_in_order,
@@ -84,7 +85,13 @@ class Client:
     """Sends, beats and reads for one project; ``agent`` names who is speaking."""
 
     def __init__(
-        self, project: Project, redis: Any, agent: str | None = None, *, owns: bool = False
+        self,
+        project: Project,
+        redis: Any,
+        agent: str | None = None,
+        *,
+        owns: bool = False,
+        reply_idle: float = REPLY_IDLE,
     ) -> None:
         if agent is not None and agent not in project.topology.agents:
             known = ", ".join(sorted(project.topology.agents)) or "none"
@@ -94,13 +101,24 @@ class Client:
         self.agent = agent
         self._owns = owns
         self._replies: ReplyInbox | None = None  # made on the first request
+        self._reply_idle = reply_idle  # the reply stream expires this long after its last use
         self._asked: dict[str, str] = {}  # entry id -> key of the requests made here
 
     @classmethod
-    def from_config(cls, path: str | Path = "config.yaml", *, agent: str | None = None) -> Client:
-        """Load the project and connect to its Redis (``embedded``: the running server)."""
+    def from_config(
+        cls,
+        path: str | Path = "config.yaml",
+        *,
+        agent: str | None = None,
+        reply_idle: float = REPLY_IDLE,
+    ) -> Client:
+        """Load the project and connect to its Redis (``embedded``: the running server).
+
+        ``reply_idle``: seconds after its last use that this client's reply stream expires.
+        """
         project = load_project(Path(path))
-        return cls(project, redis_from_url(project_url(project)), agent, owns=True)
+        redis = redis_from_url(project_url(project))
+        return cls(project, redis, agent, owns=True, reply_idle=reply_idle)
 
     async def __aenter__(self) -> Self:
         await wait_for_redis(self.redis, timeout=5.0, log=log)
@@ -113,7 +131,6 @@ class Client:
         """Close the connection (when :meth:`from_config` opened it)."""
         if self._replies is not None:
             await self._replies.close()
-            self._replies = None
         if self._owns:
             await self.redis.aclose()
 
@@ -227,7 +244,8 @@ class Client:
         key, spec = self._target(stream, vars)
         check_answered(self.project, key, stream)
         if self._replies is None:
-            self._replies = ReplyInbox(self.redis, project_prefix(self.project))
+            prefix = project_prefix(self.project)
+            self._replies = ReplyInbox(self.redis, prefix, idle=self._reply_idle)
         inbox = self._replies
         await inbox.ready()
         corr = uuid.uuid4().hex
@@ -253,6 +271,11 @@ class Client:
                 "stream=NAME (and priority=, agent= as needed)"
             )
         return key
+
+    @property
+    def reply_stream(self) -> str | None:
+        """This client's reply stream (None until its first request)."""
+        return self._replies.key if self._replies is not None else None
 
     async def cancel(self, entry_id: str, *, stream: str | None = None, **vars: str) -> bool:
         """Cancel a message: True if canceled, False if it had already ended (nothing

@@ -127,6 +127,7 @@ class ReplyInbox:
     async def ready(self) -> None:
         """The stream exists and its reader runs."""
         await self._keep()
+        self._closed = False
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(
                 self._read(), name=f"replies:{self.key}"
