@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
 from projects import NewProject, end, lines, make_project, running, spawn_runner, wait_for
 
 from cortex_flow import Client
@@ -116,12 +117,10 @@ async def test_an_unused_reply_stream_expires_and_is_not_made_again(
     (XADD NOMKSTREAM) does not bring it back."""
     config, _ = new_project(FLOWS, ANSWERING)
     async with Client.from_config(config, reply_idle=0.3) as client:
-        late = asyncio.create_task(client.request("ask", {"who": "x", "i": "0"}, timeout=0.2))
-        try:
-            await late
-        except TimeoutError:
-            pass
+        with pytest.raises(TimeoutError):
+            await client.request("ask", {"who": "x", "i": "0"}, timeout=0.2)
         key = client.reply_stream
+        assert key is not None
     await wait_for(lambda: equals_missing(redis_client, key), what="the reply stream to expire")
     async with running(config):  # now the old request is answered: to nobody
         await wait_for(
