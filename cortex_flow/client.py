@@ -34,8 +34,8 @@ from cortex_flow.flow.models import StreamSpec
 from cortex_flow.flow.topology import render_key, resolve
 from cortex_flow.ops.requests import (
     REPLY_IDLE,
+    Answered,
     ReplyInbox,
-    check_answered,
     parts_in_order,
     project_prefix,
     publish_with_ttl,
@@ -102,6 +102,7 @@ class Client:
         self._owns = owns
         self._replies: ReplyInbox | None = None  # made on the first request
         self._reply_idle = reply_idle  # the reply stream expires this long after its last use
+        self._answered: Answered | None = None  # the keys a group reads
         self._asked: dict[str, str] = {}  # entry id -> key of the requests made here
 
     @classmethod
@@ -242,7 +243,9 @@ class Client:
         wait = seconds(timeout, "timeout")
         life = seconds(ttl, "ttl") if ttl is not None else None
         key, spec = self._target(stream, vars)
-        check_answered(self.project, key, stream)
+        if self._answered is None:
+            self._answered = Answered(self.project)
+        self._answered.check(key, stream)
         if self._replies is None:
             prefix = project_prefix(self.project)
             self._replies = ReplyInbox(self.redis, prefix, idle=self._reply_idle)

@@ -77,17 +77,21 @@ def request_fields(
     return fields
 
 
-def check_answered(project: Project, key: str, stream: str) -> None:
-    """Refuse a request to a key no declared group reads: nobody would answer."""
-    resolved = resolve(project.topology, "client")
-    for group in resolved.groups.values():
-        if any(k.key == key for k in group.keys):
-            return
-    read = sorted({g.stream for g in resolved.groups.values()})
-    raise CortexFlowError(
-        f"no group reads {key} (stream {stream}), so nobody would answer this request; "
-        f"streams a group reads: {', '.join(read) or 'none'}"
-    )
+class Answered:
+    """Which keys a declared group reads, worked out once per project."""
+
+    def __init__(self, project: Project) -> None:
+        resolved = resolve(project.topology, "client")
+        self.keys = frozenset(k.key for g in resolved.groups.values() for k in g.keys)
+        self.streams = sorted({g.stream for g in resolved.groups.values()})
+
+    def check(self, key: str, stream: str) -> None:
+        """Refuse a request to a key no declared group reads: nobody would answer."""
+        if key not in self.keys:
+            raise CortexFlowError(
+                f"no group reads {key} (stream {stream}), so nobody would answer this "
+                f"request; streams a group reads: {', '.join(self.streams) or 'none'}"
+            )
 
 
 class ReplyInbox:
