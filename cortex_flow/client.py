@@ -28,7 +28,7 @@ from typing import Any, Self
 
 from redis.exceptions import RedisError
 
-from cortex_flow.errors import CortexFlowError
+from cortex_flow.errors import CortexFlowError, RequestTimeout
 from cortex_flow.flow.loader import Project, load_project
 from cortex_flow.flow.models import StreamSpec
 from cortex_flow.flow.topology import render_key, resolve
@@ -51,7 +51,7 @@ from cortex_flow.wire.codec import decode
 from cortex_flow.wire.connection import redis_from_url, wait_for_redis
 from cortex_flow.wire.groups import ensure_group
 from cortex_flow.wire.heartbeats import beat_fields, encode_beat
-from cortex_flow.wire.replies import FINAL, PART, Reply
+from cortex_flow.wire.replies import CORR, FINAL, PART, Reply
 from cortex_flow.wire.tasks import TaskState
 
 __all__ = ["Client", "Message"]
@@ -103,6 +103,8 @@ class Client:
         self._replies: ReplyInbox | None = None  # made on the first request
         self._reply_idle = reply_idle  # the reply stream expires this long after its last use
         self._answered: Answered | None = None  # the keys a group reads
+        # (stream, vars...) -> key and spec of a request target, checked once
+        self._targets: dict[tuple[Any, ...], tuple[str, StreamSpec]] = {}
         self._asked: dict[str, str] = {}  # entry id -> key of the requests made here
 
     @classmethod
@@ -197,11 +199,24 @@ class Client:
         seconds, :class:`~cortex_flow.RequestFailed` when the message was dead-lettered
         or expired, :class:`~cortex_flow.RequestCanceled` when it was canceled.
         """
-        async for reply in self._ask(stream, msg, timeout, ttl, vars):
-            if reply.kind == FINAL:
-                return reply.data
+        wait = seconds(timeout, "timeout")
+        inbox, key, fields, spec = await self._prepare(stream, msg, ttl, vars)
+        corr = fields[CORR]
+        ending = inbox.expect(corr)
+        try:
+            entry_id = await self._send(key, fields, spec)
+            try:
+                async with asyncio.timeout(wait):
+                    reply = await ending
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"no reply to request {entry_id} on {key} within {wait:g}s"
+                ) from None
+        finally:
+            inbox.forget(corr)
+        if reply.kind != FINAL:
             raise_for(reply)
-        raise AssertionError("unreachable: a request ends with a reply or an error")
+        return reply.data
 
     async def stream(
         self,
@@ -232,6 +247,36 @@ class Client:
             elif reply.kind != FINAL:
                 raise_for(reply)
 
+    async def _prepare(
+        self, stream: str, msg: Mapping[str, Any], ttl: float | str | None, vars: dict[str, str]
+    ) -> tuple[ReplyInbox, str, dict[str, str], StreamSpec]:
+        """Check a request and build its fields; the reply stream made ready."""
+        life = seconds(ttl, "ttl") if ttl is not None else None
+        target = self._targets.get((stream, *sorted(vars.items())))
+        if target is None:
+            target = self._target(stream, dict(vars))
+            if self._answered is None:
+                self._answered = Answered(self.project)
+            self._answered.check(target[0], stream)
+            if len(self._targets) < 1000:
+                self._targets[(stream, *sorted(vars.items()))] = target
+        key, spec = target
+        if self._replies is None:
+            prefix = project_prefix(self.project)
+            self._replies = ReplyInbox(self.redis, prefix, idle=self._reply_idle)
+        inbox = self._replies
+        await inbox.ready()
+        corr = uuid.uuid4().hex
+        fields = request_fields(spec.codec, msg, corr=corr, reply=inbox.key, ttl=life)
+        return inbox, key, fields, spec
+
+    async def _send(self, key: str, fields: dict[str, str], spec: StreamSpec) -> str:
+        entry_id: str = await self.redis.xadd(key, fields, maxlen=spec.maxlen, approximate=True)
+        if len(self._asked) >= 10_000:  # a bound: older ones need stream= then
+            self._asked.pop(next(iter(self._asked)))
+        self._asked[entry_id] = key
+        return entry_id
+
     async def _ask(
         self,
         stream: str,
@@ -240,25 +285,13 @@ class Client:
         ttl: float | str | None,
         vars: dict[str, str],
     ) -> AsyncIterator[Reply]:
+        """Every reply to one request (parts, then its end)."""
         wait = seconds(timeout, "timeout")
-        life = seconds(ttl, "ttl") if ttl is not None else None
-        key, spec = self._target(stream, vars)
-        if self._answered is None:
-            self._answered = Answered(self.project)
-        self._answered.check(key, stream)
-        if self._replies is None:
-            prefix = project_prefix(self.project)
-            self._replies = ReplyInbox(self.redis, prefix, idle=self._reply_idle)
-        inbox = self._replies
-        await inbox.ready()
-        corr = uuid.uuid4().hex
+        inbox, key, fields, spec = await self._prepare(stream, msg, ttl, vars)
+        corr = fields[CORR]
         queue = inbox.register(corr)
         try:
-            fields = request_fields(spec.codec, msg, corr=corr, reply=inbox.key, ttl=life)
-            entry_id = await self.redis.xadd(key, fields, maxlen=spec.maxlen, approximate=True)
-            if len(self._asked) >= 10_000:  # a bound: older ones need stream= then
-                self._asked.pop(next(iter(self._asked)))
-            self._asked[entry_id] = key
+            entry_id = await self._send(key, fields, spec)
             async for reply in replies(queue, wait, f"request {entry_id} on {key}"):
                 yield reply
         finally:

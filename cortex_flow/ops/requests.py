@@ -101,7 +101,8 @@ class ReplyInbox:
         self.redis = redis
         self.key = wire.reply_key(prefix, uuid.uuid4().hex)
         self.idle_ms = int(idle * 1000)
-        self._waiting: dict[str, asyncio.Queue[Reply]] = {}
+        # correlation id -> every reply (a stream) or the ending one (a request)
+        self._waiting: dict[str, asyncio.Queue[Reply] | asyncio.Future[Reply]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._last = "0-0"
         self._fresh_until = 0.0  # monotonic: the stream surely exists until then
@@ -124,6 +125,12 @@ class ReplyInbox:
         queue: asyncio.Queue[Reply] = asyncio.Queue()
         self._waiting[corr] = queue
         return queue
+
+    def expect(self, corr: str) -> asyncio.Future[Reply]:
+        """A future for the reply that ends request ``corr`` (its parts are ignored)."""
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._waiting[corr] = future
+        return future
 
     def forget(self, corr: str) -> None:
         self._waiting.pop(corr, None)
@@ -153,9 +160,11 @@ class ReplyInbox:
                     parsed = wire.parse_reply(fields)
                     if parsed is None:
                         continue
-                    queue = self._waiting.get(parsed.corr)
-                    if queue is not None:
-                        queue.put_nowait(parsed)
+                    waiting = self._waiting.get(parsed.corr)
+                    if isinstance(waiting, asyncio.Queue):
+                        waiting.put_nowait(parsed)
+                    elif waiting is not None and parsed.ends and not waiting.done():
+                        waiting.set_result(parsed)
             if self._waiting:
                 await self._keep()
 
