@@ -237,3 +237,23 @@ async def test_a_streaming_handler_sends_parts_then_the_end(project: tuple[Path,
         assert words == ["a", "b", "c", "d"]
         parts = [p async for p in client.stream("chat", {"text": "x y"}, timeout=10, raw=True)]
         assert [(p.data, p.seq, p.attempt) for p in parts] == [("x", 0, 1), ("y", 1, 1)]
+
+
+async def test_a_failed_attempt_shows_in_the_task_state(project: tuple[Path, str]) -> None:
+    """While a request waits for its retry, its task is working with the last error."""
+    path, _ = project
+    async with running(path), Client.from_config(path) as client:
+        asking = asyncio.create_task(client.request("work", {"op": "flaky"}, timeout=20))
+        await wait_for(lambda: client._asked, what="published")
+        (entry_id,) = list(client._asked)
+
+        async def noted() -> bool:
+            return (await client.task(entry_id)).error is not None
+
+        await wait_for(noted, what="the failed attempt noted")
+        task = await client.task(entry_id)
+        assert (task.state, task.attempts) == ("working", 1)
+        assert task.error == "routes[0]: RuntimeError: flaky"
+        assert await client.cancel(entry_id) is True
+        with pytest.raises(RequestCanceled):
+            await asking

@@ -84,11 +84,16 @@ async def test_request_returns_the_handlers_reply(config: tuple[Path, str]) -> N
         assert module(mod).seen == [{"n": "21"}]
 
 
-async def test_a_to_route_carries_the_reply_address(config: tuple[Path, str]) -> None:
+async def test_a_to_route_carries_the_reply_address(
+    config: tuple[Path, str], key_prefix: str
+) -> None:
     """The agent at the end of a chain answers the original requester."""
     path, _mod = config
     async with running(path), Client.from_config(path) as client:
         assert await client.request("ask", {"n": "5", "op": "forward"}, timeout=10) == {"n": 10}
+        (entry_id,) = list(client._asked)
+        task = await client.task(entry_id)  # the chain's end settled the first entry's task
+        assert (task.state, task.stream, task.id) == ("completed", f"{key_prefix}ask", entry_id)
 
 
 async def test_dead_lettered_request_raises_request_failed(

@@ -59,8 +59,10 @@ async def task_state(redis: Any, prefix: str, key: str, entry_id: str) -> TaskSt
         id=entry_id,
         state=tasks.WORKING if deliveries else tasks.SUBMITTED,
         attempts=deliveries,
+        error=(data or {}).get("error") or None,  # of a failed attempt to be retried
         reply=fields.get(wire.REPLY),
         corr=fields.get(wire.CORR),
+        updated=int(data["updated"]) if data and data.get("updated") else None,
     )
 
 

@@ -187,13 +187,34 @@ class Committer:
         # flusher and the consumer's claims may commit at the same time
         deferred: list[tuple[Outcome, str]] = []
         await self._commit(outcomes, deferred)
+        notes: list[Publish] = []
         for outcome in outcomes:
             if outcome.kind == RETRY:
                 self._retrying(outcome)
+                if self.conversations is not None:
+                    note = self.conversations.retry_note(outcome)
+                    if note is not None:
+                        notes.append(note)
+        if notes:  # a failed attempt of a request: its error in the task state
+            await self._notes(notes)
         if deferred:
             error = deferred[0][1]
             refused = [o for o, _ in deferred]
             raise CommitDeferred(refused, passing_reason(error) or "refused", error)
+
+    async def _notes(self, notes: list[Publish]) -> None:
+        """Write retried requests' errors to their task states; a failure is only logged
+        (the error is also in the log line above, and the state is informational)."""
+        pipe = self.client.pipeline(transaction=False)
+        for note in notes:
+            apply_write(pipe, note)
+        queue_expiries(pipe, notes)
+        try:
+            await pipe.execute()
+        except Exception as exc:
+            self.log.warning(
+                "group %s: task states of retried messages not written: %s", self.name, exc
+            )
 
     def _retrying(self, outcome: Outcome) -> None:
         entry = outcome.entry

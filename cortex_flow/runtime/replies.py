@@ -133,6 +133,18 @@ class Conversations:
                 carried[TASK] = task
             for publish in outcome.publishes:
                 publish.fields.update(carried)
+            if task is not None:  # working until the chain's end answers
+                working = tasks.state_fields(
+                    tasks.WORKING,
+                    stream=entry.key.key,
+                    entry_id=entry.id,
+                    attempts=entry.deliveries,
+                    updated=now_ms(),
+                    reply=fields.get(REPLY, ""),
+                    corr=fields.get(CORR, ""),
+                )
+                outcome.publishes[:0] = [Publish(task, {}, None, "c")]
+                outcome.publishes.append(Publish(task, working, None, f"h{self.keep_ms}"))
             return outcome
         try:
             writes = self.ending(entry, wire.FINAL, data=result)
@@ -144,6 +156,22 @@ class Conversations:
             return Outcome(entry, ACK, self.ending(entry, wire.FAILED, error=error))
         outcome.publishes.extend(writes)
         return outcome
+
+    def retry_note(self, outcome: Outcome) -> Publish | None:
+        """For a failed attempt to be retried: its error in the task hash (not the state,
+        which stays read off the pending list)."""
+        entry = outcome.entry
+        if not self.involved(entry.fields):
+            return None
+        task = self.task_of(entry)
+        if task is None:
+            return None
+        note = {
+            "error": outcome.error[:4000],
+            "attempts": str(entry.deliveries),
+            "updated": str(now_ms()),
+        }
+        return Publish(task, note, None, f"h{self.keep_ms}")
 
     def on_dead(self, outcome: Outcome) -> list[Publish]:
         """The reply and state that go with a dead letter (the reason tells which)."""
@@ -204,6 +232,8 @@ class Conversations:
                 reply=reply or "",
                 corr=corr,
             )
+            if TASK in fields:  # carried on: the task is the first entry's, named there
+                del fields_["stream"], fields_["id"]
             writes.append(Publish(task, fields_, None, f"h{self.keep_ms}"))
         return writes
 
