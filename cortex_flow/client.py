@@ -45,13 +45,14 @@ from cortex_flow.ops.requests import (
     seconds,
 )
 from cortex_flow.ops.send import publish, target_key
-from cortex_flow.ops.tasks import cancel, task_state
+from cortex_flow.ops.tasks import answer, cancel, task_state
 from cortex_flow.wire.access import project_url
 from cortex_flow.wire.codec import decode
 from cortex_flow.wire.connection import redis_from_url, wait_for_redis
 from cortex_flow.wire.groups import ensure_group
 from cortex_flow.wire.heartbeats import beat_fields, encode_beat
-from cortex_flow.wire.replies import CORR, FINAL, PART, Reply
+from cortex_flow.wire.replies import CORR, FINAL, PART, REPLY, Reply
+from cortex_flow.wire.replies import FIELDS as REQUEST_FIELDS
 from cortex_flow.wire.tasks import TaskState
 
 __all__ = ["Client", "Message"]
@@ -70,15 +71,39 @@ class Message:
     group: str
     codec: str = "raw"
     _redis: Any = field(default=None, repr=False, compare=False)
+    _prefix: str = field(default="cf:", repr=False, compare=False)
 
     @property
     def msg(self) -> Any:
-        """The message: the fields (raw codec) or the decoded JSON object (json codec)."""
-        return decode(self.codec, self.fields)
+        """The message: the fields (raw codec) or the decoded JSON object (json codec);
+        a request's own fields (``cf_*``) left out."""
+        msg = decode(self.codec, self.fields)
+        if self.codec == "raw":
+            for name in REQUEST_FIELDS:
+                msg.pop(name, None)
+        return msg
+
+    @property
+    def is_request(self) -> bool:
+        """Whether its sender waits for a reply (:meth:`reply`)."""
+        return REPLY in self.fields
 
     async def ack(self) -> None:
         """Acknowledge it (XACK): it is done and will not be delivered again."""
         await self._redis.xack(self.stream, self.group, self.id)
+
+    async def reply(self, value: Any) -> None:
+        """Answer a request with ``value`` (JSON) and acknowledge it, in one step."""
+        await answer(
+            self._redis,
+            self._prefix,
+            key=self.stream,
+            group=self.group,
+            entry_id=self.id,
+            fields=self.fields,
+            deliveries=self.deliveries,
+            value=value,
+        )
 
 
 class Client:
@@ -423,6 +448,7 @@ class Client:
                     group,
                     spec.codec,
                     self.redis,
+                    project_prefix(self.project),
                 )
 
     @contextlib.asynccontextmanager

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import pytest
-from projects import NewProject, module, running
+from projects import NewProject, module, none_pending, running
 
 from cortex_flow import Client, RequestFailed, RequestTimeout
 from cortex_flow.errors import CortexFlowError
@@ -136,3 +137,39 @@ async def test_no_runner_means_request_timeout(config: tuple[Path, str]) -> None
             await client.request("ask", {"n": 1}, timeout=0.3)
         with pytest.raises(RequestTimeout, match="no reply to request"):
             await client.request("ask", {"n": 1}, timeout=0.3)
+
+
+AGENT_FLOWS = """
+version: 1
+streams:
+  inbox: {key: "{P}inbox:{{ agent }}"}
+agents:
+  worker: {}
+groups:
+  worker:
+    stream: inbox
+    vars: {agent: worker}
+    routes:
+      - drop: true
+"""
+
+
+async def test_an_agent_reading_its_inbox_answers_with_message_reply(
+    new_project: NewProject, redis_client: Any, key_prefix: str
+) -> None:
+    """An agent's own loop answers a request: reply and acknowledgement in one step."""
+    path, _ = new_project(AGENT_FLOWS)
+    async with Client.from_config(path) as asker, Client.from_config(path, agent="worker") as me:
+
+        async def agent() -> None:
+            async for message in me.inbox(block=0.1):
+                assert message.is_request and message.msg == {"q": "2+2"}
+                await message.reply({"a": 4})
+                return
+
+        serving = asyncio.create_task(agent())
+        assert await asker.request("inbox", {"q": "2+2"}, agent="worker", timeout=10) == {"a": 4}
+        await serving
+        assert await none_pending(redis_client, f"{key_prefix}inbox:worker", "worker")
+        (entry_id,) = list(asker._asked)
+        assert (await asker.task(entry_id)).state == "completed"

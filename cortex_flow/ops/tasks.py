@@ -112,3 +112,53 @@ async def cancel(redis: Any, prefix: str, key: str, entry_id: str) -> CancelResu
             nomkstream=True,
         )
     return CancelResult(True, tasks.CANCELED)
+
+
+# how long a task state written by an agent (Message.reply) is kept
+AGENT_KEEP = 3600.0
+
+
+async def answer(
+    redis: Any,
+    prefix: str,
+    *,
+    key: str,
+    group: str,
+    entry_id: str,
+    fields: dict[str, str],
+    deliveries: int,
+    value: Any,
+) -> None:
+    """Reply to a request read from an inbox and acknowledge it, in one MULTI/EXEC.
+
+    What a runner's commit does for a ``call``'s return value, for an agent that reads
+    its inbox itself. Raises CortexFlowError when the entry is not a request.
+    """
+    reply = fields.get(wire.REPLY)
+    if reply is None:
+        raise CortexFlowError(f"{entry_id} on {key} is not a request (it has no {wire.REPLY})")
+    corr = fields.get(wire.CORR, "")
+    try:
+        body = wire.reply_fields(
+            corr, wire.FINAL, stream=key, entry_id=entry_id, attempt=deliveries, data=value
+        )
+    except (TypeError, ValueError) as exc:
+        raise CortexFlowError(f"the reply to {entry_id} is not JSON: {exc}") from None
+    task = fields.get(wire.TASK) or wire.task_key(prefix, key, entry_id)
+    state = tasks.state_fields(
+        tasks.COMPLETED,
+        stream=key,
+        entry_id=entry_id,
+        attempts=deliveries,
+        updated=now_ms(),
+        reply=reply,
+        corr=corr,
+    )
+    if wire.TASK in fields:
+        del state["stream"], state["id"]
+    pipe = redis.pipeline(transaction=True)
+    pipe.xadd(reply, body, maxlen=wire.REPLY_MAXLEN, approximate=True, nomkstream=True)
+    pipe.hset(task, mapping=state)
+    pipe.pexpire(task, int(AGENT_KEEP * 1000))
+    pipe.xack(key, group, entry_id)
+    await pipe.execute()
