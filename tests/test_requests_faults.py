@@ -136,3 +136,73 @@ async def equals_missing(redis_client: Any, key: str) -> bool:
 async def none_pending_ask(redis_client: Any, key_prefix: str) -> bool:
     groups = await redis_client.xinfo_groups(f"{key_prefix}ask")
     return bool(groups) and groups[0]["pending"] == 0 and groups[0]["entries-read"] == 1
+
+
+STREAM_FLOWS = """
+version: 1
+streams:
+  chat: {key: "{P}chat"}
+groups:
+  chat:
+    stream: chat
+    retry: {claim_idle: 1s}
+    routes:
+      - call: {M}:tokens
+"""
+
+# The first handling sends two parts, then its runner dies; the next sends all three.
+CRASHING_STREAM = """
+import os, signal
+from pathlib import Path
+
+LOG = Path(__file__).parent / "streamed.txt"
+
+async def tokens(msg):
+    first = not LOG.exists()
+    LOG.write_text("started")
+    for n, word in enumerate(["a", "b", "c"]):
+        yield word
+        if first and n == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+async def test_parts_of_a_restarted_stream_are_marked(
+    tmp_path: Path, new_project: NewProject
+) -> None:
+    """Parts sent again by a handler restarted after a crash carry a higher attempt;
+    client.stream yields each part once, in order."""
+    config, _ = new_project(STREAM_FLOWS, CRASHING_STREAM)
+    log = tmp_path / "runner.log"
+    first = spawn_runner(config, log)
+    second = None
+    try:
+        async with Client.from_config(config) as client:
+            words = []
+
+            async def read() -> None:
+                async for word in client.stream("chat", {"text": "go"}, timeout=60):
+                    words.append(word)
+
+            reading = asyncio.create_task(read())
+            await wait_for(lambda: first.poll() is not None, timeout=30, what="the kill")
+            second = spawn_runner(config, log)
+            await reading
+            assert words == ["a", "b", "c"]
+            rows = await client.redis.xrange(client.reply_stream)
+            parts = [
+                (f["data"], f["seq"], f["attempt"]) for _, f in rows if f.get("kind") == "part"
+            ]
+            assert parts == [
+                ('"a"', "0", "1"),
+                ('"b"', "1", "1"),
+                ('"a"', "0", "2"),
+                ('"b"', "1", "2"),
+                ('"c"', "2", "2"),
+            ]
+            finals = [f for _, f in rows if f.get("kind") == "final"]
+            assert [(f["seq"], f["attempt"]) for f in finals] == [("3", "2")]
+    finally:
+        end(first)
+        if second is not None:
+            end(second)

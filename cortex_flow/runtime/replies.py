@@ -63,6 +63,7 @@ class Conversations:
         self.canceled: dict[tuple[str, str], None] = {}
         self.running: dict[tuple[str, str], asyncio.Task[Any]] = {}
         self._cancelling: set[asyncio.Task[Any]] = set()
+        self._parts: dict[tuple[str, str], int] = {}  # parts sent, until the final reply
 
     def involved(self, fields: Mapping[str, str]) -> bool:
         return self.every or REPLY in fields or DEADLINE in fields
@@ -203,7 +204,7 @@ class Conversations:
                     stream=entry.key.key,
                     entry_id=entry.id,
                     attempt=entry.deliveries,
-                    seq=int(fields.get("cf_seq", "0") or 0),
+                    seq=self._parts.pop((entry.key.key, entry.id), 0),
                     data=data,
                     error=error,
                 )
@@ -309,7 +310,10 @@ class Conversations:
                     reply, body, maxlen=wire.REPLY_MAXLEN, approximate=True, nomkstream=True
                 )
                 seq += 1
-            entry.fields["cf_seq"] = str(seq)  # the final reply's place after the parts
+            if seq:  # the final reply's place, after the parts
+                if len(self._parts) >= CANCELS_KEPT:
+                    self._parts.clear()
+                self._parts[(entry.key.key, entry.id)] = seq
             return None
 
         return streaming
