@@ -57,6 +57,10 @@ from cortex_flow.wire.tasks import TaskState
 
 __all__ = ["Client", "Message"]
 
+# requests published at once per client (the rest wait their turn): below the
+# connection pool's 100, beside the reply reader's connection
+SENDING = 64
+
 log = logging.getLogger("cortex_flow.client")
 
 
@@ -127,6 +131,7 @@ class Client:
         self._owns = owns
         self._replies: ReplyInbox | None = None  # made on the first request
         self._reply_idle = reply_idle  # the reply stream expires this long after its last use
+        self._sending = asyncio.Semaphore(SENDING)
         self._answered: Answered | None = None  # the keys a group reads
         # (stream, vars...) -> key and spec of a request target, checked once
         self._targets: dict[tuple[Any, ...], tuple[str, StreamSpec]] = {}
@@ -296,7 +301,9 @@ class Client:
         return inbox, key, fields, spec
 
     async def _send(self, key: str, fields: dict[str, str], spec: StreamSpec) -> str:
-        entry_id: str = await self.redis.xadd(key, fields, maxlen=spec.maxlen, approximate=True)
+        # at most SENDING XADDs at once: redis-py's pool refuses a 101st connection
+        async with self._sending:
+            entry_id: str = await self.redis.xadd(key, fields, maxlen=spec.maxlen, approximate=True)
         if len(self._asked) >= 10_000:  # a bound: older ones need stream= then
             self._asked.pop(next(iter(self._asked)))
         self._asked[entry_id] = key

@@ -206,3 +206,16 @@ async def test_parts_of_a_restarted_stream_are_marked(
         end(first)
         if second is not None:
             end(second)
+
+
+async def test_a_busy_reply_stream_is_trimmed(
+    new_project: NewProject, redis_client: Any, key_prefix: str
+) -> None:
+    """1,500 replies to one requester leave about 1,000 in its stream (MAXLEN ~)."""
+    config, _ = new_project(FLOWS, ANSWERING)
+    async with running(config), Client.from_config(config) as client:
+        for first in range(0, 1500, 100):
+            asks = [{"who": "me", "i": str(i)} for i in range(first, first + 100)]
+            await asyncio.gather(*(client.request("ask", a, timeout=30) for a in asks))
+        length = await redis_client.xlen(client.reply_stream)
+    assert 1000 <= length <= 1100
