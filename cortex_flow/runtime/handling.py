@@ -34,7 +34,9 @@ from cortex_flow.runtime.routes import (
 )
 from cortex_flow.runtime.stats import GroupStats, KeyStats
 from cortex_flow.wire.codec import DecodeError, decode
+from cortex_flow.wire.replies import DEADLINE as REQUEST_DEADLINE
 from cortex_flow.wire.replies import FIELDS as REQUEST_FIELDS
+from cortex_flow.wire.replies import REPLY as REQUEST_REPLY
 
 # what EntryHandler.steps asks its driver to run: a call or http route, the message and
 # the template context (or None)
@@ -140,7 +142,10 @@ class EntryHandler:
         """:meth:`steps` for a table of ``to``, ``drop`` and inline sync calls only
         (``table.inline_sync``): nothing to wait for, so no generator per message."""
         table = self.table
-        if self.conv is not None and self.conv.involved(entry.fields):
+        conv = self.conv  # a request, a deadline, or a group with ttl/track: the full path
+        if conv is not None and (
+            conv.every or REQUEST_REPLY in entry.fields or REQUEST_DEADLINE in entry.fields
+        ):
             return self._run_steps(entry)
         if table.needs_context or entry.key.key not in self._bound:
             prepared = self._prepare(entry)
