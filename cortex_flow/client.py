@@ -261,16 +261,17 @@ class Client:
         """Publish ``msg`` as a request and yield the parts its handler (an async
         generator) yields, in order, until its end; errors as :meth:`request`.
 
-        A handler restarted after a crash sends its parts again, marked with a higher
-        ``attempt``: the parts already yielded are skipped. ``raw=True`` yields every
-        part as a :class:`~cortex_flow.wire.replies.Reply` (``seq``, ``attempt``) instead.
+        ``timeout`` bounds the whole exchange. A handler restarted after a crash sends
+        its parts again, marked with a higher ``attempt``: the parts already yielded are
+        skipped. ``raw=True`` yields every reply as a
+        :class:`~cortex_flow.wire.replies.Reply` (``kind``, ``seq``, ``attempt``, ``data``)
+        instead, the final one included.
         """
         seen, attempt = 0, 0
         async for reply in self._ask(stream, msg, timeout, ttl, vars):
-            if reply.kind == PART:
-                if raw:
-                    yield reply
-                    continue
+            if raw and reply.kind in (PART, FINAL):
+                yield reply
+            elif reply.kind == PART:
                 new, seen, attempt = parts_in_order(reply, seen, attempt)
                 if new:
                     yield reply.data

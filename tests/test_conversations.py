@@ -236,7 +236,11 @@ async def test_a_streaming_handler_sends_parts_then_the_end(project: tuple[Path,
         words = [w async for w in client.stream("chat", {"text": "a b c d"}, timeout=10)]
         assert words == ["a", "b", "c", "d"]
         parts = [p async for p in client.stream("chat", {"text": "x y"}, timeout=10, raw=True)]
-        assert [(p.data, p.seq, p.attempt) for p in parts] == [("x", 0, 1), ("y", 1, 1)]
+        assert [(p.kind, p.data, p.seq, p.attempt) for p in parts] == [
+            ("part", "x", 0, 1),
+            ("part", "y", 1, 1),
+            ("final", None, 2, 1),
+        ]
 
 
 async def test_a_failed_attempt_shows_in_the_task_state(project: tuple[Path, str]) -> None:

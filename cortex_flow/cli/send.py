@@ -1,7 +1,8 @@
 """``cortex-flow send STREAM JSON``: publish one message the way the flows name it.
 
 ``--ttl 30s`` gives it a deadline; ``--wait [TIMEOUT]`` sends it as a request and prints
-the reply as JSON (exit 0), the failure (exit 1) or that it timed out (exit 124).
+the reply as JSON (exit 0; a streaming handler's parts one line each), the failure
+(exit 1) or that it timed out (exit 124).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from cortex_flow.flow.models import StreamSpec
 from cortex_flow.ops.requests import publish_with_ttl, seconds
 from cortex_flow.ops.send import TargetError, publish, target_key
 from cortex_flow.wire.access import connect_project
+from cortex_flow.wire.replies import PART
 
 log = logging.getLogger("cortex_flow.send")
 
@@ -98,23 +100,30 @@ def _request(
     ttl: float | None,
     names: dict[str, str],
 ) -> int:
-    async def go() -> Any:
+    async def go() -> None:
         redis = await connect_project(project, wait=3.0, log=log)
         client = Client(project, redis, owns=True)
+        parts = 0
         try:
-            return await client.request(stream, msg, timeout=timeout, ttl=ttl, **names)
+            # a streaming handler's parts one JSON line each as they come; else the reply
+            exchange = client.stream(stream, msg, timeout=timeout, ttl=ttl, raw=True, **names)
+            async for reply in exchange:
+                if reply.kind == PART:
+                    parts += 1
+                    print(json.dumps(reply.data, ensure_ascii=False), flush=True)
+                elif not parts:
+                    print(json.dumps(reply.data, ensure_ascii=False))
         finally:
             await client.aclose()
 
     try:
-        reply = asyncio.run(go())
+        asyncio.run(go())
     except RequestTimeout as exc:
         print(f"timed out: {exc}", file=sys.stderr)
         return EXIT_TIMEOUT
     except (RequestFailed, RequestCanceled) as exc:
         print(f"failed: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(reply, ensure_ascii=False))
     return 0
 
 

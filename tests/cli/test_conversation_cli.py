@@ -27,6 +27,8 @@ groups:
     routes:
       - when: "msg.op == 'fail'"
         call: {M}:fail
+      - when: "msg.op == 'stream'"
+        call: {M}:words
       - call: {M}:answer
 """
 
@@ -36,6 +38,10 @@ async def answer(msg):
 
 async def fail(msg):
     raise ValueError("broken")
+
+async def words(msg):
+    yield "one"
+    yield {"two": 2}
 """
 
 
@@ -52,12 +58,15 @@ async def run(config: Path, *args: str) -> int:
 async def test_send_wait_prints_the_reply(
     project: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The reply as JSON, exit 0; a dead-lettered request prints the reason, exit 1."""
+    """The reply as JSON, exit 0; a dead-lettered request prints the reason, exit 1; a
+    streaming handler's parts print one JSON line each."""
     async with running(project):
         assert await run(project, "send", "ask", '{"n": "1"}', "--priority", "high", "--wait") == 0
         assert json.loads(capsys.readouterr().out) == {"got": {"n": "1"}, "ok": True}
         assert await run(project, "send", "ask", '{"op": "fail"}', "--wait", "10") == 1
         assert "failed: request" in capsys.readouterr().err
+        assert await run(project, "send", "ask", '{"op": "stream"}', "--wait", "10") == 0
+        assert capsys.readouterr().out == '"one"\n{"two": 2}\n'
 
 
 async def test_send_wait_times_out_with_its_own_exit_code(
