@@ -10,9 +10,10 @@ Names come from the flows, so an agent never spells a Redis key::
                 await work(message.msg)
 
 :meth:`Client.inbox` reads as a consumer named after the agent, in the group the flows
-declare on the agent's inbox (else a group named after the agent). Sharing the runner's
-group is what lets the runner take over the agent's unacknowledged messages when its
-heartbeats stop. On start it first re-reads its own unacknowledged messages.
+declare for its client (``agents.<agent>.inbox``: its ``group``, default the agent's
+name), else in the runner group that reads the agent's key; never in a group no flow
+declares. On start it first re-reads its own unacknowledged messages; the group's retry,
+claim and dead-letter policy applies as in a runner group (:mod:`cortex_flow.ops.inbox`).
 """
 
 from __future__ import annotations
@@ -29,15 +30,15 @@ from redis.exceptions import RedisError
 
 from cortex_flow.errors import CortexFlowError
 from cortex_flow.flow.loader import Project, load_project
-from cortex_flow.flow.topology import render_key, resolve
+from cortex_flow.flow.topology import ResolvedGroup, render_key, resolve
 from cortex_flow.ops.asking import Asking
+from cortex_flow.ops.inbox import InboxEntry, InboxReader
 from cortex_flow.ops.requests import REPLY_IDLE, project_prefix, publish_with_ttl, seconds
 from cortex_flow.ops.send import publish, target_key
 from cortex_flow.ops.tasks import answer
 from cortex_flow.wire.access import project_url
-from cortex_flow.wire.codec import decode
+from cortex_flow.wire.codec import DecodeError, check_text, decode
 from cortex_flow.wire.connection import redis_from_url, wait_for_redis
-from cortex_flow.wire.groups import ensure_group
 from cortex_flow.wire.heartbeats import beat_fields, encode_beat
 from cortex_flow.wire.replies import FIELDS as REQUEST_FIELDS
 from cortex_flow.wire.replies import REPLY
@@ -59,6 +60,7 @@ class Message:
     group: str
     codec: str = "raw"
     _redis: Any = field(default=None, repr=False, compare=False)
+    _reader: InboxReader | None = field(default=None, repr=False, compare=False)
     _prefix: str = field(default="cf:", repr=False, compare=False)
 
     @property
@@ -79,6 +81,15 @@ class Message:
     async def ack(self) -> None:
         """Acknowledge it (XACK): it is done and will not be delivered again."""
         await self._redis.xack(self.stream, self.group, self.id)
+
+    async def fail(self, error: str) -> bool:
+        """Handling it failed: it is retried after the backoff for its delivery count, or
+        dead-lettered with ``error`` after the group's ``max_deliveries``. False (nothing
+        done) for a message not read through :meth:`Client.inbox`."""
+        if self._reader is None:
+            return False
+        await self._reader.failed(InboxEntry(self.id, self.fields, self.deliveries), error)
+        return True
 
     async def reply(self, value: Any) -> None:
         """Answer a request with ``value`` (JSON) and acknowledge it, in one step."""
@@ -200,8 +211,6 @@ class Client(Asking):
         entry_id: str = await self.redis.xadd(
             render_key(spec, {}),
             encode_beat(spec.codec, beat_fields(name, "agent", status)),
-            maxlen=spec.maxlen,
-            approximate=True,
         )
         return entry_id
 
@@ -227,14 +236,28 @@ class Client(Asking):
     # -- reading -----------------------------------------------------------------------------
 
     def inbox_group(self, stream: str = "inbox") -> str:
-        """The group the flows declare on this agent's key of ``stream``, else the agent."""
+        """The group this agent's client reads on its key of ``stream`` (see :meth:`inbox`)."""
+        return self._reading(stream, None)[1].name
+
+    def _reading(self, stream: str, group: str | None) -> tuple[str, ResolvedGroup]:
+        """The key and the declared group a client of this agent reads; never one that no
+        flow declares (``status`` would not show it, ``plan`` would call it drift)."""
         name = self._me("read an inbox")
         key, _ = target_key(self.project, stream, agent=name)
         resolved = resolve(self.project.topology, name)
-        declared = sorted(
-            g.name for g in resolved.groups.values() if key in {k.key for k in g.keys}
-        )
-        return declared[0] if declared else name
+        on_key = {g.name: g for g in resolved.groups.values() if key in {k.key for k in g.keys}}
+        declared = self.project.topology.agents[name].inbox
+        if group is None and declared is not None and declared.stream == stream:
+            group = declared.group or name
+        if group is None and on_key:
+            group = sorted(on_key)[0]  # a runner group on the agent's key: shared with it
+        if group is None or group not in on_key:
+            what = f"group {group} does not read" if group else "no declared group reads"
+            raise CortexFlowError(
+                f"agent {name}: {what} its inbox {key}; declare the group its client reads "
+                f"in the flows, e.g. agents: {{{name}: {{inbox: {{dead_letter: dlq}}}}}}"
+            )
+        return key, on_key[group]
 
     async def inbox(
         self,
@@ -246,49 +269,50 @@ class Client(Asking):
     ) -> AsyncIterator[Message]:
         """Messages of this agent's inbox, its own unacknowledged ones first, forever.
 
-        Reads as consumer ``agent`` of ``group`` (see :meth:`inbox_group`), creating the
-        group if missing. Acknowledge each with ``await message.ack()`` or
-        ``async with client.handle(message)``.
+        Reads as consumer ``agent`` of the group the flows declare for it
+        (``agents.<agent>.inbox``: ``inbox.group``, default the agent's name), else of the
+        runner group that reads the agent's key; the group is created if ``run`` has not.
+        The group's policy applies: a message whose :meth:`handle` block raises is retried
+        after its backoff and dead-lettered after ``max_deliveries``; entries idle past
+        ``claim_idle`` (an agent process that died) are claimed.
         """
         name = self._me("read an inbox")
-        key, spec = target_key(self.project, stream, agent=name)
-        group = group or self.inbox_group(stream)
-        await ensure_group(self.redis, key, group, "earliest")
-        cursor = "0"  # our own pending entries first (after a restart), then new ones
+        key, resolved = self._reading(stream, group)
+        spec = self.project.topology.streams[stream]
+        reader = InboxReader(self.redis, resolved, key, name, log=log)
+        await reader.start()
         while True:
-            block_ms = None if cursor != ">" else int(block * 1000)
-            reply = await self.redis.xreadgroup(
-                group, name, {key: cursor}, count=count, block=block_ms
-            )
-            entries = reply[0][1] if reply else []
-            if cursor != ">" and not entries:
-                cursor = ">"
-                continue
-            counts: dict[str, int] = {}
-            if cursor != ">" and entries:
-                rows = await self.redis.xpending_range(
-                    key, group, entries[0][0], entries[-1][0], len(entries), consumername=name
-                )
-                counts = {r["message_id"]: int(r["times_delivered"]) for r in rows}
-                cursor = entries[-1][0]
-            for entry_id, fields in entries:
-                if not fields:  # trimmed or deleted while pending: nothing left to handle
-                    await self.redis.xack(key, group, entry_id)
+            for entry in await reader.next(count, block):
+                try:
+                    check_text(entry.fields)
+                except DecodeError as exc:  # never yielded: dead-lettered with its bytes
+                    await reader.give_up(entry, f"cannot decode: {exc}")
                     continue
                 yield Message(
-                    entry_id,
-                    dict(fields),
+                    entry.id,
+                    entry.fields,
                     key,
-                    counts.get(entry_id, 1),
-                    group,
+                    entry.deliveries,
+                    resolved.name,
                     spec.codec,
                     self.redis,
+                    reader,
                     project_prefix(self.project),
                 )
 
     @contextlib.asynccontextmanager
     async def handle(self, message: Message) -> AsyncIterator[Message]:
-        """Acknowledge ``message`` when the block succeeds; on an exception it stays pending
-        (redelivered after a restart, or claimed by the runner) and the exception propagates."""
-        yield message
+        """Acknowledge ``message`` when the block succeeds.
+
+        When it raises, the exception is logged and not re-raised: the message is retried
+        after the backoff for its delivery count, and dead-lettered with the error
+        (``"ValueError: ..."``) as ``dlq_error`` after the group's ``max_deliveries``
+        (a message not from :meth:`inbox` stays pending and the exception propagates).
+        """
+        try:
+            yield message
+        except Exception as exc:
+            if not await message.fail(f"{type(exc).__name__}: {exc}"):
+                raise
+            return
         await message.ack()

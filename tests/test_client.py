@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
 from cortex_flow import Client
+from cortex_flow.client import Message
 from cortex_flow.errors import ConnectionFailed, CortexFlowError
+from cortex_flow.flow.topology import resolve
+from cortex_flow.ops.dlq import Filters, list_entries
+from cortex_flow.ops.drift import drift
+from cortex_flow.ops.status import collect
 
 FLOWS = """\
 version: 1
@@ -20,9 +26,14 @@ streams:
   inbox: {key: "{P}messages:{{ agent }}"}
   notes: {key: "{P}notes:{{ agent }}", codec: json}
   heartbeats: {key: "{P}heartbeats", maxlen: 100}
+  dlq: {key: "{P}dlq"}
 agents:
   harold: {heartbeat: {interval: 50ms}}
-  worker: {}
+  worker:
+    inbox:
+      retry: {max_deliveries: 3, backoff: {initial: 20ms, max: 40ms}, claim_idle: 300ms}
+      dead_letter: dlq
+  scout: {}
 heartbeats: {stream: heartbeats}
 groups:
   harold:
@@ -133,12 +144,10 @@ async def test_inbox_rereads_own_pending_after_a_restart(
     """A message read but not acknowledged comes back first, with its delivery count."""
     key = f"{key_prefix}messages:worker"
     async with Client.from_config(config, agent="worker") as first:
-        assert first.inbox_group() == "worker"  # no declared group reads worker's inbox
+        assert first.inbox_group() == "worker"  # agents.worker.inbox: the group is "worker"
         sent = await first.send_to("worker", {"text": "one"})
         messages = first.inbox(block=0.1)
-        with pytest.raises(RuntimeError):
-            async with first.handle(await anext(messages)):
-                raise RuntimeError("agent crashed mid-message")
+        assert (await anext(messages)).id == sent  # then the agent crashes mid-message
         await messages.aclose()
     later = await redis_client.xadd(key, {"text": "two"})
     async with Client.from_config(config, agent="worker") as second:
@@ -151,6 +160,117 @@ async def test_inbox_rereads_own_pending_after_a_restart(
         await fresh.ack()
         await messages.aclose()
     assert (await redis_client.xpending(key, "worker"))["pending"] == 0
+
+
+async def _handle_until(
+    client: Client, done: Callable[[], Awaitable[bool]], fail: Callable[[Message], bool]
+) -> list[Message]:
+    """Read the client's inbox, raising in ``handle`` where ``fail(message)``, until
+    ``done()``; the messages handed over, in order."""
+    seen: list[Message] = []
+
+    async def agent() -> None:
+        async for message in client.inbox(block=0.05):
+            seen.append(message)
+            async with client.handle(message):
+                if fail(message):
+                    raise ValueError(f"bad task {message.msg.get('n')}")
+
+    task = asyncio.create_task(agent())
+    deadline = time.monotonic() + 10
+    try:
+        while not await done():
+            assert not task.done(), task.exception()
+            assert time.monotonic() < deadline, f"inbox did not get there; saw {seen}"
+            await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    return seen
+
+
+async def test_a_failing_handle_is_retried_with_backoff_then_dead_lettered(
+    config: Path, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    """handle() raising: retried after its backoff, dead-lettered after max_deliveries
+    with the runtime's dlq_* fields and the error; the good message is acknowledged."""
+    key, dlq = f"{key_prefix}messages:worker", f"{key_prefix}dlq"
+    async with Client.from_config(config, agent="worker") as worker:
+        bad = await worker.send_to("worker", {"n": "1"})
+        good = await worker.send_to("worker", {"n": "2"})
+
+        async def dead_lettered() -> bool:
+            return bool(await redis_client.xlen(dlq))
+
+        seen = await _handle_until(worker, dead_lettered, lambda m: m.id == bad)
+    assert [(m.id, m.deliveries) for m in seen] == [(bad, 1), (good, 1), (bad, 2), (bad, 3)]
+    [(_, fields)] = await redis_client.xrange(dlq)
+    at = fields.pop("dlq_at")
+    assert fields == {
+        "n": "1",
+        "dlq_stream": key,
+        "dlq_id": bad,
+        "dlq_group": "worker",
+        "dlq_deliveries": "3",
+        "dlq_error": "ValueError: bad task 1",
+    }
+    assert at.endswith("+00:00")
+    assert (await redis_client.xpending(key, "worker"))["pending"] == 0
+    [entry] = await list_entries(redis_client, [dlq], Filters())
+    assert (entry.group, entry.error, entry.source_id) == ("worker", "ValueError: bad task 1", bad)
+
+
+async def test_an_idle_message_of_a_dead_consumer_is_claimed(
+    config: Path, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    """An entry another consumer took and never acknowledged is claimed after claim_idle;
+    one claimed past max_deliveries is dead-lettered without being handed over."""
+    key, dlq = f"{key_prefix}messages:worker", f"{key_prefix}dlq"
+    async with Client.from_config(config, agent="worker") as worker:
+        assert worker.inbox_group() == "worker"
+        await redis_client.xgroup_create(key, "worker", id="0", mkstream=True)
+        lost = await redis_client.xadd(key, {"n": "1"})
+        worn = await redis_client.xadd(key, {"n": "2"})
+        await redis_client.xreadgroup("worker", "crashed", {key: ">"})
+        for _ in range(3):  # worn out: delivered max_deliveries times already
+            await redis_client.xclaim(key, "worker", "crashed", 0, [worn])
+
+        async def both_done() -> bool:
+            return (await redis_client.xpending(key, "worker"))["pending"] == 0
+
+        seen = await _handle_until(worker, both_done, lambda m: False)
+    assert [(m.id, m.deliveries) for m in seen] == [(lost, 2)]
+    [(_, fields)] = await redis_client.xrange(dlq)
+    assert (fields["dlq_id"], fields["dlq_deliveries"]) == (worn, "4")
+    assert fields["dlq_error"].startswith("delivered 4 times without being acknowledged")
+
+
+async def test_the_client_reads_only_groups_the_flows_declare(
+    config: Path, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    """An agent whose inbox no group reads is told how to declare one; a declared inbox
+    group, once read, is what status shows and plan finds no drift in."""
+    async with Client.from_config(config, agent="scout") as scout:
+        with pytest.raises(
+            CortexFlowError,
+            match=r"agent scout: no declared group reads its "
+            r"inbox .*messages:scout; .*agents: \{scout: \{inbox: ",
+        ):
+            await anext(scout.inbox())
+    async with Client.from_config(config, agent="worker") as worker:
+        await worker.send_to("worker", {"n": "1"})
+        messages = worker.inbox(block=0.05)
+        async with worker.handle(await anext(messages)):
+            pass
+        await messages.aclose()
+        resolved = resolve(worker.project.topology, "runner-1")
+        changes = await drift(redis_client, resolved)
+        assert [c for c in changes if c.name == "worker" or "worker" in c.detail] == []
+        status = await collect(redis_client, resolved)
+    [row] = [g for g in status["groups"] if g["name"] == "worker"]
+    assert (row["key"], row["status"], row["pending"]) == (f"{key_prefix}messages:worker", "ok", 0)
+    assert [c["name"] for c in row["consumers"]] == ["worker"]
 
 
 def test_from_config_needs_a_running_embedded_server(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ COMMANDS = {
     "cancel": "cortex_flow.cli.tasks:cancel_command",
     "status": "cortex_flow.cli.status:command",
     "dlq": "cortex_flow.cli.dlq:command",
+    "prune": "cortex_flow.cli.prune:command",
     "test": "cortex_flow.cli.test:command",
 }
 
@@ -52,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", parents=[common], help="validate flows and config")
     p.add_argument("paths", nargs="*", type=Path, help="flow files or folders (default: flows)")
     p.add_argument("--format", choices=["text", "json", "github"], default="text")
-    p.add_argument("--check-imports", action="store_true", help="import every call target")
+    p.add_argument(
+        "--check-imports",
+        action="store_true",
+        help="import every call target; say where each comes from",
+    )
 
     p = sub.add_parser("schema", parents=[common], help="write or check schemas/*.json")
     p.add_argument("--out", type=Path, default=None, help="folder (default: schemas/ by config)")
@@ -131,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("list", "show"):
             d.add_argument("--json", action="store_true")
         d.add_argument("--dlq", help="dead-letter stream name or key (default: all declared)")
+
+    p = sub.add_parser(
+        "prune", parents=[common], help="destroy a consumer group no flow declares (stale)"
+    )
+    p.add_argument("group", help="the stale group's name (as status or plan list it)")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
     p = sub.add_parser("test", parents=[common], help="run flow tests (*.test.yaml)")
     p.add_argument("paths", nargs="*", type=Path)

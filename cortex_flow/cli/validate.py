@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from cortex_flow.errors import Problem, UsageError
 from cortex_flow.flow.callables import check_imports, importable_from
-from cortex_flow.flow.declared import Topology
-from cortex_flow.flow.loader import check_project
+from cortex_flow.flow.loader import Project, check_project
 from cortex_flow.flow.report import format_problems
 
 
-def _imports(topology: Topology, base_dir: Path) -> list[Problem]:
+def _imports(project: Project, origins: list[str]) -> list[Problem]:
     """``--check-imports``: import call targets as ``run`` would, from the config's folder."""
-    with importable_from(base_dir):
-        return check_imports(topology)
+    with importable_from(project.base_dir):
+        return check_imports(project.topology, project.config.calls.allow, origins)
 
 
 def command(args: argparse.Namespace) -> int:
@@ -27,8 +25,11 @@ def command(args: argparse.Namespace) -> int:
         )
     checked = check_project(args.config, args.paths or None)
     problems = checked.problems
+    origins: list[str] = []
     if checked.project is not None and args.check_imports:
-        problems = _imports(checked.project.topology, checked.project.base_dir)
+        problems = _imports(checked.project, origins)
+    if args.format == "text" and origins:  # where each target comes from, then problems
+        print("call targets:\n" + "\n".join(f"  {line}" for line in origins))
     output = format_problems(problems, args.format, checked.files)
     if output:
         print(output)

@@ -25,7 +25,16 @@ def count(value: int | None) -> str:
 def _table(title: str, *columns: str) -> Table:
     table = Table(title=title, title_justify="left", title_style="bold", expand=False)
     for column in columns:
-        numeric = column in ("Length", "Pending", "Lag", "Entries", "Inbox")
+        numeric = column in (
+            "Length",
+            "Pending",
+            "Lag",
+            "Entries",
+            "Inbox",
+            "Held",
+            "Holds",
+            "Max len",
+        )
         table.add_column(column, justify="right" if numeric else "left")
     return table
 
@@ -37,7 +46,13 @@ def render(data: dict[str, Any]) -> RenderableType:
     parts += [_streams(data["streams"]), _groups(data["groups"]), _agents(data["agents"])]
     if data["dead_letters"]:
         parts.append(_dead_letters(data["dead_letters"]))
+    if data.get("retention"):
+        parts.append(_retention(data["retention"]))
+    if data.get("stale_groups"):
+        parts.append(_stale(data["stale_groups"]))
     parts.append(_runner(data["runner"]))
+    if "duties" in data:
+        parts.append(_duties(data["duties"]))
     return Group(*parts)
 
 
@@ -91,14 +106,19 @@ def _groups(rows: list[dict[str, Any]]) -> Table:
 
 
 def _agents(rows: list[dict[str, Any]]) -> Table:
-    agents = _table("Agents", "Agent", "Status", "Last heartbeat", "Timeout", "Inbox")
+    agents = _table("Agents", "Agent", "Status", "Last heartbeat", "Timeout", "Inbox", "Read by")
     colours = {"up": "green", "down": "bold red", "never seen": "yellow", "unwatched": "dim"}
     for a in rows:
         status = Text(a["status"], style=colours.get(a["status"], ""))
         if a["reported"]:
             status.append(f" ({a['reported']})", style="dim")
+        if a.get("why"):
+            status.append(f" ({a['why']})", style="dim")
         beat = f"{humanize(a['heartbeat_age'])} ago" if a["heartbeat_age"] is not None else "-"
-        agents.add_row(a["name"], status, beat, humanize(a["timeout"]), count(a["inbox"]))
+        read_by = Text(", ".join(a["read_by"]) or ("nobody" if a["inbox_keys"] else "-"))
+        if a["inbox_keys"] and not a["read_by"]:
+            read_by.stylize("yellow")
+        agents.add_row(a["name"], status, beat, humanize(a["timeout"]), count(a["inbox"]), read_by)
     return agents
 
 
@@ -112,6 +132,33 @@ def _dead_letters(rows: list[dict[str, Any]]) -> Table:
             d["key"], entries, humanize(d.get("oldest_age")), humanize(d.get("newest_age"))
         )
     return dead
+
+
+def _retention(rows: list[dict[str, Any]]) -> Table:
+    held = _table("Held above retention", "Key", "Group", "Held", "Max len", "Since")
+    for r in rows:
+        held.add_row(
+            r["key"],
+            Text(str(r["group"]), style="bold red"),
+            count(r["held"]),
+            count(r["max_len"]),
+            f"{humanize(r['held_for'])} ago",
+        )
+    return held
+
+
+def _stale(rows: list[dict[str, Any]]) -> Table:
+    title = "Stale groups (no flow declares them)"
+    stale = _table(title, "Group", "Key", "Holds", "Pending", "Lag")
+    for r in rows:
+        stale.add_row(
+            Text(r["name"], style="yellow"),
+            r["key"],
+            count(r["holds"]),
+            count(r["pending"]),
+            count(r["lag"]),
+        )
+    return stale
 
 
 def _runner(runner: dict[str, Any]) -> Text:
@@ -141,6 +188,17 @@ def _last_reload(reload: dict[str, Any]) -> str:
     if outcome is None:
         return "never"
     return f"{outcome} {humanize(age)} ago" if age is not None else str(outcome)
+
+
+def _duties(rows: list[dict[str, Any]]) -> Text:
+    """Which runner process holds each duty (agent events, retention, dead consumers)."""
+    held = [f"{d['name']} {d['holder']} (token {d['token']})" for d in rows if d["holder"]]
+    free = [d["name"] for d in rows if not d["holder"]]
+    line = Text("Duties: ", style="bold")
+    line.append("; ".join(held) if held else "none held (no runner running)")
+    if held and free:
+        line.append(f"; not held: {', '.join(free)}", style="yellow")
+    return line
 
 
 def wide_console() -> Console:

@@ -5,29 +5,41 @@ from __future__ import annotations
 import contextlib
 import importlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from cortex_flow.errors import Problem
+from cortex_flow.flow.calltargets import origin_of, refused_object
 from cortex_flow.flow.declared import Topology
 
 
-def check_imports(topo: Topology) -> list[Problem]:
-    """Import every ``call`` target (``--check-imports``); report what fails."""
+def check_imports(
+    topo: Topology, allow: Sequence[str] = (), origins: list[str] | None = None
+) -> list[Problem]:
+    """Import every ``call`` target (``--check-imports``); report what fails, and what is
+    refused by the module it comes from (``calls.allow`` lets module prefixes through).
+
+    ``origins``, when given, gets one line per target saying where it comes from.
+    """
     problems = []
     for name, group in topo.groups.items():
         for index, route in enumerate(group.routes):
             if route.call is None:
                 continue
             target = route.call.function
+            origin = topo.origin("groups", name)
+            sub = ("routes", index, "call")
             try:
-                resolve_callable(target)
+                fn = resolve_callable(target)
             except Exception as exc:  # an import runs user code: any error is a finding
-                problems.append(
-                    topo.origin("groups", name).problem(
-                        ("routes", index, "call"), _import_message(target, exc)
-                    )
-                )
+                problems.append(origin.problem(sub, _import_message(target, exc)))
+                continue
+            refused = refused_object(target, fn, allow)
+            if refused is not None:
+                problems.append(origin.problem(sub, refused))
+            if origins is not None:
+                where = origin.problem(sub, "")
+                origins.append(f"{where.file}:{where.line}:{where.col}: {target}: {origin_of(fn)}")
     return problems
 
 

@@ -5,27 +5,34 @@ Pure functions over a merged :class:`Topology`; each returns problems, never rai
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from functools import lru_cache
 
 from cortex_flow.errors import Problem
 from cortex_flow.flow.callables import check_imports, resolve_callable
 from cortex_flow.flow.declared import Origin, Topology
 from cortex_flow.flow.durations import format_duration as dur
+from cortex_flow.flow.limits import TemplateLimits, current_limits
 from cortex_flow.flow.modelerrors import did_you_mean
-from cortex_flow.flow.models import DEFAULT_PRIORITIES, GroupSpec, Route, StreamSpec
+from cortex_flow.flow.models import (
+    DEFAULT_PRIORITIES,
+    GroupSpec,
+    Route,
+    StreamSpec,
+)
+from cortex_flow.flow.policies import check_inbox, check_retry
+from cortex_flow.flow.references import Sub, single_key, stream_ref
 from cortex_flow.flow.templates import (
     RUNTIME_NAMES,
     Expression,
     Template,
+    TemplateLimitError,
     TemplateSyntaxError,
     builtin_names,
 )
 from cortex_flow.flow.topology import EXPANDABLE, expand, key_template, key_variables
 
 __all__ = ["check_imports", "check_topology", "resolve_callable"]
-
-Sub = Sequence[str | int]
 
 
 def _syntax_message(exc: TemplateSyntaxError, source: str) -> str:
@@ -34,13 +41,22 @@ def _syntax_message(exc: TemplateSyntaxError, source: str) -> str:
     return f"{text} (line {exc.lineno} of the text)" if "\n" in source.strip() else text
 
 
-@lru_cache(maxsize=8192)
 def _compile(source: str, expression: bool) -> Template | Expression | str:
-    """Compile once per distinct source; a string result is the syntax error."""
+    """Compile once per distinct source; a string result says what is wrong with it."""
+    return _compile_under(source, expression, current_limits())  # constants fold under them
+
+
+@lru_cache(maxsize=8192)
+def _compile_under(
+    source: str, expression: bool, limits: TemplateLimits
+) -> Template | Expression | str:
     try:
         return Expression(source) if expression else key_template(source)
     except TemplateSyntaxError as exc:
-        return _syntax_message(exc, source)
+        return "has a syntax error: " + _syntax_message(exc, source)
+    except TemplateLimitError as exc:  # a constant part already over a bound
+        where = f" (line {exc.lineno} of the text)" if "\n" in source.strip() else ""
+        return f"cannot run: {exc.message}{where}; compute less in the template"
 
 
 def _short(source: str) -> str:
@@ -59,45 +75,13 @@ def _template(
     compiled = _compile(source, expression)
     kind = "expression" if expression else "template"
     if isinstance(compiled, str):
-        problems.append(
-            origin.problem(sub, f'{kind} "{_short(source)}" has a syntax error: {compiled}')
-        )
+        problems.append(origin.problem(sub, f'{kind} "{_short(source)}" {compiled}'))
         return frozenset()
     allowed = sorted(set(names))
     for name in sorted(compiled.variables - set(names) - builtin_names()):
         hint = did_you_mean(name, allowed) or f"; the names available are {', '.join(allowed)}"
         problems.append(origin.problem(sub, f'{kind} uses unknown name "{name}"{hint}'))
     return compiled.variables
-
-
-def _ref(
-    topo: Topology, origin: Origin, sub: Sub, name: str, what: str, problems: list[Problem]
-) -> StreamSpec | None:
-    spec = topo.streams.get(name)
-    if spec is None and name not in topo.unsure_streams:
-        known = sorted(topo.streams)
-        hint = did_you_mean(name, known) or (
-            f"; the declared streams are {', '.join(known)}"
-            if known
-            else "; no streams are declared: declare it under streams:"
-        )
-        problems.append(origin.problem(sub, f'{what} "{name}" is not a declared stream{hint}'))
-    return spec
-
-
-def _single_key(
-    topo: Topology, origin: Origin, sub: Sub, name: str, what: str, problems: list[Problem]
-) -> None:
-    spec = _ref(topo, origin, sub, name, what, problems)
-    if spec is not None and key_variables(spec):
-        variables = ", ".join(sorted(key_variables(spec)))
-        problems.append(
-            origin.problem(
-                sub,
-                f'{what} "{name}" must be one stream, but its key "{spec.key}" has variables '
-                f"({variables}); use a stream whose key is fixed text",
-            )
-        )
 
 
 def check_topology(topo: Topology) -> list[Problem]:
@@ -109,6 +93,8 @@ def check_topology(topo: Topology) -> list[Problem]:
     for name, group in topo.groups.items():
         _check_group(topo, name, group, agents, problems)
     for name, agent in topo.agents.items():
+        if agent.inbox is not None:
+            check_inbox(topo, name, agent.inbox, problems)
         hb = agent.heartbeat
         if hb and hb.timeout is not None and hb.timeout <= hb.interval:
             problems.append(
@@ -121,10 +107,12 @@ def check_topology(topo: Topology) -> list[Problem]:
             )
     if topo.heartbeats is not None:
         origin = topo.origin("heartbeats")
-        _single_key(topo, origin, ("stream",), topo.heartbeats.stream, "heartbeat stream", problems)
+        single_key(topo, origin, ("stream",), topo.heartbeats.stream, "heartbeat stream", problems)
         on_down = topo.heartbeats.on_down
         if on_down is not None:
-            target = _ref(topo, origin, ("on_down", "to"), on_down.to, "event stream", problems)
+            target = stream_ref(
+                topo, origin, ("on_down", "to"), on_down.to, "event stream", problems
+            )
             if target is not None:
                 _check_publish_vars(
                     origin, ("on_down",), target, on_down.to, set(on_down.vars), {"agent"}, problems
@@ -137,9 +125,7 @@ def _check_stream(topo: Topology, name: str, spec: StreamSpec, problems: list[Pr
     origin = topo.origin("streams", name)
     compiled = _compile(spec.key, False)
     if isinstance(compiled, str):
-        problems.append(
-            origin.problem(("key",), f'key "{_short(spec.key)}" has a syntax error: {compiled}')
-        )
+        problems.append(origin.problem(("key",), f'key "{_short(spec.key)}" {compiled}'))
         return
     variables = compiled.variables
     if spec.priorities and "priority" not in variables:
@@ -159,6 +145,18 @@ def _check_stream(topo: Topology, name: str, spec: StreamSpec, problems: list[Pr
                 f"priorities: [{', '.join(DEFAULT_PRIORITIES)}] (highest first)",
             )
         )
+    bound_by_messages = sorted(variables - set(EXPANDABLE))
+    if spec.retained and bound_by_messages:
+        field = ("maxlen",) if spec.maxlen is not None else ("retention",)
+        problems.append(
+            origin.problem(
+                field,
+                f'the key "{_short(spec.key)}" has variables only a message binds '
+                f"({', '.join(bound_by_messages)}), so the retention pass cannot list its keys "
+                "to trim; cap a stream whose keys expand over priority and agent only, or "
+                "trim these keys yourself",
+            )
+        )
     for bad in sorted(variables & (RUNTIME_NAMES - set(EXPANDABLE))):
         problems.append(
             origin.problem(
@@ -173,7 +171,7 @@ def _check_group(
     topo: Topology, name: str, group: GroupSpec, agents: list[str], problems: list[Problem]
 ) -> None:
     origin = topo.origin("groups", name)
-    spec = _ref(topo, origin, ("stream",), group.stream, "stream", problems)
+    spec = stream_ref(topo, origin, ("stream",), group.stream, "stream", problems)
     if group.dead_letter is not None:
         if group.dead_letter == group.stream:
             problems.append(
@@ -185,8 +183,8 @@ def _check_group(
                 )
             )
         else:
-            _single_key(topo, origin, ("dead_letter",), group.dead_letter, "dead_letter", problems)
-    _check_retry(origin, group, problems)
+            single_key(topo, origin, ("dead_letter",), group.dead_letter, "dead_letter", problems)
+    check_retry(origin, group.retry, problems)
     if spec is None:
         return
     variables = key_variables(spec)
@@ -230,28 +228,6 @@ def _check_group(
     context = set(RUNTIME_NAMES) | set(group.vars) | variables
     for index, route in enumerate(group.routes):
         _check_route(topo, origin, ("routes", index), route, group, spec, context, problems)
-
-
-def _check_retry(origin: Origin, group: GroupSpec, problems: list[Problem]) -> None:
-    retry = group.retry
-    initial, longest = retry.backoff.initial, retry.backoff.max
-    if initial > longest:
-        problems.append(
-            origin.problem(
-                ("retry", "backoff", "initial"),
-                f"initial backoff ({dur(initial)}) is longer than max ({dur(longest)}); "
-                "lower initial or raise max",
-            )
-        )
-    if retry.claim_idle < initial:
-        problems.append(
-            origin.problem(
-                ("retry", "claim_idle"),
-                f"claim_idle ({dur(retry.claim_idle)}) is shorter than the first backoff "
-                f"({dur(initial)}), so other consumers would claim failed messages before "
-                "their retry is due; raise claim_idle or lower backoff.initial",
-            )
-        )
 
 
 def _check_weights(
@@ -311,7 +287,7 @@ def _check_route(
         _template(origin, (*sub, "http", "url"), route.http.url, context, problems)
     if route.to is None:
         return
-    target = _ref(topo, origin, (*sub, "to"), route.to, "route target", problems)
+    target = stream_ref(topo, origin, (*sub, "to"), route.to, "route target", problems)
     if target is None:
         return
     source_vars = key_variables(source)

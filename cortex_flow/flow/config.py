@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from cortex_flow.flow.durations import Duration, PositiveDuration
+from cortex_flow.flow.limits import TemplateLimits
 from cortex_flow.flow.modelerrors import show
 from cortex_flow.flow.models import Model, field_error
 
@@ -16,6 +25,27 @@ URL_FORMS = (
     "redis+sentinel://host:port/service, redis+cluster://host:port (rediss+sentinel:// and "
     "rediss+cluster:// for TLS), or embedded for a private server"
 )
+
+
+_HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _host_name(host: str) -> str:
+    name = host.strip().lower().strip("[]")
+    if name != "*" and not _HOST_NAME.fullmatch(name) and not _is_ip(name):
+        raise ValueError(
+            f"{show(host)} is not a host name or address; list them without scheme or "
+            'port, e.g. ["metrics.internal", "10.0.0.5"], or "*" for any'
+        )
+    return name
 
 
 def is_loopback(host: str) -> bool:
@@ -32,7 +62,8 @@ class RedisSettings(Model):
     url: str = Field(
         default="embedded",
         description="redis://, rediss://, unix://, redis+sentinel://, redis+cluster://, "
-        "rediss+sentinel://, rediss+cluster://, or `embedded` (a private server under .cortex/).",
+        "rediss+sentinel://, rediss+cluster://, or `embedded` (a private Valkey/Redis server "
+        "under .cortex/).",
     )
 
     @field_validator("url")
@@ -65,13 +96,34 @@ class RunnerSettings(Model):
         default=30.0, description="Time to finish in-flight work on stop."
     )
     heartbeat_interval: PositiveDuration = Field(
-        default=10.0, description="How often the runner itself beats."
+        default=2.0,
+        description="How often the runner itself beats; silent for 3 x this, it is taken for "
+        "down and other runners claim its pending messages.",
+    )
+    duty_lease: PositiveDuration = Field(
+        default=5.0,
+        description="How long a runner holds a duty (agent events, retention, clean-up) "
+        "without renewing it; another runner takes the duty over after that.",
+    )
+    retention_interval: PositiveDuration = Field(
+        default=10.0, description="How often streams with retention are trimmed."
+    )
+    dead_consumer_idle: PositiveDuration = Field(
+        default=3600.0,
+        description="A consumer whose runner no longer beats, idle this long, is deleted "
+        "from its group once nothing is pending for it (its entries are claimed first).",
     )
 
 
 class ReloadSettings(Model):
     watch: bool = True
     debounce: Duration = 0.2
+
+
+WILDCARDS = ("0.0.0.0", "::", "")
+# the names a browser on this machine uses for a loopback listener (see admin.allowed_hosts)
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+MIN_TOKEN = 16
 
 
 class AdminSettings(Model):
@@ -84,8 +136,21 @@ class AdminSettings(Model):
     )
     allow_public: bool = Field(
         default=False,
-        description="Allow a non-loopback `listen`: /metrics and POST /reload have no "
-        "authentication, so anyone who can reach the port can read and reload.",
+        description="Allow a non-loopback `listen`: /metrics is then readable by anyone who "
+        "can reach the port (POST /reload still needs `admin.token`, required off loopback).",
+    )
+    allowed_hosts: list[Annotated[str, AfterValidator(_host_name)]] = Field(
+        default_factory=list,
+        description="Host names the admin endpoint answers to (the `Host:` header, port "
+        "ignored), against DNS rebinding, besides localhost, 127.0.0.1 and ::1 (always "
+        'answered). Empty: also the host of `listen`. `"*"` accepts any.',
+    )
+    token: str | None = Field(
+        default=None,
+        repr=False,
+        description="Bearer token that POST /reload (and every endpoint but /, /healthz, "
+        "/readyz, /metrics) requires. Only from the environment: `${CORTEX_ADMIN_TOKEN}`. "
+        f"At least {MIN_TOKEN} characters; required when `listen` is not loopback.",
     )
 
     @field_validator("listen", mode="before")
@@ -101,14 +166,56 @@ class AdminSettings(Model):
             f'must be host:port (e.g. 127.0.0.1:8477) or "off" to disable, got {show(value)}'
         )
 
+    @field_validator("token", mode="before")
+    @classmethod
+    def _token_text(cls, value: Any) -> Any:
+        # never the value in the message: it is a secret
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # digits only: YAML read a number
+        if value is not None and not isinstance(value, str):
+            raise ValueError(
+                'must be one string; quote it: token: "${CORTEX_ADMIN_TOKEN}" (the value is '
+                "not shown: it is a secret)"
+            )
+        return value
+
+    @field_validator("token", mode="after")
+    @classmethod
+    def _token(cls, value: str | None) -> str | None:
+        if not value:
+            return None  # ${CORTEX_ADMIN_TOKEN:-} left empty: no token
+        if len(value) < MIN_TOKEN or value != value.strip():
+            # never the value itself: it is a secret
+            raise ValueError(
+                f"must be at least {MIN_TOKEN} characters without surrounding spaces, got "
+                f"{len(value)}; generate one, e.g. `openssl rand -hex 32`"
+            )
+        return value
+
     @model_validator(mode="after")
     def _loopback(self) -> AdminSettings:
         where = self.host_port
-        if where is not None and not self.allow_public and not is_loopback(where[0]):
+        if where is None or is_loopback(where[0]):
+            return self
+        if not self.allow_public:
             raise field_error(
                 "listen",
                 f"admin.listen {self.listen} is not a loopback address; set admin.allow_public: "
                 "true to expose /metrics and POST /reload beyond this machine",
+            )
+        if self.token is None:
+            raise field_error(
+                "listen",
+                f"admin.listen {self.listen} is not a loopback address, so POST /reload needs "
+                "a token: set admin.token: ${CORTEX_ADMIN_TOKEN} and export CORTEX_ADMIN_TOKEN "
+                "(e.g. from `openssl rand -hex 32`)",
+            )
+        if where[0] in WILDCARDS and not self.allowed_hosts:
+            raise field_error(
+                "listen",
+                f"admin.listen {self.listen} listens on every address, so the Host names "
+                "clients use are unknown: list them in admin.allowed_hosts (e.g. "
+                '["10.0.0.5", "runner-1.internal"]), or ["*"] to accept any Host header',
             )
         return self
 
@@ -119,10 +226,86 @@ class AdminSettings(Model):
         host, _, port = self.listen.rpartition(":")
         return host.strip("[]") or "127.0.0.1", int(port)
 
+    @property
+    def hosts(self) -> frozenset[str]:
+        """The ``Host:`` names answered: loopback names (a page elsewhere cannot send
+        them), and ``allowed_hosts``, else the host of ``listen``."""
+        where = self.host_port
+        listen = () if where is None or where[0] in WILDCARDS else (where[0].lower(),)
+        return frozenset((*LOOPBACK_NAMES, *(self.allowed_hosts or listen)))
+
 
 class LogSettings(Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
+
+
+class TemplateSettings(Model):
+    """Bounds on one render of a template or ``when`` expression: a render over one fails
+    that message only (dead-lettered with ``template exceeded its ...``); constant parts
+    over them are validation errors. Settings of the process, applied at start and reload."""
+
+    max_steps: int = Field(
+        default=1_000_000, ge=1, description="Loop iterations and calls one render may make."
+    )
+    max_output: int = Field(
+        default=10_000_000,
+        ge=1,
+        description="Characters (or list items) of one value or output a render may build; "
+        "all values of one render together: 10 times this.",
+    )
+    timeout: PositiveDuration = Field(
+        default=1.0, description="Longest one render may run (it runs on the event loop)."
+    )
+
+    def limits(self) -> TemplateLimits:
+        return TemplateLimits(self.max_steps, self.max_output, self.timeout)
+
+
+class HttpSettings(Model):
+    """Where ``http`` routes may send. Link-local and cloud metadata addresses are refused,
+    at validation for a literal host and at run time for what a host name resolves to."""
+
+    allow: list[str] = Field(
+        default_factory=list,
+        description="Hosts and networks (CIDR) `http` routes may reach although link-local "
+        "or cloud metadata addresses (169.254.0.0/16, fe80::/10, metadata.google.internal...).",
+    )
+
+    @field_validator("allow")
+    @classmethod
+    def _entries(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if not entry or (any(c in entry for c in " /:") and not _is_network(entry)):
+                raise ValueError(
+                    f"{show(entry)} is neither a host name nor an address or network "
+                    "(e.g. metadata.google.internal, 169.254.169.254, 169.254.0.0/16)"
+                )
+        return value
+
+
+def _is_network(entry: str) -> bool:
+    try:
+        ipaddress.ip_network(entry.strip("[]"), strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+class CallSettings(Model):
+    """Which modules ``call`` may target. Modules that run processes, evaluate or load code,
+    touch files or the network, or change the interpreter (os, subprocess, builtins,
+    shutil, pty, importlib, runpy, code, ctypes, multiprocessing, sys, socket, pickle,
+    marshal, ...: the list is in docs/operating.md) are refused at validation, start and
+    reload unless allowed here."""
+
+    allow: list[
+        Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")]
+    ] = Field(
+        default_factory=list,
+        description="Module prefixes `call` may target although refused by default "
+        "(os, subprocess, builtins, ...): `subprocess` allows subprocess and its submodules.",
+    )
 
 
 class Config(Model):
@@ -141,3 +324,6 @@ class Config(Model):
     reload: ReloadSettings = Field(default_factory=lambda: ReloadSettings())
     admin: AdminSettings = Field(default_factory=lambda: AdminSettings())
     log: LogSettings = Field(default_factory=lambda: LogSettings())
+    templates: TemplateSettings = Field(default_factory=lambda: TemplateSettings())
+    http: HttpSettings = Field(default_factory=lambda: HttpSettings())
+    calls: CallSettings = Field(default_factory=lambda: CallSettings())

@@ -42,7 +42,10 @@ def mermaid(resolved: Resolved) -> str:
     for name, group in resolved.groups.items():
         spec = group.spec
         gid = _id("g", name)
-        info = _label(f"group {name}", f"{spec.priority}, batch {spec.batch}, x{spec.concurrency}")
+        detail = f"{spec.priority}, batch {spec.batch}, x{spec.concurrency}"
+        if not group.by_runner:
+            detail = f"read by agent {group.client}'s client"
+        info = _label(f"group {name}", detail)
         lines.append(f"  {gid}{{{{{info}}}}}")
         bound = ", ".join(f"{k}={v}" for k, v in spec.vars.items())
         lines.append(

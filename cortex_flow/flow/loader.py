@@ -16,11 +16,14 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from cortex_flow.errors import Problem, ValidationFailed
+from cortex_flow.flow.calltargets import check_call_targets
 from cortex_flow.flow.checks import check_topology
 from cortex_flow.flow.config import Config
 from cortex_flow.flow.declared import Origin, Topology
+from cortex_flow.flow.limits import using_limits
 from cortex_flow.flow.modelerrors import problems_from
 from cortex_flow.flow.models import AgentSpec, FlowFile
+from cortex_flow.flow.outbound import check_http_routes
 from cortex_flow.flow.source import Document, load_yaml_partial
 
 SECTIONS = ("streams", "agents", "groups")
@@ -252,7 +255,25 @@ def _load_config(path: Path | None, env: Mapping[str, str], problems: list[Probl
         return Config()
     doc = _read(path, _display(path), env, problems)
     config = _validate(Config, doc, problems, "config file") if doc is not None else None
+    if isinstance(config, Config) and doc is not None and config.admin.token is not None:
+        _token_from_environment(path, doc, problems)
     return config if isinstance(config, Config) else Config()
+
+
+def _token_from_environment(path: Path, doc: Document, problems: list[Problem]) -> None:
+    """``admin.token`` must be a ``${VAR}`` reference: a value written in the file is refused."""
+    line, col = doc.locate(("admin", "token"))
+    try:
+        raw = path.read_text(encoding="utf-8-sig").split("\n")[line - 1]
+    except (OSError, UnicodeDecodeError, IndexError):  # read a moment ago: changed since
+        raw = ""
+    if not raw[col - 1 :].lstrip("'\"").startswith("${"):
+        message = (
+            "must come from the environment, not be written in the file (it would end up in "
+            "version control and backups); write admin.token: ${CORTEX_ADMIN_TOKEN} and "
+            "export CORTEX_ADMIN_TOKEN"
+        )
+        problems.append(Problem(doc.file, line, col, "admin.token", message))
 
 
 @dataclass(frozen=True)
@@ -299,8 +320,11 @@ def check_project(
         problems.append(Problem(_display(p), 1, 1, "", f"no such {what}{fix}"))
     topology = Topology()
     if not missing:
-        topology = _load_topology(targets, env, problems)
+        with using_limits(config.templates.limits()):  # constants are folded under them
+            topology = _load_topology(targets, env, problems)
         files.extend(topology.files)
+        problems.extend(check_call_targets(topology, config.calls.allow))
+        problems.extend(check_http_routes(topology, config.http.allow))
     project = Project(config, found, base_dir, flows_dir, topology)
     if problems:
         return Checked(None, sorted(set(problems)), files, project if config_ok else None)

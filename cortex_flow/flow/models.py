@@ -43,6 +43,22 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+class RetentionSpec(Model):
+    """How much of a stream is kept once every group on it has read and acknowledged it."""
+
+    max_len: int | None = Field(
+        default=None,
+        ge=1,
+        description="Keep at most this many entries per key; entries a group has not read "
+        "or holds pending are never trimmed, so a lagging group can hold a key above it.",
+    )
+    max_age: PositiveDuration | None = Field(
+        default=None,
+        description="Trim entries older than this (by entry ID), once every group on the "
+        "key has read and acknowledged them.",
+    )
+
+
 class StreamSpec(Model):
     """A Redis stream, or a family of streams when ``key`` is a template."""
 
@@ -57,7 +73,15 @@ class StreamSpec(Model):
         description="Priority levels, highest first (needs `{{ priority }}`).",
     )
     maxlen: int | None = Field(
-        default=None, ge=1, description="Approximate cap on length: XADD MAXLEN ~ on every publish."
+        default=None,
+        ge=1,
+        description="The old spelling of `retention.max_len` (same meaning: never trims "
+        "unread or pending entries).",
+    )
+    retention: RetentionSpec | None = Field(
+        default=None,
+        description="Trim by length and age, never what a group has not read and acknowledged; "
+        "done by one runner at a time, every `runner.retention_interval`.",
     )
     codec: Literal["raw", "json"] = Field(
         default="raw",
@@ -65,6 +89,34 @@ class StreamSpec(Model):
         "with a JSON object, and `msg` is that object.",
     )
     description: str | None = None
+
+    @model_validator(mode="after")
+    def _one_cap(self) -> StreamSpec:
+        both = self.retention is not None and self.retention.max_len is not None
+        if self.maxlen is not None and both:
+            raise field_error(
+                "maxlen",
+                "maxlen is the old spelling of retention.max_len and both are given; "
+                "keep retention.max_len and remove maxlen",
+            )
+        return self
+
+    @property
+    def max_len(self) -> int | None:
+        """The length cap: ``retention.max_len``, else the old ``maxlen``."""
+        if self.retention is not None and self.retention.max_len is not None:
+            return self.retention.max_len
+        return self.maxlen
+
+    @property
+    def max_age(self) -> float | None:
+        """The age cap in seconds (``retention.max_age``)."""
+        return self.retention.max_age if self.retention is not None else None
+
+    @property
+    def retained(self) -> bool:
+        """Whether retention trims this stream at all."""
+        return self.max_len is not None or self.max_age is not None
 
     @field_validator("priorities")
     @classmethod
@@ -90,13 +142,6 @@ class HeartbeatPolicy(Model):
     @property
     def effective_timeout(self) -> float:
         return self.timeout if self.timeout is not None else 3 * self.interval
-
-
-class AgentSpec(Model):
-    """An agent of the system: gets an inbox per inbox-style stream and may beat."""
-
-    heartbeat: HeartbeatPolicy | None = None
-    description: str | None = None
 
 
 class EventTarget(Model):
@@ -133,6 +178,42 @@ class RetryPolicy(Model):
     )
 
 
+class AgentInbox(Model):
+    """Read by the agent's `cortex_flow.Client` as consumer <agent> of `group`, with a policy.
+
+    The consumer group it reads is declared here, so ``run`` creates it and ``status`` and
+    ``plan`` know it; retry, claim and dead-letter work as in a runner group.
+    """
+
+    stream: Name = Field(
+        default="inbox", description="The stream whose key per agent (`{{ agent }}`) it reads."
+    )
+    group: Name | None = Field(
+        default=None, description="The consumer group the client reads; default: the agent's name."
+    )
+    start: Literal["earliest", "latest"] = Field(
+        default="earliest", description="Where the group starts when `run` creates it."
+    )
+    retry: RetryPolicy = Field(default_factory=lambda: RetryPolicy())
+    dead_letter: Name | None = Field(
+        default=None,
+        description="Stream for messages whose handling failed max_deliveries times; without "
+        "one they stay pending (logged).",
+    )
+
+
+class AgentSpec(Model):
+    """An agent of the system: gets an inbox per inbox-style stream and may beat."""
+
+    heartbeat: HeartbeatPolicy | None = None
+    inbox: AgentInbox | None = Field(
+        default=None,
+        description="Read by the agent's own process (`cortex_flow.Client.inbox`), not by a "
+        "runner group: its consumer group and retry/dead-letter policy.",
+    )
+    description: str | None = None
+
+
 def _call_shorthand(value: Any) -> Any:
     if isinstance(value, str):
         return {"function": value}
@@ -161,7 +242,11 @@ class CallAction(Model):
 class HttpAction(Model):
     """POST the message as JSON to an endpoint (the legacy A2A bridge); non-2xx fails."""
 
-    url: str = Field(pattern=r"^https?://", description="http:// or https:// URL.")
+    url: str = Field(
+        pattern=r"^https?://",
+        description="http:// or https:// URL. Scheme, host and port are fixed text; templates "
+        "fill only the path and query, percent-encoded.",
+    )
     timeout: PositiveDuration = 10.0
     method: Literal["POST", "PUT"] = "POST"
     headers: dict[str, str] = Field(
@@ -250,6 +335,17 @@ class GroupSpec(Model):
         ),
     )
     batch: int = Field(default=100, ge=1, le=10_000, description="XREADGROUP COUNT.")
+    max_stuck_calls: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000,
+        description=(
+            "Sync calls of this group that may run on past their timeout (each holds a "
+            "thread: Python cannot stop it) before the group starts no new message until "
+            "one returns; stuck calls never take threads other groups need. Default: the "
+            "group's concurrency."
+        ),
+    )
     priority: Literal["strict", "weighted"] = "strict"
     weights: dict[Name, Annotated[int, Field(ge=1)]] | None = Field(
         default=None,

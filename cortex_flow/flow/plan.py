@@ -34,13 +34,16 @@ RESTART_SETTINGS = (
     "log.format",
     "flows",
     "reload.watch",
+    "runner.duty_lease",
+    "runner.retention_interval",
+    "runner.dead_consumer_idle",
 )
 SHOWN_KEYS = 4
 HIDDEN = "(value hidden)"
 # Values a plan never prints: they end up in logs, in /readyz and on terminals.
 _SECRET_NAME = re.compile(r"password|token|secret|authorization|api[-_]?key", re.IGNORECASE)
 _HEADERS = re.compile(r"(^|\.)http\.headers(\.|$)")
-STREAM_FIELDS = ("key", "priorities", "maxlen", "codec")
+STREAM_FIELDS = ("key", "priorities", "maxlen", "retention", "codec")
 
 
 @dataclass(frozen=True)
@@ -223,16 +226,24 @@ def _group_changes(
     old_keys, new_keys = [k.key for k in old.keys], [k.key for k in new.keys]
     more = [f"now also reads {k}" for k in new_keys if k not in old_keys]
     more += [f"no longer reads {k}" for k in old_keys if k not in new_keys]
-    if old.consumer != new.consumer:
+    if old.client != new.client:
+        more.append(f"read by {_reader(old)} -> {_reader(new)}")
+    elif old.consumer != new.consumer:
         more.append(f"consumer {old.consumer} -> {new.consumer}")
     if old.dead_letter != new.dead_letter and old.spec.dead_letter == new.spec.dead_letter:
         more.append(f"dead-letter key {_show(old.dead_letter)} -> {_show(new.dead_letter)}")
     # The consumer decodes what it reads (in priority order) and writes its dead letters
     # itself: such a change of either stream changes the consumer, not only its routes.
     read = restreamed.get(new.stream, set()) & {"key", "priorities", "codec"}
-    restart = restart or bool(more or read or restreamed.get(new.spec.dead_letter or ""))
+    # retention is applied by the retention duty, never by a consumer
+    written = restreamed.get(new.spec.dead_letter or "", set()) - {"maxlen", "retention"}
+    restart = restart or bool(more or read or written)
     out = [Change("change", "group", new.name, text) for text in texts + more]
     return out + _route_changes(new.name, old.spec.routes, new.spec.routes), restart
+
+
+def _reader(group: ResolvedGroup) -> str:
+    return "the runner" if group.by_runner else f"agent {group.client}'s client"
 
 
 def _describe_agent(spec: AgentSpec) -> str:
@@ -360,9 +371,12 @@ def diff(
         if before is None:
             added.append(name)
             spec = group.spec
+            reads = _keys_text([k.key for k in group.keys]) or spec.stream
             text = (
-                f"added (reads {_keys_text([k.key for k in group.keys]) or spec.stream}; "
-                f"batch {spec.batch}, concurrency {spec.concurrency}, {len(spec.routes)} route(s))"
+                f"added (reads {reads}; batch {spec.batch}, concurrency {spec.concurrency}, "
+                f"{len(spec.routes)} route(s))"
+                if group.by_runner
+                else f"added (reads {reads}; {_reader(group)})"
             )
             changes.append(Change("add", "group", name, text))
             continue

@@ -39,6 +39,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import consume
 from jinja2.visitor import NodeTransformer
 
+from cortex_flow.flow.limits import TemplateLimitError, run_bounded
+from cortex_flow.flow.sandbox import BoundedSandbox, bound, fold_constants, needs_budget
+
 RUNTIME_NAMES = frozenset(
     {"msg", "priority", "agent", "agents", "id", "stream", "group", "deliveries", "now"}
 )
@@ -47,6 +50,7 @@ __all__ = [
     "RUNTIME_NAMES",
     "Expression",
     "Template",
+    "TemplateLimitError",
     "TemplateSyntaxError",
     "builtin_names",
     "compile_expression",
@@ -83,8 +87,9 @@ class Now:
         return str(self)
 
 
-class _Sandbox(ImmutableSandboxedEnvironment):
-    """The immutable sandbox, with a quick path for a message field that is not there.
+class _Sandbox(BoundedSandbox):
+    """The bounded sandbox (:mod:`cortex_flow.flow.sandbox`), with a quick path for a
+    message field that is not there.
 
     jinja2 falls back from ``msg["to"]`` to the attribute ``dict.to`` before it gives
     up, raising and catching twice; a message's fields are items, never attributes.
@@ -221,7 +226,7 @@ class _ItemFirst(NodeTransformer):
 
 def _compile(ast: nodes.Template, env: ImmutableSandboxedEnvironment | None = None) -> _Render:
     env = env or environment()
-    ast = _ItemFirst().visit(ast)
+    ast = bound(_ItemFirst().visit(ast))
     ast.set_environment(env)
     template = env.template_class.from_code(env, env.compile(ast), env.make_globals(None), None)
     return template.root_render_func
@@ -230,24 +235,33 @@ def _compile(ast: nodes.Template, env: ImmutableSandboxedEnvironment | None = No
 class Template:
     """A string template; plain strings and plain placeholders skip jinja2 when they can."""
 
-    __slots__ = ("_ast", "_literal", "_parts", "_root", "source", "variables")
+    __slots__ = ("_ast", "_budget", "_literal", "_parts", "_root", "source", "variables")
 
-    def __init__(self, source: str) -> None:
+    def __init__(
+        self, source: str, transform: Callable[[nodes.Template], nodes.Template] | None = None
+    ) -> None:
+        """``transform`` rewrites the parsed template before it is compiled (an ``http``
+        URL percent-encodes what its placeholders print); it takes jinja2's path always."""
         self.source = source
         self._literal = _is_literal(source)
         self._parts: tuple[tuple[str, str, bool], ...] | None = None
         self._ast: nodes.Template | None = None
         self._root: _Render | None = None
+        self._budget = False  # loops or calls: render under a step and time budget
         if self._literal:
             self.variables: frozenset[str] = frozenset()
             return
-        self._parts = _simple_parts(source)
+        self._parts = _simple_parts(source) if transform is None else None
         if self._parts is not None:
             self.variables = frozenset(name for _, name, _ in self._parts if name)
             return
         ast = environment().parse(source)
         _check_filters_and_tests(ast)
+        fold_constants(ast)
+        self._budget = needs_budget(ast)
         self.variables = frozenset(meta.find_undeclared_variables(ast))
+        if transform is not None:
+            ast = transform(ast)
         if _only_output(ast):
             self._ast = ast
         else:  # statements ({% for %}, macros, ...) can fail to compile: find out now
@@ -271,7 +285,10 @@ class Template:
             text = self._substitute(context.resolve_or_missing)
             if text is not None:
                 return text
-        return "".join(self._render_func()(context))
+        render = self._render_func()
+        if not self._budget:
+            return "".join(render(context))
+        return run_bounded(lambda: render(context))
 
     def render_values(self, values: Mapping[str, Any]) -> str:
         """Render from plain values (a Redis key from its variables) without a jinja context."""
@@ -316,7 +333,7 @@ def _parse_expression(text: str) -> nodes.Expr:
 class Expression:
     """A jinja2 expression such as ``msg.type == 'batch'``, evaluated to a Python value."""
 
-    __slots__ = ("_expr", "_root", "source", "variables")
+    __slots__ = ("_budget", "_expr", "_root", "source", "variables")
 
     def __init__(self, source: str) -> None:
         text = source.strip()
@@ -325,6 +342,8 @@ class Expression:
         self.source = source
         expr = _parse_expression(text)
         _check_filters_and_tests(expr)
+        fold_constants(expr)
+        self._budget = needs_budget(expr)
         wrapper = nodes.Template([nodes.Output([expr])], lineno=1)
         wrapper.set_environment(environment())
         self.variables = frozenset(meta.find_undeclared_variables(wrapper))
@@ -343,7 +362,11 @@ class Expression:
         return self._root
 
     def evaluate(self, context: Context) -> Any:
-        consume(self._render_func()(context))
+        render = self._render_func()
+        if self._budget:
+            run_bounded(lambda: render(context))
+        else:
+            consume(render(context))
         return context.vars["result"]
 
 

@@ -14,7 +14,7 @@ from functools import lru_cache
 from typing import Any
 
 from cortex_flow.flow.declared import Topology
-from cortex_flow.flow.models import AgentSpec, GroupSpec, StreamSpec
+from cortex_flow.flow.models import AgentInbox, AgentSpec, GroupSpec, StreamSpec
 from cortex_flow.flow.templates import Template
 
 EXPANDABLE = ("priority", "agent")
@@ -64,6 +64,12 @@ class ResolvedGroup:
     keys: tuple[StreamKey, ...]
     consumer: str
     dead_letter: str | None
+    client: str | None = None  # the agent whose cortex_flow.Client reads it; None: the runner
+
+    @property
+    def by_runner(self) -> bool:
+        """Whether the runner consumes this group (else an agent's own client does)."""
+        return self.client is None
 
     def fingerprint(self) -> str:
         """A stable serialisation; two groups with equal fingerprints behave the same."""
@@ -86,6 +92,23 @@ class Resolved:
     agents: dict[str, AgentSpec]
     heartbeat_key: str | None
     topology: Topology = field(compare=False, repr=False)
+    namespace: str = ""  # where the runners' own keys live (see :func:`namespace`)
+
+    @property
+    def runner_key(self) -> str:
+        """The stream runners beat on: the heartbeat stream, else ``<namespace>runners``."""
+        return self.heartbeat_key or f"{self.namespace}runners"
+
+    def duty_key(self, duty: str) -> str:
+        """The lease key of a duty; its fencing counter is this key plus ``:fence``.
+
+        Every duty's keys share one cluster slot (the namespace's hash tag, else the tag
+        ``{duty}`` after the namespace), so one script call takes or renews them all; they
+        start with the namespace, so an ACL key pattern for the flows' keys covers them.
+        """
+        ns = self.namespace
+        tagged = "{" in ns and "}" in ns.partition("{")[2]
+        return f"{ns}duty:{duty}" if tagged else f"{ns}{{duty}}:{duty}"
 
     def keys(self) -> dict[str, StreamKey]:
         """Every concrete key of every stream, by key."""
@@ -118,6 +141,45 @@ def expand(
     return tuple(keys), False
 
 
+def inbox_group(topology: Topology, agent: str, inbox: AgentInbox) -> ResolvedGroup:
+    """The group an agent's client reads (``agents.X.inbox``), as the runner's groups are
+    described: ``run`` creates it, ``status`` and ``plan`` show it, the runner does not read it.
+    """
+    spec = GroupSpec.model_construct(  # a group without routes: the client handles messages
+        stream=inbox.stream,
+        start=inbox.start,
+        retry=inbox.retry,
+        dead_letter=inbox.dead_letter,
+        vars={"agent": agent},
+        routes=[],
+        description=f"read by agent {agent}'s client",
+    )
+    streams = topology.streams
+    keys, _ = expand(streams[inbox.stream], inbox.stream, sorted(topology.agents), spec.vars)
+    dlq = None
+    if inbox.dead_letter is not None and inbox.dead_letter in streams:
+        dlq = render_key(streams[inbox.dead_letter], {})
+    return ResolvedGroup(inbox.group or agent, spec, inbox.stream, keys, agent, dlq, agent)
+
+
+def namespace(topology: Topology) -> str:
+    """The prefix the runners' own keys share with the flows' streams.
+
+    The longest prefix common to every stream key's fixed start, cut after its last
+    ``:`` (``cortex:tasks:{{ priority }}`` and ``cortex:events`` give ``cortex:``);
+    ``cortex-flow:`` when the keys share none.
+    """
+    starts = [spec.key.partition("{{")[0] for spec in topology.streams.values()]
+    if not starts:
+        return "cortex-flow:"
+    common = starts[0]
+    for start in starts[1:]:
+        while not start.startswith(common):
+            common = common[:-1]
+    cut = common.rfind(":")
+    return common[: cut + 1] if cut >= 0 else "cortex-flow:"
+
+
 def resolve(topology: Topology, runner: str) -> Resolved:
     """Concrete keys, groups and consumer names for a checked topology."""
     agents = sorted(topology.agents)
@@ -132,10 +194,23 @@ def resolve(topology: Topology, runner: str) -> Resolved:
         if group.dead_letter is not None:
             dlq = render_key(topology.streams[group.dead_letter], {})
         groups[name] = ResolvedGroup(name, group, group.stream, keys, runner, dlq)
+    for agent, agent_spec in sorted(topology.agents.items()):
+        declared = agent_spec.inbox
+        if declared is not None and declared.stream in topology.streams:
+            inbox = inbox_group(topology, agent, declared)
+            groups.setdefault(inbox.name, inbox)
     heartbeat_key = None
     if topology.heartbeats is not None:
         heartbeat_key = render_key(topology.streams[topology.heartbeats.stream], {})
-    return Resolved(runner, streams, groups, dict(topology.agents), heartbeat_key, topology)
+    return Resolved(
+        runner,
+        streams,
+        groups,
+        dict(topology.agents),
+        heartbeat_key,
+        topology,
+        namespace(topology),
+    )
 
 
 def wrong_type_problem(resolved: Resolved, key: str, held: str) -> str:
@@ -153,4 +228,25 @@ def wrong_type_problem(resolved: Resolved, key: str, held: str) -> str:
     return (
         f"{where}streams.{name}: key {key} holds a {held}, not a stream; rename or delete "
         f"that key in Redis, or change streams.{name}.key"
+    )
+
+
+def unread_inboxes(resolved: Resolved) -> dict[str, list[str]]:
+    """Agents none of whose inbox keys any group reads (the runner's or a client's): their
+    keys. Messages sent to them wait there for a reader that does not exist."""
+    read = {k.key for g in resolved.groups.values() for k in g.keys}
+    keys: dict[str, list[str]] = {}
+    for stream in resolved.streams.values():
+        for k in stream.keys:
+            if k.agent is not None:
+                keys.setdefault(k.agent, []).append(k.key)
+    return {a: ks for a, ks in sorted(keys.items()) if not read.intersection(ks)}
+
+
+def no_reader(agent: str, keys: list[str]) -> str:
+    """Why an agent's inbox is not read, and what to add."""
+    return (
+        f"agent {agent}: nothing reads its inbox {', '.join(keys)}: no group reads it and "
+        f"agents.{agent} declares no inbox:; add inbox: {{dead_letter: dlq}} to agents.{agent} "
+        f"and read it with cortex_flow.Client, or a group with vars: {{agent: {agent}}}"
     )

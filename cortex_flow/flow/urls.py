@@ -36,7 +36,27 @@ def validate_url(url: str) -> str:
     if parts.scheme != "unix" and not parts.netloc.rpartition("@")[2]:
         raise ValueError(f"{shown!r} names no host")
     url_hosts(url, 6379)
+    _database(parts.scheme, parts.path, parts.query, shown)
     return url
+
+
+def _database(scheme: str, path: str, query: str, shown: str) -> None:
+    """The database number, where a URL gives one, is a number (redis-py reads junk as 0)."""
+    if scheme.endswith("+cluster"):
+        dbs = []  # a cluster has database 0 only; redis-py refuses the rest itself
+    elif scheme.endswith("+sentinel"):
+        dbs = path.strip("/").split("/")[1:]  # /service[/db]
+    elif scheme == "unix":
+        dbs = []  # the path is the socket's
+    else:
+        dbs = [path.strip("/")] if path.strip("/") else []
+    dbs += [unquote(v) for k, _, v in (p.partition("=") for p in query.split("&")) if k == "db"]
+    for db in dbs:
+        if not db.isascii() or not db.isdigit():
+            raise ValueError(
+                f"{shown!r}: database {db!r} is not a number (redis-py would silently use 0); "
+                "write the number after the host, e.g. redis://host:6379/0, or leave it out"
+            )
 
 
 def _host_port(host: str, url: str, default: int = 6379) -> tuple[str, int]:

@@ -1,7 +1,8 @@
 """Asking a running runner through its admin endpoint (``/readyz``, ``/topology``).
 
-Used by ``status`` and ``plan``. The token in ``CORTEX_ADMIN_TOKEN`` (when set) goes
-with every request as ``Authorization: Bearer ...``, for endpoints that require one.
+Used by ``status`` and ``plan``. The token (``admin.token`` in config.yaml, which comes from
+the environment, else ``CORTEX_ADMIN_TOKEN``) goes with every request as
+``Authorization: Bearer ...``, for endpoints that require one.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ async def admin_get(
     url = admin_url(admin, path)
     if url is None:
         return None, "admin endpoint is off"
-    token = os.environ.get(TOKEN_ENV)
+    token = admin.token or os.environ.get(TOKEN_ENV)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         client_timeout = aiohttp.ClientTimeout(total=timeout)

@@ -151,7 +151,7 @@ class Asking:
     async def _send(self, key: str, fields: dict[str, str], spec: StreamSpec) -> str:
         # at most SENDING XADDs at once: redis-py's pool refuses a 101st connection
         async with self._sending:
-            entry_id: str = await self.redis.xadd(key, fields, maxlen=spec.maxlen, approximate=True)
+            entry_id: str = await self.redis.xadd(key, fields)  # retention trims, not us
         if len(self._asked) >= 10_000:  # a bound: older ones need stream= then
             self._asked.pop(next(iter(self._asked)))
         self._asked[entry_id] = key

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cortex_flow.wire.codec import is_utf8, printable
 from cortex_flow.wire.connection import RedisClient, is_cluster, same_slot
 from cortex_flow.wire.entryids import id_key, id_ms
 
@@ -28,11 +29,7 @@ BATCH = 100  # entries per round trip when replaying or purging
 # cannot duplicate it, and a failing XADD (wrong key type) runs before anything is written.
 _REPLAY = """
 if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return 0 end
-if ARGV[2] ~= '' then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
-else
-  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
-end
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
 redis.call('XDEL', KEYS[1], ARGV[1])
 return 1
 """
@@ -71,6 +68,15 @@ class DlqEntry:
             replays=number("dlq_replays") or 0,
             fields={k: v for k, v in raw.items() if not k.startswith("dlq_")},
         )
+
+    def shown_fields(self) -> dict[str, str]:
+        """The original fields for people: bytes that are not UTF-8 as ``\\xNN``."""
+        return {printable(k): printable(v) for k, v in self.fields.items()}
+
+    @property
+    def not_utf8(self) -> list[str]:
+        """The fields (as shown) whose name or value is not UTF-8; replay keeps their bytes."""
+        return [printable(k) for k, v in self.fields.items() if not is_utf8(k) or not is_utf8(v)]
 
     def replayed_fields(self) -> dict[str, str]:
         """What a replay publishes: the original fields and the replay count so far."""
@@ -172,13 +178,12 @@ async def replay(
     *,
     dry_run: bool = False,
     progress: Callable[[int], None] | None = None,
-    maxlen: Mapping[str, int] | None = None,
 ) -> Outcome:
     """Publish each entry's original fields back to its source and delete it from the DLQ.
 
     One atomic step per entry where both keys share a slot (always on a single server);
     across cluster slots, publish first and delete after, so a crash duplicates, never loses.
-    ``maxlen`` caps source keys the way their stream declares (XADD MAXLEN ~).
+    Nothing is trimmed here: the retention duty trims the source keys.
     """
     outcome = Outcome()
     todo: list[DlqEntry] = []
@@ -187,7 +192,6 @@ async def replay(
             outcome.skipped.append((entry.id, "it has no dlq_stream field naming its source"))
         else:
             todo.append(entry)
-    caps = maxlen or {}
     for start in range(0, len(todo), BATCH):
         batch = todo[start : start + BATCH]
         if dry_run:
@@ -195,13 +199,13 @@ async def replay(
         elif not is_cluster(client) or all(same_slot(e.dlq_key, e.source or "") for e in batch):
             pipe = client.pipeline(transaction=False)
             for e in batch:
-                args = [e.id, caps.get(e.source or "", "")]
+                args = [e.id]
                 args += [x for pair in e.replayed_fields().items() for x in pair]
                 # EVAL, not EVALSHA: a cluster pipeline does not load scripts for us
                 pipe.eval(_REPLAY, 2, e.dlq_key, e.source or "", *args)
             done = list(await pipe.execute())
         else:
-            done = await _replay_across_slots(client, batch, caps)
+            done = await _replay_across_slots(client, batch)
         for e, ok in zip(batch, done, strict=True):
             if ok:
                 outcome.done += 1
@@ -213,13 +217,10 @@ async def replay(
     return outcome
 
 
-async def _replay_across_slots(
-    client: RedisClient, batch: list[DlqEntry], caps: Mapping[str, int]
-) -> list[int]:
+async def _replay_across_slots(client: RedisClient, batch: list[DlqEntry]) -> list[int]:
     pipe = client.pipeline(transaction=False)
     for e in batch:
-        cap = caps.get(e.source or "")
-        pipe.xadd(e.source or "", e.replayed_fields(), maxlen=cap, approximate=True)  # type: ignore[arg-type]
+        pipe.xadd(e.source or "", e.replayed_fields())  # type: ignore[arg-type]
     await pipe.execute()
     pipe = client.pipeline(transaction=False)
     for e in batch:

@@ -15,6 +15,7 @@ from cortex_flow.flow.plan import Change, Plan, declared_keys
 from cortex_flow.flow.topology import Resolved, ResolvedGroup, wrong_type_problem
 from cortex_flow.wire.connection import RedisClient
 from cortex_flow.wire.groups import wrong_types
+from cortex_flow.wire.lag import STATUS_CAP, count_unread
 
 __all__ = ["drift", "plan_from_drift", "wrong_type_keys"]
 
@@ -57,9 +58,15 @@ async def drift(client: RedisClient, resolved: Resolved) -> list[Change]:
                 changes.append(Change("add", "group", group.name, text))
         for name, info in present.items():
             if name not in {g.name for g in groups}:
+                lag = info.get("lag")
+                if lag is None:  # Redis 6.2 reports none: count it, up to a cap
+                    last = _text(info["last-delivered-id"])
+                    lag = (await count_unread(client, [(key, last)], STATUS_CAP))[(key, last)]
+                holds = "?" if lag is None else f"{int(lag) + int(info['pending']):,}"
                 text = (
-                    f"exists on {key} but no flow declares it there ({info['consumers']} "
-                    f"consumer(s), {info['pending']} pending); run leaves it alone"
+                    f"stale on {key}: no flow declares it there ({info['consumers']} "
+                    f"consumer(s), {info['pending']} pending); it holds {holds} entries from "
+                    f"retention; `cortex-flow prune {name}` removes it"
                 )
                 changes.append(Change("drift", "group", name, text))
         for group in groups:

@@ -219,7 +219,8 @@ def parts_in_order(reply: Reply, seen: int, attempt: int) -> tuple[bool, int, in
 async def publish_with_ttl(
     client: Any, key: str, spec: StreamSpec, msg: Mapping[str, Any], ttl: float
 ) -> str:
-    """XADD ``msg`` with a deadline ``ttl`` seconds from now (``cf_deadline``)."""
+    """XADD ``msg`` with a deadline ``ttl`` seconds from now (``cf_deadline``); never
+    trimmed here (retention does), as :func:`~cortex_flow.ops.send.publish`."""
     fields = request_fields(spec.codec, msg, ttl=ttl)
-    entry_id: str = await client.xadd(key, fields, maxlen=spec.maxlen, approximate=True)
+    entry_id: str = await client.xadd(key, fields)
     return entry_id

@@ -82,8 +82,6 @@ def target_key(
 
 
 async def publish(client: Any, key: str, spec: StreamSpec, msg: Mapping[str, Any]) -> str:
-    """XADD ``msg`` encoded with the stream's codec, trimmed to its ``maxlen`` (approximate)."""
-    entry_id: str = await client.xadd(
-        key, encode(spec.codec, msg), maxlen=spec.maxlen, approximate=True
-    )
+    """XADD ``msg`` encoded with the stream's codec (never trimmed here: retention does)."""
+    entry_id: str = await client.xadd(key, encode(spec.codec, msg))
     return entry_id

@@ -9,19 +9,24 @@ only XLEN, XINFO, XPENDING and ranges of COUNT 1. ``cortex-flow status``
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
 from cortex_flow.flow.config import AdminSettings
 from cortex_flow.flow.durations import humanize
 from cortex_flow.flow.loader import Project
-from cortex_flow.flow.topology import Resolved
+from cortex_flow.flow.topology import Resolved, no_reader, unread_inboxes
 from cortex_flow.ops.admin import admin_get
-from cortex_flow.wire.connection import RedisClient, describe_client, is_cluster
+from cortex_flow.ops.stale import count_lag, stale_from_infos
+from cortex_flow.runtime.duties import DUTIES
+from cortex_flow.runtime.retention import held_key
+from cortex_flow.wire.connection import RedisClient, describe_client, describe_error, is_cluster
 from cortex_flow.wire.entryids import id_key, id_ms
 from cortex_flow.wire.heartbeats import PAGE as HEARTBEAT_PAGE
-from cortex_flow.wire.heartbeats import LatestBeats, latest_beats
+from cortex_flow.wire.heartbeats import latest_beats
 from cortex_flow.wire.lag import STATUS_CAP, count_unread
+from cortex_flow.wire.redis_errors import explain, redis_user
 
 __all__ = ["collect", "probe_admin", "snapshot"]
 
@@ -51,8 +56,10 @@ async def collect(
         pipe.xlen(key)
         pipe.xrange(key, count=1)
         pipe.xrevrange(key, count=1)
-    if resolved.heartbeat_key:
-        pipe.xrevrange(resolved.heartbeat_key, count=HEARTBEAT_PAGE)
+    pipe.xrevrange(resolved.runner_key, count=HEARTBEAT_PAGE)
+    pipe.hgetall(held_key(resolved))
+    for duty in DUTIES:
+        pipe.get(resolved.duty_key(duty))
     if now is None and is_cluster(client):
         now = time.time()  # TIME has no key, so a cluster pipeline cannot route it
     if now is None:
@@ -78,19 +85,21 @@ async def collect(
             "priority": sk.priority,
             "agent": sk.agent,
             "status": status if isinstance(kind, str) else "error",
+            "error": None if isinstance(kind, str) else _refusal(client, kind, key),
             "length": length if status == "ok" and not isinstance(length, Exception) else None,
             "first_id": first_id,
             "last_id": last_id,
             "oldest_age": age(first_id),
             "newest_age": age(last_id),
         }
-    beats = replies[len(keys) * 4] if resolved.heartbeat_key else None
+    beats, held = replies[len(keys) * 4 : len(keys) * 4 + 2]
+    leases = replies[len(keys) * 4 + 2 : len(keys) * 4 + 2 + len(DUTIES)]
     dynamic = [
         {"name": s.name, "key": s.spec.key, "status": "dynamic", "length": None}
         for s in resolved.streams.values()
         if s.dynamic
     ]
-    groups = await _groups(client, resolved, streams, age)
+    groups, infos = await _groups(client, resolved, streams, age)
     agents, runner_age = await _agents(client, resolved, streams, _ok(beats) or [], age)
     dlq_keys = sorted({g.dead_letter for g in resolved.groups.values() if g.dead_letter})
     dead_letters = [
@@ -106,14 +115,56 @@ async def collect(
         "groups": groups,
         "agents": agents,
         "dead_letters": dead_letters,
+        "duties": [_duty(name, _ok(value)) for name, value in zip(DUTIES, leases, strict=True)],
+        "retention": _held_rows(_ok(held) or {}, now),
+        "stale_groups": await count_lag(client, stale_from_infos(resolved, infos)),
     }
     data["problems"] = problems(data, resolved)
     return data
 
 
+def _refusal(client: RedisClient, error: BaseException, key: str) -> str:
+    """Why reading ``key`` failed: an ACL refusal with the grant that fixes it."""
+    why = explain(error, user=redis_user(client), command="TYPE", keys=[key])
+    return why.text if why is not None else describe_error(error)
+
+
+def _duty(name: str, value: Any) -> dict[str, Any]:
+    """Who holds a duty: its token and the holder (``host:pid:start_ms``), or nobody."""
+    text = value.decode() if isinstance(value, bytes) else value
+    if not text:
+        return {"name": name, "token": None, "holder": None}
+    token, _, holder = str(text).partition(" ")
+    return {"name": name, "token": int(token) if token.isdigit() else None, "holder": holder}
+
+
+def _held_rows(raw: dict[Any, Any], now: float) -> list[dict[str, Any]]:
+    """The keys the retention duty found held above their cap, and by which group."""
+    rows = []
+    for key, value in sorted(raw.items()):
+        try:
+            record = json.loads(value)
+        except ValueError:
+            continue
+        since = float(record.get("since") or now)
+        rows.append(
+            {
+                "key": key.decode() if isinstance(key, bytes) else key,
+                "stream": record.get("stream"),
+                "group": record.get("group"),
+                "held": record.get("held"),
+                "max_len": record.get("max_len"),
+                "floor": record.get("floor"),
+                "since": since,
+                "held_for": round(max(0.0, now - since), 3),
+            }
+        )
+    return rows
+
+
 async def _groups(
     client: RedisClient, resolved: Resolved, streams: dict[str, dict[str, Any]], age: Any
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     live = [key for key, s in streams.items() if s["status"] == "ok"]
     pairs = [(g, k.key) for g in resolved.groups.values() for k in g.keys if k.key in live]
     pipe = client.pipeline(transaction=False)
@@ -169,7 +220,7 @@ async def _groups(
     for row in out:
         if row.get("status") == "ok" and row["lag"] is None:
             row["lag"] = counted.get((row["key"], row["last_delivered_id"]))
-    return out
+    return out, infos
 
 
 async def _agents(
@@ -182,22 +233,31 @@ async def _agents(
     """Each agent's last heartbeat, read newest first until all are found or the bound."""
     wanted = {name for name, spec in resolved.agents.items() if spec.heartbeat is not None}
     hb_key = resolved.heartbeat_key
-    latest = LatestBeats()
-    if hb_key is not None:
-        heartbeats = resolved.topology.heartbeats
-        codec = resolved.topology.streams[heartbeats.stream].codec if heartbeats else "raw"
-        latest = await latest_beats(
-            client, hb_key, codec, wanted=wanted, first_page=page, limit=HEARTBEAT_SCAN
-        )
+    heartbeats = resolved.topology.heartbeats
+    codec = resolved.topology.streams[heartbeats.stream].codec if heartbeats else "raw"
+    latest = await latest_beats(
+        client,
+        resolved.runner_key,
+        codec,
+        wanted=wanted if hb_key is not None else set(),
+        first_page=page,
+        limit=HEARTBEAT_SCAN,
+    )
     own = latest.runner(resolved.runner)
     runner_beat = own.entry_id if own is not None else None
     agents = []
+    readers: dict[str, list[str]] = {}  # key -> who reads it: "group g" or "client (group g)"
+    for group in resolved.groups.values():
+        who = f"group {group.name}" if group.by_runner else f"client (group {group.name})"
+        for k in group.keys:
+            readers.setdefault(k.key, []).append(who)
     for name, spec in sorted(resolved.agents.items()):
         inbox = [s for s in streams.values() if s["agent"] == name]
         row: dict[str, Any] = {
             "name": name,
             "inbox": sum(s["length"] or 0 for s in inbox) if inbox else None,
             "inbox_keys": [s["key"] for s in inbox],
+            "read_by": sorted({r for s in inbox for r in readers.get(s["key"], [])}),
             "timeout": spec.heartbeat.effective_timeout if spec.heartbeat else None,
             "heartbeat_age": None,
             "reported": None,
@@ -208,6 +268,7 @@ async def _agents(
             row["reported"] = beat.status
         if spec.heartbeat is None or hb_key is None:
             row["status"] = "unwatched"
+            row["why"] = "no heartbeat declared" if hb_key else "no heartbeats stream declared"
         elif row["heartbeat_age"] is None:
             row["status"] = "never seen"
         else:
@@ -230,6 +291,8 @@ def problems(data: dict[str, Any], resolved: Resolved) -> list[str]:
                 f"agent {agent['name']} has sent no heartbeat to {resolved.heartbeat_key} "
                 f"(checked the newest {HEARTBEAT_SCAN:,} entries)"
             )
+    for name, keys in unread_inboxes(resolved).items():
+        found.append(no_reader(name, keys))
     for dlq in data["dead_letters"]:
         if dlq["length"]:
             found.append(
@@ -237,8 +300,25 @@ def problems(data: dict[str, Any], resolved: Resolved) -> list[str]:
                 f"{humanize(dlq['oldest_age'])} old; inspect them with `cortex-flow dlq list`"
             )
     for stream in data["streams"]:
-        if stream["status"] not in ("ok", "missing", "dynamic"):
+        if stream["status"] == "error":
+            found.append(f"cannot read {stream['key']}: {stream['error']}")
+        elif stream["status"] not in ("ok", "missing", "dynamic"):
             found.append(f"{stream['key']} is {stream['status']}, not a stream; rename one")
+    for held in data["retention"]:
+        found.append(
+            f"group {held['group']} holds {held['key']} {held['held']:,} entries above its "
+            f"max_len {held['max_len']:,} (unread or pending there, so kept) for "
+            f"{humanize(held['held_for'])}; give the group more consumers"
+        )
+    for stale in data["stale_groups"]:
+        if stale["holds"] == 0:
+            continue  # listed in the table; it holds nothing back yet
+        holds = "an unknown number of" if stale["holds"] is None else f"{stale['holds']:,}"
+        found.append(
+            f"group {stale['name']} on {stale['key']} is declared by no flow and holds "
+            f"{holds} entries from retention ({stale['pending']:,} pending); "
+            f"`cortex-flow prune {stale['name']}` removes it"
+        )
     for group in data["groups"]:
         where = f"group {group['name']} on {group['key']}"
         if group["status"] == "missing":
@@ -265,6 +345,9 @@ async def probe_admin(admin: AdminSettings) -> dict[str, Any]:
         if admin.host_port is None:
             return {"admin": None, "reachable": False, "reason": body}
         return {"admin": admin.listen, "reachable": False, "reason": body}
+    if status in (401, 403) and isinstance(body, dict):  # the guard's {"error", "fix"}
+        refused = f"it refused the request: {body.get('error')}; {body.get('fix')}"
+        return {"admin": admin.listen, "reachable": False, "reason": refused}
     if not isinstance(body, dict) or "status" not in body:
         reason = body.get("error") if isinstance(body, dict) and "error" in body else None
         why = f"answered {status}: {reason}" if reason else "not a cortex-flow runner"
@@ -281,6 +364,8 @@ async def probe_admin(admin: AdminSettings) -> dict[str, Any]:
         "reachable": True,
         "ready": body.get("status") == "ready",
         "reload": reload,
+        "problems": [str(p) for p in detail.get("problems") or []],
+        "stuck_calls": detail.get("stuck_calls") or {},
     }
 
 
@@ -295,5 +380,14 @@ async def snapshot(client: RedisClient, project: Project, resolved: Resolved) ->
     if not admin["reachable"] and admin["admin"] is not None:
         data["problems"].append(
             f"runner {resolved.runner} is not reachable at {admin['admin']} ({admin['reason']})"
+        )
+    # what Redis refuses the runner (ACL, credentials, TLS, DNS), as the runner sees it
+    data["problems"].extend(f"runner {resolved.runner}: {p}" for p in admin.get("problems", []))
+    for group, stuck in sorted(admin.get("stuck_calls", {}).items()):
+        held = stuck.get("held_back")
+        data["problems"].append(
+            f"group {group}: {stuck.get('stuck')} sync call(s) stuck past their timeout "
+            f"(max_stuck_calls {stuck.get('max_stuck_calls')})"
+            + ("; it starts no new message until one returns" if held else "")
         )
     return data

@@ -3,7 +3,8 @@
 A small aiohttp server owned by the runner. It decides nothing itself: readiness
 comes from the runner's ``ready()``, reloads from its ``reload()``, and the
 Redis-derived gauges from its ``refresh()``. It listens on loopback unless told
-otherwise, because ``/metrics`` and ``POST /reload`` have no authentication.
+otherwise. Who may call it (Host, cross-site, token) is checked in front of every
+route by :mod:`cortex_flow.runtime.adminguard`.
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ import asyncio
 import errno
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from cortex_flow.errors import CortexFlowError
-from cortex_flow.flow.config import is_loopback
+from cortex_flow.flow.config import LOOPBACK_NAMES, is_loopback
+from cortex_flow.runtime.adminguard import guard
 from cortex_flow.runtime.metrics import CONTENT_TYPE, SUCCESSFUL_RELOADS, build_registry, render
 from cortex_flow.runtime.stats import RunnerStats
 
@@ -68,6 +70,8 @@ class AdminServer:
     ``refresh`` may be ``None`` when the runner has no such ability. ``topology``
     returns what ``GET /topology`` serves (:func:`cortex_flow.flow.exposed.topology_doc`),
     ``None`` while nothing runs yet. ``port`` 0 picks a free port (see :attr:`bound_port`).
+    ``hosts`` (the ``Host:`` names answered; default loopback and ``host``) and ``token``
+    are called per request, so a reload can change them.
     """
 
     def __init__(
@@ -83,6 +87,8 @@ class AdminServer:
         allow_public: bool = False,
         refresh_timeout: float = REFRESH_TIMEOUT,
         topology: Callable[[], dict[str, Any] | None] | None = None,
+        hosts: Callable[[], Collection[str]] | None = None,
+        token: Callable[[], str | None] | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -94,6 +100,9 @@ class AdminServer:
         self._refresh = refresh
         self._topology = topology
         self._log = log
+        default_hosts = frozenset((*LOOPBACK_NAMES, host.lower()))
+        self._hosts = hosts or (lambda: default_hosts)
+        self._token = token or (lambda: None)
         self.registry, self.collector = build_registry(stats)
         self._runner: web.AppRunner | None = None
         self._bound_port: int | None = None
@@ -112,7 +121,9 @@ class AdminServer:
 
     def app(self) -> web.Application:
         """The aiohttp application (routes and error handling), without a listener."""
-        app = web.Application(middlewares=[_json_errors])
+        app = web.Application(
+            middlewares=[guard(self._hosts, self._token, self._log), _json_errors]
+        )
         app.router.add_get("/", self._index)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
@@ -126,12 +137,11 @@ class AdminServer:
         if self._runner is not None:
             return
         public = not is_loopback(self.host)
-        if public and not self.allow_public:
+        if public and not (self.allow_public and self._token()):
             raise CortexFlowError(
-                f"admin endpoint will not listen on {self.where}: it is not a loopback address "
-                "and /metrics and POST /reload have no authentication; set admin.listen to "
-                f"127.0.0.1:{self.port} (and let a proxy expose it) or set "
-                "admin.allow_public: true"
+                f"admin endpoint will not listen on {self.where}: it is not a loopback address; "
+                f"set admin.listen to 127.0.0.1:{self.port} (and let a proxy expose it), or set "
+                "admin.allow_public: true and admin.token: ${CORTEX_ADMIN_TOKEN}"
             )
         # no access log: a scrape every few seconds would bury the lines that matter
         runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
@@ -154,7 +164,7 @@ class AdminServer:
         if public:
             self._log.warning(
                 "admin endpoint listening on %s, which is not loopback: anyone who can reach it "
-                "can read /metrics and trigger POST /reload",
+                "can read /metrics; POST /reload takes the admin token",
                 listening,
             )
         else:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 from redis.exceptions import ResponseError
@@ -36,17 +35,19 @@ from cortex_flow.runtime.replies import Conversations, apply_write, queue_expiri
 from cortex_flow.runtime.routes import Publish
 from cortex_flow.runtime.stats import KeyStats
 from cortex_flow.wire.connection import same_slot
+from cortex_flow.wire.deadletters import FAILURES_TTL, dead_letter_fields, failures_key
 from cortex_flow.wire.faults import passing_reason
 
 # ARGV[1] is the group, ARGV[2] the batch as one flat JSON array (one argument:
 # packing thousands of small arguments costs the client more than the work itself;
 # flat: decoding one table is cheaper for Redis than a table per entry and publish).
 # Per entry: source key index, entry id, publish count; per publish: target key index,
-# maxlen (0: none), field count, then the fields and values. KEYS holds every key once.
+# field count, then the fields and values (publishes never trim: retention does). KEYS
+# holds every key once.
 # An entry is acknowledged only when all its publishes succeeded; the reply lists the
-# others as {entry number, key refused, error}. A string maxlen marks a conversation's
-# write (runtime.replies); an entry whose task was canceled skips its writes, is
-# acknowledged and listed as {entry number, '', 'CANCELED'}.
+# others as {entry number, key refused, error}. A negative key index marks a
+# conversation's write (runtime.replies), its mode following it; an entry whose task was
+# canceled skips its writes, is acknowledged and listed as {entry number, '', 'CANCELED'}.
 COMMIT = """
 local group = ARGV[1]
 local b = cjson.decode(ARGV[2])
@@ -72,19 +73,17 @@ while i <= n do
   i = i + 3
   local err, bad, canceled = nil, nil, false
   for _ = 1, publishes do
-    local key, maxlen, count = KEYS[b[i]], b[i + 1], b[i + 2]
-    local first, last = i + 3, i + 2 + count
+    local k, mode = b[i], nil
+    if k < 0 then k = -k; mode = b[i + 1]; i = i + 1 end
+    local key, count = KEYS[k], b[i + 1]
+    local first, last = i + 2, i + 1 + count
     i = last + 1
     if err == nil and not canceled then
       local r
-      if type(maxlen) ~= 'string' then
-        if maxlen > 0 then
-          r = redis.pcall('XADD', key, 'MAXLEN', '~', maxlen, '*', unpack(b, first, last))
-        else
-          r = redis.pcall('XADD', key, '*', unpack(b, first, last))
-        end
+      if mode == nil then
+        r = redis.pcall('XADD', key, '*', unpack(b, first, last))
       else
-        r = conversation(key, maxlen, first, last)
+        r = conversation(key, mode, first, last)
         if r == 'canceled' then canceled = true; r = nil end
       end
       if type(r) == 'table' and r.err then err = r.err; bad = key end
@@ -124,10 +123,6 @@ class CommitDeferred(Exception):
         self.error = error
 
 
-def _iso_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
 class Committer:
     """Commits one group's outcomes and counts and logs what became of each entry."""
 
@@ -147,8 +142,6 @@ class Committer:
         self.conversations = conversations  # replies and task states of dead letters
         self.name = group.name
         self.dead_letter_key = group.dead_letter
-        dlq = group.spec.dead_letter
-        self._dlq_maxlen = streams[dlq].maxlen if dlq is not None and dlq in streams else None
         self.max_deliveries = group.spec.retry.max_deliveries
         self._backoff = group.spec.retry.backoff
         self.cluster = cluster
@@ -162,17 +155,11 @@ class Committer:
     def dead_letter(self, outcome: Outcome) -> Publish:
         """The dead-letter entry for ``outcome``: its fields plus the ``dlq_*`` metadata."""
         entry = outcome.entry
-        fields = dict(entry.fields)
-        fields.update(
-            dlq_stream=entry.key.key,
-            dlq_id=entry.id,
-            dlq_group=self.name,
-            dlq_deliveries=str(entry.deliveries),
-            dlq_error=outcome.error[:4000],
-            dlq_at=_iso_now(),
+        fields = dead_letter_fields(
+            entry.fields, entry.key.key, entry.id, self.name, entry.deliveries, outcome.error
         )
         assert self.dead_letter_key is not None
-        return Publish(self.dead_letter_key, fields, self._dlq_maxlen)
+        return Publish(self.dead_letter_key, fields)
 
     async def commit(self, outcomes: list[Outcome]) -> None:
         """Apply a batch of outcomes: publishes, dead letters and XACKs together.
@@ -188,13 +175,19 @@ class Committer:
         deferred: list[tuple[Outcome, str]] = []
         await self._commit(outcomes, deferred)
         notes: list[Publish] = []
+        counted: list[Outcome] = []  # failed, or done after more than one delivery
         for outcome in outcomes:
             if outcome.kind == RETRY:
                 self._retrying(outcome)
+                counted.append(outcome)
                 if self.conversations is not None:
                     note = self.conversations.retry_note(outcome)
                     if note is not None:
                         notes.append(note)
+            elif outcome.entry.deliveries > 1:
+                counted.append(outcome)
+        if counted:
+            await self._count_failures(counted, {id(o) for o, _ in deferred})
         if notes:  # a failed attempt of a request: its error in the task state
             await self._notes(notes)
         if deferred:
@@ -215,6 +208,26 @@ class Committer:
             self.log.warning(
                 "group %s: task states of retried messages not written: %s", self.name, exc
             )
+
+    async def _count_failures(self, outcomes: list[Outcome], deferred: set[int]) -> None:
+        """Count failed deliveries per entry (:func:`failures_key`), forgotten once the
+        entry is done: a dead letter after crashes then says how many runners died
+        holding it. Only retried entries come here; a Redis error only costs the count."""
+        pipe = self.client.pipeline(transaction=False)
+        for outcome in outcomes:
+            if id(outcome) in deferred:
+                continue
+            entry = outcome.entry
+            key, field = failures_key(entry.key.key), f"{self.name}:{entry.id}"
+            if outcome.kind == RETRY:
+                pipe.hincrby(key, field, 1)
+                pipe.expire(key, FAILURES_TTL)
+            else:
+                pipe.hdel(key, field)
+        try:
+            await pipe.execute()
+        except Exception as exc:  # bookkeeping: never a reason to redo the commit
+            self.log.debug("group %s: failure counts not updated: %s", self.name, exc)
 
     def _retrying(self, outcome: Outcome) -> None:
         entry = outcome.entry
@@ -365,8 +378,11 @@ class Committer:
             )
             for p in publishes:
                 fields = p.fields
-                add(index.setdefault(p.key, len(index) + 1))
-                add(p.mode or p.maxlen or 0)
+                if p.mode:  # a conversation's write: its mode after a negative index
+                    add(-index.setdefault(p.key, len(index) + 1))
+                    add(p.mode)
+                else:
+                    add(index.setdefault(p.key, len(index) + 1))
                 add(2 * len(fields))
                 for pair in fields.items():
                     batch += pair
@@ -493,9 +509,7 @@ class Committer:
             if dlq is not None and publish.key != dlq:
                 dead = self.dead_letter(Outcome(entry, DEAD, [], error))
                 try:
-                    await self.client.xadd(
-                        dead.key, dead.fields, maxlen=dead.maxlen, approximate=True
-                    )
+                    await self.client.xadd(dead.key, dead.fields)
                 except Exception as again:
                     error += f"; dead-lettering failed too: {again}"
                 else:

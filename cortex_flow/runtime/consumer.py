@@ -48,9 +48,10 @@ from cortex_flow.runtime.retries import RetryTimer
 from cortex_flow.runtime.routes import RouteTable
 from cortex_flow.runtime.stats import GroupStats, KeyStats
 from cortex_flow.runtime.threaded import ThreadedDriver
-from cortex_flow.wire.connection import Backoff
+from cortex_flow.wire.connection import Backoff, describe_client
 from cortex_flow.wire.faults import passing_reason
 from cortex_flow.wire.groups import ensure_group
+from cortex_flow.wire.redis_errors import explain, redis_user
 
 __all__ = [
     "ACK",
@@ -157,7 +158,7 @@ class GroupConsumer:
             conversations=self.conversations,
         )
         self.leases = Leases(client, self.name, self.me, self.log)
-        self.faults = FaultLog(self.name, stats, self.log)
+        self.faults = FaultLog(self.name, stats, self.log, user=redis_user(client))
         # finished outcomes, committed together by its flusher task
         self.outbox = Outbox(
             self._commit_until_done,
@@ -217,9 +218,10 @@ class GroupConsumer:
         """Replace the route table between two messages (a route-only reload)."""
         self.handler.table = table
 
-    def request_claim(self, consumers: Iterable[str]) -> None:
-        """Take over another consumer's pending entries now (its agent went down)."""
-        self.pending.request_claim(consumers)
+    def request_claim(self, consumers: Iterable[str], min_idle: int = 0) -> None:
+        """Take over another consumer's pending entries now (its agent went down), those
+        idle at least ``min_idle`` ms."""
+        self.pending.request_claim(consumers, min_idle)
         self._wake.set()
 
     async def stop(self, grace: float) -> bool:
@@ -285,11 +287,10 @@ class GroupConsumer:
                         pending.recover()  # every entry of ours, due or not
                         self._retries.clear()
                         recover = False
-                    if pending.recovering:  # our own pending entries first, as room frees up
+                    if pending.recovering:  # our own pending entries first, one at a time
                         await pending.take_own()
-                        if pending.recovering:
-                            if self._capacity() == 0:
-                                await self._idle()
+                        if pending.recovering and self._capacity() == 0:
+                            await self._idle()
                             continue
                     now = time.monotonic()
                     due = self._retries.next_due()
@@ -299,29 +300,38 @@ class GroupConsumer:
                         await pending.claim_from_down()
                     if now >= next_claim:
                         next_claim = now + self._claim_every
-                        if await pending.autoclaim():
+                        if await self._autoclaim():
                             next_claim = now  # a backlog of idle entries: keep taking it
                     capacity = self._capacity()
                     if capacity == 0:
                         await self._idle()
                         continue
-                    # while a down consumer's entries remain, only glance for new ones;
-                    # a retry falling due ends the wait for new entries in time
-                    block = not pending.claiming
+                    # while what a dead runner held is taken back (one at a time), only
+                    # glance for new entries; a retry falling due ends the wait in time
+                    block = not pending.isolating
                     entries = await self._fetch(capacity, block=block, block_ms=self._block_ms())
                     if self.reader.parked:  # held for later: leased meanwhile
                         self._inflight.update((e.key.key, e.id) for e in self.reader.parked)
                     if entries:
                         await self._dispatch(entries)
+                    elif not block:  # the entry taken back runs: wait for it (or a while)
+                        await self._idle(self.block_ms / 1000)
                     backoff.reset()
+                    if self.stats.problems:
+                        self.faults.cleared("blocked")
                 except TRANSIENT as exc:
+                    if await self._refused(exc, backoff):
+                        recover = True
+                        continue
                     delay = backoff.next_delay()
                     self.faults.report("unreachable", exc, f"retrying in {delay:.1f}s")
                     recover = True
                     await self._sleep(delay)
                 except ResponseError as exc:
                     reason = passing_reason(exc)
-                    if reason is not None:
+                    if reason is None and await self._refused(exc, backoff):
+                        recover = True
+                    elif reason is not None:
                         delay = backoff.next_delay()
                         self.faults.report(reason, exc, f"retrying in {delay:.1f}s")
                         await self._sleep(delay)
@@ -353,10 +363,11 @@ class GroupConsumer:
             if not self._inflight:
                 self.done.set()
 
-    async def _idle(self) -> None:
-        """Wait for a free slot or a stop (a due retry needs a slot too)."""
+    async def _idle(self, timeout: float | None = None) -> None:
+        """Wait for a free slot or a stop (a due retry needs a slot too), or ``timeout``."""
         self._wake.clear()
-        await self._wake.wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
 
     def _block_ms(self) -> int:
         """How long a read may wait for new entries: until the next retry is due at most."""
@@ -377,6 +388,35 @@ class GroupConsumer:
                 self._inflight.discard((entry.key.key, entry.id))
             queue.clear()
         self._waiting = 0
+
+    async def _refused(self, exc: BaseException, backoff: Backoff) -> bool:
+        """An ACL, credential, TLS or DNS refusal: the group is blocked (status, /readyz),
+        said once in a while, and tried again; False for any other error."""
+        keys = [k.key for k in self.keys]
+        why = explain(exc, user=self.faults.user, keys=keys, where=describe_client(self.client))
+        if why is None:
+            return False
+        delay = backoff.next_delay()
+        self.faults.refused("blocked", why, f"trying again every {backoff.maximum:g}s at most")
+        await self._sleep(delay)
+        return True
+
+    async def _autoclaim(self) -> bool:
+        """Claim entries idle past ``claim_idle`` (see PendingWork.autoclaim: XPENDING IDLE,
+        then XCLAIM); an ACL refusal turns crash recovery off
+        (said once in a while, shown by status) while reads go on."""
+        try:
+            more = await self.pending.autoclaim()
+        except ResponseError as exc:
+            keys = [k.key for k in self.keys]
+            why = explain(exc, user=self.faults.user, command="XCLAIM", keys=keys)
+            if why is None or why.kind != "acl":
+                raise
+            self.faults.refused("recovery", why, "reads and retries go on")
+            return False
+        if self.stats.problems:
+            self.faults.cleared("recovery")
+        return more
 
     async def _unexpected(self, backoff: Backoff) -> None:
         # A consumer that dies here stops its group in silence while the runner looks

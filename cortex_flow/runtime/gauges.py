@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from cortex_flow.flow.topology import Resolved
+from cortex_flow.runtime.retention import read_held
 from cortex_flow.runtime.stats import RunnerStats
 from cortex_flow.wire.entryids import id_ms
 from cortex_flow.wire.lag import METRICS_CAP, count_unread
@@ -59,6 +60,23 @@ async def refresh_gauges(client: Any, resolved: Resolved | None, stats: RunnerSt
             stats.lag.pop((group, key), None)  # past the cap: unknown, not stale
         else:
             stats.lag[(group, key)] = lag
+    await _retention_gauges(client, resolved, stats)
+
+
+async def _retention_gauges(client: Any, resolved: Resolved, stats: RunnerStats) -> None:
+    """Keys held above their cap, as the retention duty (in whichever runner) recorded."""
+    try:
+        held = await read_held(client, resolved)
+    except Exception as exc:  # the scrape still shows the other gauges
+        log.debug("metrics: reading the retention record failed (%s); kept", exc)
+        return
+    stats.retention_held = {
+        (str(r.get("stream")), key, str(r.get("group"))): (
+            int(r.get("held") or 0),
+            float(r.get("since") or 0.0),
+        )
+        for key, r in held.items()
+    }
 
 
 def _pending_gauges(stats: RunnerStats, group: str, key: str, summary: Any, now_ms: float) -> None:

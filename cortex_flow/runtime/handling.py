@@ -25,11 +25,14 @@ from cortex_flow.runtime.deadlines import Deadlines
 from cortex_flow.runtime.delivery import ACK, DEAD, RETRY, Entry, Outcome, backoff_ms
 from cortex_flow.runtime.replies import Canceled, Conversations
 from cortex_flow.runtime.routes import (
+    HANDLER_EXITS,
     CompiledRoute,
+    HandlerExit,
     Overran,
     PermanentError,
     Publish,
     RouteTable,
+    call_inline,
     call_route,
 )
 from cortex_flow.runtime.stats import GroupStats, KeyStats
@@ -79,6 +82,11 @@ class EntryHandler:
         self._key_stats = key_stats
         self.log = log or logging.getLogger("cortex_flow.consumer")
         self.group_stats = group_stats  # where overrunning sync calls are counted
+        spec = group.spec
+        # sync calls stuck past their timeout before no new message starts
+        self.max_stuck_calls = spec.max_stuck_calls or spec.concurrency
+        if group_stats is not None:
+            group_stats.max_stuck_calls = self.max_stuck_calls
         self.deadlines = Deadlines()  # the timeouts of async calls
         self._unmatched = 0  # acknowledged unmatched since the last warning
         self._unmatched_warn_at = 0.0  # time.monotonic() of the next allowed warning
@@ -123,7 +131,7 @@ class EntryHandler:
                 if action == "to":
                     publishes.append(route.publish(msg, ctx, bound))
                 elif action == "call" and route.inline and not route.is_async:
-                    result = route.fn(msg)  # type: ignore[misc]
+                    result = call_inline(route, msg)
                 elif action in ("call", "http"):
                     result = yield route, msg, ctx
                 if not route.continue_:
@@ -155,8 +163,8 @@ class EntryHandler:
         else:  # the usual case, without a call: the message and the key's variables
             try:
                 msg = decode(self.codec, entry.fields)
-            except DecodeError as exc:
-                return Outcome(entry, DEAD, [], f"cannot decode: {exc}")
+            except Exception as exc:
+                return undecodable(entry, exc)
             bound, ctx = self._bound[entry.key.key], None
         publishes: list[Publish] = []
         matched = False
@@ -174,6 +182,8 @@ class EntryHandler:
                     break
         except Exception as exc:
             return self._failure(entry, route, exc)
+        except HANDLER_EXITS as exc:
+            return self._failure(entry, route, HandlerExit.of(route, exc))
         finally:
             self._key_stats[entry.key.key].latency.observe(perf_counter() - started)
         if matched:
@@ -192,18 +202,25 @@ class EntryHandler:
 
     def _prepare(self, entry: Entry) -> tuple[Any, dict[str, Any], Any] | Outcome:
         """The decoded message, the key's variables and the template context (or None);
-        an undecodable entry's outcome instead."""
+        an undecodable entry's outcome instead.
+
+        Whatever fails here fails for this entry alone, and the same way every time
+        (``RecursionError``, ``MemoryError``: hostile input): it is dead-lettered at once.
+        """
         try:
             msg = decode(self.codec, entry.fields)
-        except DecodeError as exc:
-            return Outcome(entry, DEAD, [], f"cannot decode: {exc}")
+        except Exception as exc:
+            return undecodable(entry, exc)
         key = entry.key
         bound = self._bound.get(key.key)
         if bound is None:
             bound = {"priority": key.priority, "agent": key.agent, **self._base_vars}
             self._bound[key.key] = bound
         table = self.table
-        ctx = self._context(entry, msg, bound, table) if table.needs_context else None
+        try:
+            ctx = self._context(entry, msg, bound, table) if table.needs_context else None
+        except Exception as exc:
+            return Outcome(entry, DEAD, [], f"template context: {type(exc).__name__}: {exc}")
         return msg, bound, ctx
 
     def _failure(self, entry: Entry, route: CompiledRoute, exc: Exception) -> Outcome:
@@ -211,6 +228,17 @@ class EntryHandler:
         if isinstance(exc, Canceled):
             assert self.conv is not None
             return self.conv.was_canceled(entry)
+        if isinstance(exc, HandlerExit):
+            self.log.error(
+                "group %s: %s from %s: %s (%s); that is this message's failure, the runner "
+                "goes on. A handler should raise an exception rather than exit",
+                self.name,
+                entry.id,
+                entry.key.key,
+                exc,
+                route.label,
+            )
+            return self._failed(entry, f"{route.label}: {exc}")
         if isinstance(exc, PermanentError):
             return Outcome(entry, DEAD, [], str(exc), attempt_failed=True)
         if isinstance(exc, Overran):
@@ -255,6 +283,8 @@ class EntryHandler:
                         value = await self._call_sync(route, msg, entry)
                 except Exception as exc:
                     route, msg, ctx = steps.throw(exc)
+                except HANDLER_EXITS as exc:
+                    route, msg, ctx = steps.throw(HandlerExit.of(route, exc))
                 else:
                     route, msg, ctx = steps.send(value)
         except StopIteration as stop:
@@ -288,24 +318,45 @@ class EntryHandler:
             if overran:
                 self.overrun_ended()
 
-    def overrun_started(self, route: CompiledRoute, entry: Entry) -> None:
-        """A sync call for ``entry`` is past its timeout and still running: say so."""
+    def overrun_started(self, route: CompiledRoute, entry: Entry, stuck: int = 0) -> None:
+        """A sync call for ``entry`` is past its timeout and still running: say so.
+
+        ``stuck``: how many of the group's calls now are; at ``max_stuck_calls`` the group
+        is held back (starts no new message until one returns).
+        """
+        held_back = stuck >= self.max_stuck_calls
         if self.group_stats is not None:
             self.group_stats.overrunning += 1
+            self.group_stats.held_back = held_back
         self.log.warning(
             "group %s: %s (%s) timed out after %gs and is still running; a sync call "
-            "cannot be stopped: the message keeps its slot and is retried only once it "
-            "returns",
+            "cannot be stopped: the message stays held (its slot goes to the next one) and "
+            "is retried only once it returns",
             self.name,
             entry.id,
             route.label,
             route.timeout,
         )
+        if held_back:
+            self.log.error(
+                "group %s: %d sync calls are stuck past their timeout (max_stuck_calls %d); "
+                "the group starts no new message until one returns (other groups go on). "
+                "Make the handler return within its timeout, or raise max_stuck_calls",
+                self.name,
+                stuck,
+                self.max_stuck_calls,
+            )
 
-    def overrun_ended(self) -> None:
-        """An overrunning sync call returned."""
+    def overrun_ended(self, stuck: int = 0) -> None:
+        """An overrunning sync call returned; ``stuck`` of the group's still run."""
+        held_back = stuck >= self.max_stuck_calls
         if self.group_stats is not None:
             self.group_stats.overrunning -= 1
+            self.group_stats.held_back = held_back
+        if stuck + 1 >= self.max_stuck_calls > stuck:
+            self.log.info(
+                "group %s: a stuck sync call returned; new messages start again", self.name
+            )
 
     def _warn_unmatched(self) -> None:
         """Say (at most once a minute) that unmatched messages are being acknowledged."""
@@ -360,11 +411,28 @@ class EntryHandler:
             raise RuntimeError("no HTTP client available")
         spec = route.route.http
         assert spec is not None
-        url = route.url.source if route.url.is_literal else route.render_url(ctx)
-        async with asyncio.timeout(route.timeout):
-            async with self.http.request(
-                spec.method, url, json=dict(msg), headers=spec.headers
-            ) as resp:
-                if resp.status >= 300:
-                    body = (await resp.text())[:200]
-                    raise RuntimeError(f"HTTP {resp.status} from {url}: {body}")
+        literal = route.url.is_literal
+        url = route.checked_url(route.url.source) if literal else route.render_url(ctx)
+        try:
+            async with asyncio.timeout(route.timeout):
+                # redirects are not followed: where a request goes is the flow file's to say
+                async with self.http.request(
+                    spec.method, url, json=dict(msg), headers=spec.headers, allow_redirects=False
+                ) as resp:
+                    if resp.status >= 300:
+                        body = (await resp.text())[:200]
+                        raise RuntimeError(f"HTTP {resp.status} from {url}: {body}")
+        except OSError as exc:
+            from cortex_flow.runtime.outbound import refused_reason  # loads aiohttp
+
+            refused = refused_reason(exc)
+            if refused is not None:
+                raise PermanentError(f"{route.label}: request refused: {refused}") from None
+            raise
+
+
+def undecodable(entry: Entry, exc: Exception) -> Outcome:
+    """The outcome of an entry whose fields cannot be decoded: a dead letter, with why."""
+    if isinstance(exc, DecodeError):
+        return Outcome(entry, DEAD, [], f"cannot decode: {exc}")
+    return Outcome(entry, DEAD, [], f"cannot decode: {type(exc).__name__}: {exc}")

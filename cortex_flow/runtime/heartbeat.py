@@ -1,10 +1,19 @@
 """Heartbeats: the runner's own beat, and the watch over every declared agent.
 
 Agents (and runners) publish beats (:mod:`cortex_flow.wire.heartbeats`) to the heartbeat
-stream; a runner's beats also carry ``instance`` (``host:pid:start_ms``), so a second
-process started under the same runner name is refused at start. An agent silent past its
-timeout is marked down: metrics and status show it, the optional ``on_down`` event is
-published, and the pending entries of consumers named after it are claimed at once.
+stream; runners always beat, on ``<namespace>runners`` when the flows declare no
+``heartbeats:`` (:attr:`Resolved.runner_key`). A runner's beats also carry ``instance``
+(``host:pid:start_ms``), so a second process started under the same runner name is
+refused at start. An agent silent past its timeout is marked down: metrics and status
+show it, and the pending entries of consumers named after it are claimed at once. The
+``agent_down`` / ``agent_up`` events (to ``heartbeats.on_down``) are published only by
+the runner holding the ``agents`` duty (:mod:`cortex_flow.runtime.agentevents`), one per
+transition.
+
+Claims for a silent runner or agent are safe with any number of runners watching: each
+XCLAIM asks for a minimum idle time of half of how long the owner has been silent beyond
+one beat interval, so an entry one survivor claimed (its idle time starts again) is not
+claimed again by another who noticed the same silence.
 """
 
 from __future__ import annotations
@@ -16,13 +25,13 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 from cortex_flow.errors import CortexFlowError
-from cortex_flow.flow.topology import Resolved, key_template, render_key
+from cortex_flow.flow.topology import Resolved, key_template
+from cortex_flow.runtime.agentevents import AgentEvents
+from cortex_flow.runtime.duties import Duties
 from cortex_flow.runtime.stats import AgentState, RunnerStats
-from cortex_flow.wire.codec import encode
 from cortex_flow.wire.heartbeats import (
     SCAN_LIMIT,
     Beat,
@@ -32,10 +41,26 @@ from cortex_flow.wire.heartbeats import (
     parse_beat,
 )
 from cortex_flow.wire.processes import pid_alive
+from cortex_flow.wire.redis_errors import explain, redis_user
 
 WARN_EVERY = 60.0  # a failing beat of the runner's own is logged at most this often
 STOP_BEAT_TIMEOUT = 1.0  # the last ("stopped") beat must not hold up a shutdown
 RUNNER_SILENCE = 3  # a runner silent for this many of its intervals is down
+RUNNERS_CAP = 1000  # the default runner stream (no heartbeats declared) is kept this short
+
+# what to do when an agent or runner goes silent: (consumer name, XCLAIM min-idle in ms)
+OnDown = Callable[[str, int], None]
+
+
+def claim_idle_ms(silence: float, interval: float) -> int:
+    """The min-idle for claiming a silent owner's entries.
+
+    It may have touched them until its next beat was due, so they are idle at least
+    ``silence - interval``; half of that is asked, leaving room for clocks that differ
+    and beats written late. What one survivor claimed a moment before is idle for far
+    less when another comes to it (milliseconds), so no two claim one entry.
+    """
+    return max(0, int((silence - interval) * 500))
 
 
 def runner_instance(started_at: float | None = None) -> str:
@@ -93,10 +118,6 @@ async def check_runner_name(
         )
 
 
-def _iso(ts: float | None) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds") if ts else ""
-
-
 class HeartbeatMonitor:
     """Follows the heartbeat stream; calls ``on_down(name)`` when an agent goes silent."""
 
@@ -107,9 +128,10 @@ class HeartbeatMonitor:
         stats: RunnerStats,
         *,
         runner_interval: float,
-        on_down: Callable[[str], None],
+        on_down: OnDown,
         log: logging.Logger,
         instance: str | None = None,
+        duties: Duties | None = None,
     ) -> None:
         self.client = client
         self.stats = stats
@@ -117,12 +139,14 @@ class HeartbeatMonitor:
         self.log = log
         self.runner_interval = runner_interval
         self.instance = instance or runner_instance()
+        self.events = AgentEvents(client, duties, log)
         self.key: str | None = None
         self.runners: dict[str, float] = {}  # other runners' last beats, kept across reloads
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._ending: set[asyncio.Task[None]] = set()  # cancelled by a reload, not yet done
         self._beat_failed_at: float | None = None  # when a failed beat was last logged
+        self._read_failed_at = -WARN_EVERY  # when a refused read was last logged
         self._twin_warned_at: float | None = None
         self.update(resolved)
 
@@ -145,22 +169,16 @@ class HeartbeatMonitor:
             state.timeout = spec.heartbeat.effective_timeout
             agents[name] = state
         self.stats.agents = agents
-        self.event_key: str | None = None
-        self.event_codec = "raw"
-        self.event_maxlen: int | None = None
+        self.events.update(resolved)
         topo = resolved.topology
-        if topo.heartbeats is not None and topo.heartbeats.on_down is not None:
-            target = topo.streams[topo.heartbeats.on_down.to]
-            self.event_key = render_key(target, dict(topo.heartbeats.on_down.vars))
-            self.event_maxlen = target.maxlen
-            self.event_codec = target.codec
-        self.beat_maxlen: int | None = None
+        # a declared heartbeat stream is trimmed by retention; the default one at each beat
+        self.beat_maxlen: int | None = RUNNERS_CAP
         self.beat_codec = "raw"
         if topo.heartbeats is not None:
             beats = topo.streams[topo.heartbeats.stream]
-            self.beat_maxlen, self.beat_codec = beats.maxlen, beats.codec
-        changed = resolved.heartbeat_key != self.key
-        self.key = resolved.heartbeat_key
+            self.beat_maxlen, self.beat_codec = None, beats.codec
+        changed = resolved.runner_key != self.key
+        self.key = resolved.runner_key
         if changed:
             # other runners are known by their beats on the old stream; on the new one
             # they are learnt again, instead of being declared down for beating elsewhere
@@ -208,7 +226,7 @@ class HeartbeatMonitor:
             self.key,
             encode_beat(self.beat_codec, fields),
             maxlen=self.beat_maxlen,
-            approximate=True,
+            approximate=self.beat_maxlen is not None,
         )
 
     async def _beat(self) -> None:
@@ -236,8 +254,14 @@ class HeartbeatMonitor:
                 "heartbeats: cannot write this runner's beat to %s (%s); other runners may "
                 "take it for down and claim its pending messages (logged once a minute)",
                 self.key,
-                exc,
+                self._why(exc),
             )
+
+    def _why(self, exc: BaseException) -> str:
+        """``exc`` in words: an ACL, credential, TLS or DNS refusal with its fix."""
+        keys = [self.key] if self.key else []
+        why = explain(exc, user=redis_user(self.client), keys=keys)
+        return why.text if why is not None else str(exc)
 
     def _seen(self, beat: Beat) -> None:
         name, ts = beat.agent, beat.ts
@@ -285,7 +309,7 @@ class HeartbeatMonitor:
                     self._seen(beat)
             last_id = seed.newest_id or last_id
         except Exception as exc:
-            self.log.warning("heartbeats: cannot read %s yet (%s)", key, exc)
+            self.log.warning("heartbeats: cannot read %s yet (%s)", key, self._why(exc))
         await self._check()
         while not self._stop.is_set():
             try:
@@ -300,7 +324,13 @@ class HeartbeatMonitor:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.log.warning("heartbeats: reading %s failed (%s); retrying", key, exc)
+                refused = explain(exc) is not None  # said once a minute: retrying cannot fix it
+                now = time.monotonic()
+                if not refused or now - self._read_failed_at >= WARN_EVERY:
+                    self._read_failed_at = now
+                    self.log.warning(
+                        "heartbeats: reading %s failed (%s); retrying", key, self._why(exc)
+                    )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), 1.0)
 
@@ -317,45 +347,27 @@ class HeartbeatMonitor:
                         state.name,
                         f"{now - state.last_beat:.1f}s",
                     )
-                    await self._event("agent_up", state)
                 state.up = True
             elif not alive and state.up is not False:
                 state.up = False
+                silence = now - state.last_beat
                 self.log.warning(
                     "agent %s is down: no heartbeat for %.0fs (timeout %gs); claiming its "
                     "pending messages",
                     state.name,
-                    now - state.last_beat,
+                    silence,
                     state.timeout,
                 )
-                await self._event("agent_down", state)
-                self.on_down(state.name)
+                spec = self.resolved.agents[state.name].heartbeat
+                interval = spec.interval if spec is not None else state.timeout
+                self.on_down(state.name, claim_idle_ms(silence, interval))
+        await self.events.publish(self.stats.agents.values())
         for name, ts in list(self.runners.items()):
-            if now - ts > RUNNER_SILENCE * self.runner_interval:
+            silence = now - ts
+            if silence > RUNNER_SILENCE * self.runner_interval:
                 self.log.warning("runner %s stopped beating; claiming its pending messages", name)
                 del self.runners[name]
-                self.on_down(name)
-
-    async def _event(self, kind: str, state: AgentState) -> None:
-        if self.event_key is None:
-            return
-        fields = {
-            "type": kind,
-            "agent": state.name,
-            "last_seen": _iso(state.last_beat),
-            "timeout": f"{state.timeout:g}s",
-            "runner": self.resolved.runner,
-            "at": _iso(time.time()),
-        }
-        try:
-            await self.client.xadd(
-                self.event_key,
-                encode(self.event_codec, fields),
-                maxlen=self.event_maxlen,
-                approximate=True,
-            )
-        except Exception as exc:
-            self.log.warning("heartbeats: cannot publish %s event (%s)", kind, exc)
+                self.on_down(name, claim_idle_ms(silence, self.runner_interval))
 
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 Every third of ``claim_idle`` the consumer re-claims to itself what it holds (running,
 waiting in its backlog, or waiting to be committed): ``XCLAIM ... 0 ... JUSTID`` resets
-an entry's idle time without counting a delivery. Another runner's XAUTOCLAIM then
+an entry's idle time without counting a delivery. Another runner's idle claim then
 takes only entries whose runner stopped renewing (it died or lost Redis), about
 ``claim_idle`` after the last renewal. So ``claim_idle`` need not outlast the longest
 call: a ten-minute model call under ``claim_idle: 30s`` runs once.

@@ -168,6 +168,36 @@ class RunnerCollector:
         for (group, key, consumer), count in stats.consumers.items():
             consumers.add_metric([group, key, consumer], float(count))
         yield consumers
+        yield from self._retention()
+
+    def _retention(self) -> Iterator[Metric]:
+        labels = ["stream", "key", "group"]
+        held = GaugeMetricFamily(
+            "cortex_flow_retention_held",
+            "Entries a lagging group holds above the key's retention.max_len (unread or "
+            "pending in that group, so never trimmed).",
+            labels=labels,
+        )
+        since = GaugeMetricFamily(
+            "cortex_flow_retention_held_seconds",
+            "How long the group has held the key above its retention.max_len.",
+            labels=labels,
+        )
+        now = self.clock()
+        for (stream, key, group), (count, start) in self.stats.retention_held.items():
+            held.add_metric([stream, key, group], float(count))
+            since.add_metric([stream, key, group], max(0.0, now - start))
+        trimmed = CounterMetricFamily(
+            "cortex_flow_retention_trimmed",
+            "Entries this runner's retention passes trimmed (read and acknowledged by every "
+            "group, past max_len or max_age).",
+            labels=["key"],
+        )
+        for key, count in self.stats.trimmed.items():
+            trimmed.add_metric([key], float(count))
+        yield held
+        yield since
+        yield trimmed
 
     def _groups(self) -> Iterator[Metric]:
         errors = CounterMetricFamily(
@@ -181,6 +211,12 @@ class RunnerCollector:
             "Sync calls past their timeout whose thread still runs (the message waits).",
             labels=["group"],
         )
+        held_back = GaugeMetricFamily(
+            "cortex_flow_group_held_back",
+            "1 while max_stuck_calls sync calls of the group are stuck past their timeout: "
+            "it starts no new message until one returns (other groups go on).",
+            labels=["group"],
+        )
         lost = CounterMetricFamily(
             "cortex_flow_leases_lost",
             "Held entries another consumer took over before this one renewed their lease.",
@@ -190,9 +226,11 @@ class RunnerCollector:
             for reason, count in sorted(group.redis_errors.items()):
                 errors.add_metric([group.group, reason], float(count))
             overrunning.add_metric([group.group], float(group.overrunning))
+            held_back.add_metric([group.group], float(group.held_back))
             lost.add_metric([group.group], float(group.leases_lost))
         yield errors
         yield overrunning
+        yield held_back
         yield lost
 
     def _agents(self) -> Iterator[Metric]:

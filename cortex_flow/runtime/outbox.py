@@ -4,6 +4,8 @@ Handlers put their outcomes here; one flusher task commits them in one round tri
 most ``FLUSH_DELAY`` after the first, at once when a batch is full or nothing else runs.
 A commit that Redis refuses for a passing reason (no answer, out of memory, read-only,
 loading) is tried again with backoff: it counts neither as a delivery nor as a failure.
+So is one refused by an ACL (a problem of the group until it goes through): granting
+the permission lets the outcomes through, none is lost meanwhile.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from collections.abc import Awaitable, Callable
 from redis.exceptions import ResponseError
 
 from cortex_flow.runtime.commit import CommitDeferred, Committer
-from cortex_flow.runtime.delivery import RETRY, TRANSIENT, Outcome
+from cortex_flow.runtime.delivery import DEAD, RETRY, TRANSIENT, Outcome
 from cortex_flow.runtime.faultlog import FaultLog
 from cortex_flow.wire.faults import passing_reason
+from cortex_flow.wire.redis_errors import explain
 
 # finished outcomes wait at most this long to be committed with others (one round trip)
 FLUSH_DELAY = 0.002
@@ -44,13 +47,31 @@ async def commit_until_done(
             faults.report(exc.reason, exc, f"committing again in {delay:.2g}s")
         except (*TRANSIENT, ResponseError) as exc:
             reason = passing_reason(exc)
-            if reason is None:
+            why = (
+                explain(exc, user=faults.user, keys=_keys(committer, outcomes))
+                if reason is None
+                else None
+            )
+            if why is not None and why.kind == "acl":
+                faults.refused("commit", why, "the outcomes are kept and committed once allowed")
+            elif reason is None:
                 raise
-            faults.report(reason, exc, f"committing again in {delay:.2g}s")
+            else:
+                faults.report(reason, exc, f"committing again in {delay:.2g}s")
         await asyncio.sleep(delay)
         delay = min(delay * 2, 2.0)
+    if faults.stats.problems:
+        faults.cleared("commit")
     for outcome in retries:
         on_retry(outcome)
+
+
+def _keys(committer: Committer, outcomes: list[Outcome]) -> list[str]:
+    """Every key a commit of ``outcomes`` writes: sources, publish targets, dead letters."""
+    keys = {o.entry.key.key for o in outcomes} | {p.key for o in outcomes for p in o.publishes}
+    if committer.dead_letter_key and any(o.kind == DEAD for o in outcomes):
+        keys.add(committer.dead_letter_key)
+    return sorted(keys)
 
 
 class Outbox:

@@ -29,10 +29,10 @@ from redis.exceptions import ResponseError
 from cortex_flow.errors import ValidationFailed
 from cortex_flow.flow.loader import Project, load_project
 from cortex_flow.flow.plan import Plan, diff
-from cortex_flow.flow.topology import Resolved, resolve
+from cortex_flow.flow.topology import Resolved, no_reader, resolve, unread_inboxes
 from cortex_flow.runtime.consumer import TRANSIENT
 from cortex_flow.runtime.routes import RouteTable
-from cortex_flow.runtime.running import RunningTopology, route_tables
+from cortex_flow.runtime.running import RunningTopology, apply_settings, route_tables
 from cortex_flow.runtime.stats import ReloadState
 
 log = logging.getLogger("cortex_flow.reload")
@@ -88,7 +88,7 @@ def load_again(current: Project, name: str) -> tuple[Project, Resolved, dict[str
     config_path = current.config_path or (default if default.exists() else None)
     project = load_project(config_path)
     new = resolve(project.topology, name)
-    return project, new, route_tables(new, project.base_dir)
+    return project, new, route_tables(new, project.base_dir, project.config)
 
 
 def _summary(plan: Plan) -> str:
@@ -155,12 +155,17 @@ async def reload_topology(reload: Reload, reason: str) -> tuple[dict[str, Any], 
     if reload.stopping():  # stop() began while we provisioned: start nothing now
         return _reject(reload, reason, started, stopping), current
     running.apply(plan, new, tables, runner_interval=project.config.runner.heartbeat_interval)
+    apply_settings(project.config)
     if project.config.log.level != current.config.log.level:
         logging.getLogger().setLevel(project.config.log.level.upper())
     lines = [str(c) for c in plan.changes]
     result = _record(reload, "applied", started, lines, [])
     for line in lines:
         log.info("%s", line)
+    before = unread_inboxes(old)
+    for agent, keys in unread_inboxes(new).items():
+        if agent not in before:  # newly unread: a new agent, or its reader removed
+            log.warning("%s", no_reader(agent, keys))
     log.info(
         "reload (%s) applied in %.0fms: %d change(s)%s",
         reason,

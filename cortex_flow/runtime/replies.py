@@ -144,8 +144,8 @@ class Conversations:
                     reply=fields.get(REPLY, ""),
                     corr=fields.get(CORR, ""),
                 )
-                outcome.publishes[:0] = [Publish(task, {}, None, "c")]
-                outcome.publishes.append(Publish(task, working, None, f"h{self.keep_ms}"))
+                outcome.publishes[:0] = [Publish(task, {}, "c")]
+                outcome.publishes.append(Publish(task, working, f"h{self.keep_ms}"))
             return outcome
         try:
             writes = self.ending(entry, wire.FINAL, data=result)
@@ -172,7 +172,7 @@ class Conversations:
             "attempts": str(entry.deliveries),
             "updated": str(now_ms()),
         }
-        return Publish(task, note, None, f"h{self.keep_ms}")
+        return Publish(task, note, f"h{self.keep_ms}")
 
     def on_dead(self, outcome: Outcome) -> list[Publish]:
         """The reply and state that go with a dead letter (the reason tells which)."""
@@ -193,7 +193,7 @@ class Conversations:
         task = self.task_of(entry)
         writes: list[Publish] = []
         if task is not None:
-            writes.append(Publish(task, {}, None, "c"))
+            writes.append(Publish(task, {}, "c"))
         reply = fields.get(REPLY)
         corr = fields.get(CORR, "")
         if reply is not None:
@@ -216,7 +216,7 @@ class Conversations:
                     f"the reply is too large: {size} bytes, more than max_reply_bytes "
                     f"({self.max_reply}) of group {self.name}"
                 )
-            writes.append(Publish(reply, body, wire.REPLY_MAXLEN, f"r{wire.REPLY_MAXLEN}"))
+            writes.append(Publish(reply, body, f"r{wire.REPLY_MAXLEN}"))
         if task is not None:
             state = {
                 wire.FINAL: tasks.COMPLETED,
@@ -235,7 +235,7 @@ class Conversations:
             )
             if TASK in fields:  # carried on: the task is the first entry's, named there
                 del fields_["stream"], fields_["id"]
-            writes.append(Publish(task, fields_, None, f"h{self.keep_ms}"))
+            writes.append(Publish(task, fields_, f"h{self.keep_ms}"))
         return writes
 
     # -- streaming and cancelling a running handler ----------------------------------------
@@ -323,11 +323,10 @@ def apply_write(pipe: Any, publish: Publish) -> None:
     """Queue one write on a pipeline the way the commit script applies it (no guard)."""
     mode = publish.mode
     if not mode:
-        pipe.xadd(publish.key, publish.fields, maxlen=publish.maxlen, approximate=True)
+        pipe.xadd(publish.key, publish.fields)
     elif mode.startswith("r"):
-        pipe.xadd(
-            publish.key, publish.fields, maxlen=publish.maxlen, approximate=True, nomkstream=True
-        )
+        maxlen = int(mode[1:])
+        pipe.xadd(publish.key, publish.fields, maxlen=maxlen, approximate=True, nomkstream=True)
     elif mode.startswith("h"):
         pipe.hset(publish.key, mapping=publish.fields)  # its PEXPIRE: queue_expiries
     else:  # "c": a guard needs the script; without it a cancel may come too late

@@ -20,7 +20,8 @@ from jinja2.runtime import Context
 
 from cortex_flow.flow.checks import resolve_callable
 from cortex_flow.flow.models import Route, StreamSpec
-from cortex_flow.flow.templates import Expression, Template, make_context
+from cortex_flow.flow.outbound import FixedOrigin, check_request, fixed_origin, quote_outputs
+from cortex_flow.flow.templates import Expression, Template, TemplateLimitError, make_context
 from cortex_flow.flow.topology import ResolvedGroup, key_template, key_variables
 from cortex_flow.runtime.callpool import CallPool, default_pool
 from cortex_flow.runtime.deadlines import Deadlines
@@ -37,11 +38,28 @@ class PermanentError(Exception):
     """A failure retrying cannot fix (bad template data, unknown target): dead-letter now."""
 
 
+# What a handler may raise that Python does not count as an Exception. Raised by one
+# handler for one message, each is that message's failure, never the runner's exit.
+HANDLER_EXITS = (SystemExit, KeyboardInterrupt, GeneratorExit)
+
+
+class HandlerExit(Exception):
+    """A handler raised SystemExit, KeyboardInterrupt or GeneratorExit: a failure."""
+
+    @classmethod
+    def of(cls, route: CompiledRoute, exc: BaseException) -> HandlerExit:
+        """``exc``, raised by ``route``'s handler, as its message's failure."""
+        args = ", ".join(repr(a) for a in exc.args)
+        return cls(f"{route.handler} raised {type(exc).__name__}({args})")
+
+
 def _failure(label: str, what: str, exc: Exception, raw: bool) -> PermanentError:
     """``exc``, raised evaluating ``what`` of a route, as a PermanentError that says why.
 
     The same message fails the same way every time: retrying is pointless.
     """
+    if isinstance(exc, TemplateLimitError):  # "template exceeded its ... limit": say no more
+        return PermanentError(f"{label}: {what}: {exc}")
     text = f"{label}: {what} failed: {type(exc).__name__}: {exc}"
     if raw and isinstance(exc, TypeError) and "str" in str(exc):
         text += " (message fields are strings on a raw stream; convert, e.g. msg.n | int)"
@@ -54,11 +72,10 @@ class Publish:
 
     key: str
     fields: dict[str, str]
-    maxlen: int | None
-    # how the commit applies it (runtime.replies): "" an XADD; "r" a reply (XADD
-    # NOMKSTREAM: a reply stream that expired is not made again); "h<ms>" a task state
-    # (HSET, PEXPIRE ms); "c" a guard: the entry's other writes are skipped if its task
-    # was canceled (HGET key cancel)
+    # how the commit applies it (runtime.replies): "" an XADD; "r<n>" a reply (XADD
+    # NOMKSTREAM MAXLEN ~ n: a reply stream that expired is not made again); "h<ms>" a
+    # task state (HSET, PEXPIRE ms); "c" a guard: the entry's other writes are skipped
+    # if its task was canceled (HGET key cancel)
     mode: str = ""
 
 
@@ -86,7 +103,9 @@ class CompiledRoute:
         self.is_stream = False
         self.inline = False
         self.timeout = 0.0
+        self.handler = ""  # ``module:function`` of a call route, for errors and logs
         if route.call is not None:
+            self.handler = route.call.function
             fn = call_resolver.get()(route.call.function)
             assert callable(fn)
             self.fn = fn
@@ -100,7 +119,11 @@ class CompiledRoute:
             self.timeout = route.call.timeout
         if route.http is not None:
             self.timeout = route.http.timeout
-            self.url = Template(route.http.url)
+            self.url = Template(route.http.url, quote_outputs)
+            origin = fixed_origin(route.http.url)
+            if isinstance(origin, str):  # validation refuses it first; a library user may not
+                raise ValueError(f"{self.label}: http.url: {origin}")
+            self.origin: FixedOrigin = origin
         self.target: StreamSpec | None = None
         if route.to is not None:
             self.target = streams[route.to]
@@ -139,32 +162,45 @@ class CompiledRoute:
             raise _failure(self.label, f"when {self.when.source!r}", exc, self.raw) from exc
 
     def render_url(self, ctx: Context) -> str:
-        """The ``http`` URL for this message; raises PermanentError when it cannot render."""
+        """The ``http`` URL for this message; raises PermanentError when it cannot render
+        or may not be requested (see :func:`cortex_flow.flow.outbound.check_request`)."""
         try:
-            return self.url.render(ctx)
+            url = self.url.render(ctx)
         except UndefinedError as exc:
             raise PermanentError(f"{self.label}: url: {exc.message}") from None
         except Exception as exc:
             raise _failure(self.label, "url", exc, self.raw) from exc
+        return self.checked_url(url)
+
+    def checked_url(self, url: str) -> str:
+        """``url``, or PermanentError when the outbound policy refuses it."""
+        refused = check_request(url, self.origin)
+        if refused is not None:
+            raise PermanentError(f"{self.label}: request refused: {refused}")
+        return url
 
     def publish(self, msg: Any, ctx: Context | None, bound: Mapping[str, str | None]) -> Publish:
         """The XADD this route makes for ``msg``; raises PermanentError on bad data."""
         assert self.target is not None
+        what = "key"  # the template being rendered, for the error
         try:
             values: dict[str, Any] = {v: bound.get(v) for v in self.inherit}
             for name, template in self.vars.items():
+                what = f"vars.{name}"
                 values[name] = template.render(ctx) if ctx is not None else template.source
+            what = "key"
             key = self.key.source if self.key.is_literal else self.key.render(make_context(values))
+            out: Mapping[str, Any] = msg
             if self.set_given:
-                out: Mapping[str, Any] = {
-                    k: (t.render(ctx) if ctx is not None else t.source) for k, t in self.set.items()
-                }
-            else:
-                out = msg
+                fields = {}
+                for name, template in self.set.items():
+                    what = f"set.{name}"
+                    fields[name] = template.render(ctx) if ctx is not None else template.source
+                out = fields
         except UndefinedError as exc:
             raise PermanentError(f"{self.label}: {exc.message}") from None
         except Exception as exc:  # TypeError, SecurityError, ...: the same every time
-            raise _failure(self.label, self._failing(ctx), exc, self.raw) from exc
+            raise _failure(self.label, what, exc, self.raw) from exc
         priorities = self.target.priorities
         if priorities and values.get("priority") not in priorities:
             raise PermanentError(
@@ -177,18 +213,12 @@ class CompiledRoute:
                 f"{self.label}: agent {agent!r} is not declared; declare it under agents: "
                 f"or guard the route with `when: msg.to in agents`"
             )
-        return Publish(key, encode(self.target.codec, out), self.target.maxlen)
-
-    def _failing(self, ctx: Context | None) -> str:
-        """Which of the route's templates fails for this message (for the error)."""
-        if ctx is not None:
-            for section, templates in (("vars", self.vars), ("set", self.set)):
-                for name, template in templates.items():
-                    try:
-                        template.render(ctx)
-                    except Exception:
-                        return f"{section}.{name}"
-        return "key"
+        try:
+            fields = encode(self.target.codec, out)
+        except Exception as exc:  # RecursionError, a value JSON cannot hold: every time
+            what = f"encoding for stream {self.target_name}"
+            raise _failure(self.label, what, exc, False) from exc
+        return Publish(key, fields)
 
 
 class RouteTable:
@@ -225,6 +255,15 @@ class Overran(TimeoutError):
         self.ran = ran
 
 
+def call_inline(route: CompiledRoute, msg: Any) -> Any:
+    """A sync ``call`` route run here (its value returned); SystemExit and the like are
+    its failure."""
+    try:
+        return route.fn(msg)  # type: ignore[misc]
+    except HANDLER_EXITS as exc:
+        raise HandlerExit.of(route, exc) from None
+
+
 async def call_route(
     route: CompiledRoute,
     msg: Any,
@@ -239,6 +278,19 @@ async def call_route(
     its slot and its lease, and is not retried meanwhile), then raises :class:`Overran`.
     Returns what the call returned.
     """
+    try:
+        return await _call(route, msg, executor, on_overrun, deadlines)
+    except HANDLER_EXITS as exc:
+        raise HandlerExit.of(route, exc) from None
+
+
+async def _call(
+    route: CompiledRoute,
+    msg: Any,
+    executor: CallPool | None,
+    on_overrun: Callable[[CompiledRoute], None] | None,
+    deadlines: Deadlines | None,
+) -> Any:
     fn = route.fn
     assert fn is not None
     if route.is_async:
@@ -247,7 +299,7 @@ async def call_route(
         async with asyncio.timeout(route.timeout):
             return await fn(msg)
     elif route.inline:
-        return fn(msg)
+        return call_inline(route, msg)
     else:
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -263,8 +315,9 @@ async def call_route(
         except TimeoutError:
             if pool.cancel(call):
                 raise  # still queued for a thread: it never ran
+            pool.stuck(call)
             if on_overrun is not None:
                 on_overrun(route)
-            with contextlib.suppress(Exception):  # its outcome is the timeout either way
+            with contextlib.suppress(Exception, *HANDLER_EXITS):  # timed out either way
                 await call.returning()
             raise Overran(route.timeout, loop.time() - started) from None

@@ -19,14 +19,19 @@ from cortex_flow.errors import CortexFlowError
 from cortex_flow.flow.exposed import topology_doc
 from cortex_flow.flow.loader import Project
 from cortex_flow.flow.plan import diff
-from cortex_flow.flow.topology import Resolved, resolve
+from cortex_flow.flow.topology import Resolved, no_reader, resolve, unread_inboxes
 from cortex_flow.runtime.callpool import CallPool
 from cortex_flow.runtime.consumer import GroupConsumer
 from cortex_flow.runtime.gauges import refresh_gauges
 from cortex_flow.runtime.heartbeat import HeartbeatMonitor, check_runner_name, runner_instance
 from cortex_flow.runtime.reload import Reload, reload_topology, watch_changes
 from cortex_flow.runtime.routes import RouteTable
-from cortex_flow.runtime.running import RunningTopology, refuse_wrong_types, route_tables
+from cortex_flow.runtime.running import (
+    RunningTopology,
+    apply_settings,
+    refuse_wrong_types,
+    route_tables,
+)
 from cortex_flow.runtime.stats import RunnerStats
 from cortex_flow.wire.connection import (
     describe_error,
@@ -35,6 +40,7 @@ from cortex_flow.wire.connection import (
     redis_from_url,
     wait_for_redis,
 )
+from cortex_flow.wire.redis_errors import explain, redis_user
 
 log = logging.getLogger("cortex_flow.runner")
 
@@ -121,12 +127,16 @@ class Runner:
         self.stats.started_at = time.time()
         self.instance = runner_instance(self.stats.started_at)
         resolved = resolve(self.project.topology, self.name)
-        tables = route_tables(resolved, self.project.base_dir)
+        tables = route_tables(resolved, self.project.base_dir, self.config)
+        apply_settings(self.config)
         await self._start_admin()  # a port in use fails now, not after Redis is reached
         if self.client is None:
             if self.url == "embedded":
                 await self._start_embedded()
-            self.client = redis_from_url(self.url)
+            try:
+                self.client = redis_from_url(self.url)
+            except ValueError as exc:  # given as Runner(url=...): config.yaml is checked
+                raise CortexFlowError(f"redis.url: {exc}") from None
         log.info("connecting to Redis at %s", describe_url(self.url) if self.url else "(given)")
         await wait_for_redis(self.client, timeout=None, log=log)
         self.stats.connected = True
@@ -145,7 +155,7 @@ class Runner:
         plan = diff(None, resolved)  # from nothing: every group is an add
         await running.provision(plan, resolved, stopping=lambda: self.stopping)
         await running.watch_heartbeats(
-            resolved, runner_interval=self.config.runner.heartbeat_interval, instance=self.instance
+            resolved, settings=self.config.runner, instance=self.instance
         )
         self.running = running
         running.apply(plan, resolved, tables)
@@ -157,8 +167,11 @@ class Runner:
             ", ".join(
                 f"{n} ({len(g.keys)} key{'s' if len(g.keys) != 1 else ''})"
                 for n, g in resolved.groups.items()
+                if g.by_runner
             ),
         )
+        for agent, keys in unread_inboxes(resolved).items():
+            log.warning("%s", no_reader(agent, keys))
         if self._watcher is not None or self.config.reload.watch:
             self._tasks.append(asyncio.create_task(self._watch(), name="reload:watch"))
         self._tasks.append(asyncio.create_task(self._probe(), name="redis:probe"))
@@ -176,11 +189,12 @@ class Runner:
             except Exception as exc:
                 if down_since is None:
                     down_since = time.monotonic()
+                    why = explain(exc, user=redis_user(self.client))
                     log.warning(
                         "Redis at %s does not answer (%s); not ready until it does. Consumers "
                         "keep what they hold and go on once it answers",
                         where,
-                        describe_error(exc),
+                        why or describe_error(exc),
                     )
                 self.stats.connected = False
             else:
@@ -209,9 +223,7 @@ class Runner:
 
     async def _check_name(self, resolved: Resolved) -> None:
         """Refuse to run under a name another live runner beats with (see heartbeat)."""
-        key = resolved.heartbeat_key
-        if key is None:
-            return  # no heartbeat stream: runners cannot see each other
+        key = resolved.runner_key
         heartbeats = resolved.topology.heartbeats
         codec = resolved.topology.streams[heartbeats.stream].codec if heartbeats else "raw"
         try:
@@ -226,11 +238,12 @@ class Runner:
         except CortexFlowError:
             raise
         except Exception as exc:  # e.g. the key holds something else: the watch says so too
+            why = explain(exc, user=redis_user(self.client), keys=[key])
             log.warning(
                 "cannot read %s to check that no other runner is named %s (%s); starting anyway",
                 key,
                 self.name,
-                exc,
+                why or exc,
             )
 
     async def _start_admin(self) -> None:
@@ -249,20 +262,46 @@ class Runner:
             log=logging.getLogger("cortex_flow.admin"),
             allow_public=self.config.admin.allow_public,
             topology=self.describe,
+            # read per request: a reload may change them
+            hosts=lambda: self.config.admin.hosts,
+            token=lambda: self.config.admin.token,
         )
         await admin.start()
         self.admin = admin
 
     # -- state -----------------------------------------------------------------------------
 
+    def problems(self) -> tuple[list[str], bool]:
+        """What Redis refuses the running groups (ACL, credentials, TLS, DNS), one line
+        each, and whether a group is blocked by it (then the runner is not ready)."""
+        lines, blocked = [], False
+        for name in sorted(self.consumers):
+            found = self.stats.groups.get(name)
+            for area, text in sorted(found.problems.items()) if found else ():
+                lines.append(f"group {name}: {text}")
+                blocked = blocked or area == "blocked"
+        return lines, blocked
+
     def ready(self) -> tuple[bool, dict[str, Any]]:
         reload = self.stats.reload
+        problems, blocked = self.problems()
         detail = {
             "runner": self.name,
             "connected": self.stats.connected,
             "provisioned": self.stats.provisioned,
             "draining": self.stats.draining,
             "groups": sorted(self.consumers),
+            "problems": problems,
+            # groups with sync calls stuck past their timeout (status shows them)
+            "stuck_calls": {
+                name: {
+                    "stuck": g.overrunning,
+                    "max_stuck_calls": g.max_stuck_calls,
+                    "held_back": g.held_back,
+                }
+                for name, g in sorted(self.stats.groups.items())
+                if g.overrunning
+            },
             "reload": {
                 "last_outcome": reload.last_outcome,
                 "last_at": reload.last_at,
@@ -271,7 +310,7 @@ class Runner:
             },
         }
         ok = self.stats.connected and self.stats.provisioned and not self.stats.draining
-        return ok, detail
+        return ok and not blocked, detail
 
     def describe(self) -> dict[str, Any] | None:
         """What ``GET /topology`` serves: the flows and settings that run now (redacted)."""

@@ -17,34 +17,69 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from redis.exceptions import ResponseError
+from redis.exceptions import NoPermissionError, RedisError, ResponseError
 
 from cortex_flow.errors import CortexFlowError, ValidationFailed
 from cortex_flow.flow.callables import importable_from
+from cortex_flow.flow.calltargets import refused_object
+from cortex_flow.flow.config import Config, RunnerSettings
+from cortex_flow.flow.limits import set_limits
+from cortex_flow.flow.outbound import OutboundPolicy, set_policy
 from cortex_flow.flow.plan import Plan, declared_keys
 from cortex_flow.flow.topology import Resolved, ResolvedGroup, wrong_type_problem
 from cortex_flow.runtime.callpool import CallPool, threads_needed
 from cortex_flow.runtime.consumer import GroupConsumer
+from cortex_flow.runtime.deadconsumers import DeadConsumers
 from cortex_flow.runtime.delivery import TRANSIENT
+from cortex_flow.runtime.duties import (
+    AGENTS_DUTY,
+    CONSUMERS_DUTY,
+    DUTIES,
+    RETENTION_DUTY,
+    Duties,
+)
 from cortex_flow.runtime.faultlog import WHAT
 from cortex_flow.runtime.heartbeat import HeartbeatMonitor
+from cortex_flow.runtime.retention import RetentionDuty
 from cortex_flow.runtime.routes import RouteTable
 from cortex_flow.runtime.stats import GroupStats, RunnerStats
 from cortex_flow.wire.connection import Backoff
 from cortex_flow.wire.faults import passing_reason
 from cortex_flow.wire.groups import ensure_group, wrong_types
+from cortex_flow.wire.redis_errors import explain, redis_user
 
 log = logging.getLogger("cortex_flow.runner")
 
 
-def route_tables(resolved: Resolved, base_dir: Path | None = None) -> dict[str, RouteTable]:
+def route_tables(
+    resolved: Resolved, base_dir: Path | None = None, config: Config | None = None
+) -> dict[str, RouteTable]:
     """Compile every group's routes; errors name the route.
 
     ``call`` targets are imported from the installed packages and from ``base_dir`` (the
-    folder that holds config.yaml).
+    folder that holds config.yaml), and refused when the module they come from is
+    (``calls.allow`` of ``config`` lets module prefixes through).
     """
     with contextlib.nullcontext() if base_dir is None else importable_from(base_dir):
-        return _compile(resolved)
+        tables = _compile(resolved)
+    allow = config.calls.allow if config is not None else []
+    problems = [
+        resolved.topology.origin("groups", name).problem(("routes", route.index, "call"), why)
+        for name, table in tables.items()
+        for route in table.routes
+        if route.fn is not None and route.route.call is not None
+        for why in [refused_object(route.route.call.function, route.fn, allow)]
+        if why is not None
+    ]
+    if problems:
+        raise ValidationFailed(problems)
+    return tables
+
+
+def apply_settings(config: Config) -> None:
+    """The process-wide settings of a config: template bounds and the outbound policy."""
+    set_limits(config.templates.limits())
+    set_policy(OutboundPolicy(tuple(config.http.allow)))
 
 
 async def refuse_wrong_types(client: Any, resolved: Resolved) -> None:
@@ -64,6 +99,8 @@ def _compile(resolved: Resolved) -> dict[str, RouteTable]:
     agents = frozenset(resolved.agents)
     tables, problems = {}, []
     for name, group in resolved.groups.items():
+        if not group.by_runner:
+            continue  # an agent's own client reads it (agents.X.inbox)
         try:
             tables[name] = RouteTable(group, streams, agents)
         except Exception as exc:  # importing user code can raise anything (SyntaxError, ...)
@@ -106,6 +143,9 @@ class RunningTopology:
         self.tables: dict[str, RouteTable] = {}
         self.consumers: dict[str, GroupConsumer] = {}
         self.heartbeats: HeartbeatMonitor | None = None
+        self.duties: Duties | None = None
+        self.retention: RetentionDuty | None = None
+        self.dead_consumers: DeadConsumers | None = None
         self.retiring: set[asyncio.Task[bool]] = set()
         self.draining: dict[str, GroupConsumer] = {}  # retired, maybe still finishing
 
@@ -151,6 +191,18 @@ class RunningTopology:
         start = group.spec.start
         try:
             created = await ensure_group(self.client, key, group.name, start)
+        except NoPermissionError as exc:
+            # least privilege: an administrator may have created the group; if not, its
+            # consumer reports it blocked (status, /readyz) until it can, other groups run
+            why = explain(exc, user=redis_user(self.client), command="XGROUP CREATE", keys=[key])
+            if not await _group_exists(self.client, key, group.name):
+                log.error(
+                    "group %s on %s cannot be created: %s; the group waits for it, the others run",
+                    group.name,
+                    key,
+                    why,
+                )
+            return
         except ResponseError as exc:  # e.g. WRONGTYPE: the key holds something else
             raise ResponseError(f"group {group.name} on {key}: {exc}") from exc
         if created:
@@ -170,31 +222,45 @@ class RunningTopology:
         if self.executor.grow(threads_needed(target, tables)) and self.resolved is not None:
             log.info("sync calls now run in a pool of %d threads", self.executor.threads)
         self._ensure_http(target)
+        # groups an agent's client reads (agents.X.inbox) are provisioned, never consumed
         for name in plan.groups_to_add:
-            self._start(target, target.groups[name], tables[name])
+            if target.groups[name].by_runner:
+                self._start(target, target.groups[name], tables[name])
         for name in plan.groups_to_restart:
-            old = self.consumers[name]
-            self._start(target, target.groups[name], tables[name], predecessor=old.done)
-            self._retire(old)
+            old = self.consumers.pop(name, None)
+            if target.groups[name].by_runner:
+                done = old.done if old is not None else None
+                self._start(target, target.groups[name], tables[name], predecessor=done)
+            if old is not None:
+                self._retire(old)
         for name in plan.groups_to_remove:
-            self._retire(self.consumers.pop(name))
+            if name in self.consumers:
+                self._retire(self.consumers.pop(name))
             self.stats.groups.pop(name, None)
         for name in plan.groups_routes_only:
-            self.consumers[name].swap_routes(tables[name])
+            if name in self.consumers:
+                self.consumers[name].swap_routes(tables[name])
         if self.heartbeats is not None:
             if runner_interval is not None:
                 self.heartbeats.runner_interval = runner_interval
             if self.heartbeats.update(target):  # a new key: beat and watch moved there
-                log.info("heartbeats: now on %s", target.heartbeat_key or "no stream (removed)")
+                log.info("heartbeats: now on %s", target.runner_key)
+        if self.retention is not None:
+            self.retention.resolved = target
+        if self.dead_consumers is not None:
+            self.dead_consumers.resolved = target
+        if self.duties is not None:
+            for duty in DUTIES:
+                self.duties.rekey(duty, target.duty_key(duty))
         self.resolved, self.tables = target, tables
 
     def _ensure_http(self, resolved: Resolved) -> None:
         if self.http is not None:
             return
         if any(r.http for g in resolved.groups.values() for r in g.spec.routes):
-            import aiohttp
+            from cortex_flow.runtime.outbound import session
 
-            self.http = aiohttp.ClientSession()
+            self.http = session()
             for consumer in self.consumers.values():
                 consumer.http = self.http  # a route swap may bring the first http route
 
@@ -244,24 +310,75 @@ class RunningTopology:
     # -- heartbeats ------------------------------------------------------------------------
 
     async def watch_heartbeats(
-        self, resolved: Resolved, *, runner_interval: float, instance: str
+        self, resolved: Resolved, *, settings: RunnerSettings, instance: str
     ) -> None:
-        """Start the runner's beat and the watch over agents; a down agent is claimed for."""
+        """Start the runner's beat, the watch over agents and runners (a silent one is
+        claimed for), and this runner's part in the duties (agent events, retention,
+        dead consumers), each held by one runner at a time."""
+        self.duties = Duties(
+            self.client,
+            holder=instance,
+            lease=settings.duty_lease,
+            log=logging.getLogger("cortex_flow.duties"),
+        )
         self.heartbeats = HeartbeatMonitor(
             self.client,
             resolved,
             self.stats,
-            runner_interval=runner_interval,
+            runner_interval=settings.heartbeat_interval,
             on_down=self.claim_for,
             log=logging.getLogger("cortex_flow.heartbeat"),
             instance=instance,
+            duties=self.duties,
         )
+        self.retention = RetentionDuty(
+            self.client, resolved, self.stats, logging.getLogger("cortex_flow.retention")
+        )
+        self.dead_consumers = DeadConsumers(
+            self.client,
+            resolved,
+            idle=settings.dead_consumer_idle,
+            live=self._live_names,
+            claim=self._claim_in,
+            log=logging.getLogger("cortex_flow.duties"),
+        )
+        monitor = self.heartbeats
+        self.duties.add(
+            AGENTS_DUTY, resolved.duty_key(AGENTS_DUTY), on_change=monitor.events.duty_changed
+        )
+        self.duties.add(
+            RETENTION_DUTY,
+            resolved.duty_key(RETENTION_DUTY),
+            interval=settings.retention_interval,
+            act=self.retention.run,
+        )
+        self.duties.add(
+            CONSUMERS_DUTY,
+            resolved.duty_key(CONSUMERS_DUTY),
+            interval=min(60.0, max(1.0, settings.dead_consumer_idle / 4)),
+            act=self.dead_consumers.run,
+        )
+        await self.duties.start()
         await self.heartbeats.start()
 
-    def claim_for(self, name: str) -> None:
-        """An agent or runner went down: every group claims its consumers' entries now."""
+    def _live_names(self) -> set[str]:
+        """Consumer names in use now: runners that beat, agents that are up."""
+        monitor = self.heartbeats
+        if monitor is None:
+            return set()
+        live = {a.name for a in self.stats.agents.values() if a.up is not False}
+        return live | set(monitor.runners)
+
+    def claim_for(self, name: str, min_idle: int = 0) -> None:
+        """An agent or runner went down: every group claims its consumers' entries now,
+        those idle at least ``min_idle`` ms (so two runners never claim one entry)."""
         for consumer in self.consumers.values():
-            consumer.request_claim([name])
+            consumer.request_claim([name], min_idle)
+
+    def _claim_in(self, group: str, name: str, min_idle: int) -> None:
+        consumer = self.consumers.get(group)
+        if consumer is not None:
+            consumer.request_claim([name], min_idle)
 
     # -- stop ------------------------------------------------------------------------------
 
@@ -272,7 +389,18 @@ class RunningTopology:
         )
         if self.heartbeats is not None:
             await self.heartbeats.stop()
+        if self.duties is not None:
+            await self.duties.stop()
         if self.http is not None and self._own_http:
             await self.http.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         return all(results)
+
+
+async def _group_exists(client: Any, key: str, group: str) -> bool:
+    """Whether ``group`` exists on ``key``; False when XINFO GROUPS is refused too."""
+    try:
+        found = await client.xinfo_groups(key)
+    except RedisError:
+        return False
+    return any(g.get("name") == group for g in found)

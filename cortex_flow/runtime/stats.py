@@ -69,7 +69,12 @@ class GroupStats:
     keys: dict[str, KeyStats] = field(default_factory=dict)
     # passing Redis errors met (out of memory, read-only, no answer, ...), by reason
     redis_errors: dict[str, int] = field(default_factory=dict)
+    # what Redis refuses that retrying soon will not fix (ACL, credentials, TLS, DNS), by
+    # area ("blocked": reads; "recovery": claims of idle entries; "commit"), in one line
+    problems: dict[str, str] = field(default_factory=dict)
     overrunning: int = 0  # sync calls past their timeout whose thread still runs
+    held_back: bool = False  # max_stuck_calls of them: no new message starts
+    max_stuck_calls: int = 0  # the group's bound (0: no sync call)
     leases_lost: int = 0  # held entries another consumer took over before a renewal
 
     def key(self, key: str) -> KeyStats:
@@ -118,3 +123,6 @@ class RunnerStats:
     oldest_pending_age: dict[tuple[str, str], float] = field(default_factory=dict)
     lag: dict[tuple[str, str], int] = field(default_factory=dict)
     consumers: dict[tuple[str, str, str], int] = field(default_factory=dict)  # pending by consumer
+    # keys held above their max_len: (stream, key, group) -> (entries held, since epoch s)
+    retention_held: dict[tuple[str, str, str], tuple[int, float]] = field(default_factory=dict)
+    trimmed: dict[str, int] = field(default_factory=dict)  # entries this runner trimmed, by key

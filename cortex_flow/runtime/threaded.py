@@ -8,7 +8,9 @@ their sync calls in the :class:`~cortex_flow.runtime.callpool.CallPool` (the cal
 one pass reach the threads in one hand-over), and is told of the calls that returned
 in runs. Timeouts are kept in one heap: a call still queued at its timeout is taken
 back and fails as timed out; one already running cannot be stopped, so it is said to
-overrun, keeps its slot, and fails as timed out once it returns. An ``async`` or
+overrun (stuck): its entry stays held and fails as timed out once it returns, but its
+slot goes to the next entry, up to the group's ``max_stuck_calls`` stuck at once; at
+that bound no new entry starts until one returns. An ``async`` or
 ``http`` route of the same table runs in a task of its own.
 """
 
@@ -24,7 +26,7 @@ from typing import Any
 from cortex_flow.runtime.callpool import Call, CallPool
 from cortex_flow.runtime.delivery import Entry, Outcome
 from cortex_flow.runtime.handling import EntryHandler, Step
-from cortex_flow.runtime.routes import CompiledRoute, Overran, call_route
+from cortex_flow.runtime.routes import CompiledRoute, HandlerExit, Overran, call_route
 
 Steps = Generator[Step, None, Outcome]
 
@@ -67,7 +69,8 @@ class ThreadedDriver:
         self._finish = finish
         self._drop = drop
         self.log = log
-        self.in_flight = 0  # entries started and not finished
+        self.in_flight = 0  # entries started and not finished, the stuck ones included
+        self.stuck = 0  # of them, in a sync call past its timeout (they keep no slot)
         self._returned: list[Call] = []  # calls whose thread returned, to settle
         self._deadlines: list[tuple[float, int, Call]] = []  # a heap
         self._order = itertools.count()
@@ -86,7 +89,11 @@ class ThreadedDriver:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                while self.in_flight < self.concurrency:
+                # stuck calls keep their message but not its slot, up to max_stuck_calls
+                while (
+                    self.in_flight - self.stuck < self.concurrency
+                    and self.stuck < self.handler.max_stuck_calls
+                ):
                     entry = self._take()
                     if entry is None:
                         break
@@ -193,10 +200,11 @@ class ThreadedDriver:
         assert route is not None
         error = call.error
         if flight.overran:
-            self.handler.overrun_ended()
+            self.stuck -= 1
+            self.handler.overrun_ended(stuck=self.stuck)
             error = Overran(route.timeout, now - flight.started)
         elif error is not None and not isinstance(error, Exception):
-            error = RuntimeError(f"{type(error).__name__}: {error}")  # SystemExit and the like
+            error = HandlerExit.of(route, error)  # SystemExit and the like: a failure
         self._advance(flight, error, value=call.value)
 
     def _expire(self, now: float) -> None:
@@ -214,4 +222,6 @@ class ThreadedDriver:
                 self._advance(flight, TimeoutError(f"timed out after {route.timeout:g}s"))
             else:
                 flight.overran = True
-                self.handler.overrun_started(route, flight.entry)
+                self.stuck += 1
+                self.pool.stuck(call)
+                self.handler.overrun_started(route, flight.entry, stuck=self.stuck)

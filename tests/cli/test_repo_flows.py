@@ -40,7 +40,7 @@ def _in_repo(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_repo_flows_validate_without_redis_url(capsys: pytest.CaptureFixture[str]) -> None:
     """With CORTEX_REDIS_URL unset (embedded), the repo's config and flows are valid."""
     assert cli("validate", "--config", str(CONFIG)) == 0
-    assert capsys.readouterr().out == "ok: 3 flow files: 5 streams, 3 groups, 3 agents\n"
+    assert capsys.readouterr().out == "ok: 3 flow files: 5 streams, 4 groups, 3 agents\n"
 
 
 def test_repo_flows_validate_with_redis_url(
@@ -81,7 +81,10 @@ def test_repo_topology_has_exactly_the_reference_keys_and_groups() -> None:
     project = load_project(CONFIG)
     resolved = resolve(project.topology, project.config.runner.name)
     assert set(resolved.keys()) == REFERENCE_KEYS
-    assert set(resolved.groups) == {"agents", "workers", "harold"}
+    assert set(resolved.groups) == {"agents", "workers", "harold", "events", "planner"}
+    assert [g.name for g in resolved.groups.values() if not g.by_runner] == ["planner"]
+    assert [k.key for k in resolved.groups["planner"].keys] == ["cortex:messages:planner"]
+    assert [k.key for k in resolved.groups["events"].keys] == ["cortex:events"]
     assert [k.key for k in resolved.groups["agents"].keys] == [
         "cortex:tasks:critical",
         "cortex:tasks:high",
@@ -91,7 +94,12 @@ def test_repo_topology_has_exactly_the_reference_keys_and_groups() -> None:
     assert [k.key for k in resolved.groups["harold"].keys] == ["cortex:messages:harold"]
     assert [k.key for k in resolved.groups["workers"].keys] == ["cortex:messages:worker"]
     assert resolved.heartbeat_key == "cortex:heartbeats"
-    assert {g.dead_letter for g in resolved.groups.values()} == {"cortex:tasks:dlq"}
+    assert {g.dead_letter for g in resolved.groups.values()} == {"cortex:tasks:dlq", None}
+    # every declared stream has a reader: a group, the runner's heartbeat watch, or dlq list
+    read = {g.stream for g in resolved.groups.values()} | {"heartbeats", "dlq"}
+    assert read == set(resolved.streams)
+    read_keys = {k.key for g in resolved.groups.values() for k in g.keys}
+    assert {k.key for k in resolved.streams["inbox"].keys} <= read_keys  # every agent's inbox
 
 
 def test_graph_draws_every_stream(capsys: pytest.CaptureFixture[str]) -> None:
@@ -105,3 +113,4 @@ def test_graph_draws_every_stream(capsys: pytest.CaptureFixture[str]) -> None:
     for key in REFERENCE_KEYS:
         assert key in out
     assert out == mermaid(resolve(project.topology, project.config.runner.name))
+    assert 'g_planner{{"group planner<br/>read by agent planner\'s client"}}' in out

@@ -237,6 +237,21 @@ def test_settings_read_at_start_require_a_restart(tmp_path: Path) -> None:
     assert not plan.empty
 
 
+def test_admin_token_change_is_applied_and_never_shown(tmp_path: Path) -> None:
+    """A new admin.token reloads (the endpoint reads it per request) and reads "value hidden"."""
+    topology = resolved(tmp_path, flow())
+    old, new = "old-token-0123456789", "new-token-0123456789"
+    before = Config.model_validate({"admin": {"token": old}})
+    after = Config.model_validate({"admin": {"token": new, "allowed_hosts": ["r1.internal"]}})
+    plan = diff(topology, topology, before, after)
+    assert texts(plan) == [
+        "setting admin.allowed_hosts: [] -> [r1.internal]",
+        "setting admin.token: changed (value hidden)",
+    ]
+    assert plan.restart_required == ()
+    assert old not in repr(before) and new not in repr(after)
+
+
 def test_new_runner_name_changes_every_consumer(tmp_path: Path) -> None:
     """Consumer names derive from the runner name, so every group restarts with a new one."""
     plan = diff(resolved(tmp_path, flow()), resolved(tmp_path, flow(), runner="other"))
@@ -268,7 +283,8 @@ async def test_drift_reports_foreign_groups_missing_keys_and_groups(
         ("add", "group", "harold"),
     ]
     legacy, consumer, missing_key, missing_group = (str(c) for c in changes)
-    assert legacy.startswith(f"group legacy: exists on {high} but no flow declares it there")
+    assert legacy.startswith(f"group legacy: stale on {high}: no flow declares it there")
+    assert legacy.endswith("`cortex-flow prune legacy` removes it")
     assert f"consumer old-host on {high} is not this runner's (cortex): 1 pending" in consumer
     assert missing_key.endswith("stream missing: run would create it with group(s) agents")
     assert (
@@ -405,3 +421,11 @@ def test_plan_has_no_admin_option(tmp_path: Path, capsys: pytest.CaptureFixture[
     config = str(project(tmp_path, "redis://127.0.0.1:1", "t:"))
     assert cli("plan", "--config", config, "--admin", "127.0.0.1:9000") == 2
     assert "unrecognized arguments: --admin" in capsys.readouterr().err
+
+
+def test_changed_retention_of_the_dead_letter_stream_restarts_nothing(tmp_path: Path) -> None:
+    """Retention is applied by the retention duty, never by a consumer: a group that
+    dead-letters to a stream whose retention changed keeps running."""
+    plan = plan_for(tmp_path, lambda f: f["streams"]["dlq"].update(retention={"max_age": "1h"}))
+    assert texts(plan) == ["stream dlq: retention none -> {max_len: none, max_age: 1h}"]
+    assert plan.groups_to_restart == ()

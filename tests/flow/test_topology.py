@@ -140,3 +140,34 @@ def test_fingerprint_is_stable_and_follows_the_spec(tmp_path: Path) -> None:
     ).groups["g"]
     assert first.fingerprint() == again.fingerprint()
     assert first.fingerprint() != changed.fingerprint()
+
+
+def _streams(tmp_path: Path, *keys: str) -> str:
+    lines = "".join(
+        f'  s{n}: {{key: "{key}"{", priorities: [a]" if "{{" in key else ""}}}\n'
+        for n, key in enumerate(keys)
+    )
+    path = tmp_path / "flows.yaml"
+    path.write_text(f"version: 1\nstreams:\n{lines}")
+    return resolve(load_topology([path]), "r").namespace
+
+
+def test_the_namespace_is_the_prefix_the_stream_keys_share(tmp_path: Path) -> None:
+    """Runner and duty keys live under the keys' common prefix, cut after its last colon;
+    under ``cortex-flow:`` when the keys share none."""
+    assert _streams(tmp_path, "cortex:tasks:{{ priority }}", "cortex:events") == "cortex:"
+    assert _streams(tmp_path, "app:t1:x", "app:t1:y", "app:t2:z") == "app:"
+    assert _streams(tmp_path, "tasks", "events") == "cortex-flow:"
+    assert _streams(tmp_path, "{cf}:tasks", "{cf}:dlq") == "{cf}:"
+
+
+def test_runner_and_duty_keys(tmp_path: Path) -> None:
+    """Runners beat on <namespace>runners without a heartbeat stream; every duty's lease
+    shares one hash tag (the namespace's own, when it has one)."""
+    path = tmp_path / "flows.yaml"
+    path.write_text('version: 1\nstreams: {tasks: {key: "app:tasks"}}\n')
+    resolved = resolve(load_topology([path]), "r")
+    assert resolved.runner_key == "app:runners"
+    assert resolved.duty_key("retention") == "app:{duty}:retention"
+    path.write_text('version: 1\nstreams: {tasks: {key: "{app}:tasks"}}\n')
+    assert resolve(load_topology([path]), "r").duty_key("agents") == "{app}:duty:agents"

@@ -865,15 +865,100 @@ def test_admin_listen_off_and_false(project: Project) -> None:
         assert project.run()[0] == 0, value
 
 
-def test_admin_listen_beyond_loopback_needs_allow_public(project: Project) -> None:
+TOKEN = "0123456789abcdef0123"
+
+
+@pytest.fixture
+def token(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("CORTEX_ADMIN_TOKEN", TOKEN)
+    return TOKEN
+
+
+def test_admin_listen_beyond_loopback_needs_allow_public(project: Project, token: str) -> None:
     """A non-loopback admin.listen is a validation error unless admin.allow_public is true."""
     project.write("config.yaml", "admin:\n  listen: 0.0.0.0:8477\n")
     assert project.problems() == [
         "config.yaml:2:3: admin.listen: admin.listen 0.0.0.0:8477 is not a loopback address; "
         "set admin.allow_public: true to expose /metrics and POST /reload beyond this machine"
     ]
-    project.write("config.yaml", "admin:\n  listen: 0.0.0.0:8477\n  allow_public: true\n")
+    project.write(
+        "config.yaml",
+        "admin:\n  listen: 10.0.0.5:8477\n  allow_public: true\n  token: ${CORTEX_ADMIN_TOKEN}\n",
+    )
     assert project.run()[0] == 0
+
+
+def test_admin_beyond_loopback_needs_a_token(project: Project, token: str) -> None:
+    """A non-loopback admin.listen with allow_public but no admin.token is a validation error."""
+    project.write("config.yaml", "admin:\n  listen: 10.0.0.5:8477\n  allow_public: true\n")
+    assert project.problems() == [
+        "config.yaml:2:3: admin.listen: admin.listen 10.0.0.5:8477 is not a loopback address, "
+        "so POST /reload needs a token: set admin.token: ${CORTEX_ADMIN_TOKEN} and export "
+        "CORTEX_ADMIN_TOKEN (e.g. from `openssl rand -hex 32`)"
+    ]
+
+
+def test_admin_token_written_in_the_file_is_refused(project: Project, token: str) -> None:
+    """admin.token must be a ${VAR} reference; a literal value is refused at its place."""
+    project.write("config.yaml", f"admin:\n  token: {token}\n")
+    assert project.problems() == [
+        "config.yaml:2:10: admin.token: must come from the environment, not be written in the "
+        "file (it would end up in version control and backups); write admin.token: "
+        "${CORTEX_ADMIN_TOKEN} and export CORTEX_ADMIN_TOKEN"
+    ]
+    for text in ("${CORTEX_ADMIN_TOKEN}", '"${CORTEX_ADMIN_TOKEN}"', "${NOPE:-" + token + "}"):
+        project.write("config.yaml", f"admin:\n  token: {text}\n")
+        assert project.run()[0] == 0, text
+
+
+def test_admin_token_too_short_never_shows_it(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A short admin.token is refused with its length, never its value."""
+    monkeypatch.setenv("CORTEX_ADMIN_TOKEN", "hunter2")
+    project.write("config.yaml", "admin:\n  token: ${CORTEX_ADMIN_TOKEN}\n")
+    assert project.problems() == [
+        "config.yaml:2:10: admin.token: must be at least 16 characters without surrounding "
+        "spaces, got 7; generate one, e.g. `openssl rand -hex 32`"
+    ]
+
+
+def test_admin_token_that_yaml_reads_as_a_list_is_refused_unseen(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token YAML parses as a list is refused without showing it; digits only are a token."""
+    monkeypatch.setenv("CORTEX_ADMIN_TOKEN", "[98765432109876543210]")
+    project.write("config.yaml", "admin:\n  token: ${CORTEX_ADMIN_TOKEN}\n")
+    assert project.problems() == [
+        'config.yaml:2:10: admin.token: must be one string; quote it: token: "${CORTEX_ADMIN_'
+        'TOKEN}" (the value is not shown: it is a secret)'
+    ]
+    monkeypatch.setenv("CORTEX_ADMIN_TOKEN", "98765432109876543210")
+    assert project.run()[0] == 0
+
+
+def test_admin_on_every_address_needs_allowed_hosts(project: Project, token: str) -> None:
+    """admin.listen 0.0.0.0 needs admin.allowed_hosts: the Host names clients use are unknown."""
+    base = "admin:\n  listen: 0.0.0.0:8477\n  allow_public: true\n  token: ${CORTEX_ADMIN_TOKEN}\n"
+    project.write("config.yaml", base)
+    assert project.problems() == [
+        "config.yaml:2:3: admin.listen: admin.listen 0.0.0.0:8477 listens on every address, "
+        "so the Host names clients use are unknown: list them in admin.allowed_hosts (e.g. "
+        '["10.0.0.5", "runner-1.internal"]), or ["*"] to accept any Host header'
+    ]
+    project.write("config.yaml", base + '  allowed_hosts: ["*"]\n')
+    assert project.run()[0] == 0
+
+
+def test_admin_allowed_hosts_are_names(project: Project) -> None:
+    """admin.allowed_hosts takes names and addresses, not URLs or host:port."""
+    project.write(
+        "config.yaml", 'admin:\n  allowed_hosts: [runner-1.internal, "::1", "http://x:80"]\n'
+    )
+    assert project.problems() == [
+        'config.yaml:2:45: admin.allowed_hosts[2]: "http://x:80" is not a host name or address; '
+        'list them without scheme or port, e.g. ["metrics.internal", "10.0.0.5"], or "*" for any'
+    ]
 
 
 @pytest.mark.parametrize(
@@ -930,7 +1015,13 @@ def test_check_imports_reports_a_module_that_cannot_be_imported(project: Project
         "  - call: cf_test_handlers:missing\n  - call: cf_test_handlers:value\n"
         "  - call: cf_test_handlers:ok\n"
     )
-    assert project.problems(text, "--check-imports") == [
+    lines = project.problems(text, "--check-imports")
+    path = (project.root / "cf_test_handlers.py").resolve()
+    assert lines[:2] == [
+        "call targets:",
+        f"  flows/groups.yaml:9:15: cf_test_handlers:ok: module cf_test_handlers ({path})",
+    ]
+    assert lines[2:] == [
         "flows/groups.yaml:6:15: groups.g.routes[0].call: cannot import "
         '"cf_test_nowhere.handlers:run": no module named "cf_test_nowhere"; install it, or put '
         "it in the folder that holds config.yaml",
@@ -1146,3 +1237,50 @@ def test_reload_of_a_project_without_config_file_keeps_the_defaults(project: Pro
     project.write("config.yaml", "runner: {name: later}\n")
     reloaded, _, _ = load_again(started, "cortex")
     assert reloaded.config.runner.name == "later"
+
+
+# --- retention ------------------------------------------------------------------------
+
+
+def test_maxlen_and_retention_max_len_together_is_an_error(project: Project) -> None:
+    """maxlen is the old spelling of retention.max_len: both at once is refused."""
+    project.write(
+        "flows/a.yaml",
+        "version: 1\nstreams: {s: {key: k, maxlen: 5, retention: {max_len: 10}}}\n",
+    )
+    code, out, _ = project.run()
+    assert code == 1
+    assert out.splitlines()[0] == (
+        "flows/a.yaml:2:23: streams.s.maxlen: maxlen is the old spelling of "
+        "retention.max_len and both are given; keep retention.max_len and remove maxlen"
+    )
+
+
+def test_retention_takes_a_length_and_an_age(project: Project) -> None:
+    """retention: {max_len, max_age} and maxlen with retention.max_age are valid."""
+    project.write(
+        "flows/a.yaml",
+        """
+        version: 1
+        streams:
+          s: {key: k, retention: {max_len: 10, max_age: 1h}}
+          t: {key: t, maxlen: 10, retention: {max_age: 30m}}
+        """,
+    )
+    code, out, _ = project.run()
+    assert code == 0, out
+
+
+def test_retention_on_keys_a_message_binds_is_an_error(project: Project) -> None:
+    """The retention pass cannot list keys only a message binds: refused, with the why."""
+    project.write(
+        "flows/a.yaml",
+        'version: 1\nstreams: {s: {key: "t:{{ tenant }}", retention: {max_age: 1h}}}\n',
+    )
+    code, out, _ = project.run()
+    assert code == 1
+    assert out.splitlines()[0] == (
+        'flows/a.yaml:2:49: streams.s.retention: the key "t:{{ tenant }}" has variables only '
+        "a message binds (tenant), so the retention pass cannot list its keys to trim; cap a "
+        "stream whose keys expand over priority and agent only, or trim these keys yourself"
+    )

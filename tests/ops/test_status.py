@@ -253,6 +253,9 @@ def test_json_output_shape(
         "groups",
         "agents",
         "dead_letters",
+        "duties",
+        "retention",
+        "stale_groups",
         "problems",
         "flow_problems",
     }
@@ -303,6 +306,9 @@ def admin_server() -> Iterator[str]:
                             "last_at": "2024-05-01T10:00:00Z",
                             "errors": ["flows/a.yaml:3:5: groups.x.stream: unknown stream"],
                         },
+                        "stuck_calls": {
+                            "agents": {"stuck": 4, "max_stuck_calls": 4, "held_back": True}
+                        },
                     },
                 }
             ).encode()
@@ -329,7 +335,8 @@ def test_runner_readiness_and_reload_errors_come_from_admin(
     admin_server: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """The runner section shows /readyz: ready, last reload outcome and its errors."""
+    """The runner section shows /readyz: ready, last reload outcome and its errors; a
+    group held back by stuck sync calls is a problem."""
     config = project(tmp_path, redis_url, prefix, agents=False, admin=admin_server)
     data = status_json(config, capsys)
     admin = data["runner"]["admin_status"]
@@ -342,6 +349,12 @@ def test_runner_readiness_and_reload_errors_come_from_admin(
     out = capsys.readouterr().out
     assert "ready; last reload rejected" in out
     assert "unknown stream" in out
+    held_back = (
+        "group agents: 4 sync call(s) stuck past their timeout (max_stuck_calls 4); it "
+        "starts no new message until one returns"
+    )
+    assert held_back in data["problems"]
+    assert "max_stuck_calls 4" in out
 
 
 def test_unreachable_runner_is_reported(
@@ -483,3 +496,23 @@ def test_watch_json_reports_a_lost_redis_as_a_document(
     first, second = (json.loads(line) for line in capsys.readouterr().out.splitlines())
     assert first["error"].endswith("is not reachable (connection refused)")
     assert "streams" in second
+
+
+def test_entries_that_are_not_utf8_do_not_break_status(
+    tmp_path: Path, redis_url: str, prefix: str, r: redis.Redis, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A heartbeat, a task and a dead letter with bytes that are not UTF-8: status still
+    answers, the bad beat is not taken for a beat, the good one is (on the previous main
+    status failed with UnicodeDecodeError)."""
+    hb, now = f"{prefix}heartbeats", server_ms(r)
+    with redis.Redis.from_url(redis_url) as raw:
+        raw.xadd(hb, {b"agent": b"harold", b"ts": str(now).encode()}, id=f"{now - 1}-0")
+        raw.xadd(hb, {b"agent": b"\xffplanner", b"ts": str(now).encode()}, id=f"{now}-0")
+        raw.xadd(f"{prefix}tasks:high", {b"text": b"\xfe"})
+        raw.xadd(f"{prefix}dlq", {b"text": b"\xfe", b"dlq_error": b"x"})
+    config = project(tmp_path, redis_url, prefix)
+    data = status_json(config, capsys)
+    agents = {a["name"]: a["status"] for a in data["agents"]}
+    assert agents == {"harold": "up", "planner": "never seen"}
+    assert by_key(data["streams"], f"{prefix}tasks:high")["length"] == 1
+    assert cli("status", "--config", str(config)) == 0

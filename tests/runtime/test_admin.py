@@ -384,9 +384,21 @@ async def test_non_loopback_host_refused_without_allow_public() -> None:
         await server.start()
 
 
-async def test_public_binding_allowed_with_warning(caplog: pytest.LogCaptureFixture) -> None:
-    """With allow_public=True a non-loopback host binds and logs a warning saying so."""
+async def test_non_loopback_host_refused_without_a_token() -> None:
+    """A non-loopback host is refused with allow_public=True but no token."""
     server = server_on("0.0.0.0", 0, allow_public=True)
+    with pytest.raises(CortexFlowError) as caught:
+        await server.start()
+    assert str(caught.value) == (
+        "admin endpoint will not listen on 0.0.0.0:0: it is not a loopback address; set "
+        "admin.listen to 127.0.0.1:0 (and let a proxy expose it), or set admin.allow_public: "
+        "true and admin.token: ${CORTEX_ADMIN_TOKEN}"
+    )
+
+
+async def test_public_binding_allowed_with_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """With allow_public=True and a token a non-loopback host binds and logs a warning."""
+    server = server_on("0.0.0.0", 0, allow_public=True, token=lambda: "t" * 16)
     with caplog.at_level(logging.WARNING, logger=LOG.name):
         async with server:
             port = server.bound_port

@@ -407,15 +407,14 @@ async def test_restart_first_rereads_own_pending_and_dead_letters_crash_loops(
         await wait_for(lambda: none_pending(redis_client, src, "work"), what="nothing pending")
     [(_, dead)] = await entries(redis_client, f"{key_prefix}dlq")
     assert (dead["n"], dead["dlq_id"], dead["dlq_deliveries"]) == ("3", ids[3], "3")
-    assert dead["dlq_error"] == (
-        "delivered 3 times without being acknowledged (its consumer crashed or timed out each time)"
-    )
+    assert dead["dlq_error"] == "delivered 3 times; 3 runners died holding it"
 
 
 async def test_dead_letters_respect_the_dlq_maxlen(
     new_project: NewProject, redis_client: Any, key_prefix: str
 ) -> None:
-    """Dead letters are added with the dead-letter stream's MAXLEN ~, like every publish."""
+    """Dead letters are trimmed to the dead-letter stream's maxlen by retention (no group
+    reads it: length alone decides), not at publish."""
     config, _ = new_project(
         """
         version: 1
@@ -430,6 +429,7 @@ async def test_dead_letters_respect_the_dlq_maxlen(
               - call: {M}:handle_json
         """,
         FAILING,
+        runner_extra=", retention_interval: 100ms",
     )
     src = f"{key_prefix}jobs"
     pipe = redis_client.pipeline(transaction=False)
@@ -440,7 +440,8 @@ async def test_dead_letters_respect_the_dlq_maxlen(
         stats = runner.stats.groups["work"].keys[src]
         await wait_for(lambda: stats.dead_lettered == 400, what="400 dead letters")
         await wait_for(lambda: none_pending(redis_client, src, "work"), what="nothing pending")
-    assert 20 <= await redis_client.xlen(f"{key_prefix}dlq") <= 200  # approximate trimming
+        await wait_for(lambda: equals(redis_client.xlen(f"{key_prefix}dlq"), 20), what="trim")
+        assert runner.stats.trimmed[f"{key_prefix}dlq"] == 380
 
 
 async def test_claimed_and_reread_entries_respect_concurrency(

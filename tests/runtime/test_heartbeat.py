@@ -280,7 +280,7 @@ async def test_failing_own_beat_is_logged_at_most_once_a_minute(
         resolve(load_project(config).topology, "dup"),
         RunnerStats(runner="dup"),
         runner_interval=0.01,
-        on_down=lambda name: None,
+        on_down=lambda name, min_idle: None,
         log=logging.getLogger("test.heartbeat"),
     )
     monitor.key = "cf:heartbeats"
@@ -362,13 +362,15 @@ async def test_reload_keeps_known_runners_and_moves_to_a_new_heartbeat_stream(
         agents = runner.stats.agents
         await wait_for(lambda: agents["worker1"].up is True, what="worker1 up, read from b")
 
-        # heartbeats removed: the watch ends quietly, nothing is read from a None key
+        # heartbeats removed: the runner beats and watches on the default runner stream
         _write_flow(tmp_path, _reload_flow(""), key_prefix)
         assert (await runner.reload("test"))["outcome"] == "applied"
-        assert [t.get_name() for t in monitor._tasks] == ["heartbeat:beat"]
+        default = f"{key_prefix}runners"
+        assert monitor.key == default
+        await wait_for(lambda: _beats(redis_client, default, runner.instance), what="beats")
         length = await redis_client.xlen(key_b)
         await asyncio.sleep(0.3)
-        assert await redis_client.xlen(key_b) == length  # no more beats anywhere
+        assert await redis_client.xlen(key_b) == length  # no more beats on the old stream
 
 
 def _now() -> str:

