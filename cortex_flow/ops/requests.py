@@ -22,10 +22,10 @@ from cortex_flow.errors import CortexFlowError, RequestCanceled, RequestFailed, 
 from cortex_flow.flow.durations import parse_duration
 from cortex_flow.flow.loader import Project
 from cortex_flow.flow.models import StreamSpec
-from cortex_flow.flow.topology import resolve
+from cortex_flow.flow.topology import namespace, resolve
 from cortex_flow.wire import replies as wire
 from cortex_flow.wire.codec import encode
-from cortex_flow.wire.replies import Reply, key_prefix, now_ms
+from cortex_flow.wire.replies import Reply, now_ms
 
 log = logging.getLogger("cortex_flow.requests")
 
@@ -53,7 +53,7 @@ def seconds(value: Any, what: str) -> float:
 
 def project_prefix(project: Project) -> str:
     """Where the project's reply streams, task states and cancel channel live."""
-    return key_prefix(s.key for s in project.topology.streams.values())
+    return namespace(project.topology)
 
 
 def request_fields(

@@ -16,15 +16,16 @@ import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
+from cortex_flow.flow.declared import Topology
 from cortex_flow.flow.durations import format_duration
 from cortex_flow.flow.models import StreamSpec
-from cortex_flow.flow.topology import ResolvedGroup
+from cortex_flow.flow.topology import ResolvedGroup, namespace
 from cortex_flow.runtime.delivery import ACK, DEAD, Entry, Outcome
 from cortex_flow.runtime.routes import Publish
 from cortex_flow.runtime.stats import KeyStats
 from cortex_flow.wire import replies as wire
 from cortex_flow.wire import tasks
-from cortex_flow.wire.replies import CORR, DEADLINE, REPLY, TASK, key_prefix, now_ms
+from cortex_flow.wire.replies import CORR, DEADLINE, REPLY, TASK, now_ms
 
 # the fields a ``to`` route carries on to the next stream
 CARRIED = (CORR, REPLY, DEADLINE)
@@ -49,7 +50,8 @@ class Conversations:
     ) -> None:
         spec = group.spec
         self.name = group.name
-        self.prefix = key_prefix(s.key for s in streams.values())
+        # the namespace, as the runners' own keys: computed from the streams alone
+        self.prefix = namespace(Topology(streams=dict(streams)))
         self.ttl_ms = int(spec.ttl * 1000) if spec.ttl is not None else None
         self.track = spec.track
         self.keep_ms = max(1, int(spec.keep_tasks * 1000))

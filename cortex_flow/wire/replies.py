@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,21 +37,6 @@ REPLY_MAXLEN = 1000
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def key_prefix(keys: Iterable[str]) -> str:
-    """Where a project's conversation keys live: the literal start its stream keys share,
-    up to its last ``:`` (``cortex:`` for ``cortex:tasks:{{ priority }}``), else ``cf:``."""
-    literal = [k.split("{{", 1)[0] for k in keys]
-    if not literal:
-        return "cf:"
-    first, last = min(literal), max(literal)
-    common = 0
-    while common < min(len(first), len(last)) and first[common] == last[common]:
-        common += 1
-    shared = first[:common]
-    cut = shared.rfind(":")
-    return shared[: cut + 1] if cut >= 0 else "cf:"
 
 
 def reply_key(prefix: str, requester: str) -> str:
