@@ -51,7 +51,7 @@ Ask = Callable[[int], Awaitable[Any]]
 # -- the responders (each in its own process) ------------------------------------------------
 
 
-def cortex_responder(port: int, ready: Any, stop: Any) -> None:
+def cortex_responder(port: int, ready: Any, stop: Any, cpu: Any) -> None:
     server = Server()
     server.port = port
 
@@ -59,17 +59,20 @@ def cortex_responder(port: int, ready: Any, stop: Any) -> None:
         with project(server, FLOW) as proj:
             runner = Runner(proj, admin=False)
             await runner.start()
+            began = time.process_time()
             ready.set()
             while not stop.is_set():
                 await asyncio.sleep(0.05)
+            cpu.value = time.process_time() - began
             await runner.stop(grace=5)
 
     asyncio.run(serve())
 
 
-def hand_responder(port: int, ready: Any, stop: Any) -> None:
+def hand_responder(port: int, ready: Any, stop: Any, cpu: Any) -> None:
     client: Any = redis.Redis(port=port, decode_responses=True)  # typed loosely, as replies vary
     client.xgroup_create(KEY, GROUP, id="0", mkstream=True)
+    began = time.process_time()
     ready.set()
     loop = asyncio.new_event_loop()
     while not stop.is_set():
@@ -83,6 +86,7 @@ def hand_responder(port: int, ready: Any, stop: Any) -> None:
             pipe.xadd(fields["reply"], body, maxlen=1000, approximate=True)
             pipe.xack(KEY, GROUP, entry_id)
         pipe.execute()
+    cpu.value = time.process_time() - began
     client.close()
 
 
@@ -158,12 +162,23 @@ async def open_loop(ask: Ask, total: int) -> list[float]:
     return latencies
 
 
-def measure(server: Server, side: str, total: int) -> tuple[float, list[float]]:
+class Side:
+    """One contender's run: round trips/s, latencies (ms), CPU per request (us) of the
+    asker and of the responder, over both loops."""
+
+    def __init__(self, rate: float, latencies: list[float]) -> None:
+        self.rate = rate
+        self.latencies = latencies
+        self.asker_us = 0.0
+        self.responder_us = 0.0
+
+
+def measure(server: Server, side: str, total: int) -> Side:
     server.flush()
     ctx = mp.get_context("spawn")
-    ready, stop = ctx.Event(), ctx.Event()
+    ready, stop, cpu = ctx.Event(), ctx.Event(), ctx.Value("d", 0.0)
     target = cortex_responder if side == "cortex" else hand_responder
-    proc = ctx.Process(target=target, args=(server.port, ready, stop))
+    proc = ctx.Process(target=target, args=(server.port, ready, stop, cpu))
     proc.start()
     try:
         if not ready.wait(60):
@@ -191,19 +206,28 @@ def measure(server: Server, side: str, total: int) -> tuple[float, list[float]]:
             finally:
                 await hand.close()
 
-        return asyncio.run(go())
+        began = time.process_time()
+        result = Side(*asyncio.run(go()))
+        result.asker_us = (time.process_time() - began) / (2 * total) * 1e6
     finally:
         stop.set()
         proc.join(15)
         if proc.is_alive():
             proc.kill()
             proc.join()
+    result.responder_us = cpu.value / (2 * total) * 1e6
+    return result
 
 
 def run(server: Server, total: int) -> list[Figure]:
-    base_rate, base_lat = measure(server, "hand", total)
-    rate, lat = measure(server, "cortex", total)
+    hand = measure(server, "hand", total)
+    mine = measure(server, "cortex", total)
+    base_rate, base_lat, rate, lat = hand.rate, hand.latencies, mine.rate, mine.latencies
     p99 = percentile(lat, 0.99)
+    cpu = (
+        f"CPU per request: asker {mine.asker_us:.0f} us (hand {hand.asker_us:.0f}), "
+        f"responder {mine.responder_us:.0f} us (hand {hand.responder_us:.0f})"
+    )
     baseline = "hand redis-py request/reply"
     return [
         Figure(
@@ -232,6 +256,6 @@ def run(server: Server, total: int) -> list[Figure]:
             percentile(base_lat, 0.99),
             f"<= {TARGET_MS:g} ms",
             p99 <= TARGET_MS,
-            note=f"{total} requests each; max {max(lat):.1f} ms",
+            note=f"{total} requests each; max {max(lat):.1f} ms; {cpu}",
         ),
     ]
