@@ -219,8 +219,10 @@ async def test_cancel_before_handling_and_after_completion(
         assert await client.cancel(entry_id) is True
         with pytest.raises(RequestCanceled):
             await asking
-        async with running(path):
+        async with running(path) as runner:
             await wait_for(lambda: none_pending(redis_client, f"{key_prefix}work", "work"))
+            stats = runner.stats.groups["work"].key(f"{key_prefix}work")
+            await wait_for(lambda: stats.canceled == 1, what="counted as canceled")
             assert await client.request("work", {"n": "done"}, timeout=10) == {"n": "done"}
         assert module(mod).handled == ["done"]
         done = next(i for i in client._asked if i != entry_id)
