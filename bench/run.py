@@ -24,10 +24,30 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import calls, consume, latency, memory, requests, route, steady  # noqa: E402
+from bench import (  # noqa: E402
+    calls,
+    consume,
+    idle,
+    latency,
+    memory,
+    requests,
+    route,
+    steady,
+    tracing,
+)
 from bench.common import Figure, Server  # noqa: E402
 
-BENCHES = ("consume", "route", "calls", "steady", "latency", "requests", "memory")
+BENCHES = (
+    "consume",
+    "route",
+    "calls",
+    "steady",
+    "latency",
+    "requests",
+    "memory",
+    "idle",
+    "tracing",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, help="default 5,000 (quick 2,000)")
     p.add_argument("--memory-first", type=int, help="default 100,000 (quick 50,000)")
     p.add_argument("--memory-last", type=int, help="default 1,000,000 (quick 300,000)")
+    p.add_argument("--idle-seconds", type=int, help="default 20 (quick 6)")
     p.add_argument(
         "--profile", choices=("consume", "route", "latency"), help="cProfile cortex-flow's runs"
     )
@@ -66,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     default("requests", 5_000, 2_000)
     default("memory_first", 100_000, 50_000)
     default("memory_last", 1_000_000, 300_000)
+    default("idle_seconds", 20, 6)
     args.only = [b.strip() for b in args.only.split(",") if b.strip()]
     unknown = set(args.only) - set(BENCHES)
     if unknown:
@@ -152,11 +174,15 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "calls":
                 got = calls.run(server, args.call_messages, args.io_messages, args.repeat)
             elif name == "steady":
-                got = steady.run(server, args.steady_messages)
+                got = steady.run(server, args.steady_messages, args.repeat)
+            elif name == "tracing":
+                got = tracing.run(server, args.route_messages, args.repeat)
             elif name == "latency":
                 got = latency.run(server, args.latency_backlog, args.latency_samples, mine)
             elif name == "requests":
                 got = requests.run(server, args.requests)
+            elif name == "idle":
+                got = idle.run(server, args.idle_seconds)
             else:
                 got = memory.run(server, args.memory_first, args.memory_last)
             figures.extend(got)

@@ -33,7 +33,7 @@ from cortex_flow.flow.loader import Project, load_project
 from cortex_flow.flow.topology import ResolvedGroup, render_key, resolve
 from cortex_flow.ops.asking import Asking
 from cortex_flow.ops.inbox import InboxEntry, InboxReader
-from cortex_flow.ops.requests import REPLY_IDLE, project_prefix, publish_with_ttl, seconds
+from cortex_flow.ops.requests import REPLY_IDLE, project_prefix, seconds
 from cortex_flow.ops.send import publish, target_key
 from cortex_flow.ops.tasks import answer
 from cortex_flow.wire.access import project_url
@@ -109,6 +109,10 @@ class Client(Asking):
     """Sends, asks, beats and reads for one project; ``agent`` names who is speaking.
 
     Asking (``request``, ``stream``, ``cancel``, ``task``): :mod:`cortex_flow.ops.asking`.
+
+    ``replicas``: each publish waits (WAIT) until that many replicas hold it and raises
+    :class:`~cortex_flow.errors.NotReplicated` otherwise, so no acknowledged publish is
+    lost to a failover (publish again on that error; at least once).
     """
 
     def __init__(
@@ -119,6 +123,7 @@ class Client(Asking):
         *,
         owns: bool = False,
         reply_idle: float = REPLY_IDLE,
+        replicas: int = 0,
     ) -> None:
         if agent is not None and agent not in project.topology.agents:
             known = ", ".join(sorted(project.topology.agents)) or "none"
@@ -126,6 +131,7 @@ class Client(Asking):
         self.project = project
         self.redis = redis
         self.agent = agent
+        self.replicas = replicas
         self._owns = owns
         self._init_asking(reply_idle)
 
@@ -136,6 +142,7 @@ class Client(Asking):
         *,
         agent: str | None = None,
         reply_idle: float = REPLY_IDLE,
+        replicas: int = 0,
     ) -> Client:
         """Load the project and connect to its Redis (``embedded``: the running server).
 
@@ -143,7 +150,7 @@ class Client(Asking):
         """
         project = load_project(Path(path))
         redis = redis_from_url(project_url(project))
-        return cls(project, redis, agent, owns=True, reply_idle=reply_idle)
+        return cls(project, redis, agent, owns=True, reply_idle=reply_idle, replicas=replicas)
 
     async def __aenter__(self) -> Self:
         await wait_for_redis(self.redis, timeout=5.0, log=log)
@@ -172,10 +179,9 @@ class Client(Asking):
 
         ``ttl`` (seconds or ``"30s"``) sets a deadline: read later, it is not handled.
         """
-        key, spec = self._target(stream, vars)
-        if ttl is None:
-            return await publish(self.redis, key, spec, msg)
-        return await publish_with_ttl(self.redis, key, spec, msg, seconds(ttl, "ttl"))
+        key, spec = self._target(stream, vars, msg)
+        life = seconds(ttl, "ttl") if ttl is not None else None
+        return await publish(self.redis, key, spec, msg, replicas=self.replicas, ttl=life)
 
     async def send_task(
         self,

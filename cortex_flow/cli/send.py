@@ -24,7 +24,7 @@ from cortex_flow.errors import (
 )
 from cortex_flow.flow.loader import Project, load_project
 from cortex_flow.flow.models import StreamSpec
-from cortex_flow.ops.requests import publish_with_ttl, seconds
+from cortex_flow.ops.requests import seconds
 from cortex_flow.ops.send import TargetError, publish, target_key
 from cortex_flow.wire.access import connect_project
 from cortex_flow.wire.replies import PART
@@ -38,15 +38,18 @@ FLAGS = {"priority": "--priority", "agent": "--agent", "var": "--var"}
 EXIT_TIMEOUT = 124
 
 
-def target(project: Project, args: argparse.Namespace) -> tuple[str, StreamSpec, dict[str, str]]:
-    """The key ``args`` name (stream, --priority, --agent, --var), its spec and the vars."""
+def target(
+    project: Project, args: argparse.Namespace, msg: dict[str, Any] | None = None
+) -> tuple[str, StreamSpec, dict[str, str]]:
+    """The key ``args`` name (stream, --priority, --agent, --var), its spec and the vars;
+    ``msg`` picks a partitioned stream's partition."""
     bad = [v for v in args.var if "=" not in v]
     if bad:
         raise UsageError(f"--var takes NAME=VALUE, got {bad[0]!r}")
     extra = dict(v.split("=", 1) for v in args.var)
     try:
         key, spec = target_key(
-            project, args.stream, priority=args.priority, agent=args.agent, extra=extra
+            project, args.stream, priority=args.priority, agent=args.agent, extra=extra, msg=msg
         )
     except TargetError as exc:
         raise UsageError(_with_flags(exc)) from None
@@ -73,7 +76,7 @@ def command(args: argparse.Namespace) -> int:
         raise UsageError(f"JSON argument is not valid JSON: {exc}") from None
     if not isinstance(msg, dict):
         raise UsageError('JSON argument must be an object, e.g. \'{"type": "chat"}\'')
-    key, spec, names = target(project, args)
+    key, spec, names = target(project, args, msg)
     ttl = _duration(args.ttl, "--ttl") if args.ttl is not None else None
     if args.wait is not None:
         return _request(project, args.stream, msg, _duration(args.wait, "--wait"), ttl, names)
@@ -81,9 +84,7 @@ def command(args: argparse.Namespace) -> int:
     async def go() -> str:
         client = await connect_project(project, wait=3.0, log=log)
         try:
-            if ttl is None:
-                return await publish(client, key, spec, msg)
-            return await publish_with_ttl(client, key, spec, msg, ttl)
+            return await publish(client, key, spec, msg, ttl=ttl)
         finally:
             await client.aclose()
 

@@ -88,6 +88,23 @@ class StreamSpec(Model):
         description="raw: `msg` is the entry's fields; json: the entry holds one field `data` "
         "with a JSON object, and `msg` is that object.",
     )
+    partitions: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="Spread the stream over this many keys, one hash tag each (the key's "
+        "`{{ partition }}` renders as `{p0}` ... `{pN-1}`), so on a Redis Cluster one "
+        "stream's work spreads over the masters while each partition keeps its priority "
+        "levels in one slot. A group reads every partition; the runners split them, "
+        "each partition read by one runner at a time.",
+    )
+    partition_key: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Template over the published message (`{{ msg.conversation }}`) that "
+        "picks its partition: the same value, the same partition, so one conversation "
+        "stays in order. Without it, producers take the partitions in turn.",
+    )
     description: str | None = None
 
     @model_validator(mode="after")

@@ -57,9 +57,11 @@ class Asking:
         if self._replies is not None:
             await self._replies.close()
 
-    def _target(self, stream: str, vars: dict[str, str]) -> tuple[str, StreamSpec]:
+    def _target(
+        self, stream: str, vars: dict[str, str], msg: Mapping[str, Any] | None = None
+    ) -> tuple[str, StreamSpec]:
         priority, agent = vars.pop("priority", None), vars.pop("agent", None)
-        return target_key(self.project, stream, priority=priority, agent=agent, extra=vars)
+        return target_key(self.project, stream, priority=priority, agent=agent, extra=vars, msg=msg)
 
     async def request(
         self,
@@ -132,11 +134,13 @@ class Asking:
         life = seconds(ttl, "ttl") if ttl is not None else None
         target = self._targets.get((stream, *sorted(vars.items())))
         if target is None:
-            target = self._target(stream, dict(vars))
+            target = self._target(stream, dict(vars), msg)
             if self._answered is None:
                 self._answered = Answered(self.project)
             self._answered.check(target[0], stream)
-            if len(self._targets) < 1000:
+            declared = self.project.topology.streams[stream]
+            # a partitioned stream's key is the message's own partition: never kept
+            if len(self._targets) < 1000 and not declared.partitions:
                 self._targets[(stream, *sorted(vars.items()))] = target
         key, spec = target
         if self._replies is None:

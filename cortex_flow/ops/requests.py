@@ -21,7 +21,6 @@ from typing import Any
 from cortex_flow.errors import CortexFlowError, RequestCanceled, RequestFailed, RequestTimeout
 from cortex_flow.flow.durations import parse_duration
 from cortex_flow.flow.loader import Project
-from cortex_flow.flow.models import StreamSpec
 from cortex_flow.flow.topology import namespace, resolve
 from cortex_flow.wire import replies as wire
 from cortex_flow.wire.codec import encode
@@ -214,13 +213,3 @@ def parts_in_order(reply: Reply, seen: int, attempt: int) -> tuple[bool, int, in
     if reply.seq < seen:
         return False, seen, max(attempt, reply.attempt)
     return True, reply.seq + 1, max(attempt, reply.attempt)
-
-
-async def publish_with_ttl(
-    client: Any, key: str, spec: StreamSpec, msg: Mapping[str, Any], ttl: float
-) -> str:
-    """XADD ``msg`` with a deadline ``ttl`` seconds from now (``cf_deadline``); never
-    trimmed here (retention does), as :func:`~cortex_flow.ops.send.publish`."""
-    fields = request_fields(spec.codec, msg, ttl=ttl)
-    entry_id: str = await client.xadd(key, fields)
-    return entry_id

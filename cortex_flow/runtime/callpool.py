@@ -40,7 +40,7 @@ IDLE_EXIT = 30.0  # a thread without work for this long ends
 
 SMOOTHING = 0.1  # of the moving average of how long a call takes
 
-_QUEUED, _RUNNING, _CANCELLED, _STUCK = 0, 1, 2, 3
+_QUEUED, _RUNNING, _CANCELLED, _STUCK, _RETURNED = 0, 1, 2, 3, 4
 
 
 class _Table(Protocol):
@@ -94,6 +94,11 @@ class Call:
         self.error: BaseException | None = None
         self.finished = False  # its thread returned and the loop was told (loop side)
         self.after: asyncio.Future[None] | None = None  # for returning(), made on demand
+
+    @property
+    def returned(self) -> bool:
+        """Its thread returned (it may not have been handed back to the loop yet)."""
+        return self.state == _RETURNED
 
     async def returning(self) -> Any:
         """Wait until its thread returns (the waiter may have been given up); its result."""
@@ -276,6 +281,7 @@ class CallPool:
                     now = time.monotonic()
                     self._took += (now - began - self._took) * SMOOTHING
                     self._returns += 1
+                    call.state = _RETURNED
                     if not finished:
                         self._oldest = now
                     finished.append(call)

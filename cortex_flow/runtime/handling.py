@@ -20,9 +20,9 @@ from typing import Any
 from jinja2.runtime import Context
 
 from cortex_flow.flow.templates import Now, context_base, context_over
-from cortex_flow.flow.topology import ResolvedGroup
+from cortex_flow.flow.topology import ResolvedGroup, StreamKey
 from cortex_flow.runtime.deadlines import Deadlines
-from cortex_flow.runtime.delivery import ACK, DEAD, RETRY, Entry, Outcome, backoff_ms
+from cortex_flow.runtime.delivery import ACK, DEAD, RETRY, Acks, Entry, Outcome, backoff_ms
 from cortex_flow.runtime.replies import Canceled, Conversations
 from cortex_flow.runtime.routes import (
     HANDLER_EXITS,
@@ -35,7 +35,7 @@ from cortex_flow.runtime.routes import (
     call_inline,
     call_route,
 )
-from cortex_flow.runtime.stats import GroupStats, KeyStats
+from cortex_flow.runtime.stats import GroupStats, KeyStats, Latency
 from cortex_flow.wire.codec import DecodeError, decode
 from cortex_flow.wire.replies import DEADLINE as REQUEST_DEADLINE
 from cortex_flow.wire.replies import FIELDS as REQUEST_FIELDS
@@ -104,20 +104,10 @@ class EntryHandler:
         and ``http`` route; the driver runs it and sends ``None`` back, or throws in what
         it raised. Returns the outcome; never raises for a route's failure.
         """
-        conv = self.conv
-        involved = conv is not None and conv.involved(entry.fields)
-        if involved:
-            assert conv is not None
-            early = conv.before(entry)
-            if early is not None:
-                return early
-        prepared = self._prepare(entry)
-        if isinstance(prepared, Outcome):
-            return prepared
-        msg, bound, ctx = prepared
-        if involved and self.codec == "raw":
-            for name in REQUEST_FIELDS:
-                msg.pop(name, None)
+        begun = self._begin(entry)
+        if isinstance(begun, Outcome):
+            return begun
+        msg, bound, ctx, involved = begun
         publishes: list[Publish] = []
         matched = False
         result: Any = None  # the last call's return value: the reply
@@ -140,37 +130,118 @@ class EntryHandler:
             return self._failure(entry, route, exc)
         finally:
             self._key_stats[entry.key.key].latency.observe(time.perf_counter() - started)
-        outcome = self._settled(entry, matched, publishes)
-        if involved and outcome.kind == ACK:
-            assert conv is not None
-            return conv.finish(outcome, result)
-        return outcome
+        return self._answered(entry, matched, publishes, involved, result)
 
-    def run_inline(self, entry: Entry) -> Outcome:
-        """:meth:`steps` for a table of ``to``, ``drop`` and inline sync calls only
-        (``table.inline_sync``): nothing to wait for, so no generator per message."""
+    def run_batch(self, entries: list[Entry], acks: list[Acks]) -> list[Outcome]:
+        """:meth:`steps` over a batch, for a table of ``to``, ``drop`` and inline sync calls
+        only (``table.inline_sync``): nothing to wait for, so no generator per message.
+
+        Entries that ran and have nothing to publish (the usual case) get no outcome of
+        their own: they go to ``acks``, one :class:`Acks` per run of entries of one key,
+        once the whole batch ran. The others' outcomes are returned, in order.
+        """
         table = self.table
-        conv = self.conv  # a request, a deadline, or a group with ttl/track: the full path
-        if conv is not None and (
-            conv.every or REQUEST_REPLY in entry.fields or REQUEST_DEADLINE in entry.fields
-        ):
-            return self._run_steps(entry)
-        if table.needs_context or entry.key.key not in self._bound:
-            prepared = self._prepare(entry)
-            if isinstance(prepared, Outcome):
-                return prepared
-            msg, bound, ctx = prepared
-        else:  # the usual case, without a call: the message and the key's variables
+        outcomes: list[Outcome] = []
+        done: list[Acks] = []
+        # a request, a deadline, or a group with ttl/track: the full step path, and an
+        # outcome of its own (its reply and task state go with its XACK, never a plain ack)
+        conv = self.conv
+        every = conv is not None and conv.every
+        if table.needs_context or every:
+            for entry in entries:
+                if every or (
+                    conv is not None
+                    and (REQUEST_REPLY in entry.fields or REQUEST_DEADLINE in entry.fields)
+                ):
+                    outcomes.append(self._run_steps(entry))
+                    continue
+                outcome = self._run_one(entry)
+                if outcome.kind == ACK and not outcome.publishes:
+                    _ack(done, entry)
+                else:
+                    outcomes.append(outcome)
+            acks += done
+            return outcomes
+        # No `when` and no template: every route applies, in order, to every message.
+        routes, codec = table.routes, self.codec
+        # the usual table: one inline call and nothing else
+        only = routes[0].fn if len(routes) == 1 and routes[0].action == "call" else None
+        current = ""
+        bound: dict[str, Any] = {}
+        ack: Acks | None = None
+        # handler latency per run of one key: each of its entries counts the run's mean
+        latency: Latency | None = None
+        count = 0
+        started = perf_counter()
+        for entry in entries:
+            fields = entry.fields
+            if conv is not None and (REQUEST_REPLY in fields or REQUEST_DEADLINE in fields):
+                begun = perf_counter()
+                outcomes.append(self._run_steps(entry))  # observes its own latency
+                started += perf_counter() - begun
+                continue
+            key = entry.key.key
+            if key != current:
+                if latency is not None:
+                    now = perf_counter()
+                    latency.observe_many((now - started) / count, count)
+                    started = now
+                current, bound, ack, count = key, self._bind(entry.key), None, 0
+                latency = self._key_stats[key].latency
+            count += 1
             try:
-                msg = decode(self.codec, entry.fields)
+                msg = decode(codec, fields)
+            except Exception as exc:  # RecursionError, MemoryError: this entry alone
+                outcomes.append(undecodable(entry, exc))
+                continue
+            publishes: list[Publish] | None = None
+            try:
+                if only is not None:
+                    route = routes[0]
+                    only(msg)
+                else:
+                    for route in routes:
+                        if route.action == "to":
+                            if publishes is None:
+                                publishes = []
+                            publishes.append(route.publish(msg, None, bound))
+                        elif route.fn is not None:
+                            route.fn(msg)
+                        if not route.continue_:
+                            break
             except Exception as exc:
-                return undecodable(entry, exc)
-            bound, ctx = self._bound[entry.key.key], None
+                outcomes.append(self._failure(entry, route, exc))
+                continue
+            except HANDLER_EXITS as exc:
+                outcomes.append(self._failure(entry, route, HandlerExit.of(route, exc)))
+                continue
+            if publishes is not None:
+                outcomes.append(Outcome(entry, ACK, publishes))
+            elif not routes:
+                outcomes.append(self._settled(entry, False, []))
+            else:
+                if ack is None:
+                    ack = Acks(key, [])
+                    done.append(ack)
+                ack.entries.append(entry)
+                if entry.deliveries > 1:
+                    ack.retried += 1
+        if latency is not None:
+            latency.observe_many((perf_counter() - started) / count, count)
+        acks += done
+        return outcomes
+
+    def _run_one(self, entry: Entry) -> Outcome:
+        """One entry of an ``inline_sync`` table that needs a template context."""
+        prepared = self._prepare(entry)
+        if isinstance(prepared, Outcome):
+            return prepared
+        msg, bound, ctx = prepared
         publishes: list[Publish] = []
         matched = False
         started = perf_counter()
         try:
-            for route in table.routes:
+            for route in self.table.routes:
                 if route.when is not None and not route.matches(ctx):
                     continue
                 matched = True
@@ -186,8 +257,6 @@ class EntryHandler:
             return self._failure(entry, route, HandlerExit.of(route, exc))
         finally:
             self._key_stats[entry.key.key].latency.observe(perf_counter() - started)
-        if matched:
-            return Outcome(entry, ACK, publishes)
         return self._settled(entry, matched, publishes)
 
     def _run_steps(self, entry: Entry) -> Outcome:
@@ -200,6 +269,72 @@ class EntryHandler:
             return done
         raise RuntimeError("an inline table yielded a step")  # pragma: no cover
 
+    def _bind(self, key: StreamKey) -> dict[str, Any]:
+        """The variables of ``key`` (read-only), built once."""
+        bound = self._bound.get(key.key)
+        if bound is None:
+            bound = {"priority": key.priority, "agent": key.agent, **self._base_vars}
+            self._bound[key.key] = bound
+        return bound
+
+    def message(self, entry: Entry) -> Any:
+        """The message of ``entry`` for a table that is one sync call (``table.only_call``),
+        or the outcome of an entry that cannot be decoded (or expired, or canceled)."""
+        begun = self._begin(entry)
+        return begun if isinstance(begun, Outcome) else begun[0]
+
+    def called(
+        self,
+        entry: Entry,
+        route: CompiledRoute,
+        error: Exception | None,
+        seconds: float,
+        value: Any = None,
+    ) -> Outcome:
+        """What :meth:`steps` returns once ``route``, a table's only route and a sync call
+        (``table.only_call``), returned ``value`` or raised ``error``, ``seconds`` after it
+        began."""
+        self._key_stats[entry.key.key].latency.observe(seconds)
+        if error is not None:
+            return self._failure(entry, route, error)
+        outcome = Outcome(entry, ACK, [])
+        conv = self.conv
+        if conv is not None and conv.involved(entry.fields):
+            return conv.finish(outcome, value)
+        return outcome
+
+    def _begin(self, entry: Entry) -> tuple[Any, dict[str, Any], Any, bool] | Outcome:
+        """:meth:`_prepare`, and whether the entry is involved in a conversation (a
+        request, a deadline, a group with ttl/track: runtime.replies). Such an entry
+        expired or canceled before it ran has its outcome here; a raw message loses the
+        request's fields."""
+        conv = self.conv
+        involved = conv is not None and conv.involved(entry.fields)
+        if involved:
+            assert conv is not None
+            early = conv.before(entry)
+            if early is not None:
+                return early
+        prepared = self._prepare(entry)
+        if isinstance(prepared, Outcome):
+            return prepared
+        msg, bound, ctx = prepared
+        if involved and self.codec == "raw":
+            for name in REQUEST_FIELDS:
+                msg.pop(name, None)
+        return msg, bound, ctx, involved
+
+    def _answered(
+        self, entry: Entry, matched: bool, publishes: list[Publish], involved: bool, result: Any
+    ) -> Outcome:
+        """:meth:`_settled`; an involved entry's reply (``result``, the last call's value)
+        and task state added to its acknowledgement."""
+        outcome = self._settled(entry, matched, publishes)
+        if involved and outcome.kind == ACK:
+            assert self.conv is not None
+            return self.conv.finish(outcome, result)
+        return outcome
+
     def _prepare(self, entry: Entry) -> tuple[Any, dict[str, Any], Any] | Outcome:
         """The decoded message, the key's variables and the template context (or None);
         an undecodable entry's outcome instead.
@@ -211,11 +346,7 @@ class EntryHandler:
             msg = decode(self.codec, entry.fields)
         except Exception as exc:
             return undecodable(entry, exc)
-        key = entry.key
-        bound = self._bound.get(key.key)
-        if bound is None:
-            bound = {"priority": key.priority, "agent": key.agent, **self._base_vars}
-            self._bound[key.key] = bound
+        bound = self._bind(entry.key)
         table = self.table
         try:
             ctx = self._context(entry, msg, bound, table) if table.needs_context else None
@@ -256,49 +387,62 @@ class EntryHandler:
             self._warn_unmatched()
         return Outcome(entry, ACK, publishes)
 
-    async def handle(self, entry: Entry) -> Outcome:
-        """Run the routes for ``entry``, awaiting each call; never raises for a route's failure."""
-        steps = self.steps(entry)
-        try:
-            step = next(steps)
-        except StopIteration as stop:
-            done: Outcome = stop.value
-            return done
-        return await self.drive(steps, step, entry)
+    async def handle(self, entry: Entry, task: asyncio.Task[Any] | None = None) -> Outcome:
+        """Run the routes for ``entry``, awaiting each call; never raises for a route's failure.
 
-    async def drive(
-        self, steps: Generator[Step, None, Outcome], step: Step, entry: Entry
-    ) -> Outcome:
-        """Make ``step`` and the rest of ``steps`` (begun) for ``entry``; its outcome."""
-        route, msg, ctx = step
+        :meth:`steps`, with the calls and posts made here: one coroutine per message,
+        which completes without suspending when nothing it awaits waits. ``task``: the
+        task running this (found if not given). A request, or an entry with a deadline
+        (runtime.replies), is checked first and answered with the last call's value.
+        """
+        begun = self._begin(entry)
+        if isinstance(begun, Outcome):
+            return begun
+        msg, bound, ctx, involved = begun
+        publishes: list[Publish] = []
+        matched = False
+        result: Any = None  # the last call's return value: the reply
+        started = perf_counter()
         try:
-            while True:
-                value: Any = None
-                try:
-                    if route.action == "http":
-                        await self.post(route, msg, ctx)
-                    elif route.is_async:
-                        value = await self.run_async(route, msg, entry)
+            for route in self.table.routes:
+                if route.when is not None and not route.matches(ctx):
+                    continue
+                matched = True
+                action = route.action
+                if action == "to":
+                    publishes.append(route.publish(msg, ctx, bound))
+                elif action == "call":
+                    if route.is_async:
+                        if involved:
+                            result = await self.run_async(route, msg, entry, task)
+                        else:
+                            result = await self.deadlines.run(route.fn, msg, route.timeout, task)  # type: ignore[arg-type]
+                    elif route.inline:
+                        result = route.fn(msg)  # type: ignore[misc]
                     else:
-                        value = await self._call_sync(route, msg, entry)
-                except Exception as exc:
-                    route, msg, ctx = steps.throw(exc)
-                except HANDLER_EXITS as exc:
-                    route, msg, ctx = steps.throw(HandlerExit.of(route, exc))
-                else:
-                    route, msg, ctx = steps.send(value)
-        except StopIteration as stop:
-            outcome: Outcome = stop.value
-            return outcome
+                        result = await self._call_sync(route, msg, entry)
+                elif action == "http":
+                    await self.post(route, msg, ctx)
+                if not route.continue_:
+                    break
+        except Exception as exc:
+            return self._failure(entry, route, exc)
+        except HANDLER_EXITS as exc:
+            return self._failure(entry, route, HandlerExit.of(route, exc))
+        finally:
+            self._key_stats[entry.key.key].latency.observe(perf_counter() - started)
+        return self._answered(entry, matched, publishes, involved, result)
 
-    async def run_async(self, route: CompiledRoute, msg: Any, entry: Entry) -> Any:
+    async def run_async(
+        self, route: CompiledRoute, msg: Any, entry: Entry, task: asyncio.Task[Any] | None = None
+    ) -> Any:
         """An async call with its timeout; cancellable and streaming for a request."""
         conv = self.conv
         if conv is None or not conv.involved(entry.fields):
-            return await self.deadlines.run(route.fn, msg, route.timeout)  # type: ignore[arg-type]
+            return await self.deadlines.run(route.fn, msg, route.timeout, task)  # type: ignore[arg-type]
 
         def run(fn: Any, msg: Any) -> Any:
-            return self.deadlines.run(fn, msg, route.timeout)
+            return self.deadlines.run(fn, msg, route.timeout, task)
 
         assert route.fn is not None
         return await conv.run_async(route.fn, msg, entry, run, self.client, route.is_stream)
@@ -436,3 +580,14 @@ def undecodable(entry: Entry, exc: Exception) -> Outcome:
     if isinstance(exc, DecodeError):
         return Outcome(entry, DEAD, [], f"cannot decode: {exc}")
     return Outcome(entry, DEAD, [], f"cannot decode: {type(exc).__name__}: {exc}")
+
+
+def _ack(acks: list[Acks], entry: Entry) -> None:
+    """Add ``entry`` to the last of ``acks`` if it is of the same key, else to a new one."""
+    key = entry.key.key
+    if not acks or acks[-1].key != key:
+        acks.append(Acks(key, []))
+    ack = acks[-1]
+    ack.entries.append(entry)
+    if entry.deliveries > 1:
+        ack.retried += 1

@@ -59,8 +59,12 @@ def reply_entries(
     ``counts``: each entry's deliveries before this one, for every ID asked for (a claim);
     not given, a fresh read: the first delivery.
     """
+    if not items:
+        return []
+    if counts is None and isinstance(items[0][1], dict):  # a fresh read: the usual case
+        return [Entry(key, i, f, 1) for i, f in items if i is not None and f is not None]
     entries = []
-    for item in items or []:
+    for item in items:
         entry_id, fields = item[0], item[1]
         if entry_id is None or fields is None:  # deleted (Redis 6.2 sends a nil)
             continue

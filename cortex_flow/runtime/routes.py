@@ -21,6 +21,7 @@ from jinja2.runtime import Context
 from cortex_flow.flow.checks import resolve_callable
 from cortex_flow.flow.models import Route, StreamSpec
 from cortex_flow.flow.outbound import FixedOrigin, check_request, fixed_origin, quote_outputs
+from cortex_flow.flow.slots import PARTITION, PartitionPicker
 from cortex_flow.flow.templates import Expression, Template, TemplateLimitError, make_context
 from cortex_flow.flow.topology import ResolvedGroup, key_template, key_variables
 from cortex_flow.runtime.callpool import CallPool, default_pool
@@ -131,8 +132,16 @@ class CompiledRoute:
             needed = key_variables(self.target)
             self.key = key_template(self.target.key)
             self.vars = {k: Template(v) for k, v in route.vars.items()}
-            # variables neither the route nor a literal gives come from the source entry
-            self.inherit = tuple(v for v in sorted(needed) if v not in route.vars)
+            # variables neither the route nor a literal gives come from the source entry;
+            # a partitioned target's partition is picked per message instead
+            self.inherit = tuple(
+                v for v in sorted(needed) if v not in route.vars and v != PARTITION
+            )
+            self.picker = (
+                PartitionPicker(self.target.partitions, self.target.partition_key)
+                if PARTITION in needed and self.target.partitions
+                else None
+            )
             self.set = {k: Template(v) for k, v in (route.set or {}).items()}
             self.set_given = route.set is not None
         self.needs_context = self.when is not None or (
@@ -188,8 +197,6 @@ class CompiledRoute:
             for name, template in self.vars.items():
                 what = f"vars.{name}"
                 values[name] = template.render(ctx) if ctx is not None else template.source
-            what = "key"
-            key = self.key.source if self.key.is_literal else self.key.render(make_context(values))
             out: Mapping[str, Any] = msg
             if self.set_given:
                 fields = {}
@@ -197,6 +204,10 @@ class CompiledRoute:
                     what = f"set.{name}"
                     fields[name] = template.render(ctx) if ctx is not None else template.source
                 out = fields
+            what = "key"
+            if self.picker is not None:  # from the message as published
+                values[PARTITION] = self.picker.tag(out)
+            key = self.key.source if self.key.is_literal else self.key.render(make_context(values))
         except UndefinedError as exc:
             raise PermanentError(f"{self.label}: {exc.message}") from None
         except Exception as exc:  # TypeError, SecurityError, ...: the same every time
@@ -237,11 +248,21 @@ class RouteTable:
         self.needs_context = any(r.needs_context for r in self.routes)
         # every action completes without a thread or socket: process whole batches inline
         self.inline = all(r.action in ("to", "drop") or r.inline for r in self.routes)
-        # and nothing to await at all: EntryHandler.run_inline
+        # and nothing to await at all: EntryHandler.run_batch
         self.inline_sync = self.inline and not any(r.is_async for r in self.routes)
         # a sync call runs in a thread: its handlers all wait, so they start together
         self.threaded = any(
             r.action == "call" and not r.inline and not r.is_async for r in self.routes
+        )
+        # the table is one sync call and nothing else: no route steps to go through
+        first = self.routes[0] if len(self.routes) == 1 else None
+        self.only_call = (
+            first
+            if first is not None
+            and first.action == "call"
+            and not (first.inline or first.is_async)
+            and first.when is None
+            else None
         )
 
 
@@ -315,6 +336,8 @@ async def _call(
         except TimeoutError:
             if pool.cancel(call):
                 raise  # still queued for a thread: it never ran
+            if call.returned:  # in time, not handed back to the loop yet
+                return await call.returning()
             pool.stuck(call)
             if on_overrun is not None:
                 on_overrun(route)

@@ -8,7 +8,11 @@ paying for prometheus-client's locked counters on every message.
 from __future__ import annotations
 
 import bisect
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
+
+HISTORY = 50  # reloads remembered for the dashboard
 
 # handler latency histogram buckets, seconds
 BUCKETS: tuple[float, ...] = (
@@ -42,6 +46,12 @@ class Latency:
         self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
         self.total += seconds
         self.count += 1
+
+    def observe_many(self, seconds: float, count: int) -> None:
+        """Observe ``count`` messages that took ``seconds`` each (a batch's mean)."""
+        self.counts[bisect.bisect_left(BUCKETS, seconds)] += count
+        self.total += seconds * count
+        self.count += count
 
 
 @dataclass
@@ -104,6 +114,8 @@ class ReloadState:
     last_changes: list[str] = field(default_factory=list)
     last_duration: float = 0.0
     totals: dict[str, int] = field(default_factory=dict)
+    # the newest reloads, oldest first: {"outcome", "at", "reason", "changes", "errors"}
+    history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=HISTORY))
 
 
 @dataclass

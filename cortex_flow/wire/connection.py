@@ -59,6 +59,10 @@ SOCKET_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 5.0
 # A pooled connection idle this long is PINGed before reuse, so a dead one is replaced.
 HEALTH_CHECK_INTERVAL = 30
+# Each idle group waits in a blocking read on a connection of its own: a pool of
+# redis-py's default 100 would refuse the 101st group ("Too many connections").
+# Redis's own maxclients default is 10,000.
+MAX_CONNECTIONS = 10_000
 LOG_EVERY = 5.0
 _TRUE = ("1", "true", "yes", "on")
 # One entry that is not UTF-8 must not make a whole read (a batch, a group) fail:
@@ -92,6 +96,7 @@ def redis_from_url(
         "socket_keepalive": True,
         "health_check_interval": HEALTH_CHECK_INTERVAL,
         "client_name": client_name,
+        "max_connections": MAX_CONNECTIONS,
     }
     # Each credential the URL lacks comes from the environment: secrets stay out of files.
     for field in ("username", "password"):

@@ -516,3 +516,38 @@ def test_entries_that_are_not_utf8_do_not_break_status(
     assert agents == {"harold": "up", "planner": "never seen"}
     assert by_key(data["streams"], f"{prefix}tasks:high")["length"] == 1
     assert cli("status", "--config", str(config)) == 0
+
+
+async def test_lag_comes_from_entry_ids_when_the_servers_counter_is_wrong(
+    tmp_path: Path, redis_url: str, prefix: str, r: redis.Redis
+) -> None:
+    """A counter left inconsistent (as on a replica promoted by a failover; here
+    XGROUP SETID ... ENTRIESREAD 0) makes Redis report lag for a stream its group read to
+    the end: status and the metrics gauge say 0, and count what is unread otherwise."""
+    from cortex_flow.runtime.gauges import refresh_gauges
+    from cortex_flow.runtime.stats import RunnerStats
+
+    high, low = f"{prefix}tasks:high", f"{prefix}tasks:low"
+    ids = [r.xadd(high, {"n": str(n)}) for n in range(5)]
+    for n in range(4):
+        r.xadd(low, {"n": str(n)})
+    r.xgroup_create(high, "agents", id="0")
+    r.xgroup_create(low, "agents", id="0")
+    r.execute_command("XGROUP", "SETID", high, "agents", ids[-1], "ENTRIESREAD", "0")
+    r.execute_command("XGROUP", "SETID", low, "agents", "0", "ENTRIESREAD", "0")
+    r.xadd(low, {"n": "4"})  # the counter is now invalid: more added than it knows read
+    reported = {g["name"]: g["lag"] for g in r.xinfo_groups(high)}
+    assert reported["agents"] == 5  # what the server says for a stream read to its end
+    resolved = resolve(
+        load_project(project(tmp_path, redis_url, prefix, agents=False)).topology, "r"
+    )
+    client = Redis.from_url(redis_url, decode_responses=True)
+    stats = RunnerStats("r")
+    try:
+        data = await collect(client, resolved)
+        await refresh_gauges(client, resolved, stats)
+    finally:
+        await client.aclose()
+    lags = {row["key"]: row["lag"] for row in data["groups"]}
+    assert lags == {high: 0, low: 5}
+    assert stats.lag == {("agents", high): 0, ("agents", low): 5}
