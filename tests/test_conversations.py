@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from projects import NewProject, module, none_pending, running, wait_for
+from projects import NewProject, equals, module, none_pending, running, wait_for
 
 from cortex_flow import Client, RequestCanceled, RequestFailed
+from cortex_flow.ops.requests import project_prefix
+from cortex_flow.wire.replies import cancel_channel
 
 FLOWS = """
 version: 1
@@ -263,3 +265,24 @@ async def test_a_failed_attempt_shows_in_the_task_state(project: tuple[Path, str
         assert await client.cancel(entry_id) is True
         with pytest.raises(RequestCanceled):
             await asking
+
+
+async def test_a_runner_listens_for_cancels_once_for_all_its_groups(
+    project: tuple[Path, str], redis_client: Any
+) -> None:
+    """One subscription to the cancel channel per runner, whatever its number of groups
+    (idle groups stay nearly free); it ends with the runner."""
+    path, _ = project
+
+    async def listeners(channel: str) -> int:
+        ((_, count),) = await redis_client.pubsub_numsub(channel)
+        return int(count)
+
+    async with Client.from_config(path) as client:
+        channel = cancel_channel(project_prefix(client.project))
+        async with running(path) as runner:
+            assert len(runner.project.topology.groups) == 5
+            await wait_for(lambda: equals(listeners(channel), 1), what="the subscription")
+            await asyncio.sleep(0.2)  # every group started meanwhile: still one
+            assert await listeners(channel) == 1
+        await wait_for(lambda: equals(listeners(channel), 0), what="unsubscribed")

@@ -17,31 +17,104 @@ import logging
 from typing import Any
 
 from cortex_flow.runtime.delivery import TRANSIENT
-from cortex_flow.runtime.replies import Conversations
+from cortex_flow.runtime.replies import CANCELS_KEPT, Conversations
 from cortex_flow.wire.connection import Backoff
 from cortex_flow.wire.replies import cancel_channel, now_ms, recent_cancels
 
+# one listener per connection pool and namespace, shared by the groups of a runner
+_LISTENERS: dict[tuple[int, str], _Listener] = {}
+
 
 class CancelWatch:
-    """Listens for one group's consumer; feeds cancels to its Conversations."""
+    """One group consumer's part in the runner's cancel listener: the cancels heard feed
+    its Conversations. The listener (one pub/sub connection and one task) is shared by
+    every consumer of the same Redis client and namespace, so a runner of a thousand
+    groups holds one subscription, not a thousand."""
 
     def __init__(self, client: Any, conv: Conversations, log: logging.Logger) -> None:
         self.client = client
         self.conv = conv
         self.log = log
-        self._task: asyncio.Task[None] | None = None
-        self.subscribed = asyncio.Event()
-        self._closed = False
+        self._listener: _Listener | None = None
+
+    @property
+    def subscribed(self) -> asyncio.Event:
+        listener = self._listener
+        return listener.subscribed if listener is not None else asyncio.Event()
 
     def start(self) -> None:
-        """Start listening (once), when the consumer starts."""
+        """Join the runner's listener (started with its first consumer), once."""
+        if self._listener is not None:
+            return
+        key = (id(self.client), self.conv.prefix)
+        listener = _LISTENERS.get(key)
+        if listener is None:
+            listener = _LISTENERS[key] = _Listener(self.client, self.conv.prefix, self.log)
+        self._listener = listener
+        listener.join(self.conv)
+
+    async def ready(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) until listening and past cancels are known."""
+        if self._listener is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._listener.subscribed.wait(), timeout)
+
+    async def close(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None and await listener.leave(self.conv):
+            key = (id(self.client), self.conv.prefix)
+            if _LISTENERS.get(key) is listener:
+                del _LISTENERS[key]
+
+
+class _Listener:
+    """The subscription to a namespace's cancel channel, fanned out to the groups."""
+
+    def __init__(self, client: Any, prefix: str, log: logging.Logger) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.log = log
+        self.convs: list[Conversations] = []
+        self.heard: dict[tuple[str, str], None] = {}  # replayed to a group that joins late
+        self.subscribed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def join(self, conv: Conversations) -> None:
+        self.convs.append(conv)
+        for key, entry_id in self.heard:
+            conv.cancel(key, entry_id)
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(
-                self._listen(), name=f"cancels:{self.conv.name}"
+                self._listen(), name=f"cancels:{self.prefix}"
             )
 
+    async def leave(self, conv: Conversations) -> bool:
+        """``conv`` no longer listens; True when it was the last (the listener stopped)."""
+        with contextlib.suppress(ValueError):
+            self.convs.remove(conv)
+        if self.convs:
+            return False
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        return True
+
+    def _heard(self, text: str) -> None:
+        key, _, entry_id = text.rpartition(" ")
+        if not key:
+            return
+        if len(self.heard) >= CANCELS_KEPT:
+            self.heard.pop(next(iter(self.heard)))
+        self.heard[(key, entry_id)] = None
+        for conv in self.convs:
+            conv.cancel(key, entry_id)
+
     async def _listen(self) -> None:
-        prefix = self.conv.prefix
+        prefix = self.prefix
         channel = cancel_channel(prefix)
         backoff = Backoff(initial=0.1, maximum=5.0)
         while not self._closed:
@@ -49,14 +122,11 @@ class CancelWatch:
             try:
                 await pubsub.subscribe(channel)
                 # what was canceled before we listened: from the recent cancels' set
-                since = now_ms() - self.conv.keep_ms
+                keep = max((conv.keep_ms for conv in self.convs), default=0)
                 for member in await self.client.zrangebyscore(
-                    recent_cancels(prefix), since, "+inf"
+                    recent_cancels(prefix), now_ms() - keep, "+inf"
                 ):
-                    text = member.decode() if isinstance(member, bytes) else str(member)
-                    key, _, entry_id = text.rpartition(" ")
-                    if key:
-                        self.conv.cancel(key, entry_id)
+                    self._heard(member.decode() if isinstance(member, bytes) else str(member))
                 self.subscribed.set()
                 backoff.reset()
                 while True:
@@ -64,19 +134,15 @@ class CancelWatch:
                     if message is None or message.get("type") != "message":
                         continue
                     data = message["data"]
-                    text = data.decode() if isinstance(data, bytes) else str(data)
-                    key, _, entry_id = text.rpartition(" ")
-                    if key:
-                        self.conv.cancel(key, entry_id)
+                    self._heard(data.decode() if isinstance(data, bytes) else str(data))
             except TRANSIENT as exc:
                 self.subscribed.clear()
                 if self._closed:  # redis-py may turn our cancel into a connection error
                     return
                 delay = backoff.next_delay()
                 self.log.warning(
-                    "group %s: listening for cancels failed (%s); again in %.1fs (a cancel "
-                    "meanwhile still discards the result at commit)",
-                    self.conv.name,
+                    "listening for cancels failed (%s); again in %.1fs (a cancel meanwhile "
+                    "still discards the result at commit)",
                     exc,
                     delay,
                 )
@@ -84,16 +150,3 @@ class CancelWatch:
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
-
-    async def ready(self, timeout: float) -> None:
-        """Wait (at most ``timeout``) until listening and past cancels are known."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.subscribed.wait(), timeout)
-
-    async def close(self) -> None:
-        self._closed = True
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
