@@ -53,3 +53,8 @@ def io_block(msg: Mapping[str, Any]) -> None:
 async def arecord_latency(msg: Mapping[str, Any]) -> None:
     """``record_latency`` as an ``async def`` (the async call path)."""
     record_latency(msg)
+
+
+async def answer(msg: Mapping[str, Any]) -> dict[str, Any]:
+    """A trivial request handler: its reply is a small mapping."""
+    return {"ok": True, "n": msg.get("n")}

@@ -1,6 +1,6 @@
 """Run the runtime benchmarks against a private redis-server and print a table of figures.
 
-    .venv/bin/python bench/run.py [--quick] [--only consume,route,latency,memory]
+    .venv/bin/python bench/run.py [--quick] [--only consume,route,latency,requests,memory]
                                   [--repeat N] [--profile NAME] [--json PATH]
 
 Each figure comes with a baseline measured in the same run, on the same server, and
@@ -24,7 +24,18 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import calls, consume, gateway, idle, latency, memory, route, steady, tracing  # noqa: E402
+from bench import (  # noqa: E402
+    calls,
+    consume,
+    gateway,
+    idle,
+    latency,
+    memory,
+    requests,
+    route,
+    steady,
+    tracing,
+)
 from bench.common import Figure, Server  # noqa: E402
 
 BENCHES = (
@@ -33,6 +44,7 @@ BENCHES = (
     "calls",
     "steady",
     "latency",
+    "requests",
     "memory",
     "idle",
     "tracing",
@@ -52,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steady-messages", type=int, help="default 5,000 (quick 2,000)")
     p.add_argument("--latency-backlog", type=int, default=100_000, help="default 100,000")
     p.add_argument("--latency-samples", type=int, help="default 400 (quick 200)")
+    p.add_argument("--requests", type=int, help="default 5,000 (quick 2,000)")
     p.add_argument("--memory-first", type=int, help="default 100,000 (quick 50,000)")
     p.add_argument("--memory-last", type=int, help="default 1,000,000 (quick 300,000)")
     p.add_argument("--idle-seconds", type=int, help="default 20 (quick 6)")
@@ -74,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     default("io_messages", 12_000, 6_000)
     default("steady_messages", 5_000, 2_000)
     default("latency_samples", 400, 200)
+    default("requests", 5_000, 2_000)
     default("memory_first", 100_000, 50_000)
     default("memory_last", 1_000_000, 300_000)
     default("idle_seconds", 20, 6)
@@ -169,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                 got = tracing.run(server, args.route_messages, args.repeat)
             elif name == "latency":
                 got = latency.run(server, args.latency_backlog, args.latency_samples, mine)
+            elif name == "requests":
+                got = requests.run(server, args.requests)
             elif name == "idle":
                 got = idle.run(server, args.idle_seconds)
             elif name == "gateway":

@@ -9,9 +9,19 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from cortex_flow.errors import RequestCanceled, RequestFailed, RequestTimeout
 from cortex_flow.version import __version__
 
-__all__ = ["Client", "FlowHarness", "Runner", "__version__", "load_project"]
+__all__ = [
+    "Client",
+    "FlowHarness",
+    "RequestCanceled",
+    "RequestFailed",
+    "RequestTimeout",
+    "Runner",
+    "__version__",
+    "load_project",
+]
 
 _LAZY = {
     "Client": "cortex_flow.client",

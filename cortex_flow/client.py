@@ -30,15 +30,21 @@ from redis.exceptions import RedisError
 
 from cortex_flow.errors import CortexFlowError
 from cortex_flow.flow.loader import Project, load_project
-from cortex_flow.flow.topology import ResolvedGroup, render_key
+from cortex_flow.flow.topology import ResolvedGroup, render_key, resolve
+from cortex_flow.ops.asking import Asking
 from cortex_flow.ops.inbox import InboxEntry, InboxReader, reading_group
+from cortex_flow.ops.requests import REPLY_IDLE, project_prefix, seconds
 from cortex_flow.ops.send import publish, target_key
+from cortex_flow.ops.tasks import answer
 from cortex_flow.wire.access import project_url
 from cortex_flow.wire.codec import DecodeError, check_text, decode
 from cortex_flow.wire.connection import redis_from_url, wait_for_redis
 from cortex_flow.wire.heartbeats import beat_fields, encode_beat
+from cortex_flow.wire.replies import FIELDS as REQUEST_FIELDS
+from cortex_flow.wire.replies import REPLY
 
 __all__ = ["Client", "Message"]
+
 
 log = logging.getLogger("cortex_flow.client")
 
@@ -55,11 +61,22 @@ class Message:
     codec: str = "raw"
     _redis: Any = field(default=None, repr=False, compare=False)
     _reader: InboxReader | None = field(default=None, repr=False, compare=False)
+    _prefix: str = field(default="cf:", repr=False, compare=False)
 
     @property
     def msg(self) -> Any:
-        """The message: the fields (raw codec) or the decoded JSON object (json codec)."""
-        return decode(self.codec, self.fields)
+        """The message: the fields (raw codec) or the decoded JSON object (json codec);
+        a request's own fields (``cf_*``) left out."""
+        msg = decode(self.codec, self.fields)
+        if self.codec == "raw":
+            for name in REQUEST_FIELDS:
+                msg.pop(name, None)
+        return msg
+
+    @property
+    def is_request(self) -> bool:
+        """Whether its sender waits for a reply (:meth:`reply`)."""
+        return REPLY in self.fields
 
     async def ack(self) -> None:
         """Acknowledge it (XACK): it is done and will not be delivered again."""
@@ -74,9 +91,24 @@ class Message:
         await self._reader.failed(InboxEntry(self.id, self.fields, self.deliveries), error)
         return True
 
+    async def reply(self, value: Any) -> None:
+        """Answer a request with ``value`` (JSON) and acknowledge it, in one step."""
+        await answer(
+            self._redis,
+            self._prefix,
+            key=self.stream,
+            group=self.group,
+            entry_id=self.id,
+            fields=self.fields,
+            deliveries=self.deliveries,
+            value=value,
+        )
 
-class Client:
-    """Sends, beats and reads for one project; ``agent`` names who is speaking.
+
+class Client(Asking):
+    """Sends, asks, beats and reads for one project; ``agent`` names who is speaking.
+
+    Asking (``request``, ``stream``, ``cancel``, ``task``): :mod:`cortex_flow.ops.asking`.
 
     ``replicas``: each publish waits (WAIT) until that many replicas hold it and raises
     :class:`~cortex_flow.errors.NotReplicated` otherwise, so no acknowledged publish is
@@ -90,6 +122,7 @@ class Client:
         agent: str | None = None,
         *,
         owns: bool = False,
+        reply_idle: float = REPLY_IDLE,
         replicas: int = 0,
     ) -> None:
         if agent is not None and agent not in project.topology.agents:
@@ -100,15 +133,24 @@ class Client:
         self.agent = agent
         self.replicas = replicas
         self._owns = owns
+        self._init_asking(reply_idle)
 
     @classmethod
     def from_config(
-        cls, path: str | Path = "config.yaml", *, agent: str | None = None, replicas: int = 0
+        cls,
+        path: str | Path = "config.yaml",
+        *,
+        agent: str | None = None,
+        reply_idle: float = REPLY_IDLE,
+        replicas: int = 0,
     ) -> Client:
-        """Load the project and connect to its Redis (``embedded``: the running server)."""
+        """Load the project and connect to its Redis (``embedded``: the running server).
+
+        ``reply_idle``: seconds after its last use that this client's reply stream expires.
+        """
         project = load_project(Path(path))
-        url = project_url(project)
-        return cls(project, redis_from_url(url), agent, owns=True, replicas=replicas)
+        redis = redis_from_url(project_url(project))
+        return cls(project, redis, agent, owns=True, reply_idle=reply_idle, replicas=replicas)
 
     async def __aenter__(self) -> Self:
         await wait_for_redis(self.redis, timeout=5.0, log=log)
@@ -119,6 +161,7 @@ class Client:
 
     async def aclose(self) -> None:
         """Close the connection (when :meth:`from_config` opened it)."""
+        await self._close_asking()
         if self._owns:
             await self.redis.aclose()
 
@@ -129,23 +172,38 @@ class Client:
 
     # -- sending -------------------------------------------------------------------------
 
-    async def publish(self, stream: str, msg: Mapping[str, Any], **vars: str) -> str:
-        """Publish to a declared stream; ``vars`` pick the key (priority, agent...)."""
-        priority, agent = vars.pop("priority", None), vars.pop("agent", None)
-        key, spec = target_key(
-            self.project, stream, priority=priority, agent=agent, extra=vars, msg=msg
-        )
-        return await publish(self.redis, key, spec, msg, replicas=self.replicas)
+    async def publish(
+        self, stream: str, msg: Mapping[str, Any], *, ttl: float | str | None = None, **vars: str
+    ) -> str:
+        """Publish to a declared stream; ``vars`` pick the key (priority, agent...).
+
+        ``ttl`` (seconds or ``"30s"``) sets a deadline: read later, it is not handled.
+        """
+        key, spec = self._target(stream, vars, msg)
+        life = seconds(ttl, "ttl") if ttl is not None else None
+        return await publish(self.redis, key, spec, msg, replicas=self.replicas, ttl=life)
 
     async def send_task(
-        self, msg: Mapping[str, Any], priority: str = "normal", stream: str = "tasks"
+        self,
+        msg: Mapping[str, Any],
+        priority: str = "normal",
+        stream: str = "tasks",
+        *,
+        ttl: float | str | None = None,
     ) -> str:
         """Queue a task at a priority; returns the entry ID."""
-        return await self.publish(stream, msg, priority=priority)
+        return await self.publish(stream, msg, priority=priority, ttl=ttl)
 
-    async def send_to(self, agent: str, msg: Mapping[str, Any], stream: str = "inbox") -> str:
+    async def send_to(
+        self,
+        agent: str,
+        msg: Mapping[str, Any],
+        stream: str = "inbox",
+        *,
+        ttl: float | str | None = None,
+    ) -> str:
         """Send a direct message to one agent's inbox; returns the entry ID."""
-        return await self.publish(stream, msg, agent=agent)
+        return await self.publish(stream, msg, agent=agent, ttl=ttl)
 
     # -- heartbeats ------------------------------------------------------------------------
 
@@ -230,6 +288,7 @@ class Client:
                     spec.codec,
                     self.redis,
                     reader,
+                    project_prefix(self.project),
                 )
 
     @contextlib.asynccontextmanager

@@ -50,3 +50,26 @@ class NotReplicated(CortexFlowError):
 
 class UsageError(CortexFlowError):
     """The command line or its arguments are wrong (exit code 2)."""
+
+
+class RequestTimeout(CortexFlowError, TimeoutError):
+    """No reply came to a request in time (``Client.request``, ``send --wait``)."""
+
+
+class RequestFailed(CortexFlowError):
+    """A request was dead-lettered or expired; ``reason`` is the dead-letter reason."""
+
+    def __init__(self, message: str, *, reason: str, stream: str = "", id: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.stream = stream
+        self.id = id
+
+    @property
+    def expired(self) -> bool:
+        """Whether it failed because its deadline passed."""
+        return self.reason.startswith("expired")
+
+
+class RequestCanceled(CortexFlowError):
+    """A request was canceled (``Client.cancel``, ``cortex-flow cancel``)."""

@@ -24,6 +24,8 @@ COMMANDS = {
     "plan": "cortex_flow.cli.plan:command",
     "send": "cortex_flow.cli.send:command",
     "gateway": "cortex_flow.cli.gateway:command",
+    "task": "cortex_flow.cli.tasks:show",
+    "cancel": "cortex_flow.cli.tasks:cancel_command",
     "status": "cortex_flow.cli.status:command",
     "dlq": "cortex_flow.cli.dlq:command",
     "prune": "cortex_flow.cli.prune:command",
@@ -78,12 +80,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="*", type=Path)
     p.add_argument("--format", choices=["text", "json"], default="text")
 
-    p = sub.add_parser("send", parents=[common], help="publish a message")
-    p.add_argument("stream", help="stream name from the flows (or a raw key with --raw)")
+    # the key of a stream: its name and the flags that pick one of its keys
+    key = _Parser(add_help=False)
+    key.add_argument("stream", help="stream name from the flows")
+    key.add_argument("--priority", help="priority level for a priority stream")
+    key.add_argument("--agent", help="agent for a per-agent stream")
+    key.add_argument("--var", action="append", default=[], metavar="NAME=VALUE")
+
+    p = sub.add_parser("send", parents=[common, key], help="publish a message (or ask and wait)")
     p.add_argument("json", help='message fields as a JSON object, e.g. \'{"type": "chat"}\'')
-    p.add_argument("--priority", help="priority level for a priority stream")
-    p.add_argument("--agent", help="agent for a per-agent stream")
-    p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--ttl", help="a deadline: not handled when read later, e.g. 30s")
+    p.add_argument(
+        "--wait",
+        nargs="?",
+        const="30",
+        default=None,
+        metavar="TIMEOUT",
+        help="send as a request and print the reply as JSON (default 30s); exit 1 when it "
+        "failed or was canceled, 124 when it timed out",
+    )
+
+    p = sub.add_parser("task", parents=[common, key], help="the state of a requested message")
+    p.add_argument("entry_id", help="the entry ID the message got when sent")
+    p.add_argument("--format", choices=["text", "json"], default="text")
+
+    p = sub.add_parser("cancel", parents=[common, key], help="cancel a message")
+    p.add_argument("entry_id", help="the entry ID the message got when sent")
 
     p = sub.add_parser("status", parents=[common], help="streams, groups, agents at a glance")
     p.add_argument("--watch", action="store_true")

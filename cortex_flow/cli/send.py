@@ -1,4 +1,9 @@
-"""``cortex-flow send STREAM JSON``: publish one message the way the flows name it."""
+"""``cortex-flow send STREAM JSON``: publish one message the way the flows name it.
+
+``--ttl 30s`` gives it a deadline; ``--wait [TIMEOUT]`` sends it as a request and prints
+the reply as JSON (exit 0; a streaming handler's parts one line each), the failure
+(exit 1) or that it timed out (exit 124).
+"""
 
 from __future__ import annotations
 
@@ -6,26 +11,38 @@ import argparse
 import asyncio
 import json
 import logging
+import sys
+from typing import Any
 
-from cortex_flow.errors import UsageError
-from cortex_flow.flow.loader import load_project
+from cortex_flow.client import Client
+from cortex_flow.errors import (
+    CortexFlowError,
+    RequestCanceled,
+    RequestFailed,
+    RequestTimeout,
+    UsageError,
+)
+from cortex_flow.flow.loader import Project, load_project
+from cortex_flow.flow.models import StreamSpec
+from cortex_flow.ops.requests import seconds
 from cortex_flow.ops.send import TargetError, publish, target_key
 from cortex_flow.wire.access import connect_project
+from cortex_flow.wire.replies import PART
 
 log = logging.getLogger("cortex_flow.send")
 
 # what the library's target errors are about -> the flag that gives it
 FLAGS = {"priority": "--priority", "agent": "--agent", "var": "--var"}
 
+# `send --wait` when no reply came in time (as timeout(1) does)
+EXIT_TIMEOUT = 124
 
-def command(args: argparse.Namespace) -> int:
-    project = load_project(args.config)
-    try:
-        msg = json.loads(args.json)
-    except ValueError as exc:
-        raise UsageError(f"JSON argument is not valid JSON: {exc}") from None
-    if not isinstance(msg, dict):
-        raise UsageError('JSON argument must be an object, e.g. \'{"type": "chat"}\'')
+
+def target(
+    project: Project, args: argparse.Namespace, msg: dict[str, Any] | None = None
+) -> tuple[str, StreamSpec, dict[str, str]]:
+    """The key ``args`` name (stream, --priority, --agent, --var), its spec and the vars;
+    ``msg`` picks a partitioned stream's partition."""
     bad = [v for v in args.var if "=" not in v]
     if bad:
         raise UsageError(f"--var takes NAME=VALUE, got {bad[0]!r}")
@@ -36,16 +53,78 @@ def command(args: argparse.Namespace) -> int:
         )
     except TargetError as exc:
         raise UsageError(_with_flags(exc)) from None
+    names = dict(extra)
+    if args.priority is not None:
+        names["priority"] = args.priority
+    if args.agent is not None:
+        names["agent"] = args.agent
+    return key, spec, names
+
+
+def _duration(value: Any, flag: str) -> float:
+    try:
+        return seconds(value, flag)
+    except CortexFlowError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def command(args: argparse.Namespace) -> int:
+    project = load_project(args.config)
+    try:
+        msg = json.loads(args.json)
+    except ValueError as exc:
+        raise UsageError(f"JSON argument is not valid JSON: {exc}") from None
+    if not isinstance(msg, dict):
+        raise UsageError('JSON argument must be an object, e.g. \'{"type": "chat"}\'')
+    key, spec, names = target(project, args, msg)
+    ttl = _duration(args.ttl, "--ttl") if args.ttl is not None else None
+    if args.wait is not None:
+        return _request(project, args.stream, msg, _duration(args.wait, "--wait"), ttl, names)
 
     async def go() -> str:
         client = await connect_project(project, wait=3.0, log=log)
         try:
-            return await publish(client, key, spec, msg)
+            return await publish(client, key, spec, msg, ttl=ttl)
         finally:
             await client.aclose()
 
     entry_id = asyncio.run(go())
     print(f"sent {entry_id} to {key}")
+    return 0
+
+
+def _request(
+    project: Project,
+    stream: str,
+    msg: dict[str, Any],
+    timeout: float,
+    ttl: float | None,
+    names: dict[str, str],
+) -> int:
+    async def go() -> None:
+        redis = await connect_project(project, wait=3.0, log=log)
+        client = Client(project, redis, owns=True)
+        parts = 0
+        try:
+            # a streaming handler's parts one JSON line each as they come; else the reply
+            exchange = client.stream(stream, msg, timeout=timeout, ttl=ttl, raw=True, **names)
+            async for reply in exchange:
+                if reply.kind == PART:
+                    parts += 1
+                    print(json.dumps(reply.data, ensure_ascii=False), flush=True)
+                elif not parts:
+                    print(json.dumps(reply.data, ensure_ascii=False))
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(go())
+    except RequestTimeout as exc:
+        print(f"timed out: {exc}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    except (RequestFailed, RequestCanceled) as exc:
+        print(f"failed: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -398,6 +398,26 @@ class GroupSpec(Model):
         default_factory=dict, description="Bind the stream key's variables (e.g. agent)."
     )
     routes: list[Route] = Field(min_length=1)
+    ttl: PositiveDuration | None = Field(
+        default=None,
+        description="Deadline of messages that carry none, counted from when they were "
+        "published; one read later is not handled (dead-lettered with `dlq_error` "
+        "`expired: ...`, or acknowledged and counted without a dead_letter).",
+    )
+    track: bool = Field(
+        default=False,
+        description="Keep a task state (completed, failed, expired, canceled) for every "
+        "message, not only for requests; see `cortex-flow task`.",
+    )
+    keep_tasks: PositiveDuration = Field(
+        default=3600.0, description="How long a settled task state is kept before it expires."
+    )
+    max_reply_bytes: int = Field(
+        default=1_048_576,
+        ge=1,
+        description="A reply (a call's return value as JSON) larger than this fails the "
+        "message with that reason.",
+    )
     description: str | None = None
 
     @model_validator(mode="after")

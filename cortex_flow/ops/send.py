@@ -12,6 +12,7 @@ from cortex_flow.flow.modelerrors import did_you_mean
 from cortex_flow.flow.models import StreamSpec
 from cortex_flow.flow.slots import PARTITION, PartitionPicker
 from cortex_flow.flow.topology import key_variables, render_key
+from cortex_flow.ops.requests import request_fields
 from cortex_flow.runtime import tracing
 from cortex_flow.wire.codec import encode
 
@@ -123,15 +124,19 @@ async def publish(
     *,
     replicas: int = 0,
     wait_ms: int = 1000,
+    ttl: float | None = None,
 ) -> str:
     """XADD ``msg`` encoded with the stream's codec (never trimmed here: retention does).
+
+    ``ttl``: a deadline that many seconds from now (``cf_deadline``): read later, the
+    message is not handled.
 
     ``replicas``: then WAIT until that many replicas have it, at most ``wait_ms``, or
     raise :class:`NotReplicated`: a failover (Sentinel's is not coordinated) discards a
     write the old master acknowledged and had not passed on, so a producer that must
     not lose a message publishes it again (at least once).
     """
-    fields = encode(spec.codec, msg)
+    fields = encode(spec.codec, msg) if ttl is None else request_fields(spec.codec, msg, ttl=ttl)
     if tracing.setup():  # the OTEL_* variables ask for traces: say where this one starts
         tracing.inject(fields, key)
     if not replicas:

@@ -31,6 +31,7 @@ from cortex_flow.runtime.delivery import (
     backoff_ms,
     scripting_unavailable,
 )
+from cortex_flow.runtime.replies import Conversations, apply_write, queue_expiries
 from cortex_flow.runtime.routes import Publish
 from cortex_flow.runtime.stats import KeyStats
 from cortex_flow.wire.connection import same_slot
@@ -44,26 +45,51 @@ from cortex_flow.wire.faults import passing_reason
 # field count, then the fields and values (publishes never trim: retention does). KEYS
 # holds every key once.
 # An entry is acknowledged only when all its publishes succeeded; the reply lists the
-# others as {entry number, key refused, error}.
+# others as {entry number, key refused, error}. A negative key index marks a
+# conversation's write (runtime.replies), its mode following it; an entry whose task was
+# canceled skips its writes, is acknowledged and listed as {entry number, '', 'CANCELED'}.
 COMMIT = """
 local group = ARGV[1]
 local b = cjson.decode(ARGV[2])
+-- a conversation's write (runtime.replies): "c" a guard, "r" a reply, "h<ms>" a state
+local function conversation(key, mode, first, last)
+  local m = string.sub(mode, 1, 1)
+  if m == 'c' then
+    if redis.call('HGET', key, 'cancel') == '1' then return 'canceled' end
+    return nil
+  elseif m == 'r' then
+    return redis.pcall('XADD', key, 'NOMKSTREAM', 'MAXLEN', '~', tonumber(string.sub(mode, 2)),
+      '*', unpack(b, first, last))
+  end
+  local r = redis.pcall('HSET', key, unpack(b, first, last))
+  if type(r) == 'table' and r.err then return r end
+  return redis.pcall('PEXPIRE', key, tonumber(string.sub(mode, 2)))
+end
 local failed, acks = {}, {}
 local i, e, n = 1, 0, #b
 while i <= n do
   e = e + 1
   local src, id, publishes = KEYS[b[i]], b[i + 1], b[i + 2]
   i = i + 3
-  local err, bad = nil, nil
+  local err, bad, canceled = nil, nil, false
   for _ = 1, publishes do
-    local key, count = KEYS[b[i]], b[i + 1]
+    local k, mode = b[i], nil
+    if k < 0 then k = -k; mode = b[i + 1]; i = i + 1 end
+    local key, count = KEYS[k], b[i + 1]
     local first, last = i + 2, i + 1 + count
     i = last + 1
-    if err == nil then
-      local r = redis.pcall('XADD', key, '*', unpack(b, first, last))
+    if err == nil and not canceled then
+      local r
+      if mode == nil then
+        r = redis.pcall('XADD', key, '*', unpack(b, first, last))
+      else
+        r = conversation(key, mode, first, last)
+        if r == 'canceled' then canceled = true; r = nil end
+      end
       if type(r) == 'table' and r.err then err = r.err; bad = key end
     end
   end
+  if canceled then failed[#failed + 1] = {e, '', 'CANCELED'} end
   if err == nil then
     local list = acks[src]
     if list == nil then list = {}; acks[src] = list end
@@ -110,8 +136,10 @@ class Committer:
         cluster: bool,
         log: logging.Logger,
         stuck: set[tuple[str, str]] | None = None,
+        conversations: Conversations | None = None,
     ) -> None:
         self.client = client
+        self.conversations = conversations  # replies and task states of dead letters
         self.name = group.name
         self.dead_letter_key = group.dead_letter
         self.max_deliveries = group.spec.retry.max_deliveries
@@ -146,19 +174,40 @@ class Committer:
         # flusher and the consumer's claims may commit at the same time
         deferred: list[tuple[Outcome, str]] = []
         await self._commit(outcomes, deferred)
+        notes: list[Publish] = []
         counted: list[Outcome] = []  # failed, or done after more than one delivery
         for outcome in outcomes:
             if outcome.kind == RETRY:
                 self._retrying(outcome)
                 counted.append(outcome)
+                if self.conversations is not None:
+                    note = self.conversations.retry_note(outcome)
+                    if note is not None:
+                        notes.append(note)
             elif outcome.entry.deliveries > 1:
                 counted.append(outcome)
         if counted:
             await self._count_failures(counted, {id(o) for o, _ in deferred})
+        if notes:  # a failed attempt of a request: its error in the task state
+            await self._notes(notes)
         if deferred:
             error = deferred[0][1]
             refused = [o for o, _ in deferred]
             raise CommitDeferred(refused, passing_reason(error) or "refused", error)
+
+    async def _notes(self, notes: list[Publish]) -> None:
+        """Write retried requests' errors to their task states; a failure is only logged
+        (the error is also in the log line above, and the state is informational)."""
+        pipe = self.client.pipeline(transaction=False)
+        for note in notes:
+            apply_write(pipe, note)
+        queue_expiries(pipe, notes)
+        try:
+            await pipe.execute()
+        except Exception as exc:
+            self.log.warning(
+                "group %s: task states of retried messages not written: %s", self.name, exc
+            )
 
     async def _count_failures(self, outcomes: list[Outcome], deferred: set[int]) -> None:
         """Count failed deliveries per entry (:func:`failures_key`), forgotten once the
@@ -210,7 +259,7 @@ class Committer:
                 if self.dead_letter_key is None:
                     self._stuck(outcome)
                     continue
-                adds.append((outcome, self.dead_letter(outcome)))
+                adds.extend((outcome, p) for p in self._publishes(outcome))
             else:
                 adds.extend((outcome, p) for p in outcome.publishes)
             acks.setdefault(source, []).append(entry.id)
@@ -226,9 +275,10 @@ class Committer:
             else:
                 pipe = self.client.pipeline(transaction=True)
                 for _, p in adds:
-                    pipe.xadd(p.key, p.fields)
+                    apply_write(pipe, p)
                 for key, ids in acks.items():
                     pipe.xack(key, self.name, *ids)
+                queue_expiries(pipe, [p for _, p in adds])
                 results = await pipe.execute(raise_on_error=False)
                 lost, _ = await self._rescue(adds, results, deferred)
                 done = [o for o in done if id(o) not in lost]
@@ -302,7 +352,13 @@ class Committer:
         )
 
     def _publishes(self, outcome: Outcome) -> list[Publish]:
-        return [self.dead_letter(outcome)] if outcome.kind == DEAD else outcome.publishes
+        if outcome.kind != DEAD:
+            return outcome.publishes
+        dead = self.dead_letter(outcome)
+        if self.conversations is None:
+            return [dead]
+        writes = self.conversations.on_dead(outcome)  # guard first, then the dead letter
+        return [*writes[:1], dead, *writes[1:]] if writes else [dead]
 
     async def _run_script(self, outcomes: list[Outcome], deferred: Deferred) -> set[int]:
         """Commit with :data:`COMMIT`; entries whose publish was refused are dead-lettered.
@@ -322,7 +378,11 @@ class Committer:
             )
             for p in publishes:
                 fields = p.fields
-                add(index.setdefault(p.key, len(index) + 1))
+                if p.mode:  # a conversation's write: its mode after a negative index
+                    add(-index.setdefault(p.key, len(index) + 1))
+                    add(p.mode)
+                else:
+                    add(index.setdefault(p.key, len(index) + 1))
                 add(2 * len(fields))
                 for pair in fields.items():
                     batch += pair
@@ -350,6 +410,9 @@ class Committer:
         retry: list[Outcome] = []
         for number, key, error in failed:
             outcome = outcomes[int(number) - 1]
+            if error == "CANCELED":  # acknowledged; its writes skipped: its task was canceled
+                self._key_stats[outcome.entry.key.key].canceled += 1
+                continue
             rejected.add(id(outcome))
             if passing_reason(str(error)) is not None:
                 deferred.append((outcome, str(error)))  # OOM, READONLY, ...: not its fault
@@ -395,7 +458,8 @@ class Committer:
             if mine:
                 pipe = self.client.pipeline(transaction=False)
                 for _, p in mine:
-                    pipe.xadd(p.key, p.fields)
+                    apply_write(pipe, p)
+                queue_expiries(pipe, [p for _, p in mine])
                 results = await pipe.execute(raise_on_error=False)
                 failed, unsaved = await self._rescue(mine, results, deferred, acked=False)
                 lost |= failed

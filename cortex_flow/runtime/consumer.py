@@ -34,6 +34,7 @@ from redis.exceptions import ResponseError
 from cortex_flow.flow.models import StreamSpec
 from cortex_flow.flow.topology import ResolvedGroup
 from cortex_flow.runtime.callpool import default_pool
+from cortex_flow.runtime.cancels import CancelWatch
 from cortex_flow.runtime.commit import Committer
 from cortex_flow.runtime.delivery import (
     ACK,
@@ -52,6 +53,7 @@ from cortex_flow.runtime.leases import Leases
 from cortex_flow.runtime.outbox import Outbox, commit_until_done
 from cortex_flow.runtime.pending import PendingWork
 from cortex_flow.runtime.reader import FIND_FIRST, GroupReader
+from cortex_flow.runtime.replies import Conversations
 from cortex_flow.runtime.retries import RetryTimer
 from cortex_flow.runtime.routes import RouteTable
 from cortex_flow.runtime.stats import GroupStats, KeyStats
@@ -77,6 +79,10 @@ __all__ = [
     "Outcome",
     "ensure_group",
 ]
+
+
+# how long a starting consumer waits to hear of past cancels before it reads anyway
+CANCELS_READY = 2.0
 
 
 class GroupConsumer:
@@ -165,6 +171,11 @@ class GroupConsumer:
                 group_stats=stats,
             )
         )
+        # requests, deadlines, task states and cancels (runtime.replies, runtime.cancels)
+        self.conversations = Conversations(group, streams, self._key_stats, self.log)
+        self.cancels = CancelWatch(client, self.conversations, self.log)
+        self.handler.conv = self.conversations
+        self.handler.client = client
         self.committer = Committer(
             client,
             group,
@@ -173,6 +184,7 @@ class GroupConsumer:
             cluster=cluster,
             log=self.log,
             stuck=self._stuck,
+            conversations=self.conversations,
         )
         self.leases = Leases(client, self.name, self.me, self.log)
         self.faults = FaultLog(self.name, stats, self.log, user=redis_user(client))
@@ -285,6 +297,8 @@ class GroupConsumer:
         )
         # always: a route-only reload may swap an inline table for one that is not
         self.outbox.start()
+        self.cancels.start()
+        await self.cancels.ready(CANCELS_READY)  # past cancels known before the first read
         try:
             while not self._stopping.is_set():
                 try:
@@ -390,6 +404,7 @@ class GroupConsumer:
         finally:
             lease.cancel()
             await self.handler.deadlines.close()
+            await self.cancels.close()
             self._drop_backlog()
             if not self._inflight:
                 self.done.set()

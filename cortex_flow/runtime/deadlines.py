@@ -34,8 +34,8 @@ class Deadlines:
         msg: Any,
         timeout: float,
         task: asyncio.Task[Any] | None = None,
-    ) -> None:
-        """Await ``fn(msg)``; ``TimeoutError`` if it runs past ``timeout`` seconds.
+    ) -> Any:
+        """Await ``fn(msg)`` and return its value; ``TimeoutError`` past ``timeout`` seconds.
 
         ``task``: the task awaiting this, if the caller knows it (else it is looked up)."""
         if task is None:
@@ -49,7 +49,7 @@ class Deadlines:
                 self._watch(), name="call-deadlines"
             )
         try:
-            await fn(msg)
+            value = await fn(msg)
         except asyncio.CancelledError:
             if self._settle(task):
                 raise TimeoutError(f"timed out after {timeout:g}s") from None
@@ -58,6 +58,7 @@ class Deadlines:
             self._running.pop(task, None)
         if self._settle(task):  # the call swallowed its cancellation: it was cut off
             raise TimeoutError(f"timed out after {timeout:g}s")
+        return value
 
     def _settle(self, task: asyncio.Task[Any]) -> bool:
         """Whether ``task`` was cancelled by us; if so, that cancellation is taken back."""

@@ -22,7 +22,8 @@ from jinja2.runtime import Context
 from cortex_flow.flow.templates import Now, context_base, context_over
 from cortex_flow.flow.topology import ResolvedGroup, StreamKey
 from cortex_flow.runtime.deadlines import Deadlines
-from cortex_flow.runtime.delivery import ACK, DEAD, RETRY, Acks, Entry, Outcome
+from cortex_flow.runtime.delivery import ACK, DEAD, RETRY, Acks, Entry, Outcome, backoff_ms
+from cortex_flow.runtime.replies import Canceled, Conversations
 from cortex_flow.runtime.routes import (
     HANDLER_EXITS,
     CompiledRoute,
@@ -36,6 +37,9 @@ from cortex_flow.runtime.routes import (
 )
 from cortex_flow.runtime.stats import GroupStats, KeyStats, Latency
 from cortex_flow.wire.codec import DecodeError, decode
+from cortex_flow.wire.replies import DEADLINE as REQUEST_DEADLINE
+from cortex_flow.wire.replies import FIELDS as REQUEST_FIELDS
+from cortex_flow.wire.replies import REPLY as REQUEST_REPLY
 
 # what EntryHandler.steps asks its driver to run: a call or http route, the message and
 # the template context (or None)
@@ -70,6 +74,10 @@ class EntryHandler:
         self.name = group.name
         self.codec = codec
         self.max_deliveries = group.spec.retry.max_deliveries
+        self.backoff = group.spec.retry.backoff
+        # deadlines, replies, cancels (runtime.replies); the client sends streamed parts
+        self.conv: Conversations | None = None
+        self.client: Any = None
         self._has_dead_letter = group.dead_letter is not None
         self._key_stats = key_stats
         self.log = log or logging.getLogger("cortex_flow.consumer")
@@ -96,12 +104,13 @@ class EntryHandler:
         and ``http`` route; the driver runs it and sends ``None`` back, or throws in what
         it raised. Returns the outcome; never raises for a route's failure.
         """
-        prepared = self._prepare(entry)
-        if isinstance(prepared, Outcome):
-            return prepared
-        msg, bound, ctx = prepared
+        begun = self._begin(entry)
+        if isinstance(begun, Outcome):
+            return begun
+        msg, bound, ctx, involved = begun
         publishes: list[Publish] = []
         matched = False
+        result: Any = None  # the last call's return value: the reply
         started = time.perf_counter()
         try:
             for route in self.table.routes:
@@ -112,16 +121,16 @@ class EntryHandler:
                 if action == "to":
                     publishes.append(route.publish(msg, ctx, bound))
                 elif action == "call" and route.inline and not route.is_async:
-                    call_inline(route, msg)
+                    result = call_inline(route, msg)
                 elif action in ("call", "http"):
-                    yield route, msg, ctx
+                    result = yield route, msg, ctx
                 if not route.continue_:
                     break
         except Exception as exc:
             return self._failure(entry, route, exc)
         finally:
             self._key_stats[entry.key.key].latency.observe(time.perf_counter() - started)
-        return self._settled(entry, matched, publishes)
+        return self._answered(entry, matched, publishes, involved, result)
 
     def run_batch(self, entries: list[Entry], acks: list[Acks]) -> list[Outcome]:
         """:meth:`steps` over a batch, for a table of ``to``, ``drop`` and inline sync calls
@@ -134,8 +143,18 @@ class EntryHandler:
         table = self.table
         outcomes: list[Outcome] = []
         done: list[Acks] = []
-        if table.needs_context:  # a template context per message: the general step
+        # a request, a deadline, or a group with ttl/track: the full step path, and an
+        # outcome of its own (its reply and task state go with its XACK, never a plain ack)
+        conv = self.conv
+        every = conv is not None and conv.every
+        if table.needs_context or every:
             for entry in entries:
+                if every or (
+                    conv is not None
+                    and (REQUEST_REPLY in entry.fields or REQUEST_DEADLINE in entry.fields)
+                ):
+                    outcomes.append(self._run_steps(entry))
+                    continue
                 outcome = self._run_one(entry)
                 if outcome.kind == ACK and not outcome.publishes:
                     _ack(done, entry)
@@ -155,6 +174,12 @@ class EntryHandler:
         count = 0
         started = perf_counter()
         for entry in entries:
+            fields = entry.fields
+            if conv is not None and (REQUEST_REPLY in fields or REQUEST_DEADLINE in fields):
+                begun = perf_counter()
+                outcomes.append(self._run_steps(entry))  # observes its own latency
+                started += perf_counter() - begun
+                continue
             key = entry.key.key
             if key != current:
                 if latency is not None:
@@ -165,7 +190,7 @@ class EntryHandler:
                 latency = self._key_stats[key].latency
             count += 1
             try:
-                msg = decode(codec, entry.fields)
+                msg = decode(codec, fields)
             except Exception as exc:  # RecursionError, MemoryError: this entry alone
                 outcomes.append(undecodable(entry, exc))
                 continue
@@ -234,6 +259,16 @@ class EntryHandler:
             self._key_stats[entry.key.key].latency.observe(perf_counter() - started)
         return self._settled(entry, matched, publishes)
 
+    def _run_steps(self, entry: Entry) -> Outcome:
+        """:meth:`steps` run through for an inline table (no step ever yields)."""
+        steps = self.steps(entry)
+        try:
+            next(steps)
+        except StopIteration as stop:
+            done: Outcome = stop.value
+            return done
+        raise RuntimeError("an inline table yielded a step")  # pragma: no cover
+
     def _bind(self, key: StreamKey) -> dict[str, Any]:
         """The variables of ``key`` (read-only), built once."""
         bound = self._bound.get(key.key)
@@ -244,19 +279,61 @@ class EntryHandler:
 
     def message(self, entry: Entry) -> Any:
         """The message of ``entry`` for a table that is one sync call (``table.only_call``),
-        or the outcome of an entry that cannot be decoded."""
-        prepared = self._prepare(entry)
-        return prepared if isinstance(prepared, Outcome) else prepared[0]
+        or the outcome of an entry that cannot be decoded (or expired, or canceled)."""
+        begun = self._begin(entry)
+        return begun if isinstance(begun, Outcome) else begun[0]
 
     def called(
-        self, entry: Entry, route: CompiledRoute, error: Exception | None, seconds: float
+        self,
+        entry: Entry,
+        route: CompiledRoute,
+        error: Exception | None,
+        seconds: float,
+        value: Any = None,
     ) -> Outcome:
         """What :meth:`steps` returns once ``route``, a table's only route and a sync call
-        (``table.only_call``), returned or raised ``error``, ``seconds`` after it began."""
+        (``table.only_call``), returned ``value`` or raised ``error``, ``seconds`` after it
+        began."""
         self._key_stats[entry.key.key].latency.observe(seconds)
-        if error is None:
-            return Outcome(entry, ACK, [])
-        return self._failure(entry, route, error)
+        if error is not None:
+            return self._failure(entry, route, error)
+        outcome = Outcome(entry, ACK, [])
+        conv = self.conv
+        if conv is not None and conv.involved(entry.fields):
+            return conv.finish(outcome, value)
+        return outcome
+
+    def _begin(self, entry: Entry) -> tuple[Any, dict[str, Any], Any, bool] | Outcome:
+        """:meth:`_prepare`, and whether the entry is involved in a conversation (a
+        request, a deadline, a group with ttl/track: runtime.replies). Such an entry
+        expired or canceled before it ran has its outcome here; a raw message loses the
+        request's fields."""
+        conv = self.conv
+        involved = conv is not None and conv.involved(entry.fields)
+        if involved:
+            assert conv is not None
+            early = conv.before(entry)
+            if early is not None:
+                return early
+        prepared = self._prepare(entry)
+        if isinstance(prepared, Outcome):
+            return prepared
+        msg, bound, ctx = prepared
+        if involved and self.codec == "raw":
+            for name in REQUEST_FIELDS:
+                msg.pop(name, None)
+        return msg, bound, ctx, involved
+
+    def _answered(
+        self, entry: Entry, matched: bool, publishes: list[Publish], involved: bool, result: Any
+    ) -> Outcome:
+        """:meth:`_settled`; an involved entry's reply (``result``, the last call's value)
+        and task state added to its acknowledgement."""
+        outcome = self._settled(entry, matched, publishes)
+        if involved and outcome.kind == ACK:
+            assert self.conv is not None
+            return self.conv.finish(outcome, result)
+        return outcome
 
     def _prepare(self, entry: Entry) -> tuple[Any, dict[str, Any], Any] | Outcome:
         """The decoded message, the key's variables and the template context (or None);
@@ -279,6 +356,9 @@ class EntryHandler:
 
     def _failure(self, entry: Entry, route: CompiledRoute, exc: Exception) -> Outcome:
         """The outcome of ``route`` raising ``exc`` for ``entry``."""
+        if isinstance(exc, Canceled):
+            assert self.conv is not None
+            return self.conv.was_canceled(entry)
         if isinstance(exc, HandlerExit):
             self.log.error(
                 "group %s: %s from %s: %s (%s); that is this message's failure, the runner "
@@ -312,14 +392,16 @@ class EntryHandler:
 
         :meth:`steps`, with the calls and posts made here: one coroutine per message,
         which completes without suspending when nothing it awaits waits. ``task``: the
-        task running this (found if not given).
+        task running this (found if not given). A request, or an entry with a deadline
+        (runtime.replies), is checked first and answered with the last call's value.
         """
-        prepared = self._prepare(entry)
-        if isinstance(prepared, Outcome):
-            return prepared
-        msg, bound, ctx = prepared
+        begun = self._begin(entry)
+        if isinstance(begun, Outcome):
+            return begun
+        msg, bound, ctx, involved = begun
         publishes: list[Publish] = []
         matched = False
+        result: Any = None  # the last call's return value: the reply
         started = perf_counter()
         try:
             for route in self.table.routes:
@@ -331,11 +413,14 @@ class EntryHandler:
                     publishes.append(route.publish(msg, ctx, bound))
                 elif action == "call":
                     if route.is_async:
-                        await self.deadlines.run(route.fn, msg, route.timeout, task)  # type: ignore[arg-type]
+                        if involved:
+                            result = await self.run_async(route, msg, entry, task)
+                        else:
+                            result = await self.deadlines.run(route.fn, msg, route.timeout, task)  # type: ignore[arg-type]
                     elif route.inline:
-                        route.fn(msg)  # type: ignore[misc]
+                        result = route.fn(msg)  # type: ignore[misc]
                     else:
-                        await self._call_sync(route, msg, entry)
+                        result = await self._call_sync(route, msg, entry)
                 elif action == "http":
                     await self.post(route, msg, ctx)
                 if not route.continue_:
@@ -346,9 +431,23 @@ class EntryHandler:
             return self._failure(entry, route, HandlerExit.of(route, exc))
         finally:
             self._key_stats[entry.key.key].latency.observe(perf_counter() - started)
-        return self._settled(entry, matched, publishes)
+        return self._answered(entry, matched, publishes, involved, result)
 
-    async def _call_sync(self, route: CompiledRoute, msg: Any, entry: Entry) -> None:
+    async def run_async(
+        self, route: CompiledRoute, msg: Any, entry: Entry, task: asyncio.Task[Any] | None = None
+    ) -> Any:
+        """An async call with its timeout; cancellable and streaming for a request."""
+        conv = self.conv
+        if conv is None or not conv.involved(entry.fields):
+            return await self.deadlines.run(route.fn, msg, route.timeout, task)  # type: ignore[arg-type]
+
+        def run(fn: Any, msg: Any) -> Any:
+            return self.deadlines.run(fn, msg, route.timeout, task)
+
+        assert route.fn is not None
+        return await conv.run_async(route.fn, msg, entry, run, self.client, route.is_stream)
+
+    async def _call_sync(self, route: CompiledRoute, msg: Any, entry: Entry) -> Any:
         """A sync call in the pool; past its timeout it is said to overrun until it returns."""
         overran = False
 
@@ -358,7 +457,7 @@ class EntryHandler:
             self.overrun_started(route, entry)
 
         try:
-            await call_route(route, msg, self.executor, overrun, self.deadlines)
+            return await call_route(route, msg, self.executor, overrun, self.deadlines)
         finally:
             if overran:
                 self.overrun_ended()
@@ -439,6 +538,15 @@ class EntryHandler:
         # atomically with its XACK, rather than waiting for a claim that would do the same
         if entry.deliveries >= self.max_deliveries:
             return Outcome(entry, DEAD, [], error, attempt_failed=True)
+        conv = self.conv
+        # retries never run past a deadline: expire now instead of waiting for it
+        if (
+            conv is not None
+            and conv.involved(entry.fields)
+            and conv.retry_expires(entry, backoff_ms(self.backoff, entry.deliveries))
+        ):
+            self._key_stats[entry.key.key].failed += 1
+            return conv.expired(entry, f"its deadline falls before its next retry ({error})")
         return Outcome(entry, RETRY, [], error, attempt_failed=True)
 
     async def post(self, route: CompiledRoute, msg: Any, ctx: Any) -> None:

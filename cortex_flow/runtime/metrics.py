@@ -49,6 +49,8 @@ KEY_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("dead_lettered", "dead_lettered", "Messages moved to the dead-letter stream."),
     ("unmatched", "unmatched", "Messages no route matched."),
     ("claimed", "claimed", "Entries taken over from another consumer."),
+    ("expired", "expired", "Messages read after their deadline (ttl): not handled."),
+    ("canceled", "canceled", "Messages canceled: skipped, or their result discarded."),
 )
 
 

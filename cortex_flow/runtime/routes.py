@@ -73,6 +73,11 @@ class Publish:
 
     key: str
     fields: dict[str, str]
+    # how the commit applies it (runtime.replies): "" an XADD; "r<n>" a reply (XADD
+    # NOMKSTREAM MAXLEN ~ n: a reply stream that expired is not made again); "h<ms>" a
+    # task state (HSET, PEXPIRE ms); "c" a guard: the entry's other writes are skipped
+    # if its task was canceled (HGET key cancel)
+    mode: str = ""
 
 
 class CompiledRoute:
@@ -96,6 +101,7 @@ class CompiledRoute:
         self.raw = streams[group.stream].codec == "raw"
         self.fn: Callable[..., Any] | None = None
         self.is_async = False
+        self.is_stream = False
         self.inline = False
         self.timeout = 0.0
         self.handler = ""  # ``module:function`` of a call route, for errors and logs
@@ -107,6 +113,9 @@ class CompiledRoute:
             self.is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
                 getattr(fn, "__call__", None)  # noqa: B004 - async callable objects
             )
+            # an async generator streams its items as partial replies (runtime.replies)
+            self.is_stream = inspect.isasyncgenfunction(fn)
+            self.is_async = self.is_async or self.is_stream
             self.inline = route.call.inline
             self.timeout = route.call.timeout
         if route.http is not None:
@@ -267,10 +276,11 @@ class Overran(TimeoutError):
         self.ran = ran
 
 
-def call_inline(route: CompiledRoute, msg: Any) -> None:
-    """A sync ``call`` route run here; SystemExit and the like are its failure."""
+def call_inline(route: CompiledRoute, msg: Any) -> Any:
+    """A sync ``call`` route run here (its value returned); SystemExit and the like are
+    its failure."""
     try:
-        route.fn(msg)  # type: ignore[misc]
+        return route.fn(msg)  # type: ignore[misc]
     except HANDLER_EXITS as exc:
         raise HandlerExit.of(route, exc) from None
 
@@ -281,15 +291,16 @@ async def call_route(
     executor: CallPool | None = None,
     on_overrun: Callable[[CompiledRoute], None] | None = None,
     deadlines: Deadlines | None = None,
-) -> None:
+) -> Any:
     """Run a ``call`` route: async awaited, sync in a thread (or inline), with its timeout.
 
     An async call is cancelled at its timeout. A sync call cannot be: past its timeout
     ``on_overrun`` is told, and this waits for the thread to return (the message keeps
     its slot and its lease, and is not retried meanwhile), then raises :class:`Overran`.
+    Returns what the call returned.
     """
     try:
-        await _call(route, msg, executor, on_overrun, deadlines)
+        return await _call(route, msg, executor, on_overrun, deadlines)
     except HANDLER_EXITS as exc:
         raise HandlerExit.of(route, exc) from None
 
@@ -300,17 +311,16 @@ async def _call(
     executor: CallPool | None,
     on_overrun: Callable[[CompiledRoute], None] | None,
     deadlines: Deadlines | None,
-) -> None:
+) -> Any:
     fn = route.fn
     assert fn is not None
     if route.is_async:
         if deadlines is not None:
-            await deadlines.run(fn, msg, route.timeout)
-        else:
-            async with asyncio.timeout(route.timeout):
-                await fn(msg)
+            return await deadlines.run(fn, msg, route.timeout)
+        async with asyncio.timeout(route.timeout):
+            return await fn(msg)
     elif route.inline:
-        call_inline(route, msg)
+        return call_inline(route, msg)
     else:
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -320,16 +330,14 @@ async def _call(
         assert waiter is not None
         try:
             if deadlines is not None:
-                await deadlines.run(lambda _: waiter, None, route.timeout)
-            else:
-                async with asyncio.timeout(route.timeout):
-                    await waiter
+                return await deadlines.run(lambda _: waiter, None, route.timeout)
+            async with asyncio.timeout(route.timeout):
+                return await waiter
         except TimeoutError:
             if pool.cancel(call):
                 raise  # still queued for a thread: it never ran
             if call.returned:  # in time, not handed back to the loop yet
-                await call.returning()
-                return
+                return await call.returning()
             pool.stuck(call)
             if on_overrun is not None:
                 on_overrun(route)

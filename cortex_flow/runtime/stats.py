@@ -65,6 +65,8 @@ class KeyStats:
     unmatched: int = 0  # no route matched
     claimed: int = 0  # taken over from another consumer
     stuck: int = 0  # failed for good with no dead_letter: left pending, no longer retried
+    expired: int = 0  # read past its deadline: not handled
+    canceled: int = 0  # canceled: acknowledged without its routes, or its result discarded
     latency: Latency = field(default_factory=Latency)
 
 

@@ -181,15 +181,18 @@ class ThreadedDriver:
             if timer is not None:
                 timer.cancel()
 
-    def _advance(self, flight: _Flight, error: Exception | None, first: bool = False) -> None:
-        """Step ``flight`` on to its next call (queued) or to its outcome (finished)."""
+    def _advance(
+        self, flight: _Flight, error: Exception | None, first: bool = False, value: Any = None
+    ) -> None:
+        """Step ``flight`` on to its next call (queued) or to its outcome (finished);
+        ``value`` is what the last call returned."""
         try:
             if flight.steps is None:  # its only route returned or failed
                 route = flight.route
                 assert route is not None
                 seconds = self._loop.time() - flight.started
                 self._landed(flight)
-                self._finish(self.handler.called(flight.entry, route, error, seconds))
+                self._finish(self.handler.called(flight.entry, route, error, seconds, value))
                 return
             try:
                 if first:
@@ -197,7 +200,7 @@ class ThreadedDriver:
                 elif error is not None:
                     route, msg, ctx = flight.steps.throw(error)
                 else:
-                    route, msg, ctx = flight.steps.send(None)
+                    route, msg, ctx = flight.steps.send(value)
             except StopIteration as stop:
                 self._landed(flight)
                 self._finish(stop.value)
@@ -247,15 +250,18 @@ class ThreadedDriver:
 
     async def _awaited(self, flight: _Flight, route: CompiledRoute, msg: Any, ctx: Any) -> None:
         """An ``async`` call or ``http`` post among the routes: awaited, then stepped on."""
+        value: Any = None
         try:
             if route.action == "http":
                 await self.handler.post(route, msg, ctx)
+            elif route.is_async:
+                value = await self.handler.run_async(route, msg, flight.entry)
             else:
-                await call_route(route, msg, deadlines=self.handler.deadlines)
+                value = await call_route(route, msg, deadlines=self.handler.deadlines)
         except Exception as exc:
             self._advance(flight, exc)
         else:
-            self._advance(flight, None)
+            self._advance(flight, None, value=value)
         self.poke()  # room for the next entry, or the last one finished
 
     def _returned_one(self, call: Call) -> None:
@@ -283,7 +289,7 @@ class ThreadedDriver:
             error = call.error
         elif call.error is not None:  # SystemExit and the like: a failure
             error = HandlerExit.of(route, call.error)
-        self._advance(flight, error)
+        self._advance(flight, error, value=call.value)
 
     def _expire(self, now: float) -> None:
         """Calls past their timeout: taken back if still queued, else said to overrun."""

@@ -4,7 +4,7 @@ Imported only when tracing is on (:func:`cortex_flow.runtime.tracing.traced`), s
 import opentelemetry at the top. The wrapper stands in for the handler everywhere the
 consumer uses it: it starts a ``process {stream}`` span when an entry's routes begin, makes
 it current while they run (the route generator's steps, and the awaited calls of
-:meth:`drive`), stamps the span's ``traceparent`` on the entry's ``to`` publishes, sends it
+:meth:`handle`), stamps the span's ``traceparent`` on the entry's ``to`` publishes, sends it
 as a header on ``http`` routes, records a retry or dead letter as an event, and ends the
 span with the outcome.
 """
@@ -126,7 +126,8 @@ class TracedHandler:
             context = span.get_span_context()
             parent = f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
             for publish in outcome.publishes:
-                publish.fields[FIELD] = parent
+                if not publish.mode:  # a stream publish; not a reply or task state
+                    publish.fields[FIELD] = parent
         if outcome.kind == RETRY:
             span.add_event("retry", {"error": outcome.error, "deliveries": entry.deliveries})
         elif outcome.kind == DEAD:
@@ -185,37 +186,29 @@ class TracedHandler:
                 thrown = exc
 
     def run_batch(self, entries: list[Entry], acks: list[Acks]) -> list[Outcome]:
-        """An inline batch, one entry at a time so each runs in its own span (tracing
-        costs the batch shape: see ``make bench``, tracing)."""
+        """The inner batch one entry at a time, each inside its span (tracing is on: the
+        span per message costs more than the batch saves)."""
         outcomes: list[Outcome] = []
         for entry in entries:
             token = otel_context.attach(self._start(entry))
-            mine: list[Acks] = []
+            done: list[Acks] = []
             try:
-                got = self._inner.run_batch([entry], mine)
+                got: list[Outcome] = self._inner.run_batch([entry], done)
             except BaseException as exc:
                 self._abandon(entry, exc)
                 raise
             finally:
                 otel_context.detach(token)
-            if got:
-                outcomes.append(self._end(entry, got[0]))
-            else:  # a plain acknowledgement: no outcome of its own
+            for outcome in got:
+                outcomes.append(self._end(entry, outcome))
+            for ack in done:  # a plain acknowledgement: joined to the last of its key
                 self._end(entry, Outcome(entry, ACK, []))
-                acks += mine
+                if acks and acks[-1].key == ack.key:
+                    acks[-1].entries += ack.entries
+                    acks[-1].retried += ack.retried
+                else:
+                    acks.append(ack)
         return outcomes
-
-    def message(self, entry: Entry) -> Any:
-        """A sync-call-only table's message (the driver's fast path): its span starts."""
-        self._start(entry)
-        msg = self._inner.message(entry)
-        if isinstance(msg, Outcome):
-            return self._end(entry, msg)
-        return msg
-
-    def called(self, entry: Entry, route: Any, error: Exception | None, seconds: float) -> Outcome:
-        outcome: Outcome = self._inner.called(entry, route, error, seconds)
-        return self._end(entry, outcome)
 
     def wrap_call(self, entry: Entry, fn: Any) -> Any:
         """``fn`` run in a call thread with ``entry``'s span current, so the spans a sync
@@ -234,7 +227,7 @@ class TracedHandler:
         return in_span
 
     async def handle(self, entry: Entry, task: Any = None) -> Outcome:
-        token = otel_context.attach(self._start(entry))  # awaited calls run in the span
+        token = otel_context.attach(self._start(entry))  # the awaited calls run in its span
         try:
             outcome: Outcome = await self._inner.handle(entry, task)
         except BaseException as exc:
@@ -242,6 +235,20 @@ class TracedHandler:
             raise
         finally:
             otel_context.detach(token)
+        return self._end(entry, outcome)
+
+    def message(self, entry: Entry) -> Any:
+        """A table of one sync call: the span starts as its call is queued."""
+        self._start(entry)
+        msg = self._inner.message(entry)
+        if isinstance(msg, Outcome):
+            return self._end(entry, msg)
+        return msg
+
+    def called(
+        self, entry: Entry, route: Any, error: Exception | None, seconds: float, value: Any = None
+    ) -> Outcome:
+        outcome: Outcome = self._inner.called(entry, route, error, seconds, value)
         return self._end(entry, outcome)
 
     async def post(self, route: Any, msg: Any, ctx: Any) -> None:

@@ -28,6 +28,7 @@ def filled_stats() -> RunnerStats:
     key = group.key(HIGH)
     key.processed, key.failed, key.retried = 3, 1, 2
     key.dead_lettered, key.unmatched, key.claimed = 1, 4, 5
+    key.expired, key.canceled = 6, 8
     for seconds in (0.0002, 0.003, 0.003, 0.7, 45.0):
         key.latency.observe(seconds)
     stats.pending[("agents", HIGH)] = 7
@@ -182,6 +183,8 @@ async def test_metrics_exposes_counters_gauges_and_agents(start_admin: StartAdmi
         f"cortex_flow_dead_lettered_total{{{labels}}} 1.0",
         f"cortex_flow_unmatched_total{{{labels}}} 4.0",
         f"cortex_flow_claimed_total{{{labels}}} 5.0",
+        f"cortex_flow_expired_total{{{labels}}} 6.0",
+        f"cortex_flow_canceled_total{{{labels}}} 8.0",
         f"cortex_flow_pending{{{pair}}} 7.0",
         f"cortex_flow_oldest_pending_age_seconds{{{pair}}} 12.5",
         f"cortex_flow_lag{{{pair}}} 42.0",

@@ -14,7 +14,9 @@ import pytest
 from projects import module, running, wait_for
 
 from cortex_flow.client import Client
+from cortex_flow.ops.requests import project_prefix
 from cortex_flow.runtime import tracing
+from cortex_flow.wire.replies import task_key
 
 otel_sdk = pytest.importorskip("opentelemetry.sdk.trace", reason="pip install 'cortex-flow[otel]'")
 
@@ -315,3 +317,38 @@ def test_send_traces_when_the_otel_variables_ask(new_project: Any, r: Any, prefi
     trace_id = fields["traceparent"].split("-")[1]
     assert f'"trace_id": "0x{trace_id}"' in done.stdout
     assert '"service.name": "sender"' in done.stdout
+
+
+ASK_FLOWS = """
+    version: 1
+    streams:
+      ask: {key: "{P}ask"}
+    groups:
+      ask:
+        stream: ask
+        routes:
+          - call: {M}:answer
+"""
+
+
+@pytest.mark.parametrize(
+    "handler", ["def answer(msg):", "async def answer(msg):"], ids=["one sync call", "async"]
+)
+async def test_a_request_is_answered_inside_its_span(
+    new_project: Any, spans: Any, r: Any, prefix: str, handler: str
+) -> None:
+    """With traces on, a request through the one-sync-call path (and the async one) gets
+    its reply and its consumer span; the reply and task state carry no traceparent."""
+    config, _ = new_project(ASK_FLOWS, f"{handler}\n    return {{'n': int(msg['n']) + 1}}\n")
+    async with running(config), Client.from_config(config) as client:
+        assert await client.request("ask", {"n": "1"}, timeout=10) == {"n": 2}
+        await wait_for(
+            lambda: any(s.name == "process ask" for s in spans.get_finished_spans()),
+            what="the request's span",
+        )
+        (entry_id,) = list(client._asked)
+        assert (await client.task(entry_id)).state == "completed"
+        held = task_key(project_prefix(client.project), f"{prefix}ask", entry_id)
+        assert r.hgetall(held) and "traceparent" not in r.hgetall(held)
+        reply = r.xrange(client._replies.key)  # type: ignore[union-attr]
+        assert reply and all("traceparent" not in fields for _, fields in reply)

@@ -12,6 +12,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis_servers import PrivateCluster
 
+from cortex_flow import Client, RequestFailed
 from cortex_flow.wire.duties import Fence, LeaseLost, holder_of
 from cortex_flow.wire.retention import trim
 
@@ -101,6 +102,46 @@ async def test_keys_in_different_slots_publish_then_ack(
     assert len(said) == 1, said
     assert said[0].startswith("group agents: its 4 keys (cf:tasks:critical, cf:tasks:high, ")
     assert "it polls them every" in said[0] and '"{tasks}:..."' in said[0]
+
+
+ASK_FLOWS = """
+version: 1
+streams:
+  ask: {{key: "{P}ask"}}
+  dlq: {{key: "{P}dlq"}}
+groups:
+  ask:
+    stream: ask
+    dead_letter: dlq
+    retry: {{max_deliveries: 1}}
+    track: true
+    routes:
+      - call: {{M}}:answer
+"""
+
+ANSWER = """
+    async def answer(msg):
+        if msg.get("fail"):
+            raise ValueError("no")
+        return {"n": int(msg["n"]) + 1}
+"""
+
+
+@pytest.mark.parametrize("prefix", ["{cf}:", "cf:"])
+async def test_requests_in_a_cluster(cluster: PrivateCluster, tmp_path: Path, prefix: str) -> None:
+    """Request/reply, failures and task states work with the reply stream in the request's
+    slot (atomic script) and in another (written before the acknowledgement)."""
+    mod = write_module(tmp_path, ANSWER)
+    config = make_project(
+        tmp_path, ASK_FLOWS.format(P=prefix).replace("{M}", mod), url=cluster.url, mod=mod
+    )
+    async with running(config), Client.from_config(config) as client:
+        answers = [await client.request("ask", {"n": str(n)}, timeout=20) for n in range(5)]
+        assert answers == [{"n": n + 1} for n in range(5)]
+        with pytest.raises(RequestFailed, match="ValueError: no"):
+            await client.request("ask", {"fail": "1"}, timeout=20)
+        states = [(await client.task(i)).state for i in client._asked]
+        assert states == ["completed"] * 5 + ["failed"]
 
 
 RETAINED = """
