@@ -84,6 +84,14 @@ async def connect(
                 explained = explain(exc, user=redis_user(client), command="PING", where=where)
                 if explained is not None:  # no "is it running?": it answered, and refused
                     raise ConnectionFailed(explained.about(where)) from None
+                if url.startswith("rediss") and _reset(exc):
+                    # TLS 1.3: a server that wants a client certificate may close the
+                    # connection before its alert is read, so the reset is all we see
+                    raise ConnectionFailed(
+                        f"TLS connection to Redis at {where} was reset during the handshake; "
+                        "the server may want a client certificate: give it with "
+                        "?ssl_certfile=/path/cert.pem&ssl_keyfile=/path/key.pem in redis.url"
+                    ) from exc
                 raise ConnectionFailed(
                     f"cannot reach Redis at {describe_url(url)} ({describe_error(exc)}). Check "
                     "that the server is running and that redis.url in config.yaml (or "
@@ -93,6 +101,18 @@ async def connect(
         await client.aclose()
         raise
     return client
+
+
+def _reset(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a connection reset by the server."""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            return False
+        if isinstance(seen, ConnectionResetError) or "reset by peer" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 async def connect_project(
