@@ -23,6 +23,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Self
 
@@ -32,6 +33,7 @@ from cortex_flow.errors import CortexFlowError
 from cortex_flow.flow.loader import Project, load_project
 from cortex_flow.flow.topology import ResolvedGroup, render_key, resolve
 from cortex_flow.ops.inbox import InboxEntry, InboxReader
+from cortex_flow.ops.later import delay_of, publish_later, publish_once, window_of
 from cortex_flow.ops.send import publish, target_key
 from cortex_flow.wire.access import project_url
 from cortex_flow.wire.codec import decode
@@ -114,21 +116,64 @@ class Client:
 
     # -- sending -------------------------------------------------------------------------
 
-    async def publish(self, stream: str, msg: Mapping[str, Any], **vars: str) -> str:
-        """Publish to a declared stream; ``vars`` pick the key (priority, agent...)."""
+    async def publish(
+        self,
+        stream: str,
+        msg: Mapping[str, Any],
+        *,
+        delay: float | None = None,
+        at: datetime | float | None = None,
+        idempotency_key: str | None = None,
+        **vars: str,
+    ) -> str:
+        """Publish to a declared stream; ``vars`` pick the key (priority, agent...).
+
+        Returns the entry ID. With ``delay`` (seconds) or ``at`` (a datetime or epoch
+        seconds) the message is held in Redis and added to its stream when due by a
+        runner; the ID returned is then the delayed message's (``cortex-flow delayed
+        cancel ID``). With ``idempotency_key`` a repeated publish within the window (the
+        dedup window of the groups reading the stream, else 10m) returns the first ID.
+        """
         priority, agent = vars.pop("priority", None), vars.pop("agent", None)
         key, spec = target_key(self.project, stream, priority=priority, agent=agent, extra=vars)
+        wait = delay_of(delay, at)
+        if wait is not None:
+            return (await publish_later(self.redis, self.project, key, spec, msg, wait)).id
+        if idempotency_key is not None:
+            window = window_of(self.project, stream)
+            return await publish_once(self.redis, key, spec, msg, idempotency_key, window)
         return await publish(self.redis, key, spec, msg)
 
     async def send_task(
-        self, msg: Mapping[str, Any], priority: str = "normal", stream: str = "tasks"
+        self,
+        msg: Mapping[str, Any],
+        priority: str = "normal",
+        stream: str = "tasks",
+        *,
+        delay: float | None = None,
+        at: datetime | float | None = None,
+        idempotency_key: str | None = None,
     ) -> str:
-        """Queue a task at a priority; returns the entry ID."""
-        return await self.publish(stream, msg, priority=priority)
+        """Queue a task at a priority; returns the entry ID (see :meth:`publish`)."""
+        return await self.publish(
+            stream, msg, priority=priority, delay=delay, at=at, idempotency_key=idempotency_key
+        )
 
-    async def send_to(self, agent: str, msg: Mapping[str, Any], stream: str = "inbox") -> str:
-        """Send a direct message to one agent's inbox; returns the entry ID."""
-        return await self.publish(stream, msg, agent=agent)
+    async def send_to(
+        self,
+        agent: str,
+        msg: Mapping[str, Any],
+        stream: str = "inbox",
+        *,
+        delay: float | None = None,
+        at: datetime | float | None = None,
+        idempotency_key: str | None = None,
+    ) -> str:
+        """Send a direct message to one agent's inbox; returns the entry ID (see
+        :meth:`publish`)."""
+        return await self.publish(
+            stream, msg, agent=agent, delay=delay, at=at, idempotency_key=idempotency_key
+        )
 
     # -- heartbeats ------------------------------------------------------------------------
 

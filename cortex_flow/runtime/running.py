@@ -30,10 +30,13 @@ from cortex_flow.flow.topology import Resolved, ResolvedGroup, wrong_type_proble
 from cortex_flow.runtime.callpool import CallPool, threads_needed
 from cortex_flow.runtime.consumer import GroupConsumer
 from cortex_flow.runtime.deadconsumers import DeadConsumers
+from cortex_flow.runtime.delayed import INTERVAL as DELAYED_INTERVAL
+from cortex_flow.runtime.delayed import DelayedMover
 from cortex_flow.runtime.delivery import TRANSIENT
 from cortex_flow.runtime.duties import (
     AGENTS_DUTY,
     CONSUMERS_DUTY,
+    DELAYED_DUTY,
     DUTIES,
     RETENTION_DUTY,
     Duties,
@@ -146,6 +149,7 @@ class RunningTopology:
         self.duties: Duties | None = None
         self.retention: RetentionDuty | None = None
         self.dead_consumers: DeadConsumers | None = None
+        self.delayed: DelayedMover | None = None
         self.retiring: set[asyncio.Task[bool]] = set()
         self.draining: dict[str, GroupConsumer] = {}  # retired, maybe still finishing
 
@@ -249,6 +253,8 @@ class RunningTopology:
             self.retention.resolved = target
         if self.dead_consumers is not None:
             self.dead_consumers.resolved = target
+        if self.delayed is not None:
+            self.delayed.resolved = target
         if self.duties is not None:
             for duty in DUTIES:
                 self.duties.rekey(duty, target.duty_key(duty))
@@ -357,6 +363,15 @@ class RunningTopology:
             resolved.duty_key(CONSUMERS_DUTY),
             interval=min(60.0, max(1.0, settings.dead_consumer_idle / 4)),
             act=self.dead_consumers.run,
+        )
+        self.delayed = DelayedMover(
+            self.client, resolved, logging.getLogger("cortex_flow.delayed")
+        )
+        self.duties.add(
+            DELAYED_DUTY,
+            resolved.duty_key(DELAYED_DUTY),
+            interval=DELAYED_INTERVAL,
+            act=self.delayed.run,
         )
         await self.duties.start()
         await self.heartbeats.start()
