@@ -25,6 +25,7 @@ COMMANDS = {
     "send": "cortex_flow.cli.send:command",
     "status": "cortex_flow.cli.status:command",
     "dlq": "cortex_flow.cli.dlq:command",
+    "delayed": "cortex_flow.cli.delayed:command",
     "prune": "cortex_flow.cli.prune:command",
     "test": "cortex_flow.cli.test:command",
 }
@@ -79,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--priority", help="priority level for a priority stream")
     p.add_argument("--agent", help="agent for a per-agent stream")
     p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--delay", help="deliver after this long (e.g. 30s, 5m): held in Redis")
+    p.add_argument("--at", help="deliver at this time (ISO 8601, e.g. 2026-05-01T09:00:00Z)")
+    p.add_argument("--idempotency-key", help="a repeat within the window returns the first ID")
+
+    p = sub.add_parser("delayed", parents=[common], help="list or cancel delayed messages")
+    dsub = p.add_subparsers(dest="delayed_command", required=True, parser_class=_Parser)
+    d = dsub.add_parser("list", parents=[common], help="what waits, earliest first")
+    d.add_argument("--json", action="store_true")
+    d = dsub.add_parser("cancel", parents=[common], help="drop delayed messages before due")
+    d.add_argument("ids", nargs="+", help="delayed message IDs (as send or list print them)")
 
     p = sub.add_parser("status", parents=[common], help="streams, groups, agents at a glance")
     p.add_argument("--watch", action="store_true")

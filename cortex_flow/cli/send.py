@@ -6,9 +6,12 @@ import argparse
 import asyncio
 import json
 import logging
+from datetime import UTC, datetime
 
 from cortex_flow.errors import UsageError
+from cortex_flow.flow.durations import parse_duration
 from cortex_flow.flow.loader import load_project
+from cortex_flow.ops.later import delay_of, publish_later, publish_once, window_of
 from cortex_flow.ops.send import TargetError, publish, target_key
 from cortex_flow.wire.access import connect_project
 
@@ -37,16 +40,48 @@ def command(args: argparse.Namespace) -> int:
     except TargetError as exc:
         raise UsageError(_with_flags(exc)) from None
 
+    wait = later(args)
+
     async def go() -> str:
         client = await connect_project(project, wait=3.0, log=log)
         try:
-            return await publish(client, key, spec, msg)
+            if wait is not None:
+                held = await publish_later(client, project, key, spec, msg, wait)
+                due = datetime.fromtimestamp(held.due_ms / 1000, UTC).isoformat()
+                return f"delayed {held.id} for {key} until {due}"
+            if args.idempotency_key:
+                window = window_of(project, args.stream)
+                found = await publish_once(client, key, spec, msg, args.idempotency_key, window)
+                return f"sent {found} to {key}"
+            return f"sent {await publish(client, key, spec, msg)} to {key}"
         finally:
             await client.aclose()
 
-    entry_id = asyncio.run(go())
-    print(f"sent {entry_id} to {key}")
+    print(asyncio.run(go()))
     return 0
+
+
+def later(args: argparse.Namespace) -> float | None:
+    """Seconds to hold the message from ``--delay`` or ``--at``; None to send now."""
+    delay, at = getattr(args, "delay", None), getattr(args, "at", None)
+    if delay is not None and at is not None:
+        raise UsageError("give --delay or --at, not both")
+    if delay is not None:
+        try:
+            return parse_duration(delay)
+        except ValueError as exc:
+            raise UsageError(f"--delay {exc}") from None
+    if at is not None:
+        try:
+            when = datetime.fromisoformat(at)
+        except ValueError:
+            raise UsageError(
+                f"--at takes an ISO 8601 time such as 2026-05-01T09:00:00Z, got {at!r}"
+            ) from None
+        if when.tzinfo is None:
+            when = when.astimezone()  # a time without a zone is local time
+        return delay_of(None, when)
+    return None
 
 
 def _with_flags(exc: TargetError) -> str:

@@ -50,6 +50,8 @@ def render(data: dict[str, Any]) -> RenderableType:
         parts.append(_retention(data["retention"]))
     if data.get("stale_groups"):
         parts.append(_stale(data["stale_groups"]))
+    if data.get("delayed"):
+        parts.append(_delayed(data["delayed"]))
     parts.append(_runner(data["runner"]))
     if "duties" in data:
         parts.append(_duties(data["duties"]))
@@ -145,6 +147,15 @@ def _retention(rows: list[dict[str, Any]]) -> Table:
             f"{humanize(r['held_for'])} ago",
         )
     return held
+
+
+def _delayed(rows: list[dict[str, Any]]) -> Table:
+    table = _table("Delayed messages", "Key", "Waiting", "Next due")
+    for row in rows:
+        due = row["next_due_in"]
+        when = f"in {humanize(due)}" if due >= 0 else f"{humanize(-due)} overdue"
+        table.add_row(row["key"], count(row["waiting"]), when)
+    return table
 
 
 def _stale(rows: list[dict[str, Any]]) -> Table:

@@ -20,6 +20,7 @@ from cortex_flow.flow.topology import Resolved, no_reader, unread_inboxes
 from cortex_flow.ops.admin import admin_get
 from cortex_flow.ops.stale import count_lag, stale_from_infos
 from cortex_flow.runtime.duties import DUTIES
+from cortex_flow.ops.later import delayed_rows
 from cortex_flow.runtime.retention import held_key
 from cortex_flow.wire.connection import RedisClient, describe_client, describe_error, is_cluster
 from cortex_flow.wire.entryids import id_key, id_ms
@@ -118,6 +119,7 @@ async def collect(
         "duties": [_duty(name, _ok(value)) for name, value in zip(DUTIES, leases, strict=True)],
         "retention": _held_rows(_ok(held) or {}, now),
         "stale_groups": await count_lag(client, stale_from_infos(resolved, infos)),
+        "delayed": await delayed_rows(client, resolved.namespace, now),
     }
     data["problems"] = problems(data, resolved)
     return data

@@ -37,6 +37,7 @@ from cortex_flow.runtime.callpool import default_pool
 from cortex_flow.runtime.commit import Committer
 from cortex_flow.runtime.delivery import ACK, DEAD, RETRY, TRANSIENT, Entry, Outcome
 from cortex_flow.runtime.faultlog import FaultLog
+from cortex_flow.runtime.flowgate import FlowGate
 from cortex_flow.runtime.handling import EntryHandler
 from cortex_flow.runtime.leases import Leases
 from cortex_flow.runtime.outbox import Outbox, commit_until_done
@@ -168,6 +169,7 @@ class GroupConsumer:
             stuck=self._stuck,
         )
         # bound once: the hot path calls these per message (or per batch)
+        self.gate: FlowGate | None = None  # rate, max_in_flight, dedup (runtime/flowgate.py)
         self._fetch = self.reader.fetch
         self._handle = self.handler.handle
         self._task: asyncio.Task[None] | None = None
@@ -190,6 +192,11 @@ class GroupConsumer:
     @property
     def executor(self) -> Any:
         return self.handler.executor
+
+    @property
+    def stopping(self) -> asyncio.Event:
+        """Set once the consumer is told to stop."""
+        return self._stopping
 
     @property
     def held(self) -> int:
@@ -342,6 +349,8 @@ class GroupConsumer:
             await self.outbox.close()
         finally:
             lease.cancel()
+            if self.gate is not None:
+                self.gate.close()
             await self.handler.deadlines.close()
             self._drop_backlog()
             if not self._inflight:
@@ -453,6 +462,18 @@ class GroupConsumer:
     # -- processing --------------------------------------------------------------------
 
     async def _dispatch(self, entries: list[Entry]) -> None:
+        if self.gate is not None:  # held (and leased) while they wait at the gate
+            self._inflight.update((e.key.key, e.id) for e in entries)
+            await self.gate.admit(entries, self._dispatch_now)
+            return
+        await self._dispatch_now(entries)
+
+    def released(self, entries: list[Entry]) -> None:
+        """Entries the gate acknowledged (duplicates) or gave up (a stop)."""
+        self._inflight.difference_update((e.key.key, e.id) for e in entries)
+        self._wake.set()
+
+    async def _dispatch_now(self, entries: list[Entry]) -> None:
         if self.handler.table.inline:
             # handled here, in order; committed by the outbox's flusher while the next
             # batch is read (the two round trips overlap)
@@ -551,6 +572,8 @@ class GroupConsumer:
     def _give_up(self, entry: Entry) -> None:
         """An entry that could not be finished: it stays pending and is taken back."""
         self._inflight.discard((entry.key.key, entry.id))
+        if self.gate is not None:
+            self.gate.finished([(entry.key.key, entry.id)])
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -587,7 +610,10 @@ class GroupConsumer:
         await commit_until_done(self.committer, outcomes, self.faults, self._schedule_retry)
 
     def _committed(self, outcomes: list[Outcome]) -> None:
-        self._inflight.difference_update([(o.entry.key.key, o.entry.id) for o in outcomes])
+        done = [(o.entry.key.key, o.entry.id) for o in outcomes]
+        self._inflight.difference_update(done)
+        if self.gate is not None:
+            self.gate.finished(done)
         self._wake.set()
 
     def _commit_failed(self) -> None:

@@ -192,4 +192,12 @@ class Duties:
                 await asyncio.wait_for(self._stop.wait(), wait)
 
 
-__all__ = ["AGENTS_DUTY", "CONSUMERS_DUTY", "DELAYED_DUTY", "DUTIES", "RETENTION_DUTY", "Act", "Duties"]
+__all__ = [
+    "AGENTS_DUTY",
+    "CONSUMERS_DUTY",
+    "DELAYED_DUTY",
+    "DUTIES",
+    "RETENTION_DUTY",
+    "Act",
+    "Duties",
+]

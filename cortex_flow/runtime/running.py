@@ -42,6 +42,7 @@ from cortex_flow.runtime.duties import (
     Duties,
 )
 from cortex_flow.runtime.faultlog import WHAT
+from cortex_flow.runtime.flowgate import FlowGate
 from cortex_flow.runtime.heartbeat import HeartbeatMonitor
 from cortex_flow.runtime.retention import RetentionDuty
 from cortex_flow.runtime.routes import RouteTable
@@ -297,6 +298,17 @@ class RunningTopology:
             block=self.block,
             log=logging.getLogger("cortex_flow.consumer"),
         )
+        if FlowGate.wanted(group):
+            consumer.gate = FlowGate(
+                self.client,
+                group,
+                resolved.namespace,
+                resolved.streams[group.stream].spec.codec,
+                stopping=consumer.stopping,
+                release=consumer.released,
+                log=logging.getLogger("cortex_flow.flowcontrol"),
+            )
+            stats.flow = consumer.gate.stats
         consumer.start()
         self.consumers[group.name] = consumer
 
@@ -364,9 +376,7 @@ class RunningTopology:
             interval=min(60.0, max(1.0, settings.dead_consumer_idle / 4)),
             act=self.dead_consumers.run,
         )
-        self.delayed = DelayedMover(
-            self.client, resolved, logging.getLogger("cortex_flow.delayed")
-        )
+        self.delayed = DelayedMover(self.client, resolved, logging.getLogger("cortex_flow.delayed"))
         self.duties.add(
             DELAYED_DUTY,
             resolved.duty_key(DELAYED_DUTY),

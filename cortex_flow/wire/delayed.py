@@ -98,7 +98,9 @@ async def schedule(
     return Delayed(ident, key, int(due), dict(fields))
 
 
-async def move_due(client: Any, namespace: str, fence: Fence, per_set: int = 1000) -> tuple[int, list[tuple[str, str]]]:
+async def move_due(
+    client: Any, namespace: str, fence: Fence, per_set: int = 1000
+) -> tuple[int, list[tuple[str, str]]]:
     """Move every due message to its stream as ``fence``'s act: (moved, [(set, error)])."""
     moved, failed = await fenced_call(client, MOVE, fence, [index_key(namespace)], [per_set])
     return int(moved), [(_text(s), _text(e)) for s, e in failed]
@@ -124,7 +126,9 @@ async def listing(client: Any, namespace: str, limit: int = 1000) -> list[Delaye
         for raw, score in rows:
             ident, _, body = _text(raw).partition(" ")
             flat = json.loads(body)
-            out.append(Delayed(ident, key, int(score), dict(zip(flat[::2], flat[1::2], strict=True))))
+            out.append(
+                Delayed(ident, key, int(score), dict(zip(flat[::2], flat[1::2], strict=True)))
+            )
     return out
 
 

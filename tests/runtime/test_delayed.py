@@ -56,8 +56,13 @@ async def test_three_runners_deliver_each_delayed_message_once_and_never_early(
     its due time, and nothing stays held."""
     configs = [
         make_project(
-            tmp_path, FLOW, url=redis_url, prefix=key_prefix, name=name,
-            runner_extra=FAST, config_name=f"{name}.yaml",
+            tmp_path,
+            FLOW,
+            url=redis_url,
+            prefix=key_prefix,
+            name=name,
+            runner_extra=FAST,
+            config_name=f"{name}.yaml",
         )
         for name in ("r1", "r2", "r3")
     ]

@@ -1,0 +1,252 @@
+"""The gate entries of a flow-controlled group pass before their handlers start.
+
+In order: ``dedup`` (a copy of a message already handled is acknowledged unhandled; a
+copy of one still being handled waits for its outcome), ``rate_limit`` (tokens from the
+bucket every runner shares, taken for a batch at once) and ``max_in_flight`` (a slot
+among the group's, leased, renewed with the entries, released at commit). An entry
+that waits keeps its lease like any other the consumer holds: it is not failed,
+retried or claimed. A stop gives the waiting entries up; they stay pending and are
+taken back by this consumer's next start or by another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from cortex_flow.flow.rates import per_second
+from cortex_flow.flow.templates import Template, compile_template
+from cortex_flow.flow.topology import ResolvedGroup
+from cortex_flow.runtime.delivery import Entry
+from cortex_flow.runtime.stats import FlowStats
+from cortex_flow.wire.codec import decode
+from cortex_flow.wire.flowcontrol import (
+    DUPLICATE,
+    RUN,
+    dedup_states,
+    group_key,
+    release_slots,
+    renew_slots,
+    take_slots,
+    take_tokens,
+)
+
+DEDUP_RECHECK = 0.1  # seconds between two looks at a copy whose first is being handled
+SLOT_RECHECK = 0.02  # seconds between two asks for a free in-flight slot
+CHUNK = 0.1  # tokens are waited for in chunks of this many seconds' worth
+
+
+Dispatch = Callable[[list[Entry]], Awaitable[None]]
+
+
+class FlowGate:
+    """Rate, concurrency and dedup of one group, shared through Redis by every runner."""
+
+    def __init__(
+        self,
+        client: Any,
+        group: ResolvedGroup,
+        namespace: str,
+        codec: str,
+        *,
+        stopping: asyncio.Event,
+        release: Callable[[list[Entry]], None],
+        log: logging.Logger,
+    ) -> None:
+        spec = group.spec
+        self.client = client
+        self.group = group
+        self.codec = codec
+        self.stopping = stopping
+        self.release_entries = release  # entries given up (a stop) or acknowledged here
+        self.log = log
+        self.stats = FlowStats()
+        self._ns = namespace
+        self._lease_ms = int(spec.retry.claim_idle * 1000)
+        rate = spec.rate_limit
+        self._rate = per_second(rate.rate) if rate else 0.0
+        self._burst = (rate.burst or max(1, math.ceil(self._rate))) if rate else 0
+        self._rate_key = compile_template(rate.key) if rate and rate.key else None
+        self._dedup = spec.dedup
+        self._dedup_key = compile_template(spec.dedup.key) if spec.dedup else None
+        self._limit = spec.max_in_flight
+        self._slots_key = group_key(namespace, group.name, "inflight")
+        self._held: dict[tuple[str, str], str] = {}  # entry -> its slot holder name
+        self._renewing: asyncio.Task[None] | None = None
+
+    @staticmethod
+    def wanted(group: ResolvedGroup) -> bool:
+        spec = group.spec
+        return bool(spec.rate_limit or spec.dedup or spec.max_in_flight)
+
+    # -- admitting ---------------------------------------------------------------------
+
+    async def admit(self, entries: list[Entry], dispatch: Dispatch) -> None:
+        """Hand ``entries`` to ``dispatch`` as each passes the gate, in order; returns when
+        all passed, were acknowledged as duplicates, or were given up on a stop."""
+        rest = list(entries)
+        self.stats.waiting += len(rest)
+
+        async def passed(some: list[Entry]) -> None:
+            self.stats.waiting -= len(some)
+            await dispatch(some)
+
+        while rest and not self.stopping.is_set():
+            ready, rest = await self._dedup_pass(rest) if self._dedup else (rest, [])
+            await self._rate_pass(ready, passed)
+            if rest:
+                await self._sleep(DEDUP_RECHECK)
+        self._give_up(rest)
+
+    def _give_up(self, entries: list[Entry]) -> None:
+        """Entries left at a stop or acknowledged here: no longer held by the consumer."""
+        if entries:
+            self.stats.waiting -= len(entries)
+            self.release_entries(entries)
+
+    async def _dedup_pass(self, entries: list[Entry]) -> tuple[list[Entry], list[Entry]]:
+        """(to run, to look at again); duplicates are acknowledged here."""
+        assert self._dedup is not None and self._dedup_key is not None
+        window = int(self._dedup.window * 1000)
+        rows = [
+            (
+                group_key(self._ns, self.group.name, f"dedup:{self._render(self._dedup_key, e)}"),
+                e.key.key,
+                e.id,
+            )
+            for e in entries
+        ]
+        states = await dedup_states(self.client, self.group.name, window, rows)
+        run = [e for e, s in zip(entries, states, strict=True) if s == RUN]
+        dupes = [e for e, s in zip(entries, states, strict=True) if s == DUPLICATE]
+        later = [e for e, s in zip(entries, states, strict=True) if s not in (RUN, DUPLICATE)]
+        if dupes:
+            by_key: dict[str, list[str]] = defaultdict(list)
+            for entry in dupes:
+                by_key[entry.key.key].append(entry.id)
+            for key, ids in by_key.items():
+                await self.client.xack(key, self.group.name, *ids)
+            self.stats.duplicates += len(dupes)
+            self._give_up(dupes)
+        return run, later
+
+    async def _rate_pass(self, entries: list[Entry], dispatch: Dispatch) -> None:
+        if not self._rate:
+            await self._slot_pass(entries, dispatch)
+            return
+        rest = entries
+        chunk = max(1, min(self._burst, math.ceil(self._rate * CHUNK)))
+        while rest and not self.stopping.is_set():
+            by_bucket: dict[str, list[Entry]] = defaultdict(list)
+            for entry in rest:
+                name = self._render(self._rate_key, entry) if self._rate_key else ""
+                by_bucket[group_key(self._ns, self.group.name, f"rate:{name}")].append(entry)
+            buckets = list(by_bucket)
+            answers = await take_tokens(
+                self.client,
+                buckets,
+                self._rate / 1000,
+                self._burst,
+                [(len(by_bucket[b]), chunk) for b in buckets],
+            )
+            passed, rest, wait = [], [], math.inf
+            for bucket, (got, ms) in zip(buckets, answers, strict=True):
+                passed += by_bucket[bucket][:got]
+                rest += by_bucket[bucket][got:]
+                if got < len(by_bucket[bucket]):
+                    wait = min(wait, ms / 1000)
+            if passed:
+                await self._slot_pass(passed, dispatch)
+            if rest:
+                started = time.monotonic()
+                await self._sleep(max(0.001, wait))
+                self.stats.rate_waits += (time.monotonic() - started) * len(rest)
+        self._give_up(rest)
+
+    async def _slot_pass(self, entries: list[Entry], dispatch: Dispatch) -> None:
+        if self._limit is None:
+            await dispatch(entries)
+            return
+        rest = entries
+        while rest and not self.stopping.is_set():
+            names = [f"{self.group.consumer} {e.key.key} {e.id}" for e in rest]
+            got = await take_slots(self.client, self._slots_key, self._limit, self._lease_ms, names)
+            if got:
+                for entry, name in zip(rest[:got], names, strict=False):
+                    self._held[(entry.key.key, entry.id)] = name
+                self._ensure_renewing()
+                await dispatch(rest[:got])
+                rest = rest[got:]
+            if rest:
+                await self._sleep(SLOT_RECHECK)
+        self._give_up(rest)
+
+    def _render(self, template: Template | None, entry: Entry) -> str:
+        if template is None:
+            return ""
+        try:
+            msg = decode(self.codec, entry.fields)
+        except Exception:
+            msg = {}  # undecodable: its handler dead-letters it; any bucket will do
+        values = {
+            "msg": msg,
+            "id": entry.id,
+            "stream": self.group.stream,
+            "group": self.group.name,
+            "priority": entry.key.priority,
+            "agent": entry.key.agent,
+        }
+        try:
+            return template.render_values(values)
+        except Exception:
+            return ""
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+
+    # -- in-flight slots -----------------------------------------------------------------
+
+    def finished(self, keys: list[tuple[str, str]]) -> None:
+        """These entries were committed or given up: free their slots."""
+        if self._limit is None:
+            return
+        names = [n for k in keys if (n := self._held.pop(k, None)) is not None]
+        if names:
+            task = asyncio.ensure_future(self._release(names))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _release(self, names: list[str]) -> None:
+        try:
+            await release_slots(self.client, self._slots_key, names)
+        except Exception as exc:  # they expire with their lease
+            self.log.warning("group %s: cannot free in-flight slots (%s)", self.group.name, exc)
+
+    def _ensure_renewing(self) -> None:
+        if self._renewing is None or self._renewing.done():
+            self._renewing = asyncio.create_task(self._renew(), name=f"slots:{self.group.name}")
+
+    async def _renew(self) -> None:
+        while self._held:
+            await asyncio.sleep(self._lease_ms / 3000)
+            try:
+                await renew_slots(
+                    self.client, self._slots_key, self._lease_ms, list(self._held.values())
+                )
+            except Exception as exc:
+                self.log.warning(
+                    "group %s: cannot renew in-flight slots (%s)", self.group.name, exc
+                )
+
+    def close(self) -> None:
+        if self._renewing is not None:
+            self._renewing.cancel()
+
+
+__all__ = ["FlowGate", "FlowStats"]
