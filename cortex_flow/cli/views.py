@@ -185,6 +185,12 @@ def _runner(runner: dict[str, Any]) -> Text:
             line.append(f"; last reload {_last_reload(reload)}")
             for error in reload.get("errors") or []:
                 line.append(f"\n  reload error: {error}", style="red")
+        for group, flow in sorted((admin.get("flow") or {}).items()):
+            line.append(
+                f"\n  group {group}: {flow['waiting']} held back by flow control, "
+                f"{humanize(flow['rate_wait_seconds'])} waited for rate tokens, "
+                f"{flow['duplicates']} duplicate(s) acknowledged unhandled"
+            )
     elif admin:
         line.append(f"not reachable ({admin.get('admin') or 'admin off'}: {admin['reason']})")
         line.stylize("yellow", len(f"Runner {runner['name']}: "))

@@ -28,6 +28,21 @@ def retry_span(retry: RetryPolicy) -> float:
     return total
 
 
+def flow_limits(group: GroupSpec) -> str:
+    """The group's flow control in a few words (``graph``): ``rate 60/m burst 10 per
+    {{ msg.tenant }}, max 5 in flight, dedup {{ msg.id }} for 10m``; empty if none."""
+    parts = []
+    if group.rate_limit is not None:
+        rate = group.rate_limit
+        text = f"rate {rate.rate}" + (f" burst {rate.burst}" if rate.burst else "")
+        parts.append(text + (f" per {rate.key}" if rate.key else ""))
+    if group.max_in_flight is not None:
+        parts.append(f"max {group.max_in_flight} in flight")
+    if group.dedup is not None:
+        parts.append(f"dedup {group.dedup.key} for {dur(group.dedup.window)}")
+    return ", ".join(parts)
+
+
 def check_flow_control(
     origin: Origin, group: GroupSpec, names: Iterable[str], problems: list[Problem]
 ) -> None:
@@ -71,4 +86,4 @@ def _key(
         problems.append(origin.problem(sub, f'template uses unknown name "{name}"{hint}'))
 
 
-__all__ = ["KEY_NAMES", "check_flow_control", "retry_span"]
+__all__ = ["KEY_NAMES", "check_flow_control", "flow_limits", "retry_span"]

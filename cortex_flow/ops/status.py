@@ -18,9 +18,9 @@ from cortex_flow.flow.durations import humanize
 from cortex_flow.flow.loader import Project
 from cortex_flow.flow.topology import Resolved, no_reader, unread_inboxes
 from cortex_flow.ops.admin import admin_get
+from cortex_flow.ops.later import delayed_rows
 from cortex_flow.ops.stale import count_lag, stale_from_infos
 from cortex_flow.runtime.duties import DUTIES
-from cortex_flow.ops.later import delayed_rows
 from cortex_flow.runtime.retention import held_key
 from cortex_flow.wire.connection import RedisClient, describe_client, describe_error, is_cluster
 from cortex_flow.wire.entryids import id_key, id_ms
@@ -367,6 +367,7 @@ async def probe_admin(admin: AdminSettings) -> dict[str, Any]:
         "ready": body.get("status") == "ready",
         "reload": reload,
         "problems": [str(p) for p in detail.get("problems") or []],
+        "flow": detail.get("flow") or {},
     }
 
 
