@@ -241,6 +241,8 @@ class GroupConsumer:
             self._task.cancel()
             flusher = self.outbox.cancel()
             others = [*self._tasks, *([flusher] if flusher else [])]
+            if self.gate is not None:
+                others += self.gate.cancel()
             for task in others:
                 task.cancel()
             await asyncio.wait([self._task, *others], timeout=1.0)
@@ -344,6 +346,8 @@ class GroupConsumer:
             parked = self.reader.drop_parked()
             if parked:  # read before the stop: finish them too
                 await self._dispatch(parked)
+            if self.gate is not None:  # what waits there is given up; what passed, finished
+                await self.gate.drain()
             while self._tasks:  # what we hold, the backlog included, is finished
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             await self.outbox.close()
@@ -464,13 +468,18 @@ class GroupConsumer:
     async def _dispatch(self, entries: list[Entry]) -> None:
         if self.gate is not None:  # held (and leased) while they wait at the gate
             self._inflight.update((e.key.key, e.id) for e in entries)
-            await self.gate.admit(entries, self._dispatch_now)
+            self.gate.spawn(entries, self._dispatch_now)
             return
         await self._dispatch_now(entries)
 
     def released(self, entries: list[Entry]) -> None:
-        """Entries the gate acknowledged (duplicates) or gave up (a stop)."""
+        """Entries the gate acknowledged (duplicates) or gave up (a stop, an error)."""
         self._inflight.difference_update((e.key.key, e.id) for e in entries)
+        self._wake.set()
+
+    def gate_failed(self) -> None:
+        """The gate gave entries up on an error: re-read what is pending under our name."""
+        self._reread = True
         self._wake.set()
 
     async def _dispatch_now(self, entries: list[Entry]) -> None:

@@ -57,6 +57,7 @@ class FlowGate:
         *,
         stopping: asyncio.Event,
         release: Callable[[list[Entry]], None],
+        on_error: Callable[[], None],
         log: logging.Logger,
     ) -> None:
         spec = group.spec
@@ -65,6 +66,7 @@ class FlowGate:
         self.codec = codec
         self.stopping = stopping
         self.release_entries = release  # entries given up (a stop) or acknowledged here
+        self.on_error = on_error  # admitting failed: the consumer re-reads its pending
         self.log = log
         self.stats = FlowStats()
         self._ns = namespace
@@ -79,6 +81,7 @@ class FlowGate:
         self._slots_key = group_key(namespace, group.name, "inflight")
         self._held: dict[tuple[str, str], str] = {}  # entry -> its slot holder name
         self._renewing: asyncio.Task[None] | None = None
+        self._admitting: set[asyncio.Task[None]] = set()
 
     @staticmethod
     def wanted(group: ResolvedGroup) -> bool:
@@ -87,30 +90,53 @@ class FlowGate:
 
     # -- admitting ---------------------------------------------------------------------
 
+    def spawn(self, entries: list[Entry], dispatch: Dispatch) -> None:
+        """Admit ``entries`` in a task of their own: the consumer's loop goes on reading
+        (within its capacity), retrying and claiming while they wait."""
+        task = asyncio.create_task(self.admit(entries, dispatch), name=f"gate:{self.group.name}")
+        self._admitting.add(task)
+        task.add_done_callback(self._admitted)
+
+    def _admitted(self, task: asyncio.Task[None]) -> None:
+        self._admitting.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self.log.warning(
+                "group %s: flow control could not admit messages (%s: %s); they stay "
+                "pending and are read again",
+                self.group.name,
+                type(exc).__name__,
+                exc,
+            )
+            self.on_error()
+
+    async def drain(self) -> None:
+        """Wait for every admitting task (a stop makes them give their entries up)."""
+        while self._admitting:
+            await asyncio.gather(*self._admitting, return_exceptions=True)
+
+    def cancel(self) -> list[asyncio.Task[None]]:
+        tasks = list(self._admitting)
+        for task in tasks:
+            task.cancel()
+        return tasks
+
     async def admit(self, entries: list[Entry], dispatch: Dispatch) -> None:
         """Hand ``entries`` to ``dispatch`` as each passes the gate, in order; returns when
-        all passed, were acknowledged as duplicates, or were given up on a stop."""
+        all passed, were acknowledged as duplicates, or were given up (a stop, an error)."""
+        batch = _Batch(self, entries, dispatch)
         rest = list(entries)
-        self.stats.waiting += len(rest)
+        try:
+            while rest and not self.stopping.is_set():
+                ready, rest = await self._dedup_pass(rest, batch) if self._dedup else (rest, [])
+                await self._rate_pass(ready, batch)
+                if rest:
+                    await self._sleep(DEDUP_RECHECK)
+        finally:
+            batch.give_up(list(batch.left.values()))
 
-        async def passed(some: list[Entry]) -> None:
-            self.stats.waiting -= len(some)
-            await dispatch(some)
-
-        while rest and not self.stopping.is_set():
-            ready, rest = await self._dedup_pass(rest) if self._dedup else (rest, [])
-            await self._rate_pass(ready, passed)
-            if rest:
-                await self._sleep(DEDUP_RECHECK)
-        self._give_up(rest)
-
-    def _give_up(self, entries: list[Entry]) -> None:
-        """Entries left at a stop or acknowledged here: no longer held by the consumer."""
-        if entries:
-            self.stats.waiting -= len(entries)
-            self.release_entries(entries)
-
-    async def _dedup_pass(self, entries: list[Entry]) -> tuple[list[Entry], list[Entry]]:
+    async def _dedup_pass(
+        self, entries: list[Entry], batch: _Batch
+    ) -> tuple[list[Entry], list[Entry]]:
         """(to run, to look at again); duplicates are acknowledged here."""
         assert self._dedup is not None and self._dedup_key is not None
         window = int(self._dedup.window * 1000)
@@ -133,12 +159,12 @@ class FlowGate:
             for key, ids in by_key.items():
                 await self.client.xack(key, self.group.name, *ids)
             self.stats.duplicates += len(dupes)
-            self._give_up(dupes)
+            batch.give_up(dupes)
         return run, later
 
-    async def _rate_pass(self, entries: list[Entry], dispatch: Dispatch) -> None:
+    async def _rate_pass(self, entries: list[Entry], batch: _Batch) -> None:
         if not self._rate:
-            await self._slot_pass(entries, dispatch)
+            await self._slot_pass(entries, batch)
             return
         rest = entries
         chunk = max(1, min(self._burst, math.ceil(self._rate * CHUNK)))
@@ -162,16 +188,15 @@ class FlowGate:
                 if got < len(by_bucket[bucket]):
                     wait = min(wait, ms / 1000)
             if passed:
-                await self._slot_pass(passed, dispatch)
+                await self._slot_pass(passed, batch)
             if rest:
                 started = time.monotonic()
                 await self._sleep(max(0.001, wait))
                 self.stats.rate_waits += (time.monotonic() - started) * len(rest)
-        self._give_up(rest)
 
-    async def _slot_pass(self, entries: list[Entry], dispatch: Dispatch) -> None:
+    async def _slot_pass(self, entries: list[Entry], batch: _Batch) -> None:
         if self._limit is None:
-            await dispatch(entries)
+            await batch.passed(entries)
             return
         rest = entries
         while rest and not self.stopping.is_set():
@@ -181,11 +206,10 @@ class FlowGate:
                 for entry, name in zip(rest[:got], names, strict=False):
                     self._held[(entry.key.key, entry.id)] = name
                 self._ensure_renewing()
-                await dispatch(rest[:got])
+                await batch.passed(rest[:got])
                 rest = rest[got:]
             if rest:
                 await self._sleep(SLOT_RECHECK)
-        self._give_up(rest)
 
     def _render(self, template: Template | None, entry: Entry) -> str:
         if template is None:
@@ -247,6 +271,31 @@ class FlowGate:
     def close(self) -> None:
         if self._renewing is not None:
             self._renewing.cancel()
+
+
+class _Batch:
+    """The entries of one admit not yet passed on: given up together on a stop or error."""
+
+    def __init__(self, gate: FlowGate, entries: list[Entry], dispatch: Dispatch) -> None:
+        self.gate = gate
+        self.dispatch = dispatch
+        self.left = {(e.key.key, e.id): e for e in entries}
+        gate.stats.waiting += len(entries)
+
+    def _take(self, entries: list[Entry]) -> list[Entry]:
+        return [e for e in entries if self.left.pop((e.key.key, e.id), None) is not None]
+
+    async def passed(self, entries: list[Entry]) -> None:
+        taken = self._take(entries)
+        self.gate.stats.waiting -= len(taken)
+        await self.dispatch(taken)
+
+    def give_up(self, entries: list[Entry]) -> None:
+        """No longer held by the consumer: acknowledged here, or left pending for a re-read."""
+        taken = self._take(entries)
+        if taken:
+            self.gate.stats.waiting -= len(taken)
+            self.gate.release_entries(taken)
 
 
 __all__ = ["FlowGate", "FlowStats"]

@@ -306,6 +306,7 @@ class RunningTopology:
                 resolved.streams[group.stream].spec.codec,
                 stopping=consumer.stopping,
                 release=consumer.released,
+                on_error=consumer.gate_failed,
                 log=logging.getLogger("cortex_flow.flowcontrol"),
             )
             stats.flow = consumer.gate.stats
