@@ -24,10 +24,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import calls, consume, latency, memory, route, steady  # noqa: E402
+from bench import calls, consume, flowcontrol, latency, memory, route, steady  # noqa: E402
 from bench.common import Figure, Server  # noqa: E402
 
-BENCHES = ("consume", "route", "calls", "steady", "latency", "memory")
+BENCHES = ("consume", "route", "calls", "steady", "latency", "memory", "flowcontrol")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                 got = calls.run(server, args.call_messages, args.io_messages, args.repeat)
             elif name == "steady":
                 got = steady.run(server, args.steady_messages)
+            elif name == "flowcontrol":
+                got = flowcontrol.run(server, args.route_messages, args.repeat)
             elif name == "latency":
                 got = latency.run(server, args.latency_backlog, args.latency_samples, mine)
             else:

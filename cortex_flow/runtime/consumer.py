@@ -466,7 +466,8 @@ class GroupConsumer:
     # -- processing --------------------------------------------------------------------
 
     async def _dispatch(self, entries: list[Entry]) -> None:
-        if self.gate is not None:  # held (and leased) while they wait at the gate
+        if self.gate is not None and not self.gate.admit_now(entries):
+            # held (and leased) while they wait at the gate, beside this loop
             self._inflight.update((e.key.key, e.id) for e in entries)
             self.gate.spawn(entries, self._dispatch_now)
             return

@@ -24,6 +24,7 @@ from cortex_flow.flow.rates import per_second
 from cortex_flow.flow.templates import Template, compile_template
 from cortex_flow.flow.topology import ResolvedGroup
 from cortex_flow.runtime.delivery import Entry
+from cortex_flow.runtime.ratelimit import RateLimiter
 from cortex_flow.runtime.stats import FlowStats
 from cortex_flow.wire.codec import decode
 from cortex_flow.wire.flowcontrol import (
@@ -34,12 +35,10 @@ from cortex_flow.wire.flowcontrol import (
     release_slots,
     renew_slots,
     take_slots,
-    take_tokens,
 )
 
 DEDUP_RECHECK = 0.1  # seconds between two looks at a copy whose first is being handled
 SLOT_RECHECK = 0.02  # seconds between two asks for a free in-flight slot
-CHUNK = 0.1  # tokens are waited for in chunks of this many seconds' worth
 
 
 Dispatch = Callable[[list[Entry]], Awaitable[None]]
@@ -72,9 +71,13 @@ class FlowGate:
         self._ns = namespace
         self._lease_ms = int(spec.retry.claim_idle * 1000)
         rate = spec.rate_limit
-        self._rate = per_second(rate.rate) if rate else 0.0
-        self._burst = (rate.burst or max(1, math.ceil(self._rate))) if rate else 0
+        self._limiter: RateLimiter | None = None
+        if rate is not None:
+            per_s = per_second(rate.rate)
+            burst = rate.burst or max(1, math.ceil(per_s))
+            self._limiter = RateLimiter(client, per_s, burst, spec.batch, log)
         self._rate_key = compile_template(rate.key) if rate and rate.key else None
+        self._bucket = group_key(namespace, group.name, "rate:")
         self._dedup = spec.dedup
         self._dedup_key = compile_template(spec.dedup.key) if spec.dedup else None
         self._limit = spec.max_in_flight
@@ -89,6 +92,13 @@ class FlowGate:
         return bool(spec.rate_limit or spec.dedup or spec.max_in_flight)
 
     # -- admitting ---------------------------------------------------------------------
+
+    def admit_now(self, entries: list[Entry]) -> bool:
+        """Whether ``entries`` pass at once, without a round trip: only a plain rate limit
+        (one bucket, no dedup, no max_in_flight) whose reserve holds their tokens."""
+        if self._limiter is None or self._rate_key is not None or self._dedup or self._limit:
+            return False
+        return self._limiter.take_reserved({self._bucket: len(entries)})
 
     def spawn(self, entries: list[Entry], dispatch: Dispatch) -> None:
         """Admit ``entries`` in a task of their own: the consumer's loop goes on reading
@@ -163,30 +173,24 @@ class FlowGate:
         return run, later
 
     async def _rate_pass(self, entries: list[Entry], batch: _Batch) -> None:
-        if not self._rate:
+        if self._limiter is None:
             await self._slot_pass(entries, batch)
             return
         rest = entries
-        chunk = max(1, min(self._burst, math.ceil(self._rate * CHUNK)))
         while rest and not self.stopping.is_set():
             by_bucket: dict[str, list[Entry]] = defaultdict(list)
-            for entry in rest:
-                name = self._render(self._rate_key, entry) if self._rate_key else ""
-                by_bucket[group_key(self._ns, self.group.name, f"rate:{name}")].append(entry)
-            buckets = list(by_bucket)
-            answers = await take_tokens(
-                self.client,
-                buckets,
-                self._rate / 1000,
-                self._burst,
-                [(len(by_bucket[b]), chunk) for b in buckets],
-            )
-            passed, rest, wait = [], [], math.inf
-            for bucket, (got, ms) in zip(buckets, answers, strict=True):
-                passed += by_bucket[bucket][:got]
-                rest += by_bucket[bucket][got:]
-                if got < len(by_bucket[bucket]):
-                    wait = min(wait, ms / 1000)
+            if self._rate_key is None:
+                by_bucket[self._bucket] = rest
+            else:
+                for entry in rest:
+                    name = self._render(self._rate_key, entry)
+                    by_bucket[group_key(self._ns, self.group.name, f"rate:{name}")].append(entry)
+            wants = {bucket: len(some) for bucket, some in by_bucket.items()}
+            granted, wait = await self._limiter.take(wants)
+            passed, rest = [], []
+            for bucket, some in by_bucket.items():
+                passed += some[: granted[bucket]]
+                rest += some[granted[bucket] :]
             if passed:
                 await self._slot_pass(passed, batch)
             if rest:
@@ -271,6 +275,8 @@ class FlowGate:
     def close(self) -> None:
         if self._renewing is not None:
             self._renewing.cancel()
+        if self._limiter is not None:
+            self._limiter.close()
 
 
 class _Batch:

@@ -16,10 +16,12 @@ still share one rate. The keys of a group share a hash tag (:func:`group_key`).
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 # KEYS: buckets; ARGV[1] tokens per ms, ARGV[2] burst, then per bucket: wanted, chunk.
-# Returns per bucket {taken, ms until `chunk` (or what is still wanted) are there}.
+# Returns per bucket {taken, ms until `chunk` (or what is still wanted) are there,
+# whole tokens left}.
 TAKE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -38,7 +40,7 @@ for i = 1, #KEYS do
   local need = math.min(want - got, chunk)
   local wait = 0
   if need > 0 then wait = math.ceil((need - tokens) / rate) end
-  out[#out + 1] = {got, wait}
+  out[#out + 1] = {got, wait, math.floor(tokens)}
 end
 return out
 """
@@ -96,6 +98,18 @@ return out
 """
 
 
+_scripts: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def _script(client: Any, source: str) -> Any:
+    """The script registered on ``client`` (EVALSHA, loaded again on NOSCRIPT)."""
+    known = _scripts.setdefault(client, {})
+    script = known.get(source)
+    if script is None:
+        script = known[source] = client.register_script(source)
+    return script
+
+
 def group_key(namespace: str, group: str, what: str) -> str:
     """A flow-control key of ``group``: ``<ns>{fc:<group>}:<what>`` (one slot per group)."""
     tagged = "{" in namespace and "}" in namespace.partition("{")[2]
@@ -104,21 +118,22 @@ def group_key(namespace: str, group: str, what: str) -> str:
 
 async def take_tokens(
     client: Any, buckets: list[str], per_ms: float, burst: int, wants: list[tuple[int, int]]
-) -> list[tuple[int, int]]:
-    """Take tokens from ``buckets``; per bucket ``(taken, ms to wait for more)``."""
+) -> list[tuple[int, int, int]]:
+    """Take tokens from ``buckets``, ``(wanted, chunk)`` each; per bucket ``(taken, ms to
+    wait for a chunk more, whole tokens left)``."""
     args = [repr(per_ms), burst, *(n for pair in wants for n in pair)]
-    rows = await client.eval(TAKE, len(buckets), *buckets, *args)
-    return [(int(got), int(wait)) for got, wait in rows]
+    rows = await _script(client, TAKE)(keys=buckets, args=args)
+    return [(int(got), int(wait), int(left)) for got, wait, left in rows]
 
 
 async def take_slots(client: Any, key: str, limit: int, lease_ms: int, holders: list[str]) -> int:
     """How many of ``holders`` (in order) took one of the ``limit`` slots."""
-    return int(await client.eval(SLOTS, 1, key, limit, lease_ms, *holders))
+    return int(await _script(client, SLOTS)(keys=[key], args=[limit, lease_ms, *holders]))
 
 
 async def renew_slots(client: Any, key: str, lease_ms: int, holders: list[str]) -> None:
     if holders:
-        await client.eval(RENEW, 1, key, lease_ms, *holders)
+        await _script(client, RENEW)(keys=[key], args=[lease_ms, *holders])
 
 
 async def release_slots(client: Any, key: str, holders: list[str]) -> None:
@@ -131,7 +146,8 @@ async def dedup_states(
 ) -> list[int]:
     """Per ``(marker, stream key, entry id)``: :data:`RUN`, :data:`DUPLICATE` or :data:`WAIT`."""
     keys = [k for marker, key, _ in rows for k in (marker, key)]
-    states = await client.eval(DEDUP, len(keys), *keys, group, window_ms, *(r[2] for r in rows))
+    args = [group, window_ms, *(r[2] for r in rows)]
+    states = await _script(client, DEDUP)(keys=keys, args=args)
     return [int(s) for s in states]
 
 

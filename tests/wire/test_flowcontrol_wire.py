@@ -25,9 +25,9 @@ async def test_buckets_give_a_burst_then_say_how_long_to_wait(
     """A full bucket of 5 gives 5 of 8 wanted in one call and names the wait for the next
     chunk of 2 at 10/s (~200ms); another bucket (another key) is untouched by it."""
     a, b = f"{key_prefix}rate:a", f"{key_prefix}rate:b"
-    [(got, wait)] = await take_tokens(redis_client, [a], 10 / 1000, 5, [(8, 2)])
-    assert got == 5 and 150 <= wait <= 210
-    [(got_a, _), (got_b, _)] = await take_tokens(
+    [(got, wait, left)] = await take_tokens(redis_client, [a], 10 / 1000, 5, [(8, 2)])
+    assert got == 5 and 150 <= wait <= 210 and left == 0
+    [(got_a, _, _), (got_b, _, _)] = await take_tokens(
         redis_client, [a, b], 10 / 1000, 5, [(1, 1), (5, 1)]
     )
     assert got_a == 0 and got_b == 5
