@@ -65,6 +65,22 @@ def check_flow_control(
             )
 
 
+def unbound_in_flight(origin: Origin, group: GroupSpec, runners: int) -> Problem | None:
+    """``max_in_flight`` above the sum of the concurrency of ``runners`` consumers: it limits
+    nothing (a warning: more runners may come). Needs the number of runners serving the
+    group, so ``status`` says it, not ``validate``."""
+    limit = group.max_in_flight
+    if limit is None or runners < 1 or limit <= group.concurrency * runners:
+        return None
+    total = group.concurrency * runners
+    return origin.problem(
+        ("max_in_flight",),
+        f"max_in_flight ({limit}) is above the sum of concurrency of the {runners} runner(s) "
+        f"serving the group ({runners} x {group.concurrency} = {total}), so it limits "
+        f"nothing; lower it to {total} or less, or raise concurrency",
+    )
+
+
 def _key(
     origin: Origin, sub: tuple[str, ...], source: str, allowed: list[str], problems: list[Problem]
 ) -> None:
@@ -86,4 +102,10 @@ def _key(
         problems.append(origin.problem(sub, f'template uses unknown name "{name}"{hint}'))
 
 
-__all__ = ["KEY_NAMES", "check_flow_control", "flow_limits", "retry_span"]
+__all__ = [
+    "KEY_NAMES",
+    "check_flow_control",
+    "flow_limits",
+    "retry_span",
+    "unbound_in_flight",
+]

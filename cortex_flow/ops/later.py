@@ -19,7 +19,7 @@ from cortex_flow.flow.loader import Project
 from cortex_flow.flow.models import StreamSpec
 from cortex_flow.flow.topology import namespace
 from cortex_flow.wire.codec import encode
-from cortex_flow.wire.delayed import Delayed, schedule, waiting
+from cortex_flow.wire.delayed import Delayed, schedule
 
 DEFAULT_WINDOW = 600.0  # an idempotency key without a dedup window is remembered 10m
 
@@ -75,14 +75,4 @@ async def publish_once(
     return found.decode() if isinstance(found, bytes) else str(found)
 
 
-async def delayed_rows(client: Any, ns: str, now: float) -> list[dict[str, Any]]:
-    """For status: per stream key, how many delayed messages wait and when the next is due
-    (seconds from ``now``, epoch seconds; negative: overdue, no runner moving them)."""
-    rows = await waiting(client, ns)
-    return [
-        {"key": key, "waiting": n, "next_due_in": round(due / 1000 - now, 3)}
-        for key, (n, due) in sorted(rows.items())
-    ]
-
-
-__all__ = ["delay_of", "delayed_rows", "publish_later", "publish_once", "window_of"]
+__all__ = ["delay_of", "publish_later", "publish_once", "window_of"]

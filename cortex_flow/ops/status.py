@@ -18,7 +18,7 @@ from cortex_flow.flow.durations import humanize
 from cortex_flow.flow.loader import Project
 from cortex_flow.flow.topology import Resolved, no_reader, unread_inboxes
 from cortex_flow.ops.admin import admin_get
-from cortex_flow.ops.later import delayed_rows
+from cortex_flow.ops.flowstatus import delayed_rows, in_flight_warnings
 from cortex_flow.ops.stale import count_lag, stale_from_infos
 from cortex_flow.runtime.duties import DUTIES
 from cortex_flow.runtime.retention import held_key
@@ -321,6 +321,7 @@ def problems(data: dict[str, Any], resolved: Resolved) -> list[str]:
             f"{holds} entries from retention ({stale['pending']:,} pending); "
             f"`cortex-flow prune {stale['name']}` removes it"
         )
+    found += [str(p) for p in in_flight_warnings(data["groups"], resolved)]
     for group in data["groups"]:
         where = f"group {group['name']} on {group['key']}"
         if group["status"] == "missing":
