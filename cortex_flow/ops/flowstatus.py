@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from cortex_flow.errors import Problem
 from cortex_flow.flow.flowcontrol import unbound_in_flight
 from cortex_flow.flow.topology import Resolved
@@ -12,10 +14,14 @@ from cortex_flow.wire.delayed import waiting
 LIVE_IDLE = 60.0  # a consumer idle longer is not counted as a runner serving its group
 
 
-async def delayed_rows(client: Any, ns: str, now: float) -> list[dict[str, Any]]:
+async def delayed_rows(client: Any, ns: str, now: float) -> list[dict[str, Any]] | None:
     """For status: per stream key, how many delayed messages wait and when the next is due
-    (seconds from ``now``, epoch seconds; negative: overdue, no runner moving them)."""
-    rows = await waiting(client, ns)
+    (seconds from ``now``, epoch seconds; negative: overdue, no runner moving them).
+    None when Redis refuses to show them (an ACL without the namespace's keys)."""
+    try:
+        rows = await waiting(client, ns)
+    except RedisError:
+        return None
     return [
         {"key": key, "waiting": n, "next_due_in": round(due / 1000 - now, 3)}
         for key, (n, due) in sorted(rows.items())
