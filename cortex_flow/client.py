@@ -136,7 +136,7 @@ class Client:
         """
         priority, agent = vars.pop("priority", None), vars.pop("agent", None)
         key, spec = target_key(self.project, stream, priority=priority, agent=agent, extra=vars)
-        wait = delay_of(delay, at)
+        wait = delay_of(delay, at, idempotency_key)
         if wait is not None:
             return (await publish_later(self.redis, self.project, key, spec, msg, wait)).id
         if idempotency_key is not None:

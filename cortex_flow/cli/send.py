@@ -66,6 +66,8 @@ def later(args: argparse.Namespace) -> float | None:
     delay, at = getattr(args, "delay", None), getattr(args, "at", None)
     if delay is not None and at is not None:
         raise UsageError("give --delay or --at, not both")
+    if getattr(args, "idempotency_key", None) and (delay is not None or at is not None):
+        raise UsageError("--idempotency-key applies to a message sent now; drop --delay/--at")
     if delay is not None:
         try:
             return parse_duration(delay)

@@ -39,7 +39,8 @@ def in_flight_warnings(groups: list[dict[str, Any]], resolved: Resolved) -> list
     found = []
     for name, consumers in sorted(live.items()):
         group = resolved.groups.get(name)
-        if group is not None:
+        # an agent's inbox group (read by its client, declared under agents:) has no limit
+        if group is not None and group.by_runner and group.spec.max_in_flight is not None:
             origin = resolved.topology.origin("groups", name)
             problem = unbound_in_flight(origin, group.spec, len(consumers))
             if problem is not None:

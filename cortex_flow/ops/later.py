@@ -33,10 +33,16 @@ return id
 """
 
 
-def delay_of(delay: float | None, at: datetime | float | None) -> float | None:
+def delay_of(
+    delay: float | None, at: datetime | float | None, idempotency_key: str | None = None
+) -> float | None:
     """Seconds from now, from ``delay`` (seconds) or ``at`` (a datetime or epoch seconds)."""
     if delay is not None and at is not None:
         raise CortexFlowError("give delay= or at=, not both")
+    if idempotency_key is not None and (delay is not None or at is not None):
+        raise CortexFlowError(
+            "idempotency_key= applies to a message sent now, not to a delayed one; drop one of them"
+        )
     if at is not None:
         when = at.timestamp() if isinstance(at, datetime) else float(at)
         return max(0.0, when - time.time())

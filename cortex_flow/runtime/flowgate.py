@@ -150,18 +150,17 @@ class FlowGate:
         """(to run, to look at again); duplicates are acknowledged here."""
         assert self._dedup is not None and self._dedup_key is not None
         window = int(self._dedup.window * 1000)
+        keys = [self._render(self._dedup_key, e) for e in entries]
+        # a message without a key (the template renders empty) is never a duplicate
+        run = [e for e, k in zip(entries, keys, strict=True) if not k]
+        keyed = [(e, k) for e, k in zip(entries, keys, strict=True) if k]
         rows = [
-            (
-                group_key(self._ns, self.group.name, f"dedup:{self._render(self._dedup_key, e)}"),
-                e.key.key,
-                e.id,
-            )
-            for e in entries
+            (group_key(self._ns, self.group.name, f"dedup:{k}"), e.key.key, e.id) for e, k in keyed
         ]
-        states = await dedup_states(self.client, self.group.name, window, rows)
-        run = [e for e, s in zip(entries, states, strict=True) if s == RUN]
-        dupes = [e for e, s in zip(entries, states, strict=True) if s == DUPLICATE]
-        later = [e for e, s in zip(entries, states, strict=True) if s not in (RUN, DUPLICATE)]
+        states = await dedup_states(self.client, self.group.name, window, rows) if rows else []
+        run += [e for (e, _), s in zip(keyed, states, strict=True) if s == RUN]
+        dupes = [e for (e, _), s in zip(keyed, states, strict=True) if s == DUPLICATE]
+        later = [e for (e, _), s in zip(keyed, states, strict=True) if s not in (RUN, DUPLICATE)]
         if dupes:
             by_key: dict[str, list[str]] = defaultdict(list)
             for entry in dupes:

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from projects import make_project, running, wait_for
 
 from cortex_flow.client import Client
+from cortex_flow.errors import CortexFlowError
 from cortex_flow.flow.loader import load_project
 from cortex_flow.flow.topology import namespace
 from cortex_flow.wire.flowcontrol import group_key
@@ -71,7 +73,8 @@ async def test_a_copy_of_a_message_held_by_a_dead_consumer_waits_then_is_acked_u
 ) -> None:
     """The first copy was seen (marked) by a consumer that died holding it; a second copy
     waits without blocking the runner, which claims the first after claim_idle, handles
-    it once, and then acknowledges the copy unhandled (counted as a duplicate)."""
+    it once, and then acknowledges the copy unhandled (counted as a duplicate). Messages
+    whose key renders empty are all handled."""
     config = make_project(tmp_path, DEDUP_FLOW, url=redis_url, prefix=key_prefix, runner_extra=FAST)
     tasks = f"{key_prefix}tasks"
     await redis_client.xgroup_create(tasks, "work", id="0", mkstream=True)
@@ -81,6 +84,8 @@ async def test_a_copy_of_a_message_held_by_a_dead_consumer_waits_then_is_acked_u
     await redis_client.set(group_key(ns, "work", "dedup:a"), f"{tasks} {first}")
     await redis_client.xadd(tasks, {"k": "a", "copy": "2"})
     await redis_client.xadd(tasks, {"k": "b", "copy": "1"})
+    for _ in range(2):  # no key: never a duplicate
+        await redis_client.xadd(tasks, {"copy": "keyless"})
     async with running(config) as runner:
 
         async def settled() -> bool:
@@ -90,7 +95,12 @@ async def test_a_copy_of_a_message_held_by_a_dead_consumer_waits_then_is_acked_u
         flow = runner.stats.groups["work"].flow
         assert flow is not None and flow.duplicates == 1
     rows = [f for _, f in await redis_client.xrange(f"{key_prefix}done")]
-    assert sorted((f["k"], f["copy"]) for f in rows) == [("a", "1"), ("b", "1")]
+    assert sorted((f.get("k", ""), f["copy"]) for f in rows) == [
+        ("", "keyless"),
+        ("", "keyless"),
+        ("a", "1"),
+        ("b", "1"),
+    ]
 
 
 async def test_an_idempotency_key_publishes_once(
@@ -105,3 +115,5 @@ async def test_an_idempotency_key_publishes_once(
         other = await client.send_task({"k": "b"}, idempotency_key="order-2")
     assert one == again != other
     assert await redis_client.xlen(f"{key_prefix}tasks") == 2
+    with pytest.raises(CortexFlowError, match="not to a delayed one"):
+        await client.send_task({"k": "c"}, idempotency_key="order-3", delay=5)
