@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "steady":
                 got = steady.run(server, args.steady_messages)
             elif name == "flowcontrol":
-                got = flowcontrol.run(server, args.route_messages, args.repeat)
+                seconds = 10.0 if args.quick else 30.0
+                got = flowcontrol.run(server, args.route_messages, args.repeat, seconds)
             elif name == "latency":
                 got = latency.run(server, args.latency_backlog, args.latency_samples, mine)
             else:

@@ -34,7 +34,9 @@ class RateLimiter:
         self.client = client
         self.per_ms = per_s / 1000
         self.burst = burst
-        self.chunk = max(1, min(burst, math.ceil(per_s * CHUNK)))
+        # at most half the burst: a bucket that fills to its burst while every runner
+        # still sleeps drops tokens, and the rate comes out under the limit
+        self.chunk = max(1, min(math.ceil(burst / 2), math.ceil(per_s * CHUNK)))
         self.spare = max(1, min(burst, 10 * batch))
         self.log = log
         self._reserve: dict[str, tuple[int, float]] = {}  # bucket -> (tokens, taken at)
