@@ -321,7 +321,9 @@ class Route(Model):
 class RateLimit(Model):
     """A rate every runner serving the group shares: a token bucket in Redis."""
 
-    rate: Rate = Field(description="How many messages start per unit of time: `60/m`, `20/s`.")
+    rate: Rate = Field(
+        description="How many messages start per unit of time (`/s`, `/m`, `/h`): `60/m`, `20/s`."
+    )
     burst: int | None = Field(
         default=None,
         ge=1,

@@ -99,3 +99,19 @@ def test_rates_spans_and_the_graph_label() -> None:
     assert flow_limits(spec) == (
         "rate 60/m burst 10 per {{ msg.tenant }}, max 5 in flight, dedup {{ msg.id }} for 10m"
     )
+
+
+def test_graph_shows_a_group_s_limits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`graph` puts the rate, the in-flight cap and the dedup key in the group's node."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "flows").mkdir()
+    (tmp_path / "config.yaml").write_text("flows: flows/\n")
+    (tmp_path / "flows" / "main.yaml").write_text(
+        STREAMS
+        + "groups:\n  g:\n    stream: tasks\n    rate_limit: {rate: 20/s}\n"
+        + "    max_in_flight: 2\n    routes: [{drop: true}]\n"
+    )
+    assert cli("graph") == 0
+    assert "x64, rate 20/s, max 2 in flight" in capsys.readouterr().out
