@@ -11,6 +11,10 @@ script call per batch of 100 entries).
 (quick: 10 s),
 from the server's entry IDs of what the route published, against the limit.
 Target: within 10% of it.
+
+**Delayed messages.** 400 messages delayed 0.1 to 2 s with one runner up: how long after
+its due time each reaches its stream (entry ID against due time, both the server's
+clock). Target: none early, p99 within a second.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ from bench.common import (
     run_cortex,
     wait_acked,
 )
+from cortex_flow.flow.topology import namespace
+from cortex_flow.runtime.runner import Runner
+from cortex_flow.wire.delayed import schedule
 
 SOURCE = "bench:fc:in"
 TARGET_KEY = "bench:fc:out"
@@ -152,8 +159,56 @@ def accuracy(server: Server, seconds: float = 10.0) -> Figure:
     )
 
 
+async def _lateness(server: Server, count: int) -> list[int]:
+    """ms from each delayed message's due time to its entry in the stream (server clock)."""
+    client = server.aclient()
+    try:
+        with project(server, FLOW.format(limit="")) as proj:
+            ns = namespace(proj.topology)
+            runner = Runner(proj, admin=False)
+            await runner.start()
+            try:
+                due = {}
+                for n in range(count):
+                    held = await schedule(
+                        client, ns, SOURCE, {"kind": "task", "n": str(n)}, 0.1 + (n % 20) / 10
+                    )
+                    due[str(n)] = held.due_ms
+                deadline = time.monotonic() + 30
+                while await client.xlen(SOURCE) < count and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                rows = await client.xrange(SOURCE)
+            finally:
+                await runner.stop(grace=5)
+    finally:
+        await client.aclose()
+    if len(rows) != count:
+        raise RuntimeError(f"flowcontrol (delayed): {len(rows)} moved of {count}")
+    return sorted(int(i.split("-")[0]) - due[f["n"]] for i, f in rows)
+
+
+def lateness(server: Server, count: int = 400) -> Figure:
+    """How late delayed messages reach their stream: p99 over ``count``, one runner."""
+    server.flush()
+    late = asyncio.run(_lateness(server, count))
+    if late[0] < 0:
+        raise RuntimeError(f"flowcontrol (delayed): a message moved {-late[0]} ms early")
+    p99 = late[min(len(late) - 1, int(len(late) * 0.99))]
+    return Figure(
+        "flowcontrol",
+        "delayed: p99 ms after due",
+        float(p99),
+        "-",
+        None,
+        "<= 1000 ms, none early",
+        p99 <= 1000,
+        note=f"{count} messages delayed 0.1-2 s; earliest {late[0]} ms after due, p50 "
+        f"{late[len(late) // 2]} ms, max {late[-1]} ms",
+    )
+
+
 def run(server: Server, messages: int, repeat: int, seconds: float = 30.0) -> list[Figure]:
-    return [overhead(server, messages, repeat), accuracy(server, seconds)]
+    return [overhead(server, messages, repeat), accuracy(server, seconds), lateness(server)]
 
 
 __all__ = ["run"]
