@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.common import (
     CONFIG,
@@ -161,7 +162,7 @@ def accuracy(server: Server, seconds: float = 10.0) -> Figure:
 
 async def _lateness(server: Server, count: int) -> list[int]:
     """ms from each delayed message's due time to its entry in the stream (server clock)."""
-    client = server.aclient()
+    client: Any = server.aclient()
     try:
         with project(server, FLOW.format(limit="")) as proj:
             ns = namespace(proj.topology)
