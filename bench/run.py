@@ -24,10 +24,20 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import calls, consume, flowcontrol, latency, memory, route, steady  # noqa: E402
+from bench import calls, consume, flowcontrol, idle, latency, memory, route, steady, tracing  # noqa: E402
 from bench.common import Figure, Server  # noqa: E402
 
-BENCHES = ("consume", "route", "calls", "steady", "latency", "memory", "flowcontrol")
+BENCHES = (
+    "consume",
+    "route",
+    "calls",
+    "steady",
+    "latency",
+    "memory",
+    "idle",
+    "tracing",
+    "flowcontrol",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latency-samples", type=int, help="default 400 (quick 200)")
     p.add_argument("--memory-first", type=int, help="default 100,000 (quick 50,000)")
     p.add_argument("--memory-last", type=int, help="default 1,000,000 (quick 300,000)")
+    p.add_argument("--idle-seconds", type=int, help="default 20 (quick 6)")
     p.add_argument(
         "--profile", choices=("consume", "route", "latency"), help="cProfile cortex-flow's runs"
     )
@@ -64,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     default("latency_samples", 400, 200)
     default("memory_first", 100_000, 50_000)
     default("memory_last", 1_000_000, 300_000)
+    default("idle_seconds", 20, 6)
     args.only = [b.strip() for b in args.only.split(",") if b.strip()]
     unknown = set(args.only) - set(BENCHES)
     if unknown:
@@ -150,12 +162,16 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "calls":
                 got = calls.run(server, args.call_messages, args.io_messages, args.repeat)
             elif name == "steady":
-                got = steady.run(server, args.steady_messages)
+                got = steady.run(server, args.steady_messages, args.repeat)
+            elif name == "tracing":
+                got = tracing.run(server, args.route_messages, args.repeat)
             elif name == "flowcontrol":
                 seconds = 10.0 if args.quick else 30.0
                 got = flowcontrol.run(server, args.route_messages, args.repeat, seconds)
             elif name == "latency":
                 got = latency.run(server, args.latency_backlog, args.latency_samples, mine)
+            elif name == "idle":
+                got = idle.run(server, args.idle_seconds)
             else:
                 got = memory.run(server, args.memory_first, args.memory_last)
             figures.extend(got)

@@ -36,7 +36,7 @@ from cortex_flow.ops.inbox import InboxEntry, InboxReader
 from cortex_flow.ops.later import delay_of, publish_later, publish_once, window_of
 from cortex_flow.ops.send import publish, target_key
 from cortex_flow.wire.access import project_url
-from cortex_flow.wire.codec import decode
+from cortex_flow.wire.codec import DecodeError, check_text, decode
 from cortex_flow.wire.connection import redis_from_url, wait_for_redis
 from cortex_flow.wire.heartbeats import beat_fields, encode_beat
 
@@ -78,10 +78,21 @@ class Message:
 
 
 class Client:
-    """Sends, beats and reads for one project; ``agent`` names who is speaking."""
+    """Sends, beats and reads for one project; ``agent`` names who is speaking.
+
+    ``replicas``: each publish waits (WAIT) until that many replicas hold it and raises
+    :class:`~cortex_flow.errors.NotReplicated` otherwise, so no acknowledged publish is
+    lost to a failover (publish again on that error; at least once).
+    """
 
     def __init__(
-        self, project: Project, redis: Any, agent: str | None = None, *, owns: bool = False
+        self,
+        project: Project,
+        redis: Any,
+        agent: str | None = None,
+        *,
+        owns: bool = False,
+        replicas: int = 0,
     ) -> None:
         if agent is not None and agent not in project.topology.agents:
             known = ", ".join(sorted(project.topology.agents)) or "none"
@@ -89,13 +100,17 @@ class Client:
         self.project = project
         self.redis = redis
         self.agent = agent
+        self.replicas = replicas
         self._owns = owns
 
     @classmethod
-    def from_config(cls, path: str | Path = "config.yaml", *, agent: str | None = None) -> Client:
+    def from_config(
+        cls, path: str | Path = "config.yaml", *, agent: str | None = None, replicas: int = 0
+    ) -> Client:
         """Load the project and connect to its Redis (``embedded``: the running server)."""
         project = load_project(Path(path))
-        return cls(project, redis_from_url(project_url(project)), agent, owns=True)
+        url = project_url(project)
+        return cls(project, redis_from_url(url), agent, owns=True, replicas=replicas)
 
     async def __aenter__(self) -> Self:
         await wait_for_redis(self.redis, timeout=5.0, log=log)
@@ -135,14 +150,16 @@ class Client:
         dedup window of the groups reading the stream, else 10m) returns the first ID.
         """
         priority, agent = vars.pop("priority", None), vars.pop("agent", None)
-        key, spec = target_key(self.project, stream, priority=priority, agent=agent, extra=vars)
+        key, spec = target_key(
+            self.project, stream, priority=priority, agent=agent, extra=vars, msg=msg
+        )
         wait = delay_of(delay, at, idempotency_key)
         if wait is not None:
             return (await publish_later(self.redis, self.project, key, spec, msg, wait)).id
         if idempotency_key is not None:
             window = window_of(self.project, stream)
             return await publish_once(self.redis, key, spec, msg, idempotency_key, window)
-        return await publish(self.redis, key, spec, msg)
+        return await publish(self.redis, key, spec, msg, replicas=self.replicas)
 
     async def send_task(
         self,
@@ -255,12 +272,15 @@ class Client:
         name = self._me("read an inbox")
         key, resolved = self._reading(stream, group)
         spec = self.project.topology.streams[stream]
-        dlq = resolved.spec.dead_letter
-        maxlen = self.project.topology.streams[dlq].maxlen if dlq else None
-        reader = InboxReader(self.redis, resolved, key, name, dlq_maxlen=maxlen, log=log)
+        reader = InboxReader(self.redis, resolved, key, name, log=log)
         await reader.start()
         while True:
             for entry in await reader.next(count, block):
+                try:
+                    check_text(entry.fields)
+                except DecodeError as exc:  # never yielded: dead-lettered with its bytes
+                    await reader.give_up(entry, f"cannot decode: {exc}")
+                    continue
                 yield Message(
                     entry.id,
                     entry.fields,

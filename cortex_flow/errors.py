@@ -43,5 +43,10 @@ class ConnectionFailed(CortexFlowError):
     """Redis could not be reached (after retries, where retrying applies)."""
 
 
+class NotReplicated(CortexFlowError):
+    """A publish that was to reach replicas did not within its wait: publish it again
+    (it may then be there twice; a failover may discard the first)."""
+
+
 class UsageError(CortexFlowError):
     """The command line or its arguments are wrong (exit code 2)."""

@@ -179,7 +179,14 @@ class PrivateCluster:
 
     SLOTS = 16384
 
-    def __init__(self, directory: Path, *, masters: int = 3, start_timeout: float = 20.0) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        masters: int = 3,
+        replicas: int = 0,
+        start_timeout: float = 20.0,
+    ) -> None:
         self.nodes = [
             PrivateRedis(
                 directory / f"node{i}",
@@ -193,31 +200,62 @@ class PrivateCluster:
                     "2000",
                 ),
             )
-            for i in range(masters)
+            for i in range(masters * (1 + replicas))
         ]
+        self.masters = masters
         self.start_timeout = start_timeout
 
     @property
     def url(self) -> str:
-        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+        """Every node, so a client still finds the cluster when one of them is down."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def node_id(self, node: PrivateRedis) -> str:
+        with redis.Redis(port=node.port, decode_responses=True) as client:
+            return str(client.execute_command("CLUSTER", "MYID"))
+
+    def roles(self) -> dict[int, str]:
+        """Each live node's port -> ``master`` or ``slave`` (as INFO replication says)."""
+        found = {}
+        for node in self.nodes:
+            if node.process is None:
+                continue
+            with redis.Redis(port=node.port, decode_responses=True) as client:
+                found[node.port] = str(client.info("replication")["role"])
+        return found
 
     def start(self) -> PrivateCluster:
         for node in self.nodes:
             node.directory.mkdir(parents=True, exist_ok=True)
             node.start()
-        clients = [redis.Redis(port=n.port) for n in self.nodes]
+        clients = [redis.Redis(port=n.port, decode_responses=True) for n in self.nodes]
+        masters = clients[: self.masters]
         try:
-            per = self.SLOTS // len(self.nodes)
-            for i, client in enumerate(clients):
-                last = self.SLOTS - 1 if i == len(clients) - 1 else (i + 1) * per - 1
+            per = self.SLOTS // len(masters)
+            for i, client in enumerate(masters):
+                last = self.SLOTS - 1 if i == len(masters) - 1 else (i + 1) * per - 1
                 client.execute_command("CLUSTER", "ADDSLOTS", *range(i * per, last + 1))
             for client in clients[1:]:
                 client.execute_command("CLUSTER", "MEET", "127.0.0.1", self.nodes[0].port)
             deadline = time.monotonic() + self.start_timeout
+            ids = [str(c.execute_command("CLUSTER", "MYID")) for c in masters]
+            # replica j follows master j % masters, once it has heard of that master
+            for j, client in enumerate(clients[self.masters :]):
+                while True:
+                    try:
+                        client.execute_command("CLUSTER", "REPLICATE", ids[j % self.masters])
+                        break
+                    except redis.ResponseError:
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.1)
             while time.monotonic() < deadline:
-                infos = [c.execute_command("CLUSTER", "INFO") for c in clients]
-                texts = [i.decode() if isinstance(i, bytes) else str(i) for i in infos]
-                if all("cluster_state:ok" in t for t in texts):
+                texts = [str(c.execute_command("CLUSTER", "INFO")) for c in clients]
+                synced = all(
+                    c.info("replication").get("master_link_status") == "up"
+                    for c in clients[self.masters :]
+                )
+                if synced and all("cluster_state:ok" in t for t in texts):
                     return self
                 time.sleep(0.1)
             raise RuntimeError("private cluster did not reach cluster_state:ok")

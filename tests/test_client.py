@@ -280,3 +280,43 @@ def test_from_config_needs_a_running_embedded_server(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text("redis: {url: embedded}\n")
     with pytest.raises(ConnectionFailed, match="cortex-flow run"):
         Client.from_config(tmp_path / "config.yaml")
+
+
+async def test_a_publish_that_must_reach_a_replica_says_when_it_did_not(
+    tmp_path: Path,
+) -> None:
+    """``replicas=1``: with no replica the publish (made) raises NotReplicated naming the
+    entry, to publish it again; once a replica follows, the same publish returns its ID."""
+    from projects import wait_for
+    from redis_servers import PrivateRedis
+
+    from cortex_flow.errors import NotReplicated
+    from cortex_flow.flow.loader import load_project
+
+    master = PrivateRedis(tmp_path / "master", args=("--repl-diskless-sync-delay", "0")).start()
+    replica = PrivateRedis(tmp_path / "replica")
+    client = aioredis.Redis(port=master.port, decode_responses=True)
+    try:
+        (tmp_path / "flows").mkdir()
+        (tmp_path / "flows" / "main.yaml").write_text(FLOWS.replace("{P}", "t:"))
+        (tmp_path / "config.yaml").write_text(f'redis: {{url: "{master.url}"}}\n')
+        sender = Client(load_project(tmp_path / "config.yaml"), client, replicas=1)
+        with pytest.raises(NotReplicated, match=r"on t:tasks:high reached 0 of 1 replica"):
+            await sender.send_task({"n": "1"}, priority="high")
+        assert await client.xlen("t:tasks:high") == 1  # made, not yet safe
+        replica.args = ("--replicaof", "127.0.0.1", str(master.port))
+        replica.start()
+
+        follower = aioredis.Redis(port=replica.port, decode_responses=True)
+
+        async def synced() -> bool:
+            return (await follower.info("replication")).get("master_link_status") == "up"
+
+        await wait_for(synced, timeout=15, what="the replica in sync")
+        await follower.aclose()
+        entry = await sender.send_task({"n": "2"}, priority="high")
+        assert (await client.xrange("t:tasks:high"))[-1] == (entry, {"n": "2"})
+    finally:
+        await client.aclose()
+        replica.stop()
+        master.stop()

@@ -95,7 +95,10 @@ def _short(text: str | None, width: int = 60) -> str:
 
 
 def _entry_json(entry: DlqEntry) -> dict[str, Any]:
-    return asdict(entry)
+    shown = asdict(entry)
+    shown["fields"] = entry.shown_fields()  # bytes that are not UTF-8 as \xNN
+    shown["not_utf8"] = entry.not_utf8
+    return shown
 
 
 def _table(entries: list[DlqEntry], keys: list[str], now: float) -> Table:
@@ -106,7 +109,7 @@ def _table(entries: list[DlqEntry], keys: list[str], now: float) -> Table:
     for column in columns:
         table.add_column(column, justify="right" if column in ("Deliveries", "Replays") else "left")
     for e in entries:
-        fields = _short(", ".join(f"{k}={v}" for k, v in e.fields.items()), 50)
+        fields = _short(", ".join(f"{k}={v}" for k, v in e.shown_fields().items()), 50)
         row = [
             e.id,
             humanize(max(0.0, now - id_ms(e.id) / 1000)),
@@ -170,8 +173,14 @@ async def _show(client: RedisClient, args: argparse.Namespace, keys: list[str], 
         for name, value in meta.items():
             table.add_row(name, "?" if value is None else str(value))
         table.add_section()
-        for name, value in e.fields.items():
+        for name, value in e.shown_fields().items():
             table.add_row(name, value)
+        if e.not_utf8:
+            table.add_section()
+            table.add_row(
+                "not UTF-8",
+                f"{', '.join(e.not_utf8)} (bytes shown as \\xNN; replay sends the original bytes)",
+            )
         console.print(table)
     return 0
 

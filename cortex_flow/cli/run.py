@@ -11,6 +11,7 @@ import threading
 import time
 
 from cortex_flow.flow.loader import load_project
+from cortex_flow.ops.dashboard import mount
 from cortex_flow.runtime.callpool import THREAD_PREFIX
 from cortex_flow.runtime.logs import setup_logging
 from cortex_flow.runtime.runner import ForcedStop, Runner, serve
@@ -39,7 +40,7 @@ def command(args: argparse.Namespace) -> int:
     if str(project.base_dir) not in sys.path:
         sys.path.insert(0, str(project.base_dir))
     try:
-        asyncio.run(serve(Runner(project, announce=_announce)))
+        asyncio.run(serve(Runner(project, announce=_announce, ui=mount)))
         code = 0
     except KeyboardInterrupt:
         code = 130

@@ -35,7 +35,7 @@ def command(args: argparse.Namespace) -> int:
     extra = dict(v.split("=", 1) for v in args.var)
     try:
         key, spec = target_key(
-            project, args.stream, priority=args.priority, agent=args.agent, extra=extra
+            project, args.stream, priority=args.priority, agent=args.agent, extra=extra, msg=msg
         )
     except TargetError as exc:
         raise UsageError(_with_flags(exc)) from None

@@ -6,6 +6,7 @@ import argparse
 
 from cortex_flow.errors import Problem, UsageError
 from cortex_flow.flow.callables import check_imports, importable_from
+from cortex_flow.flow.clusterslots import cluster_slot_problems
 from cortex_flow.flow.loader import Project, check_project
 from cortex_flow.flow.report import format_problems
 
@@ -26,8 +27,11 @@ def command(args: argparse.Namespace) -> int:
     checked = check_project(args.config, args.paths or None)
     problems = checked.problems
     origins: list[str] = []
-    if checked.project is not None and args.check_imports:
-        problems = _imports(checked.project, origins)
+    if checked.project is not None:  # slots: a problem for validate, a warning for run
+        project = checked.project
+        problems = cluster_slot_problems(project.topology, project.config.redis.url)
+        if args.check_imports:
+            problems = [*problems, *_imports(project, origins)]
     if args.format == "text" and origins:  # where each target comes from, then problems
         print("call targets:\n" + "\n".join(f"  {line}" for line in origins))
     output = format_problems(problems, args.format, checked.files)

@@ -15,14 +15,10 @@ from cortex_flow.flow.durations import format_duration as dur
 from cortex_flow.flow.flowcontrol import check_flow_control
 from cortex_flow.flow.limits import TemplateLimits, current_limits
 from cortex_flow.flow.modelerrors import did_you_mean
-from cortex_flow.flow.models import (
-    DEFAULT_PRIORITIES,
-    GroupSpec,
-    Route,
-    StreamSpec,
-)
+from cortex_flow.flow.models import DEFAULT_PRIORITIES, GroupSpec, Route, StreamSpec
 from cortex_flow.flow.policies import check_inbox, check_retry
 from cortex_flow.flow.references import Sub, single_key, stream_ref
+from cortex_flow.flow.slots import PARTITION, hash_tag, partition_tag
 from cortex_flow.flow.templates import (
     RUNTIME_NAMES,
     Expression,
@@ -166,6 +162,56 @@ def _check_stream(topo: Topology, name: str, spec: StreamSpec, problems: list[Pr
                 "name a key variable instead (e.g. {{ tenant }}) and bind it with vars",
             )
         )
+    _check_partitions(origin, spec, variables, problems)
+
+
+def _check_partitions(
+    origin: Origin, spec: StreamSpec, variables: frozenset[str], problems: list[Problem]
+) -> None:
+    """``partitions`` needs ``{{ partition }}`` in the key, as its first hash tag."""
+    if spec.partitions is None:
+        if PARTITION in variables:
+            problems.append(
+                origin.problem(
+                    ("key",),
+                    "the key uses {{ partition }} but the stream declares no partitions; "
+                    "add partitions: N (e.g. partitions: 6)",
+                )
+            )
+        if spec.partition_key is not None:
+            problems.append(
+                origin.problem(
+                    ("partition_key",),
+                    "partition_key picks a partition, but the stream declares no "
+                    "partitions; add partitions: N, or remove partition_key",
+                )
+            )
+        return
+    if PARTITION not in variables:
+        head = spec.key.split("{{", 1)[0].rstrip(":") or "stream"
+        problems.append(
+            origin.problem(
+                ("key",),
+                f'a stream with partitions needs {{{{ partition }}}} in its key "{spec.key}" '
+                "(it becomes the hash tag {p0}, {p1}, ...); e.g. "
+                f'"{head}:{{{{ partition }}}}'
+                + (':{{ priority }}"' if "priority" in variables else '"'),
+            )
+        )
+    else:
+        values = {v: "x" for v in variables} | {PARTITION: partition_tag(0)}
+        rendered = key_template(spec.key).render_values(values)
+        if hash_tag(rendered) != "p0":
+            problems.append(
+                origin.problem(
+                    ("key",),
+                    f'the key "{spec.key}" has another {{...}} before {{{{ partition }}}}, so '
+                    "that one is the hash tag and every partition lands in the same cluster "
+                    "slot; remove the other braces",
+                )
+            )
+    if spec.partition_key is not None:
+        _template(origin, ("partition_key",), spec.partition_key, {"msg"}, problems)
 
 
 def _check_group(
@@ -189,13 +235,24 @@ def _check_group(
     if spec is None:
         return
     variables = key_variables(spec)
-    check_flow_control(origin, group, set(group.vars) | variables, problems)
+    check_flow_control(
+        origin, group, set(group.vars) | variables, problems, partitioned=bool(spec.partitions)
+    )
     for var in sorted(set(group.vars) - variables):
         problems.append(
             origin.problem(
                 ("vars", var),
                 f'"{var}" is not a variable of the key of stream "{group.stream}" '
                 f'("{spec.key}"); remove it from vars',
+                at_key=True,
+            )
+        )
+    if PARTITION in group.vars:
+        problems.append(
+            origin.problem(
+                ("vars", PARTITION),
+                "a group reads every partition of its stream (the partition is picked per "
+                "message); remove partition from vars",
                 at_key=True,
             )
         )
@@ -294,6 +351,17 @@ def _check_route(
         return
     source_vars = key_variables(source)
     inherited = {v for v in EXPANDABLE if v in source_vars or v in group.vars}
+    inherited.add(PARTITION)  # picked per message (partition_key, or in turn)
+    if PARTITION in route.vars and PARTITION in key_variables(target):
+        problems.append(
+            origin.problem(
+                (*sub, "vars", PARTITION),
+                "the partition is picked per message by the target stream's partition_key "
+                "(or in turn); remove partition from vars and set partition_key on the "
+                f'stream "{route.to}"',
+                at_key=True,
+            )
+        )
     _check_publish_vars(origin, sub, target, route.to, set(route.vars), inherited, problems)
     if target.priorities and "priority" in inherited and "priority" not in route.vars:
         missing = [p for p in source.priorities or [] if p not in target.priorities]

@@ -237,7 +237,11 @@ class AdminSettings(Model):
 
 class LogSettings(Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["text", "json"] = "text"
+    format: Literal["text", "json"] = Field(
+        default="text",
+        description="`json`: one JSON object per line (`ts`, `level`, `logger`, `msg`), "
+        "with `message_id`, `group`, `stream` and `trace_id` where the line is about one.",
+    )
 
 
 class TemplateSettings(Model):

@@ -44,10 +44,27 @@ def flow_limits(group: GroupSpec) -> str:
 
 
 def check_flow_control(
-    origin: Origin, group: GroupSpec, names: Iterable[str], problems: list[Problem]
+    origin: Origin,
+    group: GroupSpec,
+    names: Iterable[str],
+    problems: list[Problem],
+    *,
+    partitioned: bool = False,
 ) -> None:
-    """Key templates use known names; a dedup window outlasts the retries of the first copy."""
+    """Key templates use known names; a dedup window outlasts the retries of the first copy;
+    no flow control on a partitioned stream (not supported there yet)."""
     allowed = sorted(KEY_NAMES | set(names))
+    if partitioned:
+        for field in ("rate_limit", "max_in_flight", "dedup"):
+            if getattr(group, field) is not None:
+                problems.append(
+                    origin.problem(
+                        (field,),
+                        f"{field} does not apply to a group on a partitioned stream yet; "
+                        "remove it, or read a stream without partitions",
+                        at_key=True,
+                    )
+                )
     if group.rate_limit is not None and group.rate_limit.key is not None:
         _key(origin, ("rate_limit", "key"), group.rate_limit.key, allowed, problems)
     if group.dedup is not None:

@@ -89,6 +89,23 @@ class StreamSpec(Model):
         description="raw: `msg` is the entry's fields; json: the entry holds one field `data` "
         "with a JSON object, and `msg` is that object.",
     )
+    partitions: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="Spread the stream over this many keys, one hash tag each (the key's "
+        "`{{ partition }}` renders as `{p0}` ... `{pN-1}`), so on a Redis Cluster one "
+        "stream's work spreads over the masters while each partition keeps its priority "
+        "levels in one slot. A group reads every partition; the runners split them, "
+        "each partition read by one runner at a time.",
+    )
+    partition_key: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Template over the published message (`{{ msg.conversation }}`) that "
+        "picks its partition: the same value, the same partition, so one conversation "
+        "stays in order. Without it, producers take the partitions in turn.",
+    )
     description: str | None = None
 
     @model_validator(mode="after")
@@ -361,6 +378,17 @@ class GroupSpec(Model):
         ),
     )
     batch: int = Field(default=100, ge=1, le=10_000, description="XREADGROUP COUNT.")
+    max_stuck_calls: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000,
+        description=(
+            "Sync calls of this group that may run on past their timeout (each holds a "
+            "thread: Python cannot stop it) before the group starts no new message until "
+            "one returns; stuck calls never take threads other groups need. Default: the "
+            "group's concurrency."
+        ),
+    )
     priority: Literal["strict", "weighted"] = "strict"
     weights: dict[Name, Annotated[int, Field(ge=1)]] | None = Field(
         default=None,

@@ -15,9 +15,10 @@ from typing import Any
 
 from cortex_flow.flow.declared import Topology
 from cortex_flow.flow.models import AgentInbox, AgentSpec, GroupSpec, StreamSpec
+from cortex_flow.flow.slots import partition_tag
 from cortex_flow.flow.templates import Template
 
-EXPANDABLE = ("priority", "agent")
+EXPANDABLE = ("priority", "agent", "partition")
 
 
 @lru_cache(maxsize=4096)
@@ -44,6 +45,7 @@ class StreamKey:
     key: str
     priority: str | None = None
     agent: str | None = None
+    partition: int | None = None  # its index, for a stream with ``partitions``
 
 
 @dataclass(frozen=True)
@@ -132,11 +134,23 @@ def expand(
         axes.append([("priority", p) for p in spec.priorities or []])
     if "agent" in free:
         axes.append([("agent", a) for a in agents])
+    if "partition" in free:
+        # outermost: a group's keys come partition by partition, priorities in order
+        axes.insert(0, [("partition", str(i)) for i in range(spec.partitions or 1)])
     keys = []
     for combo in itertools.product(*axes):
         values = {**bound, **dict(combo)}
+        index = values.get("partition")
+        if index is not None:
+            values["partition"] = partition_tag(int(index))
         keys.append(
-            StreamKey(name, render_key(spec, values), values.get("priority"), values.get("agent"))
+            StreamKey(
+                name,
+                render_key(spec, values),
+                values.get("priority"),
+                values.get("agent"),
+                None if index is None else int(index),
+            )
         )
     return tuple(keys), False
 
@@ -178,6 +192,14 @@ def namespace(topology: Topology) -> str:
             common = common[:-1]
     cut = common.rfind(":")
     return common[: cut + 1] if cut >= 0 else "cortex-flow:"
+
+
+def partitions_of(keys: tuple[StreamKey, ...]) -> list[tuple[StreamKey, ...]]:
+    """``keys`` split by partition (one part holding them all when not partitioned)."""
+    parts: dict[int | None, list[StreamKey]] = {}
+    for key in keys:
+        parts.setdefault(key.partition, []).append(key)
+    return [tuple(p) for p in parts.values()]
 
 
 def resolve(topology: Topology, runner: str) -> Resolved:

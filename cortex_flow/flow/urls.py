@@ -90,3 +90,12 @@ def describe_url(url: str) -> str:
         netloc = userinfo.partition(":")[0] + ":***@" + hosts
     tail = _QUERY_PASSWORD.sub(r"\1***", tail)
     return f"{scheme}://{netloc}{tail}"
+
+
+def targets_cluster(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster (``redis+cluster://``, ``?cluster=true``)."""
+    parts = urlsplit(url)
+    if parts.scheme.endswith("+cluster"):
+        return True
+    query = dict(q.split("=", 1) for q in parts.query.split("&") if "=" in q)
+    return query.get("cluster", "").lower() in ("1", "true", "yes", "on")

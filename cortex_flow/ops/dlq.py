@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cortex_flow.wire.codec import is_utf8, printable
 from cortex_flow.wire.connection import RedisClient, is_cluster, same_slot
 from cortex_flow.wire.entryids import id_key, id_ms
 
@@ -67,6 +68,15 @@ class DlqEntry:
             replays=number("dlq_replays") or 0,
             fields={k: v for k, v in raw.items() if not k.startswith("dlq_")},
         )
+
+    def shown_fields(self) -> dict[str, str]:
+        """The original fields for people: bytes that are not UTF-8 as ``\\xNN``."""
+        return {printable(k): printable(v) for k, v in self.fields.items()}
+
+    @property
+    def not_utf8(self) -> list[str]:
+        """The fields (as shown) whose name or value is not UTF-8; replay keeps their bytes."""
+        return [printable(k) for k, v in self.fields.items() if not is_utf8(k) or not is_utf8(v)]
 
     def replayed_fields(self) -> dict[str, str]:
         """What a replay publishes: the original fields and the replay count so far."""

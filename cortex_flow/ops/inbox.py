@@ -50,7 +50,6 @@ class InboxReader:
         key: str,
         consumer: str,
         *,
-        dlq_maxlen: int | None = None,
         log: logging.Logger | None = None,
     ) -> None:
         self.client = client
@@ -58,7 +57,6 @@ class InboxReader:
         self.key = key
         self.consumer = consumer
         self.retry = group.spec.retry
-        self.dlq_maxlen = dlq_maxlen
         self.log = log or logging.getLogger("cortex_flow.client")
         self._cursor = "0"  # own pending entries first, then ">"
         self._due: dict[str, float] = {}  # failed entry -> when (monotonic) its retry is due
@@ -201,16 +199,11 @@ class InboxReader:
             )
             return
         fields = dead_letter_fields(
-            entry.fields,
-            key=self.key,
-            entry_id=entry.id,
-            group=self.group.name,
-            deliveries=entry.deliveries,
-            error=error,
+            entry.fields, self.key, entry.id, self.group.name, entry.deliveries, error
         )
         together = not is_cluster(self.client) or same_slot(self.key, dlq)
         pipe = self.client.pipeline(transaction=together)
-        pipe.xadd(dlq, fields, maxlen=self.dlq_maxlen, approximate=True)
+        pipe.xadd(dlq, fields)  # never trimmed here: retention trims (runtime/retention.py)
         if together:
             pipe.xack(self.key, self.group.name, entry.id)
         await pipe.execute()

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
-from cortex_flow.errors import CortexFlowError
+from cortex_flow.errors import CortexFlowError, NotReplicated
 from cortex_flow.flow.loader import Project
 from cortex_flow.flow.modelerrors import did_you_mean
 from cortex_flow.flow.models import StreamSpec
+from cortex_flow.flow.slots import PARTITION, PartitionPicker
 from cortex_flow.flow.topology import key_variables, render_key
+from cortex_flow.runtime import tracing
 from cortex_flow.wire.codec import encode
 
 
@@ -31,8 +34,13 @@ def target_key(
     priority: str | None = None,
     agent: str | None = None,
     extra: Mapping[str, str] | None = None,
+    msg: Mapping[str, Any] | None = None,
 ) -> tuple[str, StreamSpec]:
-    """The Redis key a message for ``stream`` goes to; :class:`TargetError` if none."""
+    """The Redis key a message for ``stream`` goes to; :class:`TargetError` if none.
+
+    A partitioned stream's partition is picked from ``msg`` (its ``partition_key``), or
+    in turn; without ``msg`` there is no one key to name.
+    """
     topo = project.topology
     spec = topo.streams.get(stream)
     if spec is None:
@@ -71,6 +79,8 @@ def target_key(
                 choices=sorted(topo.agents),
             )
         values["agent"] = agent
+    if PARTITION in needed and PARTITION not in values:
+        values[PARTITION] = _partition(stream, spec, msg)
     missing = sorted(needed - set(values))
     if missing:
         raise TargetError(
@@ -81,7 +91,59 @@ def target_key(
     return render_key(spec, values), spec
 
 
-async def publish(client: Any, key: str, spec: StreamSpec, msg: Mapping[str, Any]) -> str:
-    """XADD ``msg`` encoded with the stream's codec (never trimmed here: retention does)."""
-    entry_id: str = await client.xadd(key, encode(spec.codec, msg))
-    return entry_id
+def _partition(stream: str, spec: StreamSpec, msg: Mapping[str, Any] | None) -> str:
+    """``{{ partition }}`` for ``msg``: its partition's hash tag."""
+    if msg is None:
+        raise TargetError(
+            f'stream "{stream}" is spread over {spec.partitions} partitions; a message picks '
+            "its partition, so name a message (or read the stream through a group)",
+            about="partition",
+        )
+    try:
+        return picker(spec.partitions or 1, spec.partition_key).tag(msg)
+    except Exception as exc:  # a field the partition_key needs is missing, ...
+        raise TargetError(
+            f'stream "{stream}": partition_key "{spec.partition_key}" cannot be rendered for '
+            f"this message ({exc}); give the message that field",
+            about="partition",
+        ) from None
+
+
+@lru_cache(maxsize=256)
+def picker(partitions: int, partition_key: str | None) -> PartitionPicker:
+    """One picker per partitioning (its round-robin turn is shared by every producer here)."""
+    return PartitionPicker(partitions, partition_key)
+
+
+async def publish(
+    client: Any,
+    key: str,
+    spec: StreamSpec,
+    msg: Mapping[str, Any],
+    *,
+    replicas: int = 0,
+    wait_ms: int = 1000,
+) -> str:
+    """XADD ``msg`` encoded with the stream's codec (never trimmed here: retention does).
+
+    ``replicas``: then WAIT until that many replicas have it, at most ``wait_ms``, or
+    raise :class:`NotReplicated`: a failover (Sentinel's is not coordinated) discards a
+    write the old master acknowledged and had not passed on, so a producer that must
+    not lose a message publishes it again (at least once).
+    """
+    fields = encode(spec.codec, msg)
+    if tracing.setup():  # the OTEL_* variables ask for traces: say where this one starts
+        tracing.inject(fields, key)
+    if not replicas:
+        entry_id: str = await client.xadd(key, fields)
+        return entry_id
+    pipe = client.pipeline(transaction=False)  # one connection: WAIT covers the XADD
+    pipe.xadd(key, fields)
+    pipe.execute_command("WAIT", replicas, wait_ms)
+    entry_id, acked = await pipe.execute()
+    if int(acked) < replicas:
+        raise NotReplicated(
+            f"{entry_id} on {key} reached {acked} of {replicas} replica(s) within {wait_ms} ms "
+            "(a failover under way?); publish it again"
+        )
+    return str(entry_id)

@@ -23,10 +23,10 @@ from cortex_flow.ops.stale import count_lag, stale_from_infos
 from cortex_flow.runtime.duties import DUTIES
 from cortex_flow.runtime.retention import held_key
 from cortex_flow.wire.connection import RedisClient, describe_client, describe_error, is_cluster
-from cortex_flow.wire.entryids import id_key, id_ms
+from cortex_flow.wire.entryids import id_ms
 from cortex_flow.wire.heartbeats import PAGE as HEARTBEAT_PAGE
 from cortex_flow.wire.heartbeats import latest_beats
-from cortex_flow.wire.lag import STATUS_CAP, count_unread
+from cortex_flow.wire.lag import STATUS_CAP, group_lags
 from cortex_flow.wire.redis_errors import explain, redis_user
 
 __all__ = ["collect", "probe_admin", "snapshot"]
@@ -192,15 +192,10 @@ async def _groups(
             consumers, oldest = details[(group.name, sk.key)]
             first = (oldest or [None])[0]
             last_delivered = info["last-delivered-id"]
-            lag = info.get("lag")
-            if lag is None and (
-                stream["last_id"] is None or id_key(last_delivered) >= id_key(stream["last_id"])
-            ):
-                lag = 0  # Redis 6.2 reports no lag; a group at the stream's end has none
             row |= {
                 "status": "ok",
                 "pending": info["pending"],
-                "lag": lag,
+                "lag": info.get("lag"),  # checked against the entry IDs below
                 "last_delivered_id": last_delivered,
                 "oldest_pending_age": age(first["message_id"]) if first else None,
                 "oldest_pending_idle": first["time_since_delivered"] / 1000 if first else None,
@@ -213,15 +208,13 @@ async def _groups(
                 ],
             }
             out.append(row)
-    behind = [
-        (r["key"], r["last_delivered_id"])
-        for r in out
-        if r.get("status") == "ok" and r["lag"] is None
-    ]
-    counted = await count_unread(client, behind, STATUS_CAP)  # Redis 6.2 reports no lag
-    for row in out:
-        if row.get("status") == "ok" and row["lag"] is None:
-            row["lag"] = counted.get((row["key"], row["last_delivered_id"]))
+    ok = [r for r in out if r.get("status") == "ok"]
+    newest = {key: s.get("last_id") for key, s in streams.items() if s.get("status") == "ok"}
+    lags = await group_lags(
+        client, [(r["key"], r["last_delivered_id"], r["lag"]) for r in ok], newest, STATUS_CAP
+    )
+    for row in ok:
+        row["lag"] = lags[(row["key"], row["last_delivered_id"])]
     return out, infos
 
 
@@ -369,6 +362,7 @@ async def probe_admin(admin: AdminSettings) -> dict[str, Any]:
         "reload": reload,
         "problems": [str(p) for p in detail.get("problems") or []],
         "flow": detail.get("flow") or {},
+        "stuck_calls": detail.get("stuck_calls") or {},
     }
 
 
@@ -386,4 +380,11 @@ async def snapshot(client: RedisClient, project: Project, resolved: Resolved) ->
         )
     # what Redis refuses the runner (ACL, credentials, TLS, DNS), as the runner sees it
     data["problems"].extend(f"runner {resolved.runner}: {p}" for p in admin.get("problems", []))
+    for group, stuck in sorted(admin.get("stuck_calls", {}).items()):
+        held = stuck.get("held_back")
+        data["problems"].append(
+            f"group {group}: {stuck.get('stuck')} sync call(s) stuck past their timeout "
+            f"(max_stuck_calls {stuck.get('max_stuck_calls')})"
+            + ("; it starts no new message until one returns" if held else "")
+        )
     return data

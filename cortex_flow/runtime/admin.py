@@ -39,6 +39,7 @@ ENDPOINTS = {
     "GET /metrics": "Prometheus metrics",
     "GET /topology": "the flows and settings this runner runs now (secrets redacted)",
     "POST /reload": "reload config and flows; 200 applied or unchanged, 409 rejected, 500 failed",
+    "GET /ui": "the dashboard (a web page)",
 }
 
 
@@ -71,7 +72,8 @@ class AdminServer:
     returns what ``GET /topology`` serves (:func:`cortex_flow.flow.exposed.topology_doc`),
     ``None`` while nothing runs yet. ``port`` 0 picks a free port (see :attr:`bound_port`).
     ``hosts`` (the ``Host:`` names answered; default loopback and ``host``) and ``token``
-    are called per request, so a reload can change them.
+    are called per request, so a reload can change them. ``extend`` adds routes to the
+    application (the dashboard).
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class AdminServer:
         topology: Callable[[], dict[str, Any] | None] | None = None,
         hosts: Callable[[], Collection[str]] | None = None,
         token: Callable[[], str | None] | None = None,
+        extend: Callable[[web.Application], None] | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -103,6 +106,7 @@ class AdminServer:
         default_hosts = frozenset((*LOOPBACK_NAMES, host.lower()))
         self._hosts = hosts or (lambda: default_hosts)
         self._token = token or (lambda: None)
+        self._extend = extend
         self.registry, self.collector = build_registry(stats)
         self._runner: web.AppRunner | None = None
         self._bound_port: int | None = None
@@ -130,6 +134,8 @@ class AdminServer:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/topology", self._topology_handler)
         app.router.add_post("/reload", self._reload_handler)
+        if self._extend is not None:
+            self._extend(app)  # e.g. the dashboard (cortex_flow.ops.dashboard) at /ui
         return app
 
     async def start(self) -> None:
@@ -189,7 +195,11 @@ class AdminServer:
     # --- handlers ------------------------------------------------------------------------
 
     async def _index(self, request: web.Request) -> web.Response:
-        offered = {"POST /reload": self._reload, "GET /topology": self._topology}
+        offered = {
+            "POST /reload": self._reload,
+            "GET /topology": self._topology,
+            "GET /ui": self._extend,
+        }
         endpoints = {k: v for k, v in ENDPOINTS.items() if offered.get(k, True)}
         return _json({"runner": self.stats.runner, "endpoints": endpoints})
 

@@ -12,12 +12,16 @@ checks without asking for them:
   ``curl -X POST`` sends none of these;
 - when a token is configured, every endpoint but the read-only ones in :data:`OPEN` takes
   ``Authorization: Bearer <token>``, compared in constant time. The token is never logged.
+  A browser, which cannot send that header, signs in once at ``/ui/login`` and then carries
+  the session cookie :data:`SESSION_COOKIE` (a keyed hash of the token, ``HttpOnly``,
+  ``SameSite=Strict``), accepted in its place.
 
 Refusals answer 403 (host, origin) or 401 (token) with a JSON body saying what to change.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 from collections.abc import Callable, Collection
@@ -26,10 +30,14 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-__all__ = ["OPEN", "guard"]
+__all__ = ["OPEN", "SESSION_COOKIE", "guard", "session_value"]
 
-# read-only endpoints that answer without the token: probes and scrapers rarely carry one
-OPEN = frozenset(("/", "/healthz", "/readyz", "/metrics"))
+# read-only endpoints that answer without the token: probes and scrapers rarely carry one;
+# the dashboard's sign-in page and its static files (no data in either)
+OPEN = frozenset(("/", "/healthz", "/readyz", "/metrics", "/ui/login"))
+OPEN_PREFIX = "/ui/static/"
+SESSION_COOKIE = "cortex_flow_session"
+
 SAFE_METHODS = frozenset(("GET", "HEAD", "OPTIONS"))
 # what a cross-site <form> or a no-preflight fetch() can send (CORS "simple" content types)
 FORM_TYPES = frozenset(("application/x-www-form-urlencoded", "multipart/form-data", "text/plain"))
@@ -41,6 +49,21 @@ def _refuse(status: int, error: str, fix: str, request: web.Request) -> web.Resp
     return web.json_response(
         {"error": error, "fix": fix, "path": request.path}, status=status, headers=headers
     )
+
+
+def session_value(token: str) -> str:
+    """The dashboard's session cookie for ``token``: changing the token ends every session."""
+    return hmac.new(token.encode(), b"cortex-flow dashboard session", hashlib.sha256).hexdigest()
+
+
+def _token_ok(request: web.Request, expected: str) -> bool:
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode(), expected.encode()
+    ):
+        return True
+    cookie = request.cookies.get(SESSION_COOKIE)
+    return cookie is not None and hmac.compare_digest(cookie, session_value(expected))
 
 
 def _host_name(host: str) -> str:
@@ -94,12 +117,12 @@ def guard(
                     request,
                 )
         expected = token()
-        if expected is not None and request.path not in OPEN:
+        public = request.path in OPEN or request.path.startswith(OPEN_PREFIX)
+        if expected is not None and not public:
             sent = request.headers.get("Authorization", "")
-            scheme, _, given = sent.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.strip().encode(), expected.encode()
-            ):
+            if not _token_ok(request, expected):
+                if request.method == "GET" and request.path == "/ui":
+                    raise web.HTTPSeeOther("/ui/login")  # a person at a browser: sign in
                 log.warning(
                     "admin endpoint: refused %s %s from %s: %s",
                     request.method,

@@ -12,7 +12,10 @@ that block (a model or API call over a sync client) each get their own.
 A call's timeout runs from the moment it is queued, so a call that waits for a thread
 spends its timeout waiting. The pool therefore has room for a thread for every handler
 that may be in a sync call at once: the ``concurrency`` of each group with a sync,
-non-inline ``call`` route, summed (at least ``MIN_THREADS``). Threads start only when
+non-inline ``call`` route, summed (at least ``MIN_THREADS``). A call stuck past its
+timeout (:meth:`CallPool.stuck`) holds its thread until it returns, but that thread no
+longer counts against the size: each group bounds its own stuck calls, and no group's
+stuck calls take the threads of the others. Threads start only when
 needed and end after ``IDLE_EXIT`` seconds without work; a reload may raise the size.
 """
 
@@ -37,7 +40,7 @@ IDLE_EXIT = 30.0  # a thread without work for this long ends
 
 SMOOTHING = 0.1  # of the moving average of how long a call takes
 
-_QUEUED, _RUNNING, _CANCELLED = 0, 1, 2
+_QUEUED, _RUNNING, _CANCELLED, _STUCK, _RETURNED = 0, 1, 2, 3, 4
 
 
 class _Table(Protocol):
@@ -92,6 +95,11 @@ class Call:
         self.finished = False  # its thread returned and the loop was told (loop side)
         self.after: asyncio.Future[None] | None = None  # for returning(), made on demand
 
+    @property
+    def returned(self) -> bool:
+        """Its thread returned (it may not have been handed back to the loop yet)."""
+        return self.state == _RETURNED
+
     async def returning(self) -> Any:
         """Wait until its thread returns (the waiter may have been given up); its result."""
         if not self.finished:
@@ -123,6 +131,9 @@ class CallPool:
         self._finished: list[Call] = []  # returned, not yet delivered to the loop
         self._oldest = 0.0  # when the first of them returned
         self._delivering = False  # a delivery to the loop is scheduled
+        # running past their timeout (:meth:`stuck`): their threads do not count against
+        # ``threads``, so stuck calls never take the threads other groups' calls need
+        self._stuck = 0
 
     def grow(self, threads: int) -> bool:
         """Allow at least ``threads`` threads from now on; True if that raised the size."""
@@ -151,6 +162,14 @@ class CallPool:
             self._flushing = True
             loop.call_soon(self._flush, loop)
         return call
+
+    def stuck(self, call: Call) -> None:
+        """``call`` runs past its timeout: from now until it returns, its thread is not
+        counted against the pool's size (its caller bounds how many it lets stick)."""
+        with self._lock:
+            if call.state == _RUNNING:
+                call.state = _STUCK
+                self._stuck += 1
 
     def cancel(self, call: Call) -> bool:
         """Take back a call no thread has started; False if it runs or ran."""
@@ -222,7 +241,7 @@ class CallPool:
         woken = min(wanted, self._idle)
         if woken:
             self._work.notify(woken)
-        for _ in range(min(wanted - woken, self.threads - self._started)):
+        for _ in range(min(wanted - woken, self.threads + self._stuck - self._started)):
             self._started += 1
             thread = threading.Thread(
                 target=self._drain, name=f"{THREAD_PREFIX}-{self._started}", daemon=True
@@ -257,9 +276,12 @@ class CallPool:
         while True:
             with lock:
                 if call is not None:  # the one that just returned
+                    if call.state == _STUCK:
+                        self._stuck -= 1
                     now = time.monotonic()
                     self._took += (now - began - self._took) * SMOOTHING
                     self._returns += 1
+                    call.state = _RETURNED
                     if not finished:
                         self._oldest = now
                     finished.append(call)

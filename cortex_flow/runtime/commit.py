@@ -34,7 +34,7 @@ from cortex_flow.runtime.delivery import (
 from cortex_flow.runtime.routes import Publish
 from cortex_flow.runtime.stats import KeyStats
 from cortex_flow.wire.connection import same_slot
-from cortex_flow.wire.deadletters import dead_letter_fields
+from cortex_flow.wire.deadletters import FAILURES_TTL, dead_letter_fields, failures_key
 from cortex_flow.wire.faults import passing_reason
 
 # ARGV[1] is the group, ARGV[2] the batch as one flat JSON array (one argument:
@@ -128,12 +128,7 @@ class Committer:
         """The dead-letter entry for ``outcome``: its fields plus the ``dlq_*`` metadata."""
         entry = outcome.entry
         fields = dead_letter_fields(
-            entry.fields,
-            key=entry.key.key,
-            entry_id=entry.id,
-            group=self.name,
-            deliveries=entry.deliveries,
-            error=outcome.error,
+            entry.fields, entry.key.key, entry.id, self.name, entry.deliveries, outcome.error
         )
         assert self.dead_letter_key is not None
         return Publish(self.dead_letter_key, fields)
@@ -151,13 +146,39 @@ class Committer:
         # flusher and the consumer's claims may commit at the same time
         deferred: list[tuple[Outcome, str]] = []
         await self._commit(outcomes, deferred)
+        counted: list[Outcome] = []  # failed, or done after more than one delivery
         for outcome in outcomes:
             if outcome.kind == RETRY:
                 self._retrying(outcome)
+                counted.append(outcome)
+            elif outcome.entry.deliveries > 1:
+                counted.append(outcome)
+        if counted:
+            await self._count_failures(counted, {id(o) for o, _ in deferred})
         if deferred:
             error = deferred[0][1]
             refused = [o for o, _ in deferred]
             raise CommitDeferred(refused, passing_reason(error) or "refused", error)
+
+    async def _count_failures(self, outcomes: list[Outcome], deferred: set[int]) -> None:
+        """Count failed deliveries per entry (:func:`failures_key`), forgotten once the
+        entry is done: a dead letter after crashes then says how many runners died
+        holding it. Only retried entries come here; a Redis error only costs the count."""
+        pipe = self.client.pipeline(transaction=False)
+        for outcome in outcomes:
+            if id(outcome) in deferred:
+                continue
+            entry = outcome.entry
+            key, field = failures_key(entry.key.key), f"{self.name}:{entry.id}"
+            if outcome.kind == RETRY:
+                pipe.hincrby(key, field, 1)
+                pipe.expire(key, FAILURES_TTL)
+            else:
+                pipe.hdel(key, field)
+        try:
+            await pipe.execute()
+        except Exception as exc:  # bookkeeping: never a reason to redo the commit
+            self.log.debug("group %s: failure counts not updated: %s", self.name, exc)
 
     def _retrying(self, outcome: Outcome) -> None:
         entry = outcome.entry

@@ -35,7 +35,17 @@ from cortex_flow.flow.models import StreamSpec
 from cortex_flow.flow.topology import ResolvedGroup
 from cortex_flow.runtime.callpool import default_pool
 from cortex_flow.runtime.commit import Committer
-from cortex_flow.runtime.delivery import ACK, DEAD, RETRY, TRANSIENT, Entry, Outcome
+from cortex_flow.runtime.delivery import (
+    ACK,
+    DEAD,
+    RETRY,
+    TRANSIENT,
+    Acks,
+    Entry,
+    Held,
+    Outcome,
+    plain_acks,
+)
 from cortex_flow.runtime.faultlog import FaultLog
 from cortex_flow.runtime.flowgate import FlowGate
 from cortex_flow.runtime.handling import EntryHandler
@@ -47,10 +57,15 @@ from cortex_flow.runtime.retries import RetryTimer
 from cortex_flow.runtime.routes import RouteTable
 from cortex_flow.runtime.stats import GroupStats, KeyStats
 from cortex_flow.runtime.threaded import ThreadedDriver
+from cortex_flow.runtime.tracing import traced
 from cortex_flow.wire.connection import Backoff, describe_client
-from cortex_flow.wire.faults import passing_reason
+from cortex_flow.wire.faults import CLUSTER_ERRORS, passing_reason
 from cortex_flow.wire.groups import ensure_group
 from cortex_flow.wire.redis_errors import explain, redis_user
+
+# How long an idle consumer's read waits for new entries at most (ms): one command per
+# wait. It ends in time for the next claim of idle entries; below the socket timeout.
+IDLE_BLOCK_MS = 20_000
 
 __all__ = [
     "ACK",
@@ -104,12 +119,17 @@ class GroupConsumer:
         self.log = log or logging.getLogger("cortex_flow.consumer")
         retry = self.spec.retry
         self.block_ms = max(10, int(min(block, retry.backoff.initial) * 1000))
+        # nothing held, nothing to retry: a read may wait longer (stop and claims cut it)
+        self.idle_block_ms = max(self.block_ms, IDLE_BLOCK_MS)
         self._claim_every = max(retry.claim_idle / 4, 0.05)
+        self._next_claim = 0.0  # monotonic time of the next claim of idle entries
         self._lease_every = max(retry.claim_idle / 3, 0.05)
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
+        self._idling = False  # the main loop waits for room (_idle)
+        self._interrupt = asyncio.Event()  # ends an idle read early: a stop, a claim
         # (key, id) this consumer holds: running, in the backlog or waiting to be committed
-        self._inflight: set[tuple[str, str]] = set()
+        self._inflight = Held()
         # failed for good with no dead_letter: left pending, no longer claimed
         self._stuck: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -124,18 +144,27 @@ class GroupConsumer:
         self._retries = RetryTimer()  # when our failed entries are due again
         self._key_stats: dict[str, KeyStats] = {k.key: stats.key(k.key) for k in self.keys}
         self.reader = GroupReader(
-            client, group, block_ms=self.block_ms, cluster=cluster, sleep=self._sleep, log=self.log
+            client,
+            group,
+            block_ms=self.block_ms,
+            cluster=cluster,
+            sleep=self._sleep,
+            log=self.log,
+            acked=self._acked,
         )
         codec = streams[group.stream].codec
-        self.handler = EntryHandler(
-            group,
-            table,
-            codec,
-            self._key_stats,
-            executor=executor,
-            http=http,
-            log=self.log,
-            group_stats=stats,
+        # with tracing on, a span per message (cortex_flow.runtime.tracing); else as is
+        self.handler: EntryHandler = traced(
+            EntryHandler(
+                group,
+                table,
+                codec,
+                self._key_stats,
+                executor=executor,
+                http=http,
+                log=self.log,
+                group_stats=stats,
+            )
         )
         self.committer = Committer(
             client,
@@ -218,11 +247,13 @@ class GroupConsumer:
         idle at least ``min_idle`` ms."""
         self.pending.request_claim(consumers, min_idle)
         self._wake.set()
+        self._interrupt.set()
 
     async def stop(self, grace: float) -> bool:
         """Stop reading, finish and acknowledge what is in flight; False if grace ran out."""
         self._stopping.set()
         self._wake.set()
+        self._interrupt.set()
         if self._task is None:
             self.done.set()
             return True
@@ -256,7 +287,6 @@ class GroupConsumer:
         backoff = Backoff(initial=0.1, maximum=5.0)
         pending = self.pending
         recover = True
-        next_claim = 0.0
         recreate = False
         lease = asyncio.create_task(
             self.leases.keep(self._inflight, self._lease_every, self.stats, self.faults),
@@ -282,11 +312,10 @@ class GroupConsumer:
                         pending.recover()  # every entry of ours, due or not
                         self._retries.clear()
                         recover = False
-                    if pending.recovering:  # our own pending entries first, as room frees up
+                    if pending.recovering:  # our own pending entries first, one at a time
                         await pending.take_own()
-                        if pending.recovering:
-                            if self._capacity() == 0:
-                                await self._idle()
+                        if pending.recovering and self._capacity() == 0:
+                            await self._idle()
                             continue
                     now = time.monotonic()
                     due = self._retries.next_due()
@@ -294,22 +323,34 @@ class GroupConsumer:
                         await self._retry_due(now)
                     if pending.claiming:
                         await pending.claim_from_down()
-                    if now >= next_claim:
-                        next_claim = now + self._claim_every
+                    if now >= self._next_claim:
+                        self._next_claim = now + self._claim_every
                         if await self._autoclaim():
-                            next_claim = now  # a backlog of idle entries: keep taking it
+                            self._next_claim = now  # a backlog of idle entries: keep taking it
                     capacity = self._capacity()
+                    if capacity == 0 and self._acks_ride():
+                        capacity = self._capacity()
                     if capacity == 0:
                         await self._idle()
                         continue
-                    # while a down consumer's entries remain, only glance for new ones;
-                    # a retry falling due ends the wait for new entries in time
-                    block = not pending.claiming
-                    entries = await self._fetch(capacity, block=block, block_ms=self._block_ms())
+                    # while what a dead runner held is taken back (one at a time), only
+                    # glance for new entries; a retry falling due ends the wait in time
+                    block = not pending.isolating
+                    block_ms = self._block_ms()
+                    if block and block_ms > self.block_ms:
+                        if self.reader.acks:  # not held through a long wait
+                            self._flush_acks()
+                        entries = await self._fetch_idle(capacity, block_ms)
+                    else:
+                        entries = await self._fetch(capacity, block=block, block_ms=block_ms)
+                    if self.reader.acks:  # not sent with a read: committed by the outbox
+                        self._flush_acks()
                     if self.reader.parked:  # held for later: leased meanwhile
                         self._inflight.update((e.key.key, e.id) for e in self.reader.parked)
                     if entries:
                         await self._dispatch(entries)
+                    elif not block:  # the entry taken back runs: wait for it (or a while)
+                        await self._idle(self.block_ms / 1000)
                     backoff.reset()
                     if self.stats.problems:
                         self.faults.cleared("blocked")
@@ -340,6 +381,11 @@ class GroupConsumer:
                     else:
                         await self._unexpected(backoff)
                         recover = True
+                except CLUSTER_ERRORS as exc:  # no slot owner, redirections exhausted
+                    delay = backoff.next_delay()
+                    self.faults.report("failover", exc, f"retrying in {delay:.1f}s")
+                    recover = True
+                    await self._sleep(delay)
                 except Exception:
                     await self._unexpected(backoff)
                     recover = True
@@ -350,6 +396,7 @@ class GroupConsumer:
                 await self.gate.drain()
             while self._tasks:  # what we hold, the backlog included, is finished
                 await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._flush_acks()
             await self.outbox.close()
         finally:
             lease.cancel()
@@ -360,17 +407,54 @@ class GroupConsumer:
             if not self._inflight:
                 self.done.set()
 
-    async def _idle(self) -> None:
-        """Wait for a free slot or a stop (a due retry needs a slot too)."""
+    async def _idle(self, timeout: float | None = None) -> None:
+        """Wait for a free slot or a stop (a due retry needs a slot too), or ``timeout``."""
+        self._flush_acks()  # no read comes to take them
         self._wake.clear()
-        await self._wake.wait()
+        self._idling = True
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+        finally:
+            self._idling = False
 
     def _block_ms(self) -> int:
-        """How long a read may wait for new entries: until the next retry is due at most."""
+        """How long a read may wait for new entries: until the next retry is due at most;
+        with nothing held the longer idle wait (a failure can then only come from a read)."""
         due = self._retries.next_due()
         if due is None:
-            return self.block_ms
+            # the longer wait once a wait found nothing (not between two busy batches)
+            if not self.reader.idle or self._inflight:
+                return self.block_ms
+            until_claim = int((self._next_claim - time.monotonic()) * 1000)
+            return max(self.block_ms, min(self.idle_block_ms, until_claim))
         return max(1, min(self.block_ms, int((due - time.monotonic()) * 1000)))
+
+    async def _fetch_idle(self, capacity: int, block_ms: int) -> list[Entry]:
+        """The idle wait: a blocking read that a stop or a claim request ends early.
+
+        Ending it closes its connection; an entry Redis delivered just then stays pending
+        under our name, so our pending entries are re-read first (unless stopping: then
+        the next start under this name, or ``claim_idle``, takes it).
+        """
+        self._interrupt.clear()
+        if self._stopping.is_set() or self.pending.claiming:
+            return []
+        read = asyncio.ensure_future(self._fetch(capacity, block=True, block_ms=block_ms))
+        interrupt = asyncio.ensure_future(self._interrupt.wait())
+        try:
+            await asyncio.wait({read, interrupt}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            interrupt.cancel()
+        if read.done():
+            return read.result()
+        read.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await read
+        if read.cancelled():
+            self._reread = True
+            return []
+        return read.result()
 
     def _drop_parked(self) -> None:
         for entry in self.reader.drop_parked():
@@ -398,13 +482,14 @@ class GroupConsumer:
         return True
 
     async def _autoclaim(self) -> bool:
-        """XAUTOCLAIM (see PendingWork.autoclaim); an ACL refusal turns crash recovery off
+        """Claim entries idle past ``claim_idle`` (see PendingWork.autoclaim: XPENDING IDLE,
+        then XCLAIM); an ACL refusal turns crash recovery off
         (said once in a while, shown by status) while reads go on."""
         try:
             more = await self.pending.autoclaim()
         except ResponseError as exc:
             keys = [k.key for k in self.keys]
-            why = explain(exc, user=self.faults.user, command="XAUTOCLAIM", keys=keys)
+            why = explain(exc, user=self.faults.user, command="XCLAIM", keys=keys)
             if why is None or why.kind != "acl":
                 raise
             self.faults.refused("recovery", why, "reads and retries go on")
@@ -429,17 +514,21 @@ class GroupConsumer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
-    def _capacity(self) -> int:
+    def _capacity(self, free: int = 0) -> int:
         """How many entries to read or claim now: up to a batch, once there is room for one.
 
         At most ``concurrency`` run; about as many more may wait in the backlog, so a read
-        takes a whole batch instead of the one or two slots that just freed.
+        takes a whole batch instead of the one or two slots that just freed. Entries
+        parked, or finished and to be acknowledged with the next read, take no room; nor
+        do ``free`` more.
         """
+        # parked: read, waiting for a read; acknowledged with the next read
+        busy = self.held - len(self.reader.parked) - free
+        for ack in self.reader.acks:
+            busy -= len(ack.entries)
         if self.handler.table.inline:  # a batch may be read while the last one commits
-            held = self.held - len(self.reader.parked)  # parked: released by a read
-            return self.spec.batch if held <= self.spec.batch else 0
+            return self.spec.batch if busy <= self.spec.batch else 0
         concurrency, batch = self.spec.concurrency, self.spec.batch
-        busy = self.held - len(self.reader.parked)  # parked: read, waiting for a read
         room = min(batch, 2 * concurrency - busy)
         if busy and room < min(batch, concurrency):
             return 0  # wait for a batch's worth of room
@@ -469,7 +558,7 @@ class GroupConsumer:
         if self.gate is not None and not self.gate.admit_now(entries):
             # held (and leased) while they wait at the gate, beside this loop
             self._inflight.update((e.key.key, e.id) for e in entries)
-            self.gate.spawn(entries, self._dispatch_now)
+            self.gate.spawn(entries, self._gated)
             return
         await self._dispatch_now(entries)
 
@@ -483,18 +572,41 @@ class GroupConsumer:
         self._reread = True
         self._wake.set()
 
+    async def _gated(self, entries: list[Entry]) -> None:
+        """Entries the gate let through: from here on held as any dispatched entry is (the
+        inline path holds its acknowledgements as a whole, not a (key, id) each)."""
+        self._inflight.difference_update([(e.key.key, e.id) for e in entries])
+        await self._dispatch_now(entries)
+
     async def _dispatch_now(self, entries: list[Entry]) -> None:
-        if self.handler.table.inline:
-            # handled here, in order; committed by the outbox's flusher while the next
-            # batch is read (the two round trips overlap)
+        table = self.handler.table
+        if table.inline:
+            # handled here, in order. Plain acknowledgements go in the same pipeline as
+            # the next read; other outcomes are committed by the outbox's flusher while
+            # the next batch is read (the two round trips overlap)
+            if table.inline_sync:  # nothing else runs meanwhile: held once handled
+                acks: list[Acks] = []
+                outcomes = self.handler.run_batch(entries, acks)
+                for ack in acks:
+                    self._inflight.hold(ack)
+                if self.reader.takes_acks:
+                    self.reader.acks += acks
+                elif acks:
+                    self._to_outbox(acks)
+                if outcomes:
+                    self._inflight.update([(o.entry.key.key, o.entry.id) for o in outcomes])
+                    self.outbox.put_all(outcomes)
+                return
             held = [(e.key.key, e.id) for e in entries]
             self._inflight.update(held)  # leased meanwhile
             try:
-                self.outbox.put_all(await self._run_inline(entries))
+                outcomes = await self._run_inline(entries)
             except BaseException:
                 # unfinished: no longer held, so the re-read after the error takes them
                 self._inflight.difference_update(held)
                 raise
+            if outcomes:
+                self.outbox.put_all(outcomes)
             return
         rank = self._rank
         for entry in entries:
@@ -504,20 +616,9 @@ class GroupConsumer:
         self._start_backlog()
 
     async def _run_inline(self, entries: list[Entry]) -> list[Outcome]:
-        """The outcomes of an inline batch, handled here in order."""
-        if self.handler.table.inline_sync:
-            run = self.handler.run_inline
-            return [run(entry) for entry in entries]
-        steps_of, drive, outcomes = self.handler.steps, self.handler.drive, []
-        for entry in entries:
-            steps = steps_of(entry)
-            try:
-                step = next(steps)
-            except StopIteration as stop:
-                outcomes.append(stop.value)
-            else:  # an inline async call
-                outcomes.append(await drive(steps, step, entry))
-        return outcomes
+        """The outcomes of an inline batch with async calls, handled here in order."""
+        handle, task = self._handle, asyncio.current_task()
+        return [await handle(entry, task) for entry in entries]
 
     def _start_backlog(self) -> None:
         # Reads and claims bring more than the free slots; the rest waits here, highest
@@ -538,6 +639,7 @@ class GroupConsumer:
     def _drive(self) -> None:
         """Sync calls: one driver task keeps the entries in flight (see runtime.threaded)."""
         if self._driver is not None:
+            self._driver.start()  # their calls reach the threads now
             self._driver.poke()
             return
         if not self._waiting:
@@ -554,6 +656,7 @@ class GroupConsumer:
         task = asyncio.create_task(driver.run(), name=f"calls:{self.name}")
         self._tasks.add(task)
         task.add_done_callback(self._driver_done)
+        driver.start()  # the calls reach the threads now, not when the task first runs
 
     def _driver_done(self, task: asyncio.Task[None]) -> None:
         self._driver = None
@@ -572,12 +675,31 @@ class GroupConsumer:
         if not self._waiting:
             return None
         self._waiting -= 1
-        return next(q for q in self._backlog if q).popleft()
+        for queue in self._backlog:
+            if queue:
+                return queue.popleft()
+        raise AssertionError("the backlog count is off")  # pragma: no cover
 
     def _finish(self, outcome: Outcome) -> None:
-        # a batch ends when nothing else runs or waits: commit now, without the delay
+        # a batch ends when nothing else runs or waits: commit now, without the delay;
+        # or, when the main loop waits for room to read, with that read (_acks_ride)
         driving = self._driver.in_flight if self._driver is not None else 0
-        self.outbox.put(outcome, batch_ended=not (self._active or self._waiting or driving))
+        ended = not (self._active or self._waiting or driving)
+        read = ended and self._idling and self.reader.takes_acks
+        if read:
+            self._wake.set()
+        self.outbox.put(outcome, batch_ended=ended, read=read)
+
+    def _acks_ride(self) -> bool:
+        """Finished outcomes waiting in the outbox, all plain acknowledgements, go with
+        the next read instead (one round trip for both) if that makes room to read."""
+        if not self.reader.takes_acks:
+            return False
+        plain = self.outbox.plain()
+        if not plain or not self._capacity(free=plain):
+            return False
+        self.reader.acks += plain_acks(self.outbox.take())
+        return True
 
     def _give_up(self, entry: Entry) -> None:
         """An entry that could not be finished: it stays pending and is taken back."""
@@ -592,32 +714,65 @@ class GroupConsumer:
 
     async def _work(self) -> None:
         self._starting -= 1
+        handle, task = self._handle, asyncio.current_task()
         while (entry := self._take()) is not None:
             self._start_backlog()  # the next entry's worker, should this one wait
-            await self._handle_one(entry)
-
-    async def _handle_one(self, entry: Entry) -> None:
-        self._active += 1
-        try:
-            outcome = await self._handle(entry)
-        except Exception:
-            # nobody awaits this task: an error left unlogged here would vanish
-            self.log.exception(
-                "group %s: %s from %s could not be finished; it stays pending and is retried",
-                self.name,
-                entry.id,
-                entry.key.key,
-            )
-            self._give_up(entry)
-            return
-        finally:
-            self._active -= 1
-        self._finish(outcome)
+            self._active += 1
+            try:
+                outcome = await handle(entry, task)
+            except Exception:
+                # nobody awaits this task: an error left unlogged here would vanish
+                self.log.exception(
+                    "group %s: %s from %s could not be finished; it stays pending and is retried",
+                    self.name,
+                    entry.id,
+                    entry.key.key,
+                )
+                self._give_up(entry)
+                continue
+            finally:
+                self._active -= 1
+            self._finish(outcome)
 
     # -- committing --------------------------------------------------------------------
 
     async def _commit_until_done(self, outcomes: list[Outcome]) -> None:
         await commit_until_done(self.committer, outcomes, self.faults, self._schedule_retry)
+
+    def _acked(self, acks: list[Acks], replies: list[Any]) -> None:
+        """Acknowledgements sent with a read: counted, no longer held; an XACK Redis
+        refused is committed again by the outbox."""
+        refused: list[Acks] = []
+        for ack, reply in zip(acks, replies, strict=True):
+            if isinstance(reply, Exception):
+                refused.append(ack)
+                continue
+            stats = self._key_stats[ack.key]
+            stats.processed += len(ack.entries)
+            stats.retried += ack.retried
+            if self.gate is not None:
+                self.gate.finished([(ack.key, e.id) for e in ack.entries])
+            if ack.loose:
+                key = ack.key
+                self._inflight.difference_update([(key, e.id) for e in ack.entries])
+            else:
+                self._inflight.release(ack)
+        if refused:
+            self._to_outbox(refused)
+
+    def _flush_acks(self) -> None:
+        """Acknowledgements no read is about to send: to the outbox."""
+        acks, self.reader.acks = self.reader.acks, []
+        if acks:
+            self._to_outbox(acks)
+
+    def _to_outbox(self, acks: list[Acks]) -> None:
+        """Acknowledgements committed by the outbox, as an outcome each (held as such)."""
+        outcomes = [Outcome(e, ACK, []) for ack in acks for e in ack.entries]
+        self._inflight.update([(o.entry.key.key, o.entry.id) for o in outcomes])
+        for ack in acks:
+            self._inflight.release(ack)
+        self.outbox.put_all(outcomes)
 
     def _committed(self, outcomes: list[Outcome]) -> None:
         done = [(o.entry.key.key, o.entry.id) for o in outcomes]

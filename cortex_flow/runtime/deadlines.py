@@ -28,10 +28,19 @@ class Deadlines:
         self._watchdog: asyncio.Task[None] | None = None
         self.tick = MAX_TICK
 
-    async def run(self, fn: Callable[[Any], Awaitable[Any]], msg: Any, timeout: float) -> None:
-        """Await ``fn(msg)``; ``TimeoutError`` if it runs past ``timeout`` seconds."""
-        task = current_task()
-        assert task is not None
+    async def run(
+        self,
+        fn: Callable[[Any], Awaitable[Any]],
+        msg: Any,
+        timeout: float,
+        task: asyncio.Task[Any] | None = None,
+    ) -> None:
+        """Await ``fn(msg)``; ``TimeoutError`` if it runs past ``timeout`` seconds.
+
+        ``task``: the task awaiting this, if the caller knows it (else it is looked up)."""
+        if task is None:
+            task = current_task()
+            assert task is not None
         self._running[task] = monotonic() + timeout  # the loop's clock
         if timeout < self.tick * 10:
             self.tick = min(MAX_TICK, max(MIN_TICK, timeout / 10))

@@ -8,6 +8,7 @@ back); none of them needs the others' classes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,80 @@ class Outcome:
     publishes: list[Publish]
     error: str = ""
     attempt_failed: bool = False  # a route raised: counted in failed_total, last try too
+
+
+@dataclass(slots=True)
+class Acks:
+    """Entries of one key that ran and have nothing to publish: one XACK for them all.
+
+    The inline path's usual outcome, kept without an :class:`Outcome` per entry.
+    """
+
+    key: str
+    entries: list[Entry]
+    retried: int = 0  # of them, delivered before
+    ids: set[str] | None = None  # the entries' IDs, made when first asked for
+    loose: bool = False  # held as a (key, id) each rather than as a whole
+
+    def holds(self, entry_id: str) -> bool:
+        if self.ids is None:
+            self.ids = {e.id for e in self.entries}
+        return entry_id in self.ids
+
+
+class Held(set[tuple[str, str]]):
+    """The (key, id) of the entries a consumer holds: running, waiting, to be committed.
+
+    A set of (key, id), plus whole :class:`Acks` held and released at once: the inline
+    path holds its acknowledgements without a (key, id) per entry. Membership, length
+    and iteration count both; ``add``, ``update``, ``discard`` and the like change only
+    the set.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._acks: dict[int, Acks] = {}
+        self._in_acks = 0  # entries in them
+
+    def hold(self, ack: Acks) -> None:
+        self._acks[id(ack)] = ack
+        self._in_acks += len(ack.entries)
+
+    def release(self, ack: Acks) -> None:
+        if self._acks.pop(id(ack), None) is not None:
+            self._in_acks -= len(ack.entries)
+
+    def __contains__(self, item: object) -> bool:
+        if set.__contains__(self, item):
+            return True
+        if not self._acks or not isinstance(item, tuple):
+            return False
+        key, entry_id = item
+        return any(a.key == key and a.holds(entry_id) for a in self._acks.values())
+
+    def __len__(self) -> int:
+        return set.__len__(self) + self._in_acks
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        yield from set.__iter__(self)
+        for ack in list(self._acks.values()):
+            for entry in ack.entries:
+                yield ack.key, entry.id
+
+
+def plain_acks(outcomes: list[Outcome]) -> list[Acks]:
+    """``outcomes`` (plain acknowledgements) as one :class:`Acks` per run of one key."""
+    acks: list[Acks] = []
+    ack: Acks | None = None
+    for outcome in outcomes:
+        entry = outcome.entry
+        if ack is None or ack.key != entry.key.key:
+            ack = Acks(entry.key.key, [], loose=True)
+            acks.append(ack)
+        ack.entries.append(entry)
+        if entry.deliveries > 1:
+            ack.retried += 1
+    return acks
 
 
 def pairs(flat: list[Any]) -> dict[str, str]:

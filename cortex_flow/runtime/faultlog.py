@@ -13,6 +13,7 @@ import logging
 import time
 
 from cortex_flow.runtime.stats import GroupStats
+from cortex_flow.wire.faults import error_text
 from cortex_flow.wire.redis_errors import Explained, explain
 
 EVERY = 10.0
@@ -65,10 +66,7 @@ class FaultLog:
         self._logged[reason] = now
         count, self._since[reason] = self._since[reason], 0
         explained = explain(exc, user=self.user)
-        if explained is not None:
-            detail = explained.text
-        else:
-            detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        detail = explained.text if explained is not None else error_text(exc)
         self.log.warning(
             "group %s: %s (%s); %s. Outcomes are kept and committed once it recovers; "
             "nothing is counted as a failure or dead-lettered for it (%d time%s since "

@@ -10,7 +10,7 @@ from cortex_flow.flow.topology import Resolved
 from cortex_flow.runtime.retention import read_held
 from cortex_flow.runtime.stats import RunnerStats
 from cortex_flow.wire.entryids import id_ms
-from cortex_flow.wire.lag import METRICS_CAP, count_unread
+from cortex_flow.wire.lag import METRICS_CAP, group_lags
 
 log = logging.getLogger("cortex_flow.runner")
 
@@ -18,9 +18,11 @@ log = logging.getLogger("cortex_flow.runner")
 async def refresh_gauges(client: Any, resolved: Resolved | None, stats: RunnerStats) -> None:
     """Update pending/lag gauges from Redis (before a metrics scrape).
 
-    One pipeline for every group and key: XPENDING per group and key, XINFO GROUPS per
-    key. A command that fails (a key deleted under us, ...) leaves its gauges as they
-    were; a pipeline that cannot run at all raises, and the scrape says so.
+    One pipeline for every group and key: XPENDING per group and key, XINFO GROUPS and
+    the newest entry (XREVRANGE COUNT 1) per key; lag as :func:`group_lags` decides it
+    (never the server's counter alone: it can be wrong after a failover). A command
+    that fails (a key deleted under us, ...) leaves its gauges as they were; a pipeline
+    that cannot run at all raises, and the scrape says so.
     """
     if resolved is None:
         return
@@ -31,6 +33,7 @@ async def refresh_gauges(client: Any, resolved: Resolved | None, stats: RunnerSt
         pipe.xpending(key, group)
     for key in keys:
         pipe.xinfo_groups(key)
+        pipe.xrevrange(key, count=1)
     replies = await pipe.execute(raise_on_error=False)
     _prune_gauges(stats, set(pairs))
     now_ms = time.time() * 1000
@@ -40,24 +43,29 @@ async def refresh_gauges(client: Any, resolved: Resolved | None, stats: RunnerSt
             continue
         _pending_gauges(stats, group, key, summary, now_ms)
     wanted = {key: {g for g, k in pairs if k == key} for key in keys}
-    uncounted: dict[tuple[str, str], str] = {}  # (key, last-delivered) -> group
-    for key, infos in zip(keys, replies[len(pairs) :], strict=True):
+    per_key = replies[len(pairs) :]
+    newest: dict[str, str | None] = {}
+    found: list[tuple[str, str, Any]] = []
+    readers: list[tuple[str, str, str]] = []  # (group, key, last-delivered)
+    for i, key in enumerate(keys):
+        infos, last = per_key[2 * i], per_key[2 * i + 1]
         if isinstance(infos, BaseException):
             log.debug("metrics: XINFO GROUPS %s failed (%s); lag kept", key, infos)
             continue
+        if not isinstance(last, BaseException):
+            newest[key] = str(last[0][0]) if last else None
         for info in infos:
             name = info.get("name")
             if name not in wanted[key]:
                 continue
-            if info.get("lag") is not None:  # Redis 7.0+
-                stats.lag[(name, key)] = int(info["lag"])
-            else:  # 6.2: count what follows the last delivered entry
-                uncounted[(key, str(info["last-delivered-id"]))] = name
-    counted = await count_unread(client, list(uncounted), METRICS_CAP)
-    for pair, lag in counted.items():
-        key, group = pair[0], uncounted[pair]
+            delivered = str(info["last-delivered-id"])
+            found.append((key, delivered, info.get("lag")))
+            readers.append((name, key, delivered))
+    lags = await group_lags(client, found, newest, METRICS_CAP)
+    for group, key, delivered in readers:
+        lag = lags[(key, delivered)]
         if lag is None:
-            stats.lag.pop((group, key), None)  # past the cap: unknown, not stale
+            stats.lag.pop((group, key), None)  # past the cap, none reported: unknown
         else:
             stats.lag[(group, key)] = lag
     await _retention_gauges(client, resolved, stats)

@@ -20,18 +20,21 @@ from typing import Any
 from jinja2.runtime import Context
 
 from cortex_flow.flow.templates import Now, context_base, context_over
-from cortex_flow.flow.topology import ResolvedGroup
+from cortex_flow.flow.topology import ResolvedGroup, StreamKey
 from cortex_flow.runtime.deadlines import Deadlines
-from cortex_flow.runtime.delivery import ACK, DEAD, RETRY, Entry, Outcome
+from cortex_flow.runtime.delivery import ACK, DEAD, RETRY, Acks, Entry, Outcome
 from cortex_flow.runtime.routes import (
+    HANDLER_EXITS,
     CompiledRoute,
+    HandlerExit,
     Overran,
     PermanentError,
     Publish,
     RouteTable,
+    call_inline,
     call_route,
 )
-from cortex_flow.runtime.stats import GroupStats, KeyStats
+from cortex_flow.runtime.stats import GroupStats, KeyStats, Latency
 from cortex_flow.wire.codec import DecodeError, decode
 
 # what EntryHandler.steps asks its driver to run: a call or http route, the message and
@@ -71,6 +74,11 @@ class EntryHandler:
         self._key_stats = key_stats
         self.log = log or logging.getLogger("cortex_flow.consumer")
         self.group_stats = group_stats  # where overrunning sync calls are counted
+        spec = group.spec
+        # sync calls stuck past their timeout before no new message starts
+        self.max_stuck_calls = spec.max_stuck_calls or spec.concurrency
+        if group_stats is not None:
+            group_stats.max_stuck_calls = self.max_stuck_calls
         self.deadlines = Deadlines()  # the timeouts of async calls
         self._unmatched = 0  # acknowledged unmatched since the last warning
         self._unmatched_warn_at = 0.0  # time.monotonic() of the next allowed warning
@@ -104,7 +112,7 @@ class EntryHandler:
                 if action == "to":
                     publishes.append(route.publish(msg, ctx, bound))
                 elif action == "call" and route.inline and not route.is_async:
-                    route.fn(msg)  # type: ignore[misc]
+                    call_inline(route, msg)
                 elif action in ("call", "http"):
                     yield route, msg, ctx
                 if not route.continue_:
@@ -115,26 +123,100 @@ class EntryHandler:
             self._key_stats[entry.key.key].latency.observe(time.perf_counter() - started)
         return self._settled(entry, matched, publishes)
 
-    def run_inline(self, entry: Entry) -> Outcome:
-        """:meth:`steps` for a table of ``to``, ``drop`` and inline sync calls only
-        (``table.inline_sync``): nothing to wait for, so no generator per message."""
+    def run_batch(self, entries: list[Entry], acks: list[Acks]) -> list[Outcome]:
+        """:meth:`steps` over a batch, for a table of ``to``, ``drop`` and inline sync calls
+        only (``table.inline_sync``): nothing to wait for, so no generator per message.
+
+        Entries that ran and have nothing to publish (the usual case) get no outcome of
+        their own: they go to ``acks``, one :class:`Acks` per run of entries of one key,
+        once the whole batch ran. The others' outcomes are returned, in order.
+        """
         table = self.table
-        if table.needs_context or entry.key.key not in self._bound:
-            prepared = self._prepare(entry)
-            if isinstance(prepared, Outcome):
-                return prepared
-            msg, bound, ctx = prepared
-        else:  # the usual case, without a call: the message and the key's variables
+        outcomes: list[Outcome] = []
+        done: list[Acks] = []
+        if table.needs_context:  # a template context per message: the general step
+            for entry in entries:
+                outcome = self._run_one(entry)
+                if outcome.kind == ACK and not outcome.publishes:
+                    _ack(done, entry)
+                else:
+                    outcomes.append(outcome)
+            acks += done
+            return outcomes
+        # No `when` and no template: every route applies, in order, to every message.
+        routes, codec = table.routes, self.codec
+        # the usual table: one inline call and nothing else
+        only = routes[0].fn if len(routes) == 1 and routes[0].action == "call" else None
+        current = ""
+        bound: dict[str, Any] = {}
+        ack: Acks | None = None
+        # handler latency per run of one key: each of its entries counts the run's mean
+        latency: Latency | None = None
+        count = 0
+        started = perf_counter()
+        for entry in entries:
+            key = entry.key.key
+            if key != current:
+                if latency is not None:
+                    now = perf_counter()
+                    latency.observe_many((now - started) / count, count)
+                    started = now
+                current, bound, ack, count = key, self._bind(entry.key), None, 0
+                latency = self._key_stats[key].latency
+            count += 1
             try:
-                msg = decode(self.codec, entry.fields)
-            except DecodeError as exc:
-                return Outcome(entry, DEAD, [], f"cannot decode: {exc}")
-            bound, ctx = self._bound[entry.key.key], None
+                msg = decode(codec, entry.fields)
+            except Exception as exc:  # RecursionError, MemoryError: this entry alone
+                outcomes.append(undecodable(entry, exc))
+                continue
+            publishes: list[Publish] | None = None
+            try:
+                if only is not None:
+                    route = routes[0]
+                    only(msg)
+                else:
+                    for route in routes:
+                        if route.action == "to":
+                            if publishes is None:
+                                publishes = []
+                            publishes.append(route.publish(msg, None, bound))
+                        elif route.fn is not None:
+                            route.fn(msg)
+                        if not route.continue_:
+                            break
+            except Exception as exc:
+                outcomes.append(self._failure(entry, route, exc))
+                continue
+            except HANDLER_EXITS as exc:
+                outcomes.append(self._failure(entry, route, HandlerExit.of(route, exc)))
+                continue
+            if publishes is not None:
+                outcomes.append(Outcome(entry, ACK, publishes))
+            elif not routes:
+                outcomes.append(self._settled(entry, False, []))
+            else:
+                if ack is None:
+                    ack = Acks(key, [])
+                    done.append(ack)
+                ack.entries.append(entry)
+                if entry.deliveries > 1:
+                    ack.retried += 1
+        if latency is not None:
+            latency.observe_many((perf_counter() - started) / count, count)
+        acks += done
+        return outcomes
+
+    def _run_one(self, entry: Entry) -> Outcome:
+        """One entry of an ``inline_sync`` table that needs a template context."""
+        prepared = self._prepare(entry)
+        if isinstance(prepared, Outcome):
+            return prepared
+        msg, bound, ctx = prepared
         publishes: list[Publish] = []
         matched = False
         started = perf_counter()
         try:
-            for route in table.routes:
+            for route in self.table.routes:
                 if route.when is not None and not route.matches(ctx):
                     continue
                 matched = True
@@ -146,30 +228,68 @@ class EntryHandler:
                     break
         except Exception as exc:
             return self._failure(entry, route, exc)
+        except HANDLER_EXITS as exc:
+            return self._failure(entry, route, HandlerExit.of(route, exc))
         finally:
             self._key_stats[entry.key.key].latency.observe(perf_counter() - started)
-        if matched:
-            return Outcome(entry, ACK, publishes)
         return self._settled(entry, matched, publishes)
 
-    def _prepare(self, entry: Entry) -> tuple[Any, dict[str, Any], Any] | Outcome:
-        """The decoded message, the key's variables and the template context (or None);
-        an undecodable entry's outcome instead."""
-        try:
-            msg = decode(self.codec, entry.fields)
-        except DecodeError as exc:
-            return Outcome(entry, DEAD, [], f"cannot decode: {exc}")
-        key = entry.key
+    def _bind(self, key: StreamKey) -> dict[str, Any]:
+        """The variables of ``key`` (read-only), built once."""
         bound = self._bound.get(key.key)
         if bound is None:
             bound = {"priority": key.priority, "agent": key.agent, **self._base_vars}
             self._bound[key.key] = bound
+        return bound
+
+    def message(self, entry: Entry) -> Any:
+        """The message of ``entry`` for a table that is one sync call (``table.only_call``),
+        or the outcome of an entry that cannot be decoded."""
+        prepared = self._prepare(entry)
+        return prepared if isinstance(prepared, Outcome) else prepared[0]
+
+    def called(
+        self, entry: Entry, route: CompiledRoute, error: Exception | None, seconds: float
+    ) -> Outcome:
+        """What :meth:`steps` returns once ``route``, a table's only route and a sync call
+        (``table.only_call``), returned or raised ``error``, ``seconds`` after it began."""
+        self._key_stats[entry.key.key].latency.observe(seconds)
+        if error is None:
+            return Outcome(entry, ACK, [])
+        return self._failure(entry, route, error)
+
+    def _prepare(self, entry: Entry) -> tuple[Any, dict[str, Any], Any] | Outcome:
+        """The decoded message, the key's variables and the template context (or None);
+        an undecodable entry's outcome instead.
+
+        Whatever fails here fails for this entry alone, and the same way every time
+        (``RecursionError``, ``MemoryError``: hostile input): it is dead-lettered at once.
+        """
+        try:
+            msg = decode(self.codec, entry.fields)
+        except Exception as exc:
+            return undecodable(entry, exc)
+        bound = self._bind(entry.key)
         table = self.table
-        ctx = self._context(entry, msg, bound, table) if table.needs_context else None
+        try:
+            ctx = self._context(entry, msg, bound, table) if table.needs_context else None
+        except Exception as exc:
+            return Outcome(entry, DEAD, [], f"template context: {type(exc).__name__}: {exc}")
         return msg, bound, ctx
 
     def _failure(self, entry: Entry, route: CompiledRoute, exc: Exception) -> Outcome:
         """The outcome of ``route`` raising ``exc`` for ``entry``."""
+        if isinstance(exc, HandlerExit):
+            self.log.error(
+                "group %s: %s from %s: %s (%s); that is this message's failure, the runner "
+                "goes on. A handler should raise an exception rather than exit",
+                self.name,
+                entry.id,
+                entry.key.key,
+                exc,
+                route.label,
+            )
+            return self._failed(entry, f"{route.label}: {exc}")
         if isinstance(exc, PermanentError):
             return Outcome(entry, DEAD, [], str(exc), attempt_failed=True)
         if isinstance(exc, Overran):
@@ -187,37 +307,46 @@ class EntryHandler:
             self._warn_unmatched()
         return Outcome(entry, ACK, publishes)
 
-    async def handle(self, entry: Entry) -> Outcome:
-        """Run the routes for ``entry``, awaiting each call; never raises for a route's failure."""
-        steps = self.steps(entry)
-        try:
-            step = next(steps)
-        except StopIteration as stop:
-            done: Outcome = stop.value
-            return done
-        return await self.drive(steps, step, entry)
+    async def handle(self, entry: Entry, task: asyncio.Task[Any] | None = None) -> Outcome:
+        """Run the routes for ``entry``, awaiting each call; never raises for a route's failure.
 
-    async def drive(
-        self, steps: Generator[Step, None, Outcome], step: Step, entry: Entry
-    ) -> Outcome:
-        """Make ``step`` and the rest of ``steps`` (begun) for ``entry``; its outcome."""
-        route, msg, ctx = step
+        :meth:`steps`, with the calls and posts made here: one coroutine per message,
+        which completes without suspending when nothing it awaits waits. ``task``: the
+        task running this (found if not given).
+        """
+        prepared = self._prepare(entry)
+        if isinstance(prepared, Outcome):
+            return prepared
+        msg, bound, ctx = prepared
+        publishes: list[Publish] = []
+        matched = False
+        started = perf_counter()
         try:
-            while True:
-                try:
-                    if route.action == "http":
-                        await self.post(route, msg, ctx)
-                    elif route.is_async:
-                        await self.deadlines.run(route.fn, msg, route.timeout)  # type: ignore[arg-type]
+            for route in self.table.routes:
+                if route.when is not None and not route.matches(ctx):
+                    continue
+                matched = True
+                action = route.action
+                if action == "to":
+                    publishes.append(route.publish(msg, ctx, bound))
+                elif action == "call":
+                    if route.is_async:
+                        await self.deadlines.run(route.fn, msg, route.timeout, task)  # type: ignore[arg-type]
+                    elif route.inline:
+                        route.fn(msg)  # type: ignore[misc]
                     else:
                         await self._call_sync(route, msg, entry)
-                except Exception as exc:
-                    route, msg, ctx = steps.throw(exc)
-                else:
-                    route, msg, ctx = steps.send(None)
-        except StopIteration as stop:
-            outcome: Outcome = stop.value
-            return outcome
+                elif action == "http":
+                    await self.post(route, msg, ctx)
+                if not route.continue_:
+                    break
+        except Exception as exc:
+            return self._failure(entry, route, exc)
+        except HANDLER_EXITS as exc:
+            return self._failure(entry, route, HandlerExit.of(route, exc))
+        finally:
+            self._key_stats[entry.key.key].latency.observe(perf_counter() - started)
+        return self._settled(entry, matched, publishes)
 
     async def _call_sync(self, route: CompiledRoute, msg: Any, entry: Entry) -> None:
         """A sync call in the pool; past its timeout it is said to overrun until it returns."""
@@ -234,24 +363,45 @@ class EntryHandler:
             if overran:
                 self.overrun_ended()
 
-    def overrun_started(self, route: CompiledRoute, entry: Entry) -> None:
-        """A sync call for ``entry`` is past its timeout and still running: say so."""
+    def overrun_started(self, route: CompiledRoute, entry: Entry, stuck: int = 0) -> None:
+        """A sync call for ``entry`` is past its timeout and still running: say so.
+
+        ``stuck``: how many of the group's calls now are; at ``max_stuck_calls`` the group
+        is held back (starts no new message until one returns).
+        """
+        held_back = stuck >= self.max_stuck_calls
         if self.group_stats is not None:
             self.group_stats.overrunning += 1
+            self.group_stats.held_back = held_back
         self.log.warning(
             "group %s: %s (%s) timed out after %gs and is still running; a sync call "
-            "cannot be stopped: the message keeps its slot and is retried only once it "
-            "returns",
+            "cannot be stopped: the message stays held (its slot goes to the next one) and "
+            "is retried only once it returns",
             self.name,
             entry.id,
             route.label,
             route.timeout,
         )
+        if held_back:
+            self.log.error(
+                "group %s: %d sync calls are stuck past their timeout (max_stuck_calls %d); "
+                "the group starts no new message until one returns (other groups go on). "
+                "Make the handler return within its timeout, or raise max_stuck_calls",
+                self.name,
+                stuck,
+                self.max_stuck_calls,
+            )
 
-    def overrun_ended(self) -> None:
-        """An overrunning sync call returned."""
+    def overrun_ended(self, stuck: int = 0) -> None:
+        """An overrunning sync call returned; ``stuck`` of the group's still run."""
+        held_back = stuck >= self.max_stuck_calls
         if self.group_stats is not None:
             self.group_stats.overrunning -= 1
+            self.group_stats.held_back = held_back
+        if stuck + 1 >= self.max_stuck_calls > stuck:
+            self.log.info(
+                "group %s: a stuck sync call returned; new messages start again", self.name
+            )
 
     def _warn_unmatched(self) -> None:
         """Say (at most once a minute) that unmatched messages are being acknowledged."""
@@ -315,3 +465,21 @@ class EntryHandler:
             if refused is not None:
                 raise PermanentError(f"{route.label}: request refused: {refused}") from None
             raise
+
+
+def undecodable(entry: Entry, exc: Exception) -> Outcome:
+    """The outcome of an entry whose fields cannot be decoded: a dead letter, with why."""
+    if isinstance(exc, DecodeError):
+        return Outcome(entry, DEAD, [], f"cannot decode: {exc}")
+    return Outcome(entry, DEAD, [], f"cannot decode: {type(exc).__name__}: {exc}")
+
+
+def _ack(acks: list[Acks], entry: Entry) -> None:
+    """Add ``entry`` to the last of ``acks`` if it is of the same key, else to a new one."""
+    key = entry.key.key
+    if not acks or acks[-1].key != key:
+        acks.append(Acks(key, []))
+    ack = acks[-1]
+    ack.entries.append(entry)
+    if entry.deliveries > 1:
+        ack.retried += 1

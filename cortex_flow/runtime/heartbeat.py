@@ -32,6 +32,7 @@ from cortex_flow.flow.topology import Resolved, key_template
 from cortex_flow.runtime.agentevents import AgentEvents
 from cortex_flow.runtime.duties import Duties
 from cortex_flow.runtime.stats import AgentState, RunnerStats
+from cortex_flow.wire.faults import error_text
 from cortex_flow.wire.heartbeats import (
     SCAN_LIMIT,
     Beat,
@@ -47,6 +48,8 @@ WARN_EVERY = 60.0  # a failing beat of the runner's own is logged at most this o
 STOP_BEAT_TIMEOUT = 1.0  # the last ("stopped") beat must not hold up a shutdown
 RUNNER_SILENCE = 3  # a runner silent for this many of its intervals is down
 RUNNERS_CAP = 1000  # the default runner stream (no heartbeats declared) is kept this short
+WATCH_BLOCK = 5.0  # the longest the watch's read waits for beats (s)
+READ_WARN_EVERY = 10.0  # a failing watch read is logged at most this often (s)
 
 # what to do when an agent or runner goes silent: (consumer name, XCLAIM min-idle in ms)
 OnDown = Callable[[str, int], None]
@@ -142,6 +145,10 @@ class HeartbeatMonitor:
         self.events = AgentEvents(client, duties, log)
         self.key: str | None = None
         self.runners: dict[str, float] = {}  # other runners' last beats, kept across reloads
+        self.stopped: set[str] = set()  # runners whose last beat said "stopped"
+        self.seen_beats = False  # the watch has read the stream once: runners are known
+        self._read_failures = 0  # failed reads of the watch since it last read
+        self._read_warned_at: float | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._ending: set[asyncio.Task[None]] = set()  # cancelled by a reload, not yet done
@@ -261,7 +268,7 @@ class HeartbeatMonitor:
         """``exc`` in words: an ACL, credential, TLS or DNS refusal with its fix."""
         keys = [self.key] if self.key else []
         why = explain(exc, user=redis_user(self.client), keys=keys)
-        return why.text if why is not None else str(exc)
+        return why.text if why is not None else error_text(exc)
 
     def _seen(self, beat: Beat) -> None:
         name, ts = beat.agent, beat.ts
@@ -274,6 +281,10 @@ class HeartbeatMonitor:
                     self._twin(beat.instance, ts)
                 return
             self.runners[name] = max(ts, self.runners.get(name, 0.0))
+            if beat.status == "stopped":
+                self.stopped.add(name)
+            else:
+                self.stopped.discard(name)
             return
         state = self.stats.agents.get(name)
         if state is not None and (state.last_beat is None or ts > state.last_beat):
@@ -308,31 +319,68 @@ class HeartbeatMonitor:
                 for beat in instances.values():
                     self._seen(beat)
             last_id = seed.newest_id or last_id
+            self.seen_beats = True
         except Exception as exc:
             self.log.warning("heartbeats: cannot read %s yet (%s)", key, self._why(exc))
         await self._check()
         while not self._stop.is_set():
             try:
-                resp = await self.client.xread({key: last_id}, count=1000, block=500)
+                resp = await self.client.xread(
+                    {key: last_id}, count=1000, block=self._watch_block_ms()
+                )
                 for _, items in resp or []:
                     for entry_id, fields in items:
                         parsed = parse_beat(self.beat_codec, entry_id, fields)
                         if parsed is not None:
                             self._seen(parsed)
                         last_id = entry_id
+                self.seen_beats = True
                 await self._check()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                refused = explain(exc) is not None  # said once a minute: retrying cannot fix it
-                now = time.monotonic()
-                if not refused or now - self._read_failed_at >= WARN_EVERY:
-                    self._read_failed_at = now
-                    self.log.warning(
-                        "heartbeats: reading %s failed (%s); retrying", key, self._why(exc)
-                    )
+                self._read_failed(key, exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), 1.0)
+            else:
+                if self._read_failures:
+                    self.log.info("heartbeats: reading %s again", key)
+                    self._read_failures, self._read_warned_at = 0, None
+
+    def _read_failed(self, key: str, exc: Exception) -> None:
+        """A failed read of the watch (a failover, Redis down): said once per
+        ``READ_WARN_EVERY`` with a count, not once a second."""
+        self._read_failures += 1
+        now = time.monotonic()
+        if self._read_warned_at is not None and now - self._read_warned_at < READ_WARN_EVERY:
+            return
+        self._read_warned_at = now
+        self.log.warning(
+            "heartbeats: reading %s failed (%s); retrying every second (%d time%s so far)",
+            key,
+            self._why(exc),
+            self._read_failures,
+            "" if self._read_failures == 1 else "s",
+        )
+
+    def live_runners(self) -> set[str] | None:
+        """The other runners beating now (not silent, not stopped); None while unknown
+        (no heartbeat stream, or the watch has not read it yet)."""
+        if self.key is None or not self.seen_beats:
+            return None
+        return set(self.runners) - self.stopped
+
+    def _watch_block_ms(self) -> int:
+        """How long the watch's read may wait: until the next agent or runner could be
+        past its timeout (one read per wait, not a poll), ``WATCH_BLOCK`` at most."""
+        now = time.time()
+        deadlines = [
+            s.last_beat + s.timeout for s in self.stats.agents.values() if s.up and s.last_beat
+        ]
+        silence = RUNNER_SILENCE * self.runner_interval
+        deadlines.extend(ts + silence for ts in self.runners.values())
+        wait = min([WATCH_BLOCK, *(d - now for d in deadlines)])
+        return max(10, int(wait * 1000) + 10)
 
     async def _check(self) -> None:
         now = time.time()

@@ -2,7 +2,7 @@
 
 Every third of ``claim_idle`` the consumer re-claims to itself what it holds (running,
 waiting in its backlog, or waiting to be committed): ``XCLAIM ... 0 ... JUSTID`` resets
-an entry's idle time without counting a delivery. Another runner's XAUTOCLAIM then
+an entry's idle time without counting a delivery. Another runner's idle claim then
 takes only entries whose runner stopped renewing (it died or lost Redis), about
 ``claim_idle`` after the last renewal. So ``claim_idle`` need not outlast the longest
 call: a ten-minute model call under ``claim_idle: 30s`` runs once.
@@ -72,7 +72,7 @@ class Leases:
             if not by_key:
                 continue
             try:
-                stats.leases_lost += len(await self.renew(by_key))
+                stats.leases_lost += len(await self.renew(by_key, held))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -93,19 +93,28 @@ class Leases:
                         every,
                     )
 
-    async def renew(self, held: Mapping[str, Sequence[str]]) -> set[tuple[str, str]]:
-        """Re-claim ``held`` (key -> IDs); returns the (key, id) no longer ours."""
+    async def renew(
+        self, held: Mapping[str, Sequence[str]], still: set[tuple[str, str]] | None = None
+    ) -> set[tuple[str, str]]:
+        """Re-claim ``held`` (key -> IDs); returns the (key, id) no longer ours.
+
+        ``still``: the consumer's live set; an entry that left it meanwhile (acknowledged
+        while the renewal ran) is not pending any more, not taken over.
+        """
         gone: set[tuple[str, str]] = set()
         for key, ids in held.items():
             if not ids:
                 continue
             renewed = await self._renew_key(key, list(ids))
             gone.update((key, i) for i in ids if i not in renewed)
+        if still is not None:
+            gone &= still
         if gone:
             self.lost += len(gone)
             self.log.warning(
                 "group %s: %d entr%s held by %s were taken over by another consumer (its "
-                "lease was not renewed in time, e.g. Redis did not answer); both may run them",
+                "lease was not renewed in time, e.g. Redis did not answer) or are no longer "
+                "pending to it (a failover dropped the delivery); both may run them",
                 self.group,
                 len(gone),
                 "y" if len(gone) == 1 else "ies",

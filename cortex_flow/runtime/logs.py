@@ -1,4 +1,11 @@
-"""Logging set-up: text for people, JSON lines for log pipelines."""
+"""Logging set-up: text for people, JSON lines for log pipelines.
+
+A JSON line carries, where there is one, the ``message_id``, ``group`` and ``stream`` it is
+about and the ``trace_id`` of the trace it belongs to. They come from, in order: ``extra=``
+given to the log call; the consumer's own wording, ``"group %s: %s from %s ..."`` (group,
+message ID, stream key) or ``"group %s: ..."``; and, with tracing on, the message span
+that is current (a handler's own log lines inside its ``process`` span).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,28 @@ import json
 import logging
 import sys
 import time
+from typing import Any
+
+from cortex_flow.runtime import tracing
+
+CONTEXT = ("message_id", "group", "stream", "trace_id")
+_ABOUT_GROUP = "group %s:"
+_ABOUT_MESSAGE = "group %s: %s from %s"
+
+
+def record_context(record: logging.LogRecord) -> dict[str, str]:
+    """What ``record`` is about: message ID, group, stream, trace ID (those known)."""
+    found = {k: str(v) for k in CONTEXT if (v := getattr(record, k, None)) is not None}
+    args: Any = record.args
+    if isinstance(record.msg, str) and isinstance(args, tuple) and args:
+        if record.msg.startswith(_ABOUT_MESSAGE) and len(args) >= 3:
+            found.setdefault("message_id", str(args[1]))
+            found.setdefault("stream", str(args[2]))
+        if record.msg.startswith(_ABOUT_GROUP):
+            found.setdefault("group", str(args[0]))
+    for key, value in tracing.current_message().items():
+        found.setdefault(key, value)
+    return found
 
 
 class JsonFormatter(logging.Formatter):
@@ -17,6 +46,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        data.update(record_context(record))
         if record.exc_info:
             data["exc"] = self.formatException(record.exc_info)
         return json.dumps(data)

@@ -128,7 +128,8 @@ class RunnerCollector:
             yield counter
         histogram = HistogramMetricFamily(
             "cortex_flow_handler_seconds",
-            "Time from taking a message to finishing its routes.",
+            "Time from taking a message to finishing its routes (inline tables without "
+            "templates: each message of a batch counts the batch's mean).",
             labels=KEY_LABELS,
         )
         for labels, key_stats in rows:
@@ -210,6 +211,12 @@ class RunnerCollector:
             "Sync calls past their timeout whose thread still runs (the message waits).",
             labels=["group"],
         )
+        held_back = GaugeMetricFamily(
+            "cortex_flow_group_held_back",
+            "1 while max_stuck_calls sync calls of the group are stuck past their timeout: "
+            "it starts no new message until one returns (other groups go on).",
+            labels=["group"],
+        )
         lost = CounterMetricFamily(
             "cortex_flow_leases_lost",
             "Held entries another consumer took over before this one renewed their lease.",
@@ -219,9 +226,11 @@ class RunnerCollector:
             for reason, count in sorted(group.redis_errors.items()):
                 errors.add_metric([group.group, reason], float(count))
             overrunning.add_metric([group.group], float(group.overrunning))
+            held_back.add_metric([group.group], float(group.held_back))
             lost.add_metric([group.group], float(group.leases_lost))
         yield errors
         yield overrunning
+        yield held_back
         yield lost
         yield from flow_metrics(self.stats)
 

@@ -18,9 +18,9 @@ from collections.abc import Awaitable, Callable
 from redis.exceptions import ResponseError
 
 from cortex_flow.runtime.commit import CommitDeferred, Committer
-from cortex_flow.runtime.delivery import DEAD, RETRY, TRANSIENT, Outcome
+from cortex_flow.runtime.delivery import ACK, DEAD, RETRY, TRANSIENT, Outcome
 from cortex_flow.runtime.faultlog import FaultLog
-from cortex_flow.wire.faults import passing_reason
+from cortex_flow.wire.faults import CLUSTER_ERRORS, passing_reason
 from cortex_flow.wire.redis_errors import explain
 
 # finished outcomes wait at most this long to be committed with others (one round trip)
@@ -45,7 +45,7 @@ async def commit_until_done(
         except CommitDeferred as exc:
             outcomes = exc.outcomes  # the rest was applied
             faults.report(exc.reason, exc, f"committing again in {delay:.2g}s")
-        except (*TRANSIENT, ResponseError) as exc:
+        except (*TRANSIENT, *CLUSTER_ERRORS, ResponseError) as exc:
             reason = passing_reason(exc)
             why = (
                 explain(exc, user=faults.user, keys=_keys(committer, outcomes))
@@ -109,12 +109,26 @@ class Outbox:
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name=f"commit:{self.group}")
 
-    def put(self, outcome: Outcome, *, batch_ended: bool) -> None:
-        """Add an outcome; ``batch_ended``: nothing else runs or waits, commit now."""
+    def put(self, outcome: Outcome, *, batch_ended: bool, read: bool = False) -> None:
+        """Add an outcome; ``batch_ended``: nothing else runs or waits, commit now.
+        ``read``: a read is about to take the outcomes waiting (:meth:`take`): commit
+        them only if it has not after ``FLUSH_DELAY``."""
         self.outcomes.append(outcome)
         self._ready.set()
-        if batch_ended or len(self.outcomes) >= self.batch:
+        if not read and (batch_ended or len(self.outcomes) >= self.batch):
             self._full.set()
+
+    def plain(self) -> int:
+        """How many of the outcomes waiting are plain acknowledgements, if all are."""
+        for outcome in self.outcomes:
+            if outcome.kind != ACK or outcome.publishes:
+                return 0
+        return len(self.outcomes)
+
+    def take(self) -> list[Outcome]:
+        """Take back the outcomes waiting (not those being committed)."""
+        outcomes, self.outcomes = self.outcomes, []
+        return outcomes
 
     def put_all(self, outcomes: list[Outcome]) -> None:
         """Add a batch's outcomes and commit them now."""

@@ -5,14 +5,22 @@ same path as a fresh read, with ``deliveries`` from the delivery count XPENDING 
 for that very entry:
 
 - its own pending entries, at start and after a lost connection (a previous run, or
-  what it held when the connection dropped), a page at a time as slots free up;
+  what it held when the connection dropped), one at a time (see below);
 - its failed entries, when the backoff for their delivery count is due (the consumer
   keeps the due times: :meth:`PendingWork.take`);
 - any consumer's entries idle past ``claim_idle`` (XPENDING IDLE), a crashed runner's;
 - the entries of consumers whose runner or agent went down, without waiting.
 
+What a runner held when it died (ours from before a restart, a down consumer's, entries
+idle past ``claim_idle``) may hold the message that killed it. Such entries are taken
+back one at a time, alongside new work: the next is claimed once the last is committed,
+so a message that kills every runner it meets never takes the same neighbours with it
+twice. Idle entries are first moved to this consumer with XCLAIM JUSTID (no delivery
+counted), then each is claimed (counted) just before it runs.
+
 An entry claimed once more than ``max_deliveries`` allows is dead-lettered without
-running it: each delivery so far crashed or timed out its consumer. In a group with no
+running it, saying how many runners died holding it (failed deliveries are counted
+apart, see :func:`cortex_flow.wire.deadletters.failures_key`). In a group with no
 dead_letter, an entry that failed for good (or used up its deliveries) stays pending
 and is no longer claimed: reported once, counted as ``stuck``. An entry deleted or
 trimmed from the stream while pending is acknowledged.
@@ -21,6 +29,7 @@ trimmed from the stream while pending is acknowledged.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +37,7 @@ from typing import Any
 from cortex_flow.flow.topology import ResolvedGroup, StreamKey
 from cortex_flow.runtime.delivery import DEAD, Entry, Outcome, backoff_ms, pairs
 from cortex_flow.runtime.stats import KeyStats
+from cortex_flow.wire.deadletters import crash_reason, failures_key
 
 
 @dataclass(slots=True)
@@ -49,8 +59,12 @@ def reply_entries(
     ``counts``: each entry's deliveries before this one, for every ID asked for (a claim);
     not given, a fresh read: the first delivery.
     """
+    if not items:
+        return []
+    if counts is None and isinstance(items[0][1], dict):  # a fresh read: the usual case
+        return [Entry(key, i, f, 1) for i, f in items if i is not None and f is not None]
     entries = []
-    for item in items or []:
+    for item in items:
         entry_id, fields = item[0], item[1]
         if entry_id is None or fields is None:  # deleted (Redis 6.2 sends a nil)
             continue
@@ -101,6 +115,10 @@ class PendingWork:
         self._claim_from: dict[str, str] = {}
         self._own: dict[str, str] = {}
         self._down: list[_DownConsumer] = []
+        # idle entries moved to us (XCLAIM JUSTID), to take one at a time
+        self._idle: deque[tuple[StreamKey, str]] = deque()
+        # the entry taken back from a dead runner that runs now: the next waits for it
+        self._suspect: tuple[str, str] | None = None
 
     def backoff_ms(self, deliveries: int) -> int:
         """How long an entry delivered ``deliveries`` times waits before the next try."""
@@ -114,6 +132,7 @@ class PendingWork:
         :meth:`take_own` does it, a page at a time, while :attr:`recovering`.
         """
         self._own = {key.key: "-" for key in self.keys}
+        self._idle.clear()  # moved to us: taken back with the rest of ours
 
     async def _page(
         self, key: StreamKey, after: str, count: int, consumer: str, idle: int | None = None
@@ -142,7 +161,7 @@ class PendingWork:
         """
         for key in self.keys:
             while key.key in self._own:
-                room = self._capacity()
+                room = self._room()
                 if room == 0:
                     return
                 rows, following = await self._page(key, self._own[key.key], room, self.me)
@@ -151,7 +170,20 @@ class PendingWork:
                 else:
                     self._own[key.key] = following
                 if rows:
-                    await self.take(key, rows, 0)
+                    await self.take(key, rows, 0, suspect=True)
+
+    def _room(self) -> int:
+        """How many entries taken back from a dead runner may start now: one, once the
+        last one is committed and a slot is free."""
+        if self._suspect is not None and self._suspect in self._inflight:
+            return 0
+        self._suspect = None
+        return min(1, self._capacity())
+
+    @property
+    def isolating(self) -> bool:
+        """True while entries a dead runner held remain to be taken back, one at a time."""
+        return bool(self._own or self._down or self._idle)
 
     # -- other consumers' pending ------------------------------------------------------
 
@@ -186,12 +218,12 @@ class PendingWork:
         one page waits there: entries claimed long before they can start would idle past
         ``claim_idle`` and be claimed again by yet another consumer.
         """
-        batch = self.spec.batch
         for down in list(self._down):
-            if self._capacity() == 0:
+            room = self._room()
+            if room == 0:
                 return
             key = down.key
-            rows, following = await self._page(key, down.after, batch, down.name)
+            rows, following = await self._page(key, down.after, room, down.name)
             if rows:
                 if down.claimed == 0:
                     self.log.info(
@@ -201,7 +233,9 @@ class PendingWork:
                         down.name,
                     )
                 down.after = "(" + rows[-1]["message_id"]
-                down.claimed += await self.take(key, rows, down.min_idle, claiming=True)
+                down.claimed += await self.take(
+                    key, rows, down.min_idle, claiming=True, suspect=True
+                )
             if following is None:
                 self._down.remove(down)
                 if down.claimed:
@@ -215,62 +249,69 @@ class PendingWork:
                     )
 
     async def autoclaim(self) -> bool:
-        """XAUTOCLAIM entries idle past ``claim_idle``, as many as we have room for.
+        """Take entries idle past ``claim_idle`` (their runner died or stalled).
 
-        Returns True to look again soon (the scan goes on per key from XAUTOCLAIM's
-        cursor, so a long PEL is walked through rather than rescanned). Redis 6.2 replies
-        ``[cursor, entries]``, 7.x adds the IDs it found deleted (and dropped from the
-        PEL itself); 6.2 shows a deleted entry as a nil, acknowledged here. Each claimed
-        entry's delivery count is then looked up by its own ID (XPENDING id id 1, in one
-        pipeline), never guessed. Taking no more than the free capacity keeps claimed
-        entries from idling in our backlog until yet another consumer claims them.
+        XPENDING IDLE lists them a page (``batch``) at a time, each key's scan going on
+        from where it stopped; XCLAIM JUSTID moves them to this consumer without counting
+        a delivery (only those still idle: another consumer may have taken some); then
+        each is claimed and run alone (:meth:`_take_idle`). Returns True to look again
+        soon.
         """
+        if self._idle:
+            await self._take_idle()
+            return True
         idle = int(self.spec.retry.claim_idle * 1000)
+        page = self.spec.batch
         more = False
         for key in self.keys:
-            room = self._capacity()
-            if room == 0:
-                return True
-            cursor = self._claim_from.get(key.key, "0-0")
-            reply = await self.client.xautoclaim(
-                key.key, self.name, self.me, idle, cursor, count=room
+            start = self._claim_from.get(key.key, "-")
+            rows: list[dict[str, Any]] = await self.client.xpending_range(
+                key.key, self.name, start, "+", page, idle=idle
             )
-            cursor = str(reply[0])
-            self._claim_from[key.key] = cursor
-            if cursor != "0-0":
-                more = True  # the rest of the list, next time round
-            items = [i for i in reply[1] if i and i[0] is not None and i[1] is not None]
-            if len(items) < len(reply[1]):  # 6.2: a nil for an entry deleted meanwhile
-                await self._ack_deleted_pending(key)
-            items = [i for i in items if (key.key, i[0]) not in self._inflight]
-            if not items:
-                continue
-            more = True
-            counts = await self._counts(key, [i[0] for i in items])
-            items = [i for i in items if i[0] in counts]
-            rows = [{"message_id": i, "times_delivered": n} for i, n in counts.items()]
-            given_up = {
-                r["message_id"]
+            self._claim_from[key.key] = "(" + rows[-1]["message_id"] if len(rows) == page else "-"
+            more = more or len(rows) == page  # the rest of the list, next time round
+            rows = [
+                r
                 for r in rows
-                if not self._has_dead_letter and self._given_up(key, r)
-            }
-            entries = reply_entries(
-                key,
-                [i for i in items if i[0] not in given_up],
-                {i: n - 1 for i, n in counts.items()},  # the claim itself was a delivery
+                if (key.key, r["message_id"]) not in self._inflight
+                and (self._has_dead_letter or not self._given_up(key, r))
+            ]
+            if not rows:
+                continue
+            moved = await self.client.xclaim(
+                key.key,
+                self.name,
+                self.me,
+                min_idle_time=idle,
+                message_ids=[r["message_id"] for r in rows],
+                justid=True,
             )
-            self._key_stats[key.key].claimed += len(entries)
-            if entries:
-                self.log.info(
-                    "group %s: claimed %d entr%s of %s idle over %gs",
-                    self.name,
-                    len(entries),
-                    "y" if len(entries) == 1 else "ies",
-                    key.key,
-                    self.spec.retry.claim_idle,
-                )
-                await self._process(entries)
+            if not moved:
+                continue
+            self._idle.extend((key, str(i)) for i in moved)
+            self._key_stats[key.key].claimed += len(moved)
+            self.log.info(
+                "group %s: claimed %d entr%s of %s idle over %gs; each runs alone",
+                self.name,
+                len(moved),
+                "y" if len(moved) == 1 else "ies",
+                key.key,
+                self.spec.retry.claim_idle,
+            )
+        if self._idle:
+            await self._take_idle()
+            return True
         return more
+
+    async def _take_idle(self) -> None:
+        """Claim (a delivery) and run the next idle entry moved to us, if it may start."""
+        while self._idle and self._room():
+            key, entry_id = self._idle.popleft()
+            counts = await self._counts(key, [entry_id])
+            if entry_id not in counts:
+                continue  # acknowledged, or taken over by another consumer meanwhile
+            row = {"message_id": entry_id, "times_delivered": counts[entry_id]}
+            await self.take(key, [row], 0, suspect=True)
 
     async def _counts(self, key: StreamKey, ids: list[str]) -> dict[str, int]:
         """Delivery counts of our own pending ``ids``, each looked up by itself."""
@@ -282,26 +323,6 @@ class PendingWork:
             if rows:
                 counts[rows[0]["message_id"]] = int(rows[0]["times_delivered"])
         return counts
-
-    async def _ack_deleted_pending(self, key: StreamKey) -> None:
-        """Redis 6.2: XAUTOCLAIM moved deleted entries to us as nils; acknowledge them.
-
-        The nil names no ID, so our pending IDs are listed (XPENDING) and each looked up
-        (XRANGE id id): those whose entry is gone are acknowledged.
-        """
-        rows = await self.client.xpending_range(
-            key.key, self.name, "-", "+", 1000, consumername=self.me
-        )
-        ids = [r["message_id"] for r in rows if (key.key, r["message_id"]) not in self._inflight]
-        if not ids:
-            return
-        pipe = self.client.pipeline(transaction=False)
-        for entry_id in ids:
-            pipe.xrange(key.key, entry_id, entry_id, count=1)
-        present = {found[0][0] for found in await pipe.execute() if found}
-        missing = [i for i in ids if i not in present]
-        if missing:
-            await self._ack_deleted(key, missing)
 
     # -- claiming ----------------------------------------------------------------------
 
@@ -342,13 +363,15 @@ class PendingWork:
         *,
         claiming: bool = False,
         listed: bool = True,
+        suspect: bool = False,
     ) -> int:
         """XCLAIM ``rows`` (XPENDING rows) to this consumer and process them; how many.
 
         ``claiming``: they were another consumer's (or idle past ``claim_idle``): counted.
         ``listed``: the rows come from XPENDING just now, so an ID XCLAIM does not return
         was trimmed or deleted; not listed (a retry's due time), it may simply have been
-        taken or acknowledged meanwhile, and is left alone.
+        taken or acknowledged meanwhile, and is left alone. ``suspect``: one entry a dead
+        runner held; the next such entry waits until it is committed.
         """
         rows = [
             r
@@ -369,7 +392,9 @@ class PendingWork:
             await self._ack_deleted(key, missing)
         if claiming:
             self._key_stats[key.key].claimed += len(entries)
-        await self._process(entries)
+        live = await self._process(entries)
+        if suspect and live:
+            self._suspect = (key.key, live[-1].id)
         return len(entries)
 
     async def _ack_deleted(self, key: StreamKey, missing: list[str]) -> None:
@@ -395,25 +420,39 @@ class PendingWork:
             )
             await self.client.xack(key.key, self.name, *gone)
 
-    async def _process(self, entries: list[Entry]) -> None:
-        """Run claimed entries; dead-letter those already delivered more than allowed."""
+    async def _failures(self, entries: list[Entry]) -> dict[str, int]:
+        """How many deliveries of each of ``entries`` failed (the rest: its runner died)."""
+        pipe = self.client.pipeline(transaction=False)
+        for e in entries:
+            pipe.hget(failures_key(e.key.key), f"{self.name}:{e.id}")
+        try:
+            found = await pipe.execute()
+        except Exception as exc:  # the count is for the reason only
+            self.log.debug("group %s: failure counts not read: %s", self.name, exc)
+            return {}
+        return {e.id: int(n) for e, n in zip(entries, found, strict=True) if n}
+
+    async def _process(self, entries: list[Entry]) -> list[Entry]:
+        """Run claimed entries; dead-letter those already delivered more than allowed.
+        Returns those that run."""
         if not entries:
-            return
+            return []
         dead = [e for e in entries if e.deliveries > self.max_deliveries]
         live = [e for e in entries if e.deliveries <= self.max_deliveries]
         if dead:
             # this claim is not a delivery to a handler: report the ones that were
+            failures = await self._failures(dead)
             await self._commit(
                 [
                     Outcome(
                         Entry(e.key, e.id, e.fields, e.deliveries - 1),
                         DEAD,
                         [],
-                        f"delivered {e.deliveries - 1} times without being "
-                        "acknowledged (its consumer crashed or timed out each time)",
+                        crash_reason(e.deliveries - 1, failures.get(e.id, 0)),
                     )
                     for e in dead
                 ]
             )
         if live:
             await self._dispatch(live)
+        return live

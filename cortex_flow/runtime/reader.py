@@ -11,6 +11,12 @@ read takes them. Where neither can run (keys in different cluster slots, a serve
 without scripting) each key is tried in turn. When none has any, one blocking
 XREADGROUP over every key waits for the next entry. A passing error running the
 script (BUSY, NOGROUP, ...) is raised, not a reason to give the script up.
+
+An idle group costs one command per wait: once a blocking read came back empty, the
+next read is that blocking read again, without the non-blocking look or the script
+first (a blocking XREADGROUP answers at once when any of its keys holds new entries).
+Keys of one group in different cluster slots cannot block in one read: the group polls
+them, and says so once when it starts.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from cortex_flow.flow.topology import ResolvedGroup
-from cortex_flow.runtime.delivery import Entry, scripting_unavailable
+from cortex_flow.runtime.delivery import Acks, Entry, scripting_unavailable
 from cortex_flow.runtime.pending import reply_entries
 from cortex_flow.runtime.scheduler import Scheduler
 from cortex_flow.wire.connection import same_slot
@@ -69,6 +75,7 @@ class GroupReader:
         cluster: bool,
         sleep: Callable[[float], Awaitable[None]],
         log: logging.Logger,
+        acked: Callable[[list[Acks], list[Any]], None] | None = None,
     ) -> None:
         self.client = client
         self.name = group.name
@@ -78,6 +85,10 @@ class GroupReader:
         self.cluster = cluster
         self.log = log
         self._sleep = sleep
+        # plain acknowledgements sent in the same pipeline as the next read (one round
+        # trip for both); ``acked(acks, replies)`` is told each XACK's reply or error
+        self.acks: list[Acks] = []
+        self._acked = acked
         self._scheduler = Scheduler(self.keys, group.spec.priority, group.spec.weights)
         self._script: Any = None
         self._descend = False  # strict: read the levels from the top down to ``_level``
@@ -87,11 +98,36 @@ class GroupReader:
         self.parked: list[Entry] = []
         self._by_key = {k.key: k for k in self.keys}
         self._rank = {k.key: i for i, k in enumerate(self.keys)}
-        if len(self.keys) > 1 and (not cluster or same_slot(*[k.key for k in self.keys])):
+        # the last blocking read found nothing: the next one need not look first
+        self._idle = False
+        self.polls = len(self.keys) > 1 and cluster and not same_slot(*self._by_key)
+        if len(self.keys) > 1 and not self.polls:
             if group.spec.priority == "weighted":
                 self._script = client.register_script(FIND_FIRST)
             else:
                 self._descend = True
+        # whether ``acks`` go with the first read of every fetch (before any BLOCK)
+        self.takes_acks = (
+            acked is not None and not cluster and (len(self.keys) == 1 or self._descend)
+        )
+        if self.polls:
+            log.warning(
+                "group %s: its %d keys (%s) are in different cluster slots, so one read "
+                "cannot wait on them all: it polls them every %.1fs (up to that much latency, "
+                "%d commands a poll). Give the stream's key one hash tag (e.g. "
+                '"{%s}:...") or use partitions: N; `cortex-flow validate` names the keys',
+                self.name,
+                len(self.keys),
+                ", ".join(self._by_key),
+                block_ms / 1000,
+                len(self.keys),
+                group.stream,
+            )
+
+    @property
+    def idle(self) -> bool:
+        """Whether the last blocking read found nothing."""
+        return self._idle
 
     async def fetch(
         self, count: int, block: bool = True, block_ms: int | None = None
@@ -99,17 +135,24 @@ class GroupReader:
         """Read up to ``count`` new entries, waiting up to ``block_ms`` (default: the
         reader's) for some if ``block``."""
         block_ms = (block_ms or self.block_ms) if block else None
+        # idle (the last wait found nothing), with no acknowledgement to carry first
+        waiting = self._idle and block_ms is not None and not self.parked and not self.acks
         if len(self.keys) == 1:
             key = self.keys[0]
             streams = {key.key: ">"}
             # a backlog is read without BLOCK (redis-py then waits on the socket with
             # the command's own timeout, which costs it more per call)
-            resp = await self.client.xreadgroup(self.name, self.me, streams, count=count)
+            resp = None
+            if not waiting:
+                resp = await self._read(streams, count)
             if not (resp and resp[0][1]) and block_ms is not None:
                 resp = await self.client.xreadgroup(
                     self.name, self.me, streams, count=count, block=block_ms
                 )
+                self._idle = not (resp and resp[0][1])
             return reply_entries(key, resp[0][1]) if resp and resp[0][1] else []
+        if waiting and not self.polls:  # idle: straight to the blocking read over all keys
+            return await self._wait_any(count, block_ms or self.block_ms)
         if self._descend:
             entries = await self._descending(count)
             if entries or block_ms is None or self.parked:
@@ -147,8 +190,8 @@ class GroupReader:
                     return reply_entries(key, resp[0][1])
         if block_ms is None:
             return []  # not waiting: every key was looked at above
-        if self.cluster and self._script is None:
-            await self._sleep(block_ms / 1000)  # keys in different slots: poll
+        if self.polls:  # keys in different slots: poll, at the reader's pace (not idle's)
+            await self._sleep(min(block_ms, self.block_ms) / 1000)
             return []
         return await self._wait_any(count, block_ms)
 
@@ -160,7 +203,7 @@ class GroupReader:
         level = self._level
         while True:
             streams = {k.key: ">" for k in self.keys[: level + 1]}
-            resp = await self.client.xreadgroup(self.name, self.me, streams, count=count)
+            resp = await self._read(streams, count)
             entries = self._entries(resp)
             if entries:
                 return self._highest(entries)
@@ -174,7 +217,7 @@ class GroupReader:
         top = self._rank[self.parked[0].key.key]
         if top:
             streams = {k.key: ">" for k in self.keys[:top]}
-            resp = await self.client.xreadgroup(self.name, self.me, streams, count=count)
+            resp = await self._read(streams, count)
             entries = self._entries(resp)
             if entries:
                 return self._highest(entries)
@@ -183,6 +226,31 @@ class GroupReader:
         released, self.parked = self.parked[:cut], self.parked[cut:]
         self._level = top
         return released
+
+    async def _read(self, streams: dict[str, str], count: int) -> Any:
+        """XREADGROUP without BLOCK; the acknowledgements waiting go in the same pipeline.
+
+        XACK is idempotent: when the pipeline fails, whether they were applied is not
+        known, and they are sent again with the next read.
+        """
+        acks, acked = self.acks, self._acked
+        if not acks or acked is None or not self.takes_acks:
+            return await self.client.xreadgroup(self.name, self.me, streams, count=count)
+        self.acks = []
+        pipe = self.client.pipeline(transaction=False)
+        for ack in acks:
+            pipe.xack(ack.key, self.name, *[e.id for e in ack.entries])
+        pipe.xreadgroup(self.name, self.me, streams, count=count)
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except BaseException:
+            self.acks[:0] = acks
+            raise
+        acked(acks, replies[:-1])
+        resp = replies[-1]
+        if isinstance(resp, Exception):
+            raise resp
+        return resp
 
     def _highest(self, entries: list[Entry]) -> list[Entry]:
         """The entries of the highest key among ``entries`` (sorted by priority); the
@@ -207,6 +275,7 @@ class GroupReader:
         resp = await self.client.xreadgroup(
             self.name, self.me, {k.key: ">" for k in self.keys}, count=count, block=block_ms
         )
+        self._idle = not resp
         if not resp:
             if time.monotonic() - started < block_ms / 2000:
                 await self._sleep(0.02)  # a server (or fake) that does not block

@@ -62,6 +62,9 @@ def _record(
     state.last_changes = changes
     state.last_errors = errors
     state.totals[outcome] = state.totals.get(outcome, 0) + 1
+    state.history.append(
+        {"outcome": outcome, "at": state.last_at, "changes": changes, "errors": errors}
+    )
     return {
         "outcome": outcome,
         "changes": changes,

@@ -21,6 +21,7 @@ from jinja2.runtime import Context
 from cortex_flow.flow.checks import resolve_callable
 from cortex_flow.flow.models import Route, StreamSpec
 from cortex_flow.flow.outbound import FixedOrigin, check_request, fixed_origin, quote_outputs
+from cortex_flow.flow.slots import PARTITION, PartitionPicker
 from cortex_flow.flow.templates import Expression, Template, TemplateLimitError, make_context
 from cortex_flow.flow.topology import ResolvedGroup, key_template, key_variables
 from cortex_flow.runtime.callpool import CallPool, default_pool
@@ -36,6 +37,21 @@ call_resolver: ContextVar[Callable[[str], object]] = ContextVar(
 
 class PermanentError(Exception):
     """A failure retrying cannot fix (bad template data, unknown target): dead-letter now."""
+
+
+# What a handler may raise that Python does not count as an Exception. Raised by one
+# handler for one message, each is that message's failure, never the runner's exit.
+HANDLER_EXITS = (SystemExit, KeyboardInterrupt, GeneratorExit)
+
+
+class HandlerExit(Exception):
+    """A handler raised SystemExit, KeyboardInterrupt or GeneratorExit: a failure."""
+
+    @classmethod
+    def of(cls, route: CompiledRoute, exc: BaseException) -> HandlerExit:
+        """``exc``, raised by ``route``'s handler, as its message's failure."""
+        args = ", ".join(repr(a) for a in exc.args)
+        return cls(f"{route.handler} raised {type(exc).__name__}({args})")
 
 
 def _failure(label: str, what: str, exc: Exception, raw: bool) -> PermanentError:
@@ -82,7 +98,9 @@ class CompiledRoute:
         self.is_async = False
         self.inline = False
         self.timeout = 0.0
+        self.handler = ""  # ``module:function`` of a call route, for errors and logs
         if route.call is not None:
+            self.handler = route.call.function
             fn = call_resolver.get()(route.call.function)
             assert callable(fn)
             self.fn = fn
@@ -105,8 +123,16 @@ class CompiledRoute:
             needed = key_variables(self.target)
             self.key = key_template(self.target.key)
             self.vars = {k: Template(v) for k, v in route.vars.items()}
-            # variables neither the route nor a literal gives come from the source entry
-            self.inherit = tuple(v for v in sorted(needed) if v not in route.vars)
+            # variables neither the route nor a literal gives come from the source entry;
+            # a partitioned target's partition is picked per message instead
+            self.inherit = tuple(
+                v for v in sorted(needed) if v not in route.vars and v != PARTITION
+            )
+            self.picker = (
+                PartitionPicker(self.target.partitions, self.target.partition_key)
+                if PARTITION in needed and self.target.partitions
+                else None
+            )
             self.set = {k: Template(v) for k, v in (route.set or {}).items()}
             self.set_given = route.set is not None
         self.needs_context = self.when is not None or (
@@ -162,8 +188,6 @@ class CompiledRoute:
             for name, template in self.vars.items():
                 what = f"vars.{name}"
                 values[name] = template.render(ctx) if ctx is not None else template.source
-            what = "key"
-            key = self.key.source if self.key.is_literal else self.key.render(make_context(values))
             out: Mapping[str, Any] = msg
             if self.set_given:
                 fields = {}
@@ -171,6 +195,10 @@ class CompiledRoute:
                     what = f"set.{name}"
                     fields[name] = template.render(ctx) if ctx is not None else template.source
                 out = fields
+            what = "key"
+            if self.picker is not None:  # from the message as published
+                values[PARTITION] = self.picker.tag(out)
+            key = self.key.source if self.key.is_literal else self.key.render(make_context(values))
         except UndefinedError as exc:
             raise PermanentError(f"{self.label}: {exc.message}") from None
         except Exception as exc:  # TypeError, SecurityError, ...: the same every time
@@ -187,7 +215,12 @@ class CompiledRoute:
                 f"{self.label}: agent {agent!r} is not declared; declare it under agents: "
                 f"or guard the route with `when: msg.to in agents`"
             )
-        return Publish(key, encode(self.target.codec, out))
+        try:
+            fields = encode(self.target.codec, out)
+        except Exception as exc:  # RecursionError, a value JSON cannot hold: every time
+            what = f"encoding for stream {self.target_name}"
+            raise _failure(self.label, what, exc, False) from exc
+        return Publish(key, fields)
 
 
 class RouteTable:
@@ -206,11 +239,21 @@ class RouteTable:
         self.needs_context = any(r.needs_context for r in self.routes)
         # every action completes without a thread or socket: process whole batches inline
         self.inline = all(r.action in ("to", "drop") or r.inline for r in self.routes)
-        # and nothing to await at all: EntryHandler.run_inline
+        # and nothing to await at all: EntryHandler.run_batch
         self.inline_sync = self.inline and not any(r.is_async for r in self.routes)
         # a sync call runs in a thread: its handlers all wait, so they start together
         self.threaded = any(
             r.action == "call" and not r.inline and not r.is_async for r in self.routes
+        )
+        # the table is one sync call and nothing else: no route steps to go through
+        first = self.routes[0] if len(self.routes) == 1 else None
+        self.only_call = (
+            first
+            if first is not None
+            and first.action == "call"
+            and not (first.inline or first.is_async)
+            and first.when is None
+            else None
         )
 
 
@@ -222,6 +265,14 @@ class Overran(TimeoutError):
         super().__init__(f"timed out after {timeout:g}s (it ran on for {ran:.1f}s in all)")
         self.timeout = timeout
         self.ran = ran
+
+
+def call_inline(route: CompiledRoute, msg: Any) -> None:
+    """A sync ``call`` route run here; SystemExit and the like are its failure."""
+    try:
+        route.fn(msg)  # type: ignore[misc]
+    except HANDLER_EXITS as exc:
+        raise HandlerExit.of(route, exc) from None
 
 
 async def call_route(
@@ -237,6 +288,19 @@ async def call_route(
     ``on_overrun`` is told, and this waits for the thread to return (the message keeps
     its slot and its lease, and is not retried meanwhile), then raises :class:`Overran`.
     """
+    try:
+        await _call(route, msg, executor, on_overrun, deadlines)
+    except HANDLER_EXITS as exc:
+        raise HandlerExit.of(route, exc) from None
+
+
+async def _call(
+    route: CompiledRoute,
+    msg: Any,
+    executor: CallPool | None,
+    on_overrun: Callable[[CompiledRoute], None] | None,
+    deadlines: Deadlines | None,
+) -> None:
     fn = route.fn
     assert fn is not None
     if route.is_async:
@@ -246,7 +310,7 @@ async def call_route(
             async with asyncio.timeout(route.timeout):
                 await fn(msg)
     elif route.inline:
-        fn(msg)
+        call_inline(route, msg)
     else:
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -263,8 +327,12 @@ async def call_route(
         except TimeoutError:
             if pool.cancel(call):
                 raise  # still queued for a thread: it never ran
+            if call.returned:  # in time, not handed back to the loop yet
+                await call.returning()
+                return
+            pool.stuck(call)
             if on_overrun is not None:
                 on_overrun(route)
-            with contextlib.suppress(Exception):  # its outcome is the timeout either way
+            with contextlib.suppress(Exception, *HANDLER_EXITS):  # timed out either way
                 await call.returning()
             raise Overran(route.timeout, loop.time() - started) from None

@@ -20,11 +20,12 @@ from cortex_flow.flow.exposed import topology_doc
 from cortex_flow.flow.loader import Project
 from cortex_flow.flow.plan import diff
 from cortex_flow.flow.topology import Resolved, no_reader, resolve, unread_inboxes
+from cortex_flow.runtime import tracing
 from cortex_flow.runtime.callpool import CallPool
-from cortex_flow.runtime.consumer import GroupConsumer
 from cortex_flow.runtime.flowmetrics import flow_detail
 from cortex_flow.runtime.gauges import refresh_gauges
 from cortex_flow.runtime.heartbeat import HeartbeatMonitor, check_runner_name, runner_instance
+from cortex_flow.runtime.partitioned import Consumer
 from cortex_flow.runtime.reload import Reload, reload_topology, watch_changes
 from cortex_flow.runtime.routes import RouteTable
 from cortex_flow.runtime.running import (
@@ -45,7 +46,8 @@ from cortex_flow.wire.redis_errors import explain, redis_user
 
 log = logging.getLogger("cortex_flow.runner")
 
-PROBE_EVERY = 1.0  # seconds between two PINGs of the connection probe
+PROBE_EVERY = 5.0  # seconds between two PINGs of the connection probe while Redis answers
+PROBE_EVERY_DOWN = 1.0  # ... and while it does not: "answers again" is seen within a second
 PROBE_TIMEOUT = 2.0  # a PING unanswered this long counts as Redis down
 
 Watcher = Callable[[], AsyncIterator[Any]]
@@ -61,7 +63,8 @@ class Runner:
     ``client`` is a Redis client to use (else one is made from ``url`` or the config);
     ``http`` stands in for the HTTP client of ``http`` routes (a test stub);
     ``announce`` receives the line that tells other processes how to reach an embedded
-    server (the CLI prints it; the default logs it).
+    server (the CLI prints it; the default logs it); ``ui`` makes what mounts extra routes
+    on the admin endpoint from the runner (the CLI's dashboard, :mod:`cortex_flow.ops.dashboard`).
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class Runner:
         block: float = 1.0,
         http: Any = None,
         announce: Callable[[str], None] | None = None,
+        ui: Callable[[Runner], Callable[[Any], None]] | None = None,
     ) -> None:
         self.project = project
         self.config = project.config
@@ -91,6 +95,7 @@ class Runner:
         self._http = http
         self._announce = announce or log.info
         self._admin_enabled = admin
+        self._ui = ui
         self._watcher = watcher
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
@@ -100,7 +105,7 @@ class Runner:
     # -- what runs now ---------------------------------------------------------------------
 
     @property
-    def consumers(self) -> dict[str, GroupConsumer]:
+    def consumers(self) -> dict[str, Consumer]:
         """The running consumers by group name."""
         return self.running.consumers if self.running is not None else {}
 
@@ -130,6 +135,7 @@ class Runner:
         resolved = resolve(self.project.topology, self.name)
         tables = route_tables(resolved, self.project.base_dir, self.config)
         apply_settings(self.config)
+        tracing.setup()  # once, before any consumer: off unless OTEL_* ask for traces
         await self._start_admin()  # a port in use fails now, not after Redis is reached
         if self.client is None:
             if self.url == "embedded":
@@ -178,8 +184,9 @@ class Runner:
         self._tasks.append(asyncio.create_task(self._probe(), name="redis:probe"))
 
     async def _probe(self) -> None:
-        """PING Redis every ``PROBE_EVERY``: ``connected`` (the gauge, ``/readyz``) is
-        false while it does not answer within ``PROBE_TIMEOUT``, and the log says so."""
+        """PING Redis every ``PROBE_EVERY`` (every ``PROBE_EVERY_DOWN`` while it is down):
+        ``connected`` (the gauge, ``/readyz``) is false while it does not answer within
+        ``PROBE_TIMEOUT``, and the log says so."""
         where = describe_url(self.url) if self.url else "(given client)"
         down_since: float | None = None
         while not self._stop.is_set():
@@ -208,7 +215,8 @@ class Runner:
                     down_since = None
                 self.stats.connected = True
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), PROBE_EVERY)
+                every = PROBE_EVERY if down_since is None else PROBE_EVERY_DOWN
+                await asyncio.wait_for(self._stop.wait(), every)
 
     async def _start_embedded(self) -> None:
         from cortex_flow.wire.embedded import resolve_url
@@ -266,6 +274,7 @@ class Runner:
             # read per request: a reload may change them
             hosts=lambda: self.config.admin.hosts,
             token=lambda: self.config.admin.token,
+            extend=self._ui(self) if self._ui is not None else None,
         )
         await admin.start()
         self.admin = admin
@@ -294,6 +303,16 @@ class Runner:
             "groups": sorted(self.consumers),
             "problems": problems,
             "flow": flow_detail(self.stats),
+            # groups with sync calls stuck past their timeout (status shows them)
+            "stuck_calls": {
+                name: {
+                    "stuck": g.overrunning,
+                    "max_stuck_calls": g.max_stuck_calls,
+                    "held_back": g.held_back,
+                }
+                for name, g in sorted(self.stats.groups.items())
+                if g.overrunning
+            },
             "reload": {
                 "last_outcome": reload.last_outcome,
                 "last_at": reload.last_at,

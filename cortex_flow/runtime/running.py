@@ -44,11 +44,12 @@ from cortex_flow.runtime.duties import (
 from cortex_flow.runtime.faultlog import WHAT
 from cortex_flow.runtime.flowgate import FlowGate
 from cortex_flow.runtime.heartbeat import HeartbeatMonitor
+from cortex_flow.runtime.partitioned import Consumer, make_consumer
 from cortex_flow.runtime.retention import RetentionDuty
 from cortex_flow.runtime.routes import RouteTable
 from cortex_flow.runtime.stats import GroupStats, RunnerStats
 from cortex_flow.wire.connection import Backoff
-from cortex_flow.wire.faults import passing_reason
+from cortex_flow.wire.faults import CLUSTER_ERRORS, passing_reason
 from cortex_flow.wire.groups import ensure_group, wrong_types
 from cortex_flow.wire.redis_errors import explain, redis_user
 
@@ -145,14 +146,14 @@ class RunningTopology:
         self.executor = executor or CallPool()
         self.resolved: Resolved | None = None
         self.tables: dict[str, RouteTable] = {}
-        self.consumers: dict[str, GroupConsumer] = {}
+        self.consumers: dict[str, Consumer] = {}
         self.heartbeats: HeartbeatMonitor | None = None
         self.duties: Duties | None = None
         self.retention: RetentionDuty | None = None
         self.dead_consumers: DeadConsumers | None = None
         self.delayed: DelayedMover | None = None
         self.retiring: set[asyncio.Task[bool]] = set()
-        self.draining: dict[str, GroupConsumer] = {}  # retired, maybe still finishing
+        self.draining: dict[str, Consumer] = {}  # retired, maybe still finishing
 
     # -- provisioning (awaits; nothing running changes) ------------------------------------
 
@@ -178,7 +179,7 @@ class RunningTopology:
                     for key in group.keys:
                         await self.create_group(group, key.key)
                 return
-            except (*TRANSIENT, ResponseError) as exc:
+            except (*TRANSIENT, *CLUSTER_ERRORS, ResponseError) as exc:
                 reason = passing_reason(exc)
                 delay = backoff.next_delay()
                 late = deadline is not None and time.monotonic() + delay > deadline
@@ -285,7 +286,7 @@ class RunningTopology:
             predecessor = draining.done
         stats = self.stats.groups.get(group.name) or GroupStats(group.name, group.consumer)
         self.stats.groups[group.name] = stats
-        consumer = GroupConsumer(
+        consumer = make_consumer(
             self.client,
             group,
             table,
@@ -297,8 +298,10 @@ class RunningTopology:
             predecessor=predecessor,
             block=self.block,
             log=logging.getLogger("cortex_flow.consumer"),
+            members=self._live_runners,
+            shutdown_grace=self.shutdown_grace,
         )
-        if FlowGate.wanted(group):
+        if FlowGate.wanted(group) and isinstance(consumer, GroupConsumer):
             consumer.gate = FlowGate(
                 self.client,
                 group,
@@ -313,7 +316,15 @@ class RunningTopology:
         consumer.start()
         self.consumers[group.name] = consumer
 
-    def _retire(self, consumer: GroupConsumer) -> None:
+    def _live_runners(self) -> set[str] | None:
+        """The other runners beating now, for partitioned groups to split partitions by;
+        an empty set without heartbeats (then each runner reads every partition)."""
+        monitor = self.heartbeats
+        if monitor is None or monitor.key is None:
+            return set()
+        return monitor.live_runners()
+
+    def _retire(self, consumer: Consumer) -> None:
         """Stop a replaced or removed consumer in the background; ``stop`` awaits it."""
         task = asyncio.create_task(consumer.stop(self.shutdown_grace))
         self.retiring.add(task)

@@ -8,7 +8,11 @@ paying for prometheus-client's locked counters on every message.
 from __future__ import annotations
 
 import bisect
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
+
+HISTORY = 50  # reloads remembered for the dashboard
 
 # handler latency histogram buckets, seconds
 BUCKETS: tuple[float, ...] = (
@@ -42,6 +46,12 @@ class Latency:
         self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
         self.total += seconds
         self.count += 1
+
+    def observe_many(self, seconds: float, count: int) -> None:
+        """Observe ``count`` messages that took ``seconds`` each (a batch's mean)."""
+        self.counts[bisect.bisect_left(BUCKETS, seconds)] += count
+        self.total += seconds * count
+        self.count += count
 
 
 @dataclass
@@ -80,6 +90,8 @@ class GroupStats:
     # area ("blocked": reads; "recovery": claims of idle entries; "commit"), in one line
     problems: dict[str, str] = field(default_factory=dict)
     overrunning: int = 0  # sync calls past their timeout whose thread still runs
+    held_back: bool = False  # max_stuck_calls of them: no new message starts
+    max_stuck_calls: int = 0  # the group's bound (0: no sync call)
     leases_lost: int = 0  # held entries another consumer took over before a renewal
     flow: FlowStats | None = None  # rate_limit, max_in_flight, dedup (runtime/flowgate.py)
 
@@ -110,6 +122,8 @@ class ReloadState:
     last_changes: list[str] = field(default_factory=list)
     last_duration: float = 0.0
     totals: dict[str, int] = field(default_factory=dict)
+    # the newest reloads, oldest first: {"outcome", "at", "reason", "changes", "errors"}
+    history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=HISTORY))
 
 
 @dataclass

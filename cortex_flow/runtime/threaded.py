@@ -6,38 +6,42 @@ bookkeeping rather than on the handlers. Here one task keeps up to ``concurrency
 entries in flight: it steps each entry's routes (:meth:`EntryHandler.steps`), queues
 their sync calls in the :class:`~cortex_flow.runtime.callpool.CallPool` (the calls of
 one pass reach the threads in one hand-over), and is told of the calls that returned
-in runs. Timeouts are kept in one heap: a call still queued at its timeout is taken
-back and fails as timed out; one already running cannot be stopped, so it is said to
-overrun, keeps its slot, and fails as timed out once it returns. An ``async`` or
+in runs. Deadlines wait in a queue per timeout (calls of one timeout fall due in the
+order they were queued): a call still queued at its timeout is taken back and fails as
+timed out; one already running cannot be stopped, so it is said to overrun (stuck): its
+entry stays held and fails as timed out once it returns, but its slot goes to the next
+entry, up to the group's ``max_stuck_calls`` stuck at once; at that bound no new entry
+starts until one returns. An ``async`` or
 ``http`` route of the same table runs in a task of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
 import logging
+from collections import deque
 from collections.abc import Callable, Generator
 from typing import Any
 
 from cortex_flow.runtime.callpool import Call, CallPool
 from cortex_flow.runtime.delivery import Entry, Outcome
 from cortex_flow.runtime.handling import EntryHandler, Step
-from cortex_flow.runtime.routes import CompiledRoute, Overran, call_route
+from cortex_flow.runtime.routes import CompiledRoute, HandlerExit, Overran, call_route
 
 Steps = Generator[Step, None, Outcome]
 
 
 class _Flight:
-    """One entry in flight: its steps, and the call it waits for."""
+    """One entry in flight: its steps (None: the table is one sync call), and the call it
+    waits for."""
 
-    __slots__ = ("entry", "overran", "route", "started", "steps")
+    __slots__ = ("call", "entry", "overran", "route", "started", "steps")
 
-    def __init__(self, entry: Entry, steps: Steps) -> None:
+    def __init__(self, entry: Entry, steps: Steps | None) -> None:
         self.entry = entry
         self.steps = steps
         self.route: CompiledRoute | None = None
+        self.call: Call | None = None  # the sync call it waits for
         self.started = 0.0  # loop time the current call was queued
         self.overran = False
 
@@ -67,13 +71,16 @@ class ThreadedDriver:
         self._finish = finish
         self._drop = drop
         self.log = log
-        self.in_flight = 0  # entries started and not finished
+        self.in_flight = 0  # entries started and not finished, the stuck ones included
+        self.stuck = 0  # of them, in a sync call past its timeout (they keep no slot)
         self._returned: list[Call] = []  # calls whose thread returned, to settle
-        self._deadlines: list[tuple[float, int, Call]] = []  # a heap
-        self._order = itertools.count()
+        # (deadline, call) by timeout: calls of one timeout are queued in deadline order
+        self._deadlines: dict[float, deque[tuple[float, Call]]] = {}
         self._wake: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # async and http routes
         self._flights: set[_Flight] = set()  # started, not finished
+        self._closed = False  # ended (finished, failed or cancelled)
+        self._loop = asyncio.get_running_loop()
 
     def poke(self) -> None:
         """New entries wait (or the stop came): look again."""
@@ -81,22 +88,49 @@ class ThreadedDriver:
         if wake is not None and not wake.done():
             wake.set_result(None)
 
+    def start(self) -> None:
+        """Start the entries waiting, up to ``concurrency`` in flight; their calls go to
+        the threads now. The consumer calls this as it reads them (no wait for this
+        driver's task to come round), and so does :meth:`run`."""
+        if self._closed:
+            return
+        handler = self.handler
+        steps, only = handler.steps, handler.table.only_call
+        # stuck calls keep their message but not its slot, up to max_stuck_calls
+        while (
+            self.in_flight - self.stuck < self.concurrency and self.stuck < handler.max_stuck_calls
+        ):
+            entry = self._take()
+            if entry is None:
+                break
+            self.in_flight += 1
+            if only is None:
+                flight = _Flight(entry, steps(entry))
+                self._flights.add(flight)
+                self._advance(flight, None, first=True)
+                continue
+            # the table is one sync call: no route steps to go through
+            flight = _Flight(entry, None)
+            self._flights.add(flight)
+            try:
+                msg = handler.message(entry)
+                if isinstance(msg, Outcome):  # cannot be decoded
+                    self._landed(flight)
+                    self._finish(msg)
+                else:
+                    self._queue_call(flight, only, msg)
+            except Exception:
+                self._lost(flight)
+        self.pool.flush(self._loop)
+
     async def run(self) -> None:
         """Until nothing is in flight and nothing waits to start."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         try:
             while True:
-                while self.in_flight < self.concurrency:
-                    entry = self._take()
-                    if entry is None:
-                        break
-                    self.in_flight += 1
-                    flight = _Flight(entry, self.handler.steps(entry))
-                    self._flights.add(flight)
-                    self._advance(flight, None, first=True)
+                self.start()
                 if not self.in_flight:
                     return
-                self.pool.flush(loop)  # this pass's calls to the threads now
                 if not self._returned:
                     await self._wait(loop)
                 returned, self._returned = self._returned, []
@@ -108,17 +142,36 @@ class ThreadedDriver:
                 self._drop(flight.entry)
             raise
         finally:
+            self._closed = True
             for task in self._tasks:
                 task.cancel()
+            self._abandon()
+
+    def _abandon(self) -> None:
+        """Ended with entries in flight (a stop whose grace ran out, an error): their
+        calls still queued never run (a successor may take the entries now); one that
+        overran leaves the ``overrunning`` gauge when its thread returns."""
+        returned, self._returned = self._returned, []
+        for call in returned:
+            self._returned_one(call)
+        for flight in self._flights:
+            waiting = flight.call
+            if waiting is not None and waiting.tag is flight and self.pool.cancel(waiting):
+                waiting.tag = None
 
     async def _wait(self, loop: asyncio.AbstractEventLoop) -> None:
         self._wake = wake = loop.create_future()
         timer = None
-        heap = self._deadlines
-        while heap and heap[0][2].tag is None:  # settled meanwhile
-            heapq.heappop(heap)
-        if heap:
-            timer = loop.call_at(heap[0][0], self.poke)
+        first = None
+        for timeout, queue in self._deadlines.items():
+            while queue and queue[0][1].tag is None:  # settled meanwhile
+                queue.popleft()
+            if len(queue) > 2 * self.concurrency + 64:  # settled behind one that runs long
+                self._deadlines[timeout] = queue = deque(d for d in queue if d[1].tag is not None)
+            if queue and (first is None or queue[0][0] < first):
+                first = queue[0][0]
+        if first is not None:
+            timer = loop.call_at(first, self.poke)
         try:
             await wake
         finally:
@@ -126,9 +179,16 @@ class ThreadedDriver:
             if timer is not None:
                 timer.cancel()
 
-    def _advance(self, flight: _Flight, error: BaseException | None, first: bool = False) -> None:
+    def _advance(self, flight: _Flight, error: Exception | None, first: bool = False) -> None:
         """Step ``flight`` on to its next call (queued) or to its outcome (finished)."""
         try:
+            if flight.steps is None:  # its only route returned or failed
+                route = flight.route
+                assert route is not None
+                seconds = self._loop.time() - flight.started
+                self._landed(flight)
+                self._finish(self.handler.called(flight.entry, route, error, seconds))
+                return
             try:
                 if first:
                     route, msg, ctx = next(flight.steps)
@@ -137,31 +197,48 @@ class ThreadedDriver:
                 else:
                     route, msg, ctx = flight.steps.send(None)
             except StopIteration as stop:
-                self.in_flight -= 1
-                self._flights.discard(flight)
+                self._landed(flight)
                 self._finish(stop.value)
                 return
-            loop = asyncio.get_running_loop()
-            flight.route, flight.overran = route, False
-            flight.started = now = loop.time()
             if route.action == "call" and not route.is_async:
-                call = self.pool.call(loop, route.fn, msg, self._returned_one)  # type: ignore[arg-type]
-                call.tag = flight
-                heapq.heappush(self._deadlines, (now + route.timeout, next(self._order), call))
+                self._queue_call(flight, route, msg)
             else:
-                task = loop.create_task(self._awaited(flight, route, msg, ctx))
+                flight.route, flight.overran = route, False
+                flight.started = self._loop.time()
+                task = self._loop.create_task(self._awaited(flight, route, msg, ctx))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
         except Exception:
-            self.in_flight -= 1
+            self._lost(flight)
+
+    def _queue_call(self, flight: _Flight, route: CompiledRoute, msg: Any) -> None:
+        """Queue ``flight``'s sync call in the pool, its deadline with the others."""
+        loop = self._loop
+        flight.route, flight.overran = route, False
+        flight.started = now = loop.time()
+        call = self.pool.call(loop, route.fn, msg, self._returned_one)  # type: ignore[arg-type]
+        call.tag, flight.call = flight, call
+        queue = self._deadlines.get(route.timeout)
+        if queue is None:
+            queue = self._deadlines[route.timeout] = deque()
+        queue.append((now + route.timeout, call))
+
+    def _lost(self, flight: _Flight) -> None:
+        """``flight`` could not be stepped on: given up, it stays pending and is retried."""
+        self._landed(flight)
+        self.log.exception(
+            "group %s: %s from %s could not be finished; it stays pending and is retried",
+            self.handler.name,
+            flight.entry.id,
+            flight.entry.key.key,
+        )
+        self._drop(flight.entry)
+
+    def _landed(self, flight: _Flight) -> None:
+        """``flight`` is no longer in flight (once, whatever happens after)."""
+        if flight in self._flights:
             self._flights.discard(flight)
-            self.log.exception(
-                "group %s: %s from %s could not be finished; it stays pending and is retried",
-                self.handler.name,
-                flight.entry.id,
-                flight.entry.key.key,
-            )
-            self._drop(flight.entry)
+            self.in_flight -= 1
 
     async def _awaited(self, flight: _Flight, route: CompiledRoute, msg: Any, ctx: Any) -> None:
         """An ``async`` call or ``http`` post among the routes: awaited, then stepped on."""
@@ -177,6 +254,13 @@ class ThreadedDriver:
         self.poke()  # room for the next entry, or the last one finished
 
     def _returned_one(self, call: Call) -> None:
+        if self._closed:  # nobody settles it any more
+            flight: _Flight | None = call.tag
+            call.tag = None
+            if flight is not None and flight.overran:
+                self.stuck -= 1
+                self.handler.overrun_ended(stuck=self.stuck)
+            return
         self._returned.append(call)
         self.poke()
 
@@ -185,27 +269,32 @@ class ThreadedDriver:
         call.tag = None
         route = flight.route
         assert route is not None
-        error = call.error
+        error: Exception | None = None
         if flight.overran:
-            self.handler.overrun_ended()
+            self.stuck -= 1
+            self.handler.overrun_ended(stuck=self.stuck)
             error = Overran(route.timeout, now - flight.started)
-        elif error is not None and not isinstance(error, Exception):
-            error = RuntimeError(f"{type(error).__name__}: {error}")  # SystemExit and the like
+        elif isinstance(call.error, Exception):
+            error = call.error
+        elif call.error is not None:  # SystemExit and the like: a failure
+            error = HandlerExit.of(route, call.error)
         self._advance(flight, error)
 
     def _expire(self, now: float) -> None:
         """Calls past their timeout: taken back if still queued, else said to overrun."""
-        heap = self._deadlines
-        while heap and heap[0][0] <= now:
-            _, _, call = heapq.heappop(heap)
-            flight: _Flight | None = call.tag
-            if flight is None:  # returned and settled
-                continue
-            route = flight.route
-            assert route is not None
-            if self.pool.cancel(call):  # still queued: it never ran
-                call.tag = None
-                self._advance(flight, TimeoutError(f"timed out after {route.timeout:g}s"))
-            else:
-                flight.overran = True
-                self.handler.overrun_started(route, flight.entry)
+        for queue in list(self._deadlines.values()):  # stepping on may add a timeout
+            while queue and queue[0][0] <= now:
+                _, call = queue.popleft()
+                flight: _Flight | None = call.tag
+                if flight is None:  # returned and settled
+                    continue
+                route = flight.route
+                assert route is not None
+                if self.pool.cancel(call):  # still queued: it never ran
+                    call.tag = None
+                    self._advance(flight, TimeoutError(f"timed out after {route.timeout:g}s"))
+                elif not call.returned:  # returned in time, not handed back yet: it is done
+                    flight.overran = True
+                    self.stuck += 1
+                    self.pool.stuck(call)
+                    self.handler.overrun_started(route, flight.entry, stuck=self.stuck)

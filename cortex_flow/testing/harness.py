@@ -62,7 +62,8 @@ from typing import Any, Literal, Self
 from cortex_flow.flow.loader import Project, load_project
 from cortex_flow.flow.modelerrors import did_you_mean
 from cortex_flow.flow.models import BackoffPolicy
-from cortex_flow.flow.topology import Resolved, resolve
+from cortex_flow.flow.slots import PARTITION, partition_tag
+from cortex_flow.flow.topology import Resolved, key_variables, resolve
 from cortex_flow.ops.send import publish, target_key
 from cortex_flow.runtime.routes import call_resolver
 from cortex_flow.runtime.runner import Runner
@@ -235,35 +236,50 @@ class FlowHarness:
         **vars: str,
     ) -> str:
         """Publish ``msg`` to a declared stream, as ``cortex-flow send`` does; returns its ID."""
-        key, spec = target_key(self.project, stream, priority=priority, agent=agent, extra=vars)
+        key, spec = target_key(
+            self.project, stream, priority=priority, agent=agent, extra=vars, msg=msg
+        )
         return await publish(self.client, key, spec, msg)
 
     async def entries(self, stream_or_key: str, **vars: str) -> Entries:
-        """Every entry of a declared stream (``agent=``, ``priority=``) or of a raw key."""
-        key = self._key(stream_or_key, vars)
-        return [(i, dict(f)) for i, f in await self.client.xrange(key)]
+        """Every entry of a declared stream (``agent=``, ``priority=``) or of a raw key;
+        a partitioned stream's partitions together, in ID order."""
+        return await self._read(self._keys(stream_or_key, vars))
 
     async def wait_for_entries(
         self, stream_or_key: str, n: int = 1, timeout: float = 5.0, **vars: str
     ) -> Entries:
         """Wait until the stream holds at least ``n`` entries; returns them all."""
-        key = self._key(stream_or_key, vars)
+        keys = self._keys(stream_or_key, vars)
         deadline = time.monotonic() + timeout
         while True:
-            found = [(i, dict(f)) for i, f in await self.client.xrange(key)]
+            found = await self._read(keys)
             if len(found) >= n:
                 return found
             if time.monotonic() >= deadline:
                 raise TimeoutError(
-                    f"{key} holds {len(found)} entr{'y' if len(found) == 1 else 'ies'} "
-                    f"after {timeout:g}s, expected at least {n}"
+                    f"{', '.join(keys)} hold{'s' if len(keys) == 1 else ''} {len(found)} "
+                    f"entr{'y' if len(found) == 1 else 'ies'} after {timeout:g}s, expected "
+                    f"at least {n}"
                 )
             await asyncio.sleep(POLL)
 
-    def _key(self, stream_or_key: str, vars: dict[str, str]) -> str:
-        if stream_or_key in self.project.topology.streams:
-            return self.key(stream_or_key, **vars)
-        return stream_or_key
+    async def _read(self, keys: list[str]) -> Entries:
+        found = [(i, dict(f)) for key in keys for i, f in await self.client.xrange(key)]
+        if len(keys) > 1:
+            found.sort(key=lambda entry: _id(entry[0]))
+        return found
+
+    def _keys(self, stream_or_key: str, vars: dict[str, str]) -> list[str]:
+        spec = self.project.topology.streams.get(stream_or_key)
+        if spec is None:
+            return [stream_or_key]
+        if PARTITION not in key_variables(spec) or PARTITION in vars:
+            return [self.key(stream_or_key, **vars)]
+        return [
+            self.key(stream_or_key, **vars, partition=partition_tag(i))
+            for i in range(spec.partitions or 1)
+        ]
 
     def dead_letter_keys(self) -> list[str]:
         return sorted({g.dead_letter for g in self.resolved.groups.values() if g.dead_letter})

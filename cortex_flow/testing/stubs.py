@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal, Self
 
 from cortex_flow.flow.checks import resolve_callable
+from cortex_flow.wire.connection import ENCODING_ERRORS
 
 __all__ = ["Called", "HandlerFailed", "StubHttp", "fake_client", "make_resolver"]
 
@@ -142,4 +143,4 @@ def fake_client() -> Any:
         def register_script(self, script: Any) -> Any:
             return None
 
-    return TestFake(decode_responses=True)
+    return TestFake(decode_responses=True, encoding_errors=ENCODING_ERRORS)

@@ -33,9 +33,11 @@ from redis.exceptions import AuthorizationError
 
 from cortex_flow.errors import ConnectionFailed
 from cortex_flow.flow.urls import describe_url, url_hosts, validate_url
+from cortex_flow.wire.codec import ERRORS
 from cortex_flow.wire.redis_errors import explain, redis_user
 
 __all__ = [
+    "ENCODING_ERRORS",
     "SOCKET_TIMEOUT",
     "Backoff",
     "RedisClient",
@@ -57,8 +59,15 @@ SOCKET_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 5.0
 # A pooled connection idle this long is PINGed before reuse, so a dead one is replaced.
 HEALTH_CHECK_INTERVAL = 30
+# Each idle group waits in a blocking read on a connection of its own: a pool of
+# redis-py's default 100 would refuse the 101st group ("Too many connections").
+# Redis's own maxclients default is 10,000.
+MAX_CONNECTIONS = 10_000
 LOG_EVERY = 5.0
 _TRUE = ("1", "true", "yes", "on")
+# One entry that is not UTF-8 must not make a whole read (a batch, a group) fail:
+# surrogateescape, counted (see cortex_flow.wire.codec).
+ENCODING_ERRORS = ERRORS
 
 
 def redis_from_url(
@@ -71,6 +80,9 @@ def redis_from_url(
     """Build a client for ``url`` without connecting. Raises ``ValueError`` for a bad URL.
 
     ``socket_timeout`` bounds every reply: blocking reads must block for less than it.
+    Replies decode with surrogateescape: bytes that are not UTF-8 arrive as lone
+    surrogates instead of raising in the middle of a read, and a str holding them is
+    written back as the very same bytes (see :func:`cortex_flow.wire.codec.check_text`).
     """
     validate_url(url)
     parts = urlsplit(url)
@@ -78,11 +90,13 @@ def redis_from_url(
     query = dict(pairs)
     options: dict[str, Any] = {
         "decode_responses": decode,
+        "encoding_errors": ENCODING_ERRORS,
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": CONNECT_TIMEOUT,
         "socket_keepalive": True,
         "health_check_interval": HEALTH_CHECK_INTERVAL,
         "client_name": client_name,
+        "max_connections": MAX_CONNECTIONS,
     }
     # Each credential the URL lacks comes from the environment: secrets stay out of files.
     for field in ("username", "password"):

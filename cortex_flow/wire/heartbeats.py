@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cortex_flow.wire.codec import DecodeError, decode, encode
+from cortex_flow.wire.codec import DecodeError, check_text, decode, encode
 from cortex_flow.wire.duties import FENCE_CHECK, Fence, fenced_call
 from cortex_flow.wire.entryids import id_ms
 
@@ -50,8 +50,13 @@ def encode_beat(codec: str, fields: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def parse_beat(codec: str, entry_id: str, raw: Mapping[str, Any]) -> Beat | None:
-    """A heartbeat entry decoded with the stream's codec; None if it is not a beat."""
+    """A heartbeat entry decoded with the stream's codec; None if it is not a beat
+    (a field that is not UTF-8 included)."""
     fields: Mapping[str, Any] | None = None
+    try:
+        check_text(raw)
+    except DecodeError:
+        return None
     if codec != "raw":
         try:
             decoded = decode(codec, dict(raw))

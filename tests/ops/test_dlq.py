@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from projects import write_project
 from redis.asyncio import Redis
 from redis_servers import free_port
@@ -125,6 +126,7 @@ def test_list_json_has_metadata_and_original_fields_apart(
         "at": "2024-05-01T10:00:00+00:00",
         "replays": 2,
         "fields": {"to": "harold", "text": "hi"},
+        "not_utf8": [],
     }
 
 
@@ -210,6 +212,29 @@ def test_replay_restores_the_original_message(
     [(_, fields)] = r.xrange(f"{prefix}tasks:high")
     assert fields == {"to": "harold", "text": "hi", "dlq_replays": "1"}
     assert r.xlen(f"{prefix}dlq") == 0
+
+
+def test_show_and_replay_an_entry_that_is_not_utf8(
+    config: Path, r: Sync, redis_url: str, prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """show prints bytes that are not UTF-8 as \\xNN and names the field; replay publishes
+    the original bytes (on the previous main both failed with UnicodeDecodeError)."""
+    fields: dict[bytes, bytes] = {b"text": b"\xff\xfeok", b"n\xe9": b"1"}
+    fields |= {b"dlq_stream": f"{prefix}tasks:high".encode(), b"dlq_group": b"agents"}
+    with redis.Redis.from_url(redis_url) as raw:
+        entry_id = raw.xadd(f"{prefix}dlq", fields).decode()
+        assert cli("dlq", "show", entry_id, "--config", str(config)) == 0
+        out = capsys.readouterr().out
+        assert "\\xff\\xfeok" in out and "n\\xe9" in out and "not UTF-8" in out
+        assert cli("dlq", "list", "--config", str(config)) == 0
+        assert "text=\\xff\\xfeok" in capsys.readouterr().out
+        shown = run_json(config, capsys, "show", entry_id)
+        assert shown["fields"] == {"text": "\\xff\\xfeok", "n\\xe9": "1"}
+        assert shown["not_utf8"] == ["text", "n\\xe9"]
+        assert cli("dlq", "replay", entry_id, "--config", str(config)) == 0
+        [(_, fields)] = raw.xrange(f"{prefix}tasks:high")
+        assert fields == {b"text": b"\xff\xfeok", b"n\xe9": b"1", b"dlq_replays": b"1"}
+        assert raw.xlen(f"{prefix}dlq") == 0
 
 
 def test_replay_counts_earlier_replays(

@@ -307,6 +307,9 @@ def admin_server() -> Iterator[str]:
                             "last_at": "2024-05-01T10:00:00Z",
                             "errors": ["flows/a.yaml:3:5: groups.x.stream: unknown stream"],
                         },
+                        "stuck_calls": {
+                            "agents": {"stuck": 4, "max_stuck_calls": 4, "held_back": True}
+                        },
                     },
                 }
             ).encode()
@@ -333,7 +336,8 @@ def test_runner_readiness_and_reload_errors_come_from_admin(
     admin_server: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """The runner section shows /readyz: ready, last reload outcome and its errors."""
+    """The runner section shows /readyz: ready, last reload outcome and its errors; a
+    group held back by stuck sync calls is a problem."""
     config = project(tmp_path, redis_url, prefix, agents=False, admin=admin_server)
     data = status_json(config, capsys)
     admin = data["runner"]["admin_status"]
@@ -346,6 +350,12 @@ def test_runner_readiness_and_reload_errors_come_from_admin(
     out = capsys.readouterr().out
     assert "ready; last reload rejected" in out
     assert "unknown stream" in out
+    held_back = (
+        "group agents: 4 sync call(s) stuck past their timeout (max_stuck_calls 4); it "
+        "starts no new message until one returns"
+    )
+    assert held_back in data["problems"]
+    assert "max_stuck_calls 4" in out
 
 
 def test_unreachable_runner_is_reported(
@@ -487,3 +497,58 @@ def test_watch_json_reports_a_lost_redis_as_a_document(
     first, second = (json.loads(line) for line in capsys.readouterr().out.splitlines())
     assert first["error"].endswith("is not reachable (connection refused)")
     assert "streams" in second
+
+
+def test_entries_that_are_not_utf8_do_not_break_status(
+    tmp_path: Path, redis_url: str, prefix: str, r: redis.Redis, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A heartbeat, a task and a dead letter with bytes that are not UTF-8: status still
+    answers, the bad beat is not taken for a beat, the good one is (on the previous main
+    status failed with UnicodeDecodeError)."""
+    hb, now = f"{prefix}heartbeats", server_ms(r)
+    with redis.Redis.from_url(redis_url) as raw:
+        raw.xadd(hb, {b"agent": b"harold", b"ts": str(now).encode()}, id=f"{now - 1}-0")
+        raw.xadd(hb, {b"agent": b"\xffplanner", b"ts": str(now).encode()}, id=f"{now}-0")
+        raw.xadd(f"{prefix}tasks:high", {b"text": b"\xfe"})
+        raw.xadd(f"{prefix}dlq", {b"text": b"\xfe", b"dlq_error": b"x"})
+    config = project(tmp_path, redis_url, prefix)
+    data = status_json(config, capsys)
+    agents = {a["name"]: a["status"] for a in data["agents"]}
+    assert agents == {"harold": "up", "planner": "never seen"}
+    assert by_key(data["streams"], f"{prefix}tasks:high")["length"] == 1
+    assert cli("status", "--config", str(config)) == 0
+
+
+async def test_lag_comes_from_entry_ids_when_the_servers_counter_is_wrong(
+    tmp_path: Path, redis_url: str, prefix: str, r: redis.Redis
+) -> None:
+    """A counter left inconsistent (as on a replica promoted by a failover; here
+    XGROUP SETID ... ENTRIESREAD 0) makes Redis report lag for a stream its group read to
+    the end: status and the metrics gauge say 0, and count what is unread otherwise."""
+    from cortex_flow.runtime.gauges import refresh_gauges
+    from cortex_flow.runtime.stats import RunnerStats
+
+    high, low = f"{prefix}tasks:high", f"{prefix}tasks:low"
+    ids = [r.xadd(high, {"n": str(n)}) for n in range(5)]
+    for n in range(4):
+        r.xadd(low, {"n": str(n)})
+    r.xgroup_create(high, "agents", id="0")
+    r.xgroup_create(low, "agents", id="0")
+    r.execute_command("XGROUP", "SETID", high, "agents", ids[-1], "ENTRIESREAD", "0")
+    r.execute_command("XGROUP", "SETID", low, "agents", "0", "ENTRIESREAD", "0")
+    r.xadd(low, {"n": "4"})  # the counter is now invalid: more added than it knows read
+    reported = {g["name"]: g["lag"] for g in r.xinfo_groups(high)}
+    assert reported["agents"] == 5  # what the server says for a stream read to its end
+    resolved = resolve(
+        load_project(project(tmp_path, redis_url, prefix, agents=False)).topology, "r"
+    )
+    client = Redis.from_url(redis_url, decode_responses=True)
+    stats = RunnerStats("r")
+    try:
+        data = await collect(client, resolved)
+        await refresh_gauges(client, resolved, stats)
+    finally:
+        await client.aclose()
+    lags = {row["key"]: row["lag"] for row in data["groups"]}
+    assert lags == {high: 0, low: 5}
+    assert stats.lag == {("agents", high): 0, ("agents", low): 5}

@@ -8,21 +8,27 @@ and gives blocking ones a thread each; a call still queued at its timeout never 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections import Counter
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 from projects import NewProject, entries, module, none_pending, running, wait_for
 
 from cortex_flow.flow.callables import importable_from
 from cortex_flow.flow.loader import load_project
-from cortex_flow.flow.topology import resolve
+from cortex_flow.flow.topology import StreamKey, resolve
 from cortex_flow.runtime.callpool import CallPool
 from cortex_flow.runtime.consumer import GroupConsumer
+from cortex_flow.runtime.delivery import Entry
 from cortex_flow.runtime.routes import RouteTable
 from cortex_flow.runtime.stats import GroupStats
+from cortex_flow.runtime.threaded import ThreadedDriver
 from cortex_flow.wire.groups import ensure_group
+
+LOG = logging.getLogger("test_threaded")
 
 MIXED_FLOW = """
     version: 1
@@ -98,6 +104,7 @@ async def _length(client: Any, key: str, n: int) -> bool:
     return int(await client.xlen(key)) >= n
 
 
+# one sync call with a timeout of TIMEOUT, four at a time, no retry
 QUEUED_FLOW = """
     version: 1
     streams:
@@ -110,7 +117,7 @@ QUEUED_FLOW = """
         dead_letter: dlq
         retry: {max_deliveries: 1}
         routes:
-          - call: {function: "{M}:block", timeout: 300ms}
+          - call: {function: "{M}:block", timeout: TIMEOUT}
 """
 
 BLOCKING = """
@@ -124,12 +131,10 @@ BLOCKING = """
 """
 
 
-async def test_a_sync_call_still_queued_at_its_timeout_never_runs(
-    new_project: NewProject, redis_client: Any, key_prefix: str
-) -> None:
-    """One thread, four blocking calls: the first overruns, the three queued behind it
-    time out without running; all four are dead-lettered as timed out."""
-    config, mod = new_project(QUEUED_FLOW, BLOCKING)
+async def _consumer(
+    config: Any, redis_client: Any, key_prefix: str, pool: CallPool, stats: GroupStats, n: int
+) -> GroupConsumer:
+    """A consumer of group ``work`` of ``config`` on ``n`` new entries, sync calls in ``pool``."""
     project = load_project(config)
     resolved = resolve(project.topology, "t1")
     group = resolved.groups["work"]
@@ -138,19 +143,21 @@ async def test_a_sync_call_still_queued_at_its_timeout_never_runs(
     streams = {n: s.spec for n, s in resolved.streams.items()}
     key = f"{key_prefix}jobs"
     await ensure_group(redis_client, key, "work", "earliest")
-    for n in range(4):
-        await redis_client.xadd(key, {"n": str(n)})
+    for i in range(n):
+        await redis_client.xadd(key, {"n": str(i)})
+    return GroupConsumer(redis_client, group, table, streams, stats, executor=pool, block=0.05)
+
+
+async def test_a_sync_call_still_queued_at_its_timeout_never_runs(
+    new_project: NewProject, redis_client: Any, key_prefix: str
+) -> None:
+    """One thread, four blocking calls: the first overruns, the three queued behind it
+    time out without running; all four are dead-lettered as timed out."""
+    config, mod = new_project(QUEUED_FLOW.replace("TIMEOUT", "300ms"), BLOCKING)
+    key = f"{key_prefix}jobs"
     pool = CallPool(threads=1)
     stats = GroupStats("work", "t1")
-    consumer = GroupConsumer(
-        redis_client,
-        group,
-        table,
-        streams,
-        stats,
-        executor=pool,
-        block=0.05,
-    )
+    consumer = await _consumer(config, redis_client, key_prefix, pool, stats, 4)
     consumer.start()
     try:
         await wait_for(lambda: _length(redis_client, f"{key_prefix}dlq", 4), what="4 dead letters")
@@ -163,6 +170,179 @@ async def test_a_sync_call_still_queued_at_its_timeout_never_runs(
     assert all("timed out after 0.3s" in e for e in errors), errors
     assert sum("ran on for" in e for e in errors) == 1  # the one that ran, once it returned
     assert stats.overrunning == 0
+
+
+GATED = """
+    import threading
+
+    gate = threading.Event()
+    ran = []
+
+    def block(msg):
+        ran.append(msg["n"])
+        gate.wait(30)
+"""
+
+
+async def test_a_driver_cut_off_at_a_stop_leaves_no_queued_call_to_run(
+    new_project: NewProject, redis_client: Any, key_prefix: str
+) -> None:
+    """A stop whose grace runs out: the calls still queued in the shared pool never run
+    (a successor may be running those entries by then)."""
+    config, mod = new_project(QUEUED_FLOW.replace("TIMEOUT", "30s"), GATED)
+    pool = CallPool(threads=1)
+    consumer = await _consumer(config, redis_client, key_prefix, pool, GroupStats("work", "t1"), 4)
+    handlers = module(mod)
+    consumer.start()
+    try:
+        await wait_for(lambda: handlers.ran == ["0"], what="the first call running")
+        assert not await consumer.stop(0.2)  # three calls wait behind it for the only thread
+        handlers.gate.set()
+        # queued after them: had they stayed in the queue, they would run first
+        await pool.call(asyncio.get_running_loop(), lambda _: None, None).returning()
+    finally:
+        handlers.gate.set()
+        pool.shutdown()
+    assert handlers.ran == ["0"]
+
+
+async def test_an_overrunning_call_cut_off_at_a_stop_leaves_the_gauge_when_it_returns(
+    new_project: NewProject, redis_client: Any, key_prefix: str
+) -> None:
+    """``overrunning`` counts the call until its thread returns, even after its driver ended."""
+    config, mod = new_project(QUEUED_FLOW.replace("TIMEOUT", "100ms"), GATED)
+    pool = CallPool(threads=1)
+    stats = GroupStats("work", "t1")
+    consumer = await _consumer(config, redis_client, key_prefix, pool, stats, 1)
+    handlers = module(mod)
+    consumer.start()
+    try:
+        await wait_for(lambda: stats.overrunning == 1, what="the call overrunning")
+        assert not await consumer.stop(0.2)
+        assert stats.overrunning == 1  # its thread still runs
+        handlers.gate.set()
+        await wait_for(lambda: stats.overrunning == 0, what="the gauge back to 0")
+    finally:
+        handlers.gate.set()
+        pool.shutdown()
+
+
+class _Steps:
+    """A stand-in handler: each entry's one sync call (``routes[entry.id]``), then its
+    outcome as ``(id, "ok")`` or ``(id, error class name)``."""
+
+    name = "work"
+    table = SimpleNamespace(only_call=None)  # steps for every entry
+    max_stuck_calls = 64  # as many as the drivers' concurrency: never held back here
+
+    def __init__(self, routes: dict[str, Any]) -> None:
+        self.routes = routes
+        self.overruns: list[str] = []
+        self.overrunning = 0
+
+    def steps(self, entry: Entry) -> Any:
+        if entry.id in self.routes:
+            try:
+                yield self.routes[entry.id], entry.fields, None
+            except Exception as exc:
+                return entry.id, type(exc).__name__
+        return entry.id, "ok"
+
+    def overrun_started(self, route: Any, entry: Entry, stuck: int = 0) -> None:
+        self.overruns.append(entry.id)
+        self.overrunning += 1
+
+    def overrun_ended(self, stuck: int = 0) -> None:
+        self.overrunning -= 1
+
+
+def _sync_route(fn: Any) -> Any:
+    return SimpleNamespace(action="call", is_async=False, fn=fn, timeout=0.5, label="r")
+
+
+def _queue(ids: list[str]) -> Any:
+    key = StreamKey("jobs", "jobs")
+    waiting = [Entry(key, i, {}, 1) for i in ids]
+    return lambda: waiting.pop(0) if waiting else None
+
+
+async def test_a_call_returned_in_time_but_not_handed_back_yet_is_not_overrun() -> None:
+    """A call whose thread returned before its deadline, its result still held by the
+    thread (busy with the next call), succeeds: it is neither overrun nor retried."""
+    pool = CallPool(threads=1)
+    loop = asyncio.get_running_loop()
+    started, release = threading.Event(), threading.Event()
+
+    def slow(_: Any) -> None:
+        started.set()
+        release.wait(30)
+
+    handler = _Steps({"1-0": _sync_route(lambda _: None), "1-1": _sync_route(slow)})
+    outcomes: list[Any] = []
+    driver = ThreadedDriver(
+        cast(Any, handler), pool, 4, _queue(["1-0", "1-1"]), outcomes.append, print, LOG
+    )
+    task = asyncio.create_task(driver.run())
+    try:
+        await asyncio.sleep(0)  # the driver's first pass: both calls to the thread
+        # blocks the loop: the first call returned (its result not handed back: the
+        # thread went on to the next call at once) and the second runs
+        assert started.wait(10)
+        assert driver.in_flight == 2
+        driver._expire(loop.time() + 1.0)  # both past their 0.5 s deadline
+        assert handler.overruns == ["1-1"]
+        release.set()
+        await asyncio.wait_for(task, 10)
+    finally:
+        release.set()
+        pool.shutdown()
+    assert sorted(outcomes) == [("1-0", "ok"), ("1-1", "Overran")]
+    assert handler.overrunning == 0
+
+
+async def test_deadlines_of_settled_calls_do_not_pile_up_behind_a_long_one() -> None:
+    """One call runs long while hundreds of others come and go: the deadlines kept stay
+    bounded by the concurrency, not by the calls made."""
+    pool = CallPool(threads=2)
+    release = threading.Event()
+    ids = [f"1-{i}" for i in range(400)]
+    routes = {i: _sync_route(lambda _: None) for i in ids[1:]}
+    routes[ids[0]] = _sync_route(lambda _: release.wait(30))
+    handler = _Steps(routes)
+    outcomes: list[Any] = []
+    driver = ThreadedDriver(cast(Any, handler), pool, 4, _queue(ids), outcomes.append, print, LOG)
+    for route in routes.values():
+        route.timeout = 60.0
+    task = asyncio.create_task(driver.run())
+    try:
+        await wait_for(lambda: len(outcomes) == 399, what="the short calls done")
+        kept = sum(len(queue) for queue in driver._deadlines.values())
+        assert kept <= 2 * 4 + 64, kept
+        release.set()
+        await asyncio.wait_for(task, 10)
+    finally:
+        release.set()
+        pool.shutdown()
+    assert len(outcomes) == 400
+
+
+async def test_an_outcome_that_cannot_be_finished_leaves_the_flight_once() -> None:
+    """``finish`` raising: the entry is given up once and the driver still ends."""
+    pool = CallPool(threads=1)
+    dropped: list[Entry] = []
+
+    def finish(outcome: Any) -> None:
+        raise RuntimeError("the outbox is gone")
+
+    driver = ThreadedDriver(
+        cast(Any, _Steps({})), pool, 4, _queue(["1-0", "1-1"]), finish, dropped.append, LOG
+    )
+    try:
+        await asyncio.wait_for(driver.run(), 10)
+    finally:
+        pool.shutdown()
+    assert driver.in_flight == 0
+    assert [e.id for e in dropped] == ["1-0", "1-1"]
 
 
 async def test_short_calls_share_a_thread_and_blocking_ones_get_one_each() -> None:
@@ -192,15 +372,25 @@ async def test_a_queued_call_taken_back_never_runs() -> None:
     pool = CallPool(threads=1)
     loop = asyncio.get_running_loop()
     ran: list[str] = []
+    started, release = threading.Event(), threading.Event()
+
+    def first_call(_: Any) -> None:
+        started.set()
+        release.wait(10)
+        ran.append("first")
+
     try:
-        first = pool.call(loop, lambda _: time.sleep(0.2) or ran.append("first"), None)
+        first = pool.call(loop, first_call, None)
         second = pool.call(loop, lambda _: ran.append("second"), None)
-        await asyncio.sleep(0.05)  # the first runs, the second waits for the only thread
-        assert pool.cancel(second)
+        await wait_for(started.is_set, what="the first call running")
+        assert pool.cancel(second)  # it waits for the only thread
         assert not pool.cancel(first)  # running: it cannot be taken back
+        release.set()
         await first.returning()
-        await asyncio.sleep(0.05)
+        # queued after the second: had it stayed in the queue, it would run first
+        await pool.call(loop, lambda _: None, None).returning()
     finally:
+        release.set()
         pool.shutdown()
     assert ran == ["first"]
 

@@ -152,3 +152,44 @@ async def test_private_server_by_default(tmp_path: Path) -> None:
         await h.wait_for_entries("inbox", 1, agent="alice")
         await h.wait_idle()
     assert h._server is None
+
+
+PARTITIONED = """\
+version: 1
+streams:
+  chats:
+    key: "{P}chats:{{ partition }}"
+    partitions: 4
+    partition_key: "{{ msg.conversation }}"
+  replies:
+    key: "{P}replies:{{ partition }}"
+    partitions: 2
+groups:
+  answer:
+    stream: chats
+    routes:
+      - to: replies
+"""
+
+
+def entry_order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq)
+
+
+async def test_the_harness_reads_a_partitioned_stream_as_one(tmp_path: Path) -> None:
+    """send picks the partition as producers do; entries and wait_for_entries read every
+    partition of a stream, in ID order; a partition can be named too."""
+    config = write_project(tmp_path, PARTITIONED, config='admin: {listen: "off"}\n', prefix="h:")
+    async with FlowHarness(config, fake=True) as h:
+        for n in range(8):
+            await h.send("chats", {"conversation": f"c{n % 4}", "n": str(n)})
+        replies = await h.wait_for_entries("replies", 8)
+        assert sorted(int(f["n"]) for _, f in replies) == list(range(8))
+        chats = await h.entries("chats")
+        assert [i for i, _ in chats] == sorted((i for i, _ in chats), key=entry_order)
+        assert sorted(int(f["n"]) for _, f in chats) == list(range(8))
+        from cortex_flow.flow.slots import partition_of
+
+        one = await h.entries("chats", partition=f"{{p{partition_of('c0', 4)}}}")
+        assert {f["conversation"] for _, f in one} >= {"c0"} and len(one) < 8

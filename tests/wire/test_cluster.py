@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,9 +59,7 @@ async def _run(cluster: PrivateCluster, tmp_path: Path, prefix: str) -> None:
     mod = write_module(tmp_path, HANDLER)
     flows = FLOWS.format(P=prefix).replace("{M}", mod)
     config = make_project(tmp_path, flows, url=cluster.url, mod=mod)
-    client = RedisCluster.from_url(
-        cluster.url.replace("redis+cluster", "redis"), decode_responses=True
-    )
+    client = RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port, decode_responses=True)
     try:
         async with running(config) as runner:
             assert runner.cluster
@@ -89,13 +88,19 @@ async def test_hash_tagged_keys_share_a_slot_and_route(
 
 
 async def test_keys_in_different_slots_publish_then_ack(
-    cluster: PrivateCluster, tmp_path: Path
+    cluster: PrivateCluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Without a hash tag the keys spread over slots; routing still delivers everything once."""
+    """Without a hash tag the keys spread over slots; routing still delivers everything once,
+    and the runner says once, at start, that the group polls and how to fix it."""
     prefix = "cf:"
     slots = {key_slot(f"{prefix}tasks:{p}".encode()) for p in ("critical", "high", "normal", "low")}
     assert len(slots) > 1
+    caplog.set_level(logging.INFO)
     await _run(cluster, tmp_path, prefix)
+    said = [r.getMessage() for r in caplog.records if "different cluster slots" in r.getMessage()]
+    assert len(said) == 1, said
+    assert said[0].startswith("group agents: its 4 keys (cf:tasks:critical, cf:tasks:high, ")
+    assert "it polls them every" in said[0] and '"{tasks}:..."' in said[0]
 
 
 RETAINED = """
@@ -126,7 +131,7 @@ async def test_retention_and_fenced_duties_across_slots(
         tmp_path, flows, url=cluster.url, mod=mod, runner_extra=", retention_interval: 100ms"
     )
     client = RedisCluster.from_url(
-        cluster.url.replace("redis+cluster", "redis"), decode_responses=True
+        f"redis://127.0.0.1:{cluster.nodes[0].port}", decode_responses=True
     )
     keys = [f"{prefix}tasks:high", f"{prefix}tasks:low"]
     try:

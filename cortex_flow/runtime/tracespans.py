@@ -1,0 +1,224 @@
+"""The consumer span of each message: :class:`TracedHandler` wraps a group's EntryHandler.
+
+Imported only when tracing is on (:func:`cortex_flow.runtime.tracing.traced`), so it may
+import opentelemetry at the top. The wrapper stands in for the handler everywhere the
+consumer uses it: it starts a ``process {stream}`` span when an entry's routes begin, makes
+it current while they run (the route generator's steps, and the awaited calls of
+:meth:`drive`), stamps the span's ``traceparent`` on the entry's ``to`` publishes, sends it
+as a header on ``http`` routes, records a retry or dead letter as an event, and ends the
+span with the outcome.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
+
+from cortex_flow.runtime.delivery import DEAD, RETRY, Entry, Outcome
+
+__all__ = ["TracedHandler"]
+
+FIELD = "traceparent"  # cortex_flow.runtime.tracing.FIELD (which imports this module)
+# what JSON log lines read (tracing.current_message): the message whose routes run, kept in
+# the OpenTelemetry context so that it holds inside handlers' own nested spans too
+MESSAGE = otel_context.create_key("cortex_flow.message")
+
+_OWN = frozenset(("_inner", "_tracer", "_spans", "_contexts", "_by_msg"))
+
+
+def _parse(value: str | None) -> SpanContext | None:
+    """A W3C ``traceparent`` (version 00) as a remote span context; None if invalid."""
+    if value is None or len(value) != 55 or value[:3] != "00-":
+        return None
+    try:
+        trace_id, span_id, flags = int(value[3:35], 16), int(value[36:52], 16), int(value[53:], 16)
+    except ValueError:
+        return None
+    if not trace_id or not span_id:
+        return None
+    return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags))
+
+
+class _TracingHttp:
+    """The ``http`` routes' client with ``traceparent`` added from the current context."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Any:
+        headers = dict(kwargs.pop("headers", None) or {})
+        propagate.inject(headers)
+        return self.inner.request(method, url, headers=headers, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class TracedHandler:
+    """An :class:`~cortex_flow.runtime.handling.EntryHandler` with a span per message."""
+
+    def __init__(self, inner: Any, tracer: Any) -> None:
+        object.__setattr__(self, "_inner", inner)
+        object.__setattr__(self, "_tracer", tracer)
+        object.__setattr__(self, "_spans", {})  # id(entry) -> span, while its routes run
+        object.__setattr__(self, "_contexts", {})  # id(entry) -> the context to attach
+        object.__setattr__(self, "_by_msg", {})  # id(msg) -> that context, while it waits
+        if inner.http is not None and not isinstance(inner.http, _TracingHttp):
+            inner.http = _TracingHttp(inner.http)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _OWN:
+            object.__setattr__(self, name, value)
+        elif name == "http" and value is not None and not isinstance(value, _TracingHttp):
+            setattr(self._inner, name, _TracingHttp(value))
+        else:
+            setattr(self._inner, name, value)
+
+    # --- spans ---------------------------------------------------------------------------
+
+    def _start(self, entry: Entry) -> Any:
+        producer = _parse(entry.fields.get(FIELD))
+        parent = trace.set_span_in_context(NonRecordingSpan(producer)) if producer else None
+        links = [Link(producer)] if producer is not None else []
+        # the producer's trace continues here: a parent (so one trace runs from `send`
+        # through every hop) and, as the messaging conventions ask, a link to it
+        span = self._tracer.start_span(
+            f"process {entry.key.stream}",
+            context=parent,
+            kind=SpanKind.CONSUMER,
+            links=links,
+            attributes={
+                "messaging.system": "redis",
+                "messaging.operation.type": "process",
+                "messaging.destination.name": entry.key.key,
+                "messaging.consumer.group.name": self._inner.name,
+                "messaging.message.id": entry.id,
+                "messaging.message.delivery_count": entry.deliveries,
+            },
+        )
+        self._spans[id(entry)] = span
+        about = {"message_id": entry.id, "group": self._inner.name, "stream": entry.key.key}
+        context = otel_context.set_value(MESSAGE, about, trace.set_span_in_context(span))
+        self._contexts[id(entry)] = context
+        return context
+
+    def _end(self, entry: Entry, outcome: Outcome) -> Outcome:
+        span = self._spans.pop(id(entry), None)
+        self._contexts.pop(id(entry), None)
+        if span is None:
+            return outcome
+        if outcome.publishes:
+            context = span.get_span_context()
+            parent = f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
+            for publish in outcome.publishes:
+                publish.fields[FIELD] = parent
+        if outcome.kind == RETRY:
+            span.add_event("retry", {"error": outcome.error, "deliveries": entry.deliveries})
+        elif outcome.kind == DEAD:
+            span.add_event("dead_letter", {"error": outcome.error})
+        if outcome.error:
+            span.set_status(Status(StatusCode.ERROR, outcome.error))
+        span.end()
+        return outcome
+
+    def _abandon(self, entry: Entry, exc: BaseException) -> None:
+        span = self._spans.pop(id(entry), None)
+        self._contexts.pop(id(entry), None)
+        if span is not None:
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            span.end()
+
+    def _attached(self, entry: Entry) -> Any:
+        context = self._contexts.get(id(entry))
+        return otel_context.attach(context) if context is not None else None
+
+    # --- the handler's faces -------------------------------------------------------------
+
+    def steps(self, entry: Entry) -> Generator[Any, None, Outcome]:
+        self._start(entry)
+        waiting: set[int] = set()  # the ids of this entry's msgs in _by_msg
+        try:
+            return (yield from self._steps(entry, waiting))
+        finally:
+            for key in waiting:
+                self._by_msg.pop(key, None)
+
+    def _steps(self, entry: Entry, waiting: set[int]) -> Generator[Any, None, Outcome]:
+        inner = self._inner.steps(entry)
+        sent: Any = None
+        thrown: BaseException | None = None
+        while True:
+            token = self._attached(entry)
+            try:
+                step = inner.throw(thrown) if thrown is not None else inner.send(sent)
+            except StopIteration as stop:
+                return self._end(entry, stop.value)
+            except BaseException as exc:  # not a route's failure: the consumer logs it
+                self._abandon(entry, exc)
+                raise
+            finally:
+                if token is not None:
+                    otel_context.detach(token)
+            thrown, sent = None, None
+            # the sync-call driver posts http routes itself: post() finds the span by msg
+            self._by_msg[id(step[1])] = self._contexts.get(id(entry))
+            waiting.add(id(step[1]))
+            try:
+                sent = yield step
+            except Exception as exc:
+                thrown = exc
+
+    def run_inline(self, entry: Entry) -> Outcome:
+        token = otel_context.attach(self._start(entry))
+        try:
+            outcome: Outcome = self._inner.run_inline(entry)
+        except BaseException as exc:
+            self._abandon(entry, exc)
+            raise
+        finally:
+            otel_context.detach(token)
+        return self._end(entry, outcome)
+
+    async def handle(self, entry: Entry) -> Outcome:
+        steps = self.steps(entry)
+        try:
+            step = next(steps)
+        except StopIteration as stop:
+            done: Outcome = stop.value
+            return done
+        return await self.drive(steps, step, entry)
+
+    async def post(self, route: Any, msg: Any, ctx: Any) -> None:
+        """An ``http`` route made by the sync-call driver, inside its message's span."""
+        context = self._by_msg.get(id(msg))
+        token = otel_context.attach(context) if context is not None else None
+        try:
+            await self._inner.post(route, msg, ctx)
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+
+    async def drive(self, steps: Any, step: Any, entry: Entry) -> Outcome:
+        token = self._attached(entry)  # the awaited calls run in the message's span
+        try:
+            outcome: Outcome = await self._inner.drive(steps, step, entry)
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+        return outcome
