@@ -115,3 +115,22 @@ def test_graph_shows_a_group_s_limits(
     )
     assert cli("graph") == 0
     assert "x64, rate 20/s, max 2 in flight" in capsys.readouterr().out
+
+
+def test_flow_control_on_a_partitioned_stream_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A partitioned group's consumers have no gate yet: saying so beats ignoring it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "flows").mkdir()
+    (tmp_path / "config.yaml").write_text("flows: flows/\n")
+    (tmp_path / "flows" / "main.yaml").write_text(
+        "version: 1\nstreams:\n"
+        '  tasks: {key: "cortex:tasks:{{ partition }}", partitions: 3}\n'
+        "groups:\n  g:\n    stream: tasks\n    max_in_flight: 2\n    routes: [{drop: true}]\n"
+    )
+    assert cli("validate") == 1
+    assert (
+        "flows/main.yaml:7:5: groups.g.max_in_flight: max_in_flight does not apply to a "
+        "group on a partitioned stream yet; remove it, or read a stream without partitions"
+    ) in capsys.readouterr().out
