@@ -73,7 +73,7 @@ async def test_three_runners_deliver_each_delayed_message_once_and_never_early(
     async with Client(project, redis_client) as client:
         for n in range(60):
             ident = await client.send_task({"n": str(n)}, delay=0.2 + (n % 30) * 0.1)
-            found = [d for d in await listing(redis_client, namespace(project.topology))]
+            found = await listing(redis_client, namespace(project.topology))
             due[str(n)] = next(d.due_ms for d in found if d.id == ident)
     tasks = f"{key_prefix}tasks"
 
