@@ -26,7 +26,7 @@ from opentelemetry.trace import (
     TraceFlags,
 )
 
-from cortex_flow.runtime.delivery import DEAD, RETRY, Entry, Outcome
+from cortex_flow.runtime.delivery import ACK, DEAD, RETRY, Acks, Entry, Outcome
 
 __all__ = ["TracedHandler"]
 
@@ -184,25 +184,49 @@ class TracedHandler:
             except Exception as exc:
                 thrown = exc
 
-    def run_inline(self, entry: Entry) -> Outcome:
-        token = otel_context.attach(self._start(entry))
+    def run_batch(self, entries: list[Entry], acks: list[Acks]) -> list[Outcome]:
+        """An inline batch, one entry at a time so each runs in its own span (tracing
+        costs the batch shape: see ``make bench``, tracing)."""
+        outcomes: list[Outcome] = []
+        for entry in entries:
+            token = otel_context.attach(self._start(entry))
+            mine: list[Acks] = []
+            try:
+                got = self._inner.run_batch([entry], mine)
+            except BaseException as exc:
+                self._abandon(entry, exc)
+                raise
+            finally:
+                otel_context.detach(token)
+            if got:
+                outcomes.append(self._end(entry, got[0]))
+            else:  # a plain acknowledgement: no outcome of its own
+                self._end(entry, Outcome(entry, ACK, []))
+                acks += mine
+        return outcomes
+
+    def message(self, entry: Entry) -> Any:
+        """A sync-call-only table's message (the driver's fast path): its span starts."""
+        self._start(entry)
+        msg = self._inner.message(entry)
+        if isinstance(msg, Outcome):
+            return self._end(entry, msg)
+        return msg
+
+    def called(self, entry: Entry, route: Any, error: Exception | None, seconds: float) -> Outcome:
+        outcome: Outcome = self._inner.called(entry, route, error, seconds)
+        return self._end(entry, outcome)
+
+    async def handle(self, entry: Entry, task: Any = None) -> Outcome:
+        token = otel_context.attach(self._start(entry))  # awaited calls run in the span
         try:
-            outcome: Outcome = self._inner.run_inline(entry)
+            outcome: Outcome = await self._inner.handle(entry, task)
         except BaseException as exc:
             self._abandon(entry, exc)
             raise
         finally:
             otel_context.detach(token)
         return self._end(entry, outcome)
-
-    async def handle(self, entry: Entry) -> Outcome:
-        steps = self.steps(entry)
-        try:
-            step = next(steps)
-        except StopIteration as stop:
-            done: Outcome = stop.value
-            return done
-        return await self.drive(steps, step, entry)
 
     async def post(self, route: Any, msg: Any, ctx: Any) -> None:
         """An ``http`` route made by the sync-call driver, inside its message's span."""
@@ -213,12 +237,3 @@ class TracedHandler:
         finally:
             if token is not None:
                 otel_context.detach(token)
-
-    async def drive(self, steps: Any, step: Any, entry: Entry) -> Outcome:
-        token = self._attached(entry)  # the awaited calls run in the message's span
-        try:
-            outcome: Outcome = await self._inner.drive(steps, step, entry)
-        finally:
-            if token is not None:
-                otel_context.detach(token)
-        return outcome
