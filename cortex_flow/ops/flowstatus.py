@@ -4,27 +4,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from cortex_flow.errors import Problem
 from cortex_flow.flow.flowcontrol import unbound_in_flight
 from cortex_flow.flow.topology import Resolved
-from cortex_flow.wire.delayed import waiting
+from cortex_flow.wire.delayed import parse_summary
 
 LIVE_IDLE = 60.0  # a consumer idle longer is not counted as a runner serving its group
 
 
-async def delayed_rows(client: Any, ns: str, now: float) -> list[dict[str, Any]] | None:
-    """For status: per stream key, how many delayed messages wait and when the next is due
-    (seconds from ``now``, epoch seconds; negative: overdue, no runner moving them).
-    None when Redis refuses to show them (an ACL without the namespace's keys)."""
-    try:
-        rows = await waiting(client, ns)
-    except RedisError:
+def delayed_rows(reply: Any, now: float) -> list[dict[str, Any]] | None:
+    """For status, from :data:`~cortex_flow.wire.delayed.SUMMARY`'s reply (a command of
+    status's first pipeline): per stream key, how many delayed messages wait and when the
+    next is due (seconds from ``now``, epoch seconds; negative: overdue, no runner moving
+    them). None when Redis refused it (an ACL without the namespace's keys)."""
+    if isinstance(reply, Exception):
         return None
     return [
         {"key": key, "waiting": n, "next_due_in": round(due / 1000 - now, 3)}
-        for key, (n, due) in sorted(rows.items())
+        for key, (n, due) in sorted(parse_summary(reply).items())
     ]
 
 

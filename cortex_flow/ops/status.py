@@ -23,6 +23,8 @@ from cortex_flow.ops.stale import count_lag, stale_from_infos
 from cortex_flow.runtime.duties import DUTIES
 from cortex_flow.runtime.retention import held_key
 from cortex_flow.wire.connection import RedisClient, describe_client, describe_error, is_cluster
+from cortex_flow.wire.delayed import SUMMARY as DELAYED_SUMMARY
+from cortex_flow.wire.delayed import index_key as delayed_index
 from cortex_flow.wire.entryids import id_ms
 from cortex_flow.wire.heartbeats import PAGE as HEARTBEAT_PAGE
 from cortex_flow.wire.heartbeats import latest_beats
@@ -61,6 +63,7 @@ async def collect(
     pipe.hgetall(held_key(resolved))
     for duty in DUTIES:
         pipe.get(resolved.duty_key(duty))
+    pipe.eval(DELAYED_SUMMARY, 1, delayed_index(resolved.namespace))
     if now is None and is_cluster(client):
         now = time.time()  # TIME has no key, so a cluster pipeline cannot route it
     if now is None:
@@ -95,6 +98,7 @@ async def collect(
         }
     beats, held = replies[len(keys) * 4 : len(keys) * 4 + 2]
     leases = replies[len(keys) * 4 + 2 : len(keys) * 4 + 2 + len(DUTIES)]
+    delayed = replies[len(keys) * 4 + 2 + len(DUTIES)]
     dynamic = [
         {"name": s.name, "key": s.spec.key, "status": "dynamic", "length": None}
         for s in resolved.streams.values()
@@ -119,7 +123,7 @@ async def collect(
         "duties": [_duty(name, _ok(value)) for name, value in zip(DUTIES, leases, strict=True)],
         "retention": _held_rows(_ok(held) or {}, now),
         "stale_groups": await count_lag(client, stale_from_infos(resolved, infos)),
-        "delayed": await delayed_rows(client, resolved.namespace, now),
+        "delayed": delayed_rows(delayed, now),
     }
     data["problems"] = problems(data, resolved)
     return data

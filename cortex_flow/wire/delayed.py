@@ -66,6 +66,18 @@ return {moved, failed}
 )
 
 
+# KEYS[1] the index. Per set holding delayed messages: {set, how many, next due (ms)}.
+SUMMARY = """
+local out = {}
+local sets = redis.call('ZRANGE', KEYS[1], 0, -1)
+for _, set in ipairs(sets) do
+  local first = redis.call('ZRANGE', set, 0, 0, 'WITHSCORES')
+  if #first > 0 then out[#out + 1] = {set, redis.call('ZCARD', set), first[2]} end
+end
+return out
+"""
+
+
 def delayed_key(stream_key: str) -> str:
     return stream_key + SUFFIX
 
@@ -108,14 +120,15 @@ async def move_due(
 
 async def waiting(client: Any, namespace: str) -> dict[str, tuple[int, int]]:
     """Per stream key with delayed messages: (how many, next due in epoch ms)."""
-    rows = await client.zrange(index_key(namespace), 0, -1, withscores=True)
-    found: dict[str, tuple[int, int]] = {}
-    for raw, _ in rows:
-        name = _text(raw)
-        first = await client.zrange(name, 0, 0, withscores=True)
-        if first:
-            found[name[: -len(SUFFIX)]] = (int(await client.zcard(name)), int(first[0][1]))
-    return found
+    return parse_summary(await client.eval(SUMMARY, 1, index_key(namespace)))
+
+
+def parse_summary(rows: Any) -> dict[str, tuple[int, int]]:
+    """:data:`SUMMARY`'s answer (one call, or one command of a status pipeline) by key."""
+    return {
+        _text(name)[: -len(SUFFIX)]: (int(count), int(float(_text(due))))
+        for name, count, due in rows
+    }
 
 
 async def listing(client: Any, namespace: str, limit: int = 1000) -> list[Delayed]:
@@ -149,12 +162,14 @@ def _text(value: Any) -> str:
 
 
 __all__ = [
+    "SUMMARY",
     "Delayed",
     "cancel",
     "delayed_key",
     "index_key",
     "listing",
     "move_due",
+    "parse_summary",
     "schedule",
     "waiting",
 ]
