@@ -3,7 +3,7 @@
 Every call takes the tokens a whole batch of entries wants in one script
 (:func:`cortex_flow.wire.flowcontrol.take_tokens`). While a bucket is far from empty
 (it had at least twice :attr:`RateLimiter.spare` left after the last take), the runner
-also takes ``spare`` tokens more (up to ten batches' worth, never over the burst) and
+also takes ``spare`` tokens more (up to fifty batches' worth, never over the burst) and
 keeps them for up to :data:`RESERVE_FOR`: the next batches start from that reserve
 without a round trip (:meth:`RateLimiter.take_reserved`), and the reserve is topped up
 in the background. Near the limit no reserve is kept, so the rate across runners stays
@@ -37,7 +37,7 @@ class RateLimiter:
         # at most half the burst: a bucket that fills to its burst while every runner
         # still sleeps drops tokens, and the rate comes out under the limit
         self.chunk = max(1, min(math.ceil(burst / 2), math.ceil(per_s * CHUNK)))
-        self.spare = max(1, min(burst, 10 * batch))
+        self.spare = max(1, min(burst, 50 * batch))
         self.log = log
         self._reserve: dict[str, tuple[int, float]] = {}  # bucket -> (tokens, taken at)
         self._far: set[str] = set()  # buckets that had plenty left at the last take
