@@ -24,7 +24,18 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import calls, consume, flowcontrol, idle, latency, memory, route, steady, tracing  # noqa: E402
+from bench import (  # noqa: E402
+    calls,
+    consume,
+    flowcontrol,
+    gateway,
+    idle,
+    latency,
+    memory,
+    route,
+    steady,
+    tracing,
+)
 from bench.common import Figure, Server  # noqa: E402
 
 BENCHES = (
@@ -36,6 +47,7 @@ BENCHES = (
     "memory",
     "idle",
     "tracing",
+    "gateway",
     "flowcontrol",
 )
 
@@ -58,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--profile", choices=("consume", "route", "latency"), help="cProfile cortex-flow's runs"
     )
+    p.add_argument("--gateway-requests", type=int, help="default 20,000 (quick 5,000)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
     quick = args.quick
@@ -76,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     default("memory_first", 100_000, 50_000)
     default("memory_last", 1_000_000, 300_000)
     default("idle_seconds", 20, 6)
+    default("gateway_requests", 20_000, 5_000)
     args.only = [b.strip() for b in args.only.split(",") if b.strip()]
     unknown = set(args.only) - set(BENCHES)
     if unknown:
@@ -172,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                 got = latency.run(server, args.latency_backlog, args.latency_samples, mine)
             elif name == "idle":
                 got = idle.run(server, args.idle_seconds)
+            elif name == "gateway":
+                got = gateway.run(server, args.gateway_requests, args.gateway_requests)
             else:
                 got = memory.run(server, args.memory_first, args.memory_last)
             figures.extend(got)

@@ -31,8 +31,8 @@ from redis.exceptions import RedisError
 
 from cortex_flow.errors import CortexFlowError
 from cortex_flow.flow.loader import Project, load_project
-from cortex_flow.flow.topology import ResolvedGroup, render_key, resolve
-from cortex_flow.ops.inbox import InboxEntry, InboxReader
+from cortex_flow.flow.topology import ResolvedGroup, render_key
+from cortex_flow.ops.inbox import InboxEntry, InboxReader, reading_group
 from cortex_flow.ops.later import delay_of, publish_later, publish_once, window_of
 from cortex_flow.ops.send import publish, target_key
 from cortex_flow.wire.access import project_url
@@ -235,22 +235,7 @@ class Client:
     def _reading(self, stream: str, group: str | None) -> tuple[str, ResolvedGroup]:
         """The key and the declared group a client of this agent reads; never one that no
         flow declares (``status`` would not show it, ``plan`` would call it drift)."""
-        name = self._me("read an inbox")
-        key, _ = target_key(self.project, stream, agent=name)
-        resolved = resolve(self.project.topology, name)
-        on_key = {g.name: g for g in resolved.groups.values() if key in {k.key for k in g.keys}}
-        declared = self.project.topology.agents[name].inbox
-        if group is None and declared is not None and declared.stream == stream:
-            group = declared.group or name
-        if group is None and on_key:
-            group = sorted(on_key)[0]  # a runner group on the agent's key: shared with it
-        if group is None or group not in on_key:
-            what = f"group {group} does not read" if group else "no declared group reads"
-            raise CortexFlowError(
-                f"agent {name}: {what} its inbox {key}; declare the group its client reads "
-                f"in the flows, e.g. agents: {{{name}: {{inbox: {{dead_letter: dlq}}}}}}"
-            )
-        return key, on_key[group]
+        return reading_group(self.project, self._me("read an inbox"), stream, group)
 
     async def inbox(
         self,

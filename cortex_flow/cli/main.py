@@ -23,6 +23,7 @@ COMMANDS = {
     "run": "cortex_flow.cli.run:command",
     "plan": "cortex_flow.cli.plan:command",
     "send": "cortex_flow.cli.send:command",
+    "gateway": "cortex_flow.cli.gateway:command",
     "status": "cortex_flow.cli.status:command",
     "dlq": "cortex_flow.cli.dlq:command",
     "delayed": "cortex_flow.cli.delayed:command",
@@ -69,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="*", type=Path)
 
     p = sub.add_parser("run", parents=[common], help="provision and run the consumers")
+
+    p = sub.add_parser(
+        "gateway", parents=[common], help="serve HTTP/WebSocket for agents without Redis"
+    )
 
     p = sub.add_parser("plan", parents=[common], help="what run or a reload would change")
     p.add_argument("paths", nargs="*", type=Path)

@@ -10,11 +10,13 @@ import sys
 import threading
 import time
 
-from cortex_flow.flow.loader import load_project
+from cortex_flow.flow.loader import Project, load_project
+from cortex_flow.gateway import Gateway
 from cortex_flow.ops.dashboard import mount
 from cortex_flow.runtime.callpool import THREAD_PREFIX
 from cortex_flow.runtime.logs import setup_logging
 from cortex_flow.runtime.runner import ForcedStop, Runner, serve
+from cortex_flow.wire.access import connect_project
 
 log = logging.getLogger("cortex_flow.runner")
 
@@ -33,6 +35,26 @@ def _calls_still_running(wait: float = 0.5) -> bool:
     return any(t.name.startswith(THREAD_PREFIX) and t.is_alive() for t in threading.enumerate())
 
 
+async def _run(project: Project) -> None:
+    """The runner, and the gateway beside it when ``gateway.listen`` is set (it reads the
+    runner's project, so a reload changes its tokens and streams)."""
+    runner = Runner(project, announce=_announce, ui=mount)
+    if project.config.gateway.listen is None:
+        await serve(runner)
+        return
+    gateway = Gateway(
+        lambda: runner.project,
+        # on first use, after the runner started (an embedded server is running by then)
+        lambda: connect_project(runner.project, wait=10.0, log=log),
+        log=logging.getLogger("cortex_flow.gateway"),
+    )
+    await gateway.start()
+    try:
+        await serve(runner)
+    finally:
+        await gateway.stop()
+
+
 def command(args: argparse.Namespace) -> int:
     project = load_project(args.config)
     setup_logging(project.config.log.level, project.config.log.format)
@@ -40,7 +62,7 @@ def command(args: argparse.Namespace) -> int:
     if str(project.base_dir) not in sys.path:
         sys.path.insert(0, str(project.base_dir))
     try:
-        asyncio.run(serve(Runner(project, announce=_announce, ui=mount)))
+        asyncio.run(_run(project))
         code = 0
     except KeyboardInterrupt:
         code = 130

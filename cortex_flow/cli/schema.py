@@ -15,8 +15,13 @@ def command(args: argparse.Namespace) -> int:
         print(schemas.render(schemas.SCHEMAS[name]), end="")
         return 0
     out = args.out or Path(args.config or "config.yaml").resolve().parent / "schemas"
+    from cortex_flow.gateway import openapi
+
+    gateway_doc = out / openapi.FILE_NAME
     if args.check:
         stale = schemas.stale(out)
+        if not gateway_doc.exists() or gateway_doc.read_text(encoding="utf-8") != openapi.render():
+            stale.append(openapi.FILE_NAME)
         if stale:
             print(
                 f"schemas out of date in {out}: {', '.join(stale)}; run `cortex-flow schema` "
@@ -28,4 +33,6 @@ def command(args: argparse.Namespace) -> int:
         return 0
     for path in schemas.write(out):
         print(f"wrote {path}")
+    gateway_doc.write_text(openapi.render(), encoding="utf-8")
+    print(f"wrote {gateway_doc}")
     return 0

@@ -92,6 +92,9 @@ def check_topology(topo: Topology) -> list[Problem]:
     for name, agent in topo.agents.items():
         if agent.inbox is not None:
             check_inbox(topo, name, agent.inbox, problems)
+        for i, stream in enumerate(agent.may_send):
+            origin = topo.origin("agents", name)
+            stream_ref(topo, origin, ("may_send", i), stream, "stream", problems)
         hb = agent.heartbeat
         if hb and hb.timeout is not None and hb.timeout <= hb.interval:
             problems.append(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -16,6 +15,19 @@ from pydantic import (
 )
 
 from cortex_flow.flow.durations import Duration, PositiveDuration
+from cortex_flow.flow.gatewayconfig import GatewaySettings
+from cortex_flow.flow.hosts import LOOPBACK_NAMES as LOOPBACK_NAMES
+from cortex_flow.flow.hosts import (
+    MIN_TOKEN,
+    WILDCARDS,
+    answered_hosts,
+    host_name,
+    host_port,
+    listen_value,
+    token_text,
+    valid_token,
+)
+from cortex_flow.flow.hosts import is_loopback as is_loopback
 from cortex_flow.flow.limits import TemplateLimits
 from cortex_flow.flow.modelerrors import show
 from cortex_flow.flow.models import Model, field_error
@@ -25,37 +37,6 @@ URL_FORMS = (
     "redis+sentinel://host:port/service, redis+cluster://host:port (rediss+sentinel:// and "
     "rediss+cluster:// for TLS), or embedded for a private server"
 )
-
-
-_HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?")
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _host_name(host: str) -> str:
-    name = host.strip().lower().strip("[]")
-    if name != "*" and not _HOST_NAME.fullmatch(name) and not _is_ip(name):
-        raise ValueError(
-            f"{show(host)} is not a host name or address; list them without scheme or "
-            'port, e.g. ["metrics.internal", "10.0.0.5"], or "*" for any'
-        )
-    return name
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` names only this machine (``localhost``, ``127.0.0.0/8``, ``::1``)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # another host name: it may resolve to anything
 
 
 class RedisSettings(Model):
@@ -120,12 +101,6 @@ class ReloadSettings(Model):
     debounce: Duration = 0.2
 
 
-WILDCARDS = ("0.0.0.0", "::", "")
-# the names a browser on this machine uses for a loopback listener (see admin.allowed_hosts)
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-MIN_TOKEN = 16
-
-
 class AdminSettings(Model):
     listen: Annotated[
         str | None,
@@ -139,7 +114,7 @@ class AdminSettings(Model):
         description="Allow a non-loopback `listen`: /metrics is then readable by anyone who "
         "can reach the port (POST /reload still needs `admin.token`, required off loopback).",
     )
-    allowed_hosts: list[Annotated[str, AfterValidator(_host_name)]] = Field(
+    allowed_hosts: list[Annotated[str, AfterValidator(host_name)]] = Field(
         default_factory=list,
         description="Host names the admin endpoint answers to (the `Host:` header, port "
         "ignored), against DNS rebinding, besides localhost, 127.0.0.1 and ::1 (always "
@@ -156,41 +131,17 @@ class AdminSettings(Model):
     @field_validator("listen", mode="before")
     @classmethod
     def _off(cls, value: Any) -> Any:
-        if value is False or value is None or (isinstance(value, str) and value.lower() == "off"):
-            return None
-        if isinstance(value, str):
-            port = value.rpartition(":")[2]
-            if port.isdigit() and int(port) <= 65535:
-                return value
-        raise ValueError(
-            f'must be host:port (e.g. 127.0.0.1:8477) or "off" to disable, got {show(value)}'
-        )
+        return listen_value(value, "127.0.0.1:8477")
 
     @field_validator("token", mode="before")
     @classmethod
     def _token_text(cls, value: Any) -> Any:
-        # never the value in the message: it is a secret
-        if isinstance(value, int) and not isinstance(value, bool):
-            return str(value)  # digits only: YAML read a number
-        if value is not None and not isinstance(value, str):
-            raise ValueError(
-                'must be one string; quote it: token: "${CORTEX_ADMIN_TOKEN}" (the value is '
-                "not shown: it is a secret)"
-            )
-        return value
+        return token_text(value, "CORTEX_ADMIN_TOKEN")
 
     @field_validator("token", mode="after")
     @classmethod
     def _token(cls, value: str | None) -> str | None:
-        if not value:
-            return None  # ${CORTEX_ADMIN_TOKEN:-} left empty: no token
-        if len(value) < MIN_TOKEN or value != value.strip():
-            # never the value itself: it is a secret
-            raise ValueError(
-                f"must be at least {MIN_TOKEN} characters without surrounding spaces, got "
-                f"{len(value)}; generate one, e.g. `openssl rand -hex 32`"
-            )
-        return value
+        return valid_token(value)
 
     @model_validator(mode="after")
     def _loopback(self) -> AdminSettings:
@@ -221,18 +172,13 @@ class AdminSettings(Model):
 
     @property
     def host_port(self) -> tuple[str, int] | None:
-        if self.listen is None:
-            return None
-        host, _, port = self.listen.rpartition(":")
-        return host.strip("[]") or "127.0.0.1", int(port)
+        return host_port(self.listen)
 
     @property
     def hosts(self) -> frozenset[str]:
         """The ``Host:`` names answered: loopback names (a page elsewhere cannot send
         them), and ``allowed_hosts``, else the host of ``listen``."""
-        where = self.host_port
-        listen = () if where is None or where[0] in WILDCARDS else (where[0].lower(),)
-        return frozenset((*LOOPBACK_NAMES, *(self.allowed_hosts or listen)))
+        return answered_hosts(self.listen, self.allowed_hosts)
 
 
 class LogSettings(Model):
@@ -331,3 +277,4 @@ class Config(Model):
     templates: TemplateSettings = Field(default_factory=lambda: TemplateSettings())
     http: HttpSettings = Field(default_factory=lambda: HttpSettings())
     calls: CallSettings = Field(default_factory=lambda: CallSettings())
+    gateway: GatewaySettings = Field(default_factory=lambda: GatewaySettings())

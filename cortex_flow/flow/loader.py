@@ -193,6 +193,9 @@ def _load_topology(
             flow = _validate(FlowFile, doc, problems, "flow file")
             if flow is None:
                 continue
+        for name, agent in flow.agents.items():
+            if agent is not None and agent.token is not None:
+                _token_from_environment(path, doc, problems, ("agents", name, "token"))
         _merge(topo, flow, doc, problems)
     problems.extend(check_topology(topo))
     return topo
@@ -256,13 +259,22 @@ def _load_config(path: Path | None, env: Mapping[str, str], problems: list[Probl
     doc = _read(path, _display(path), env, problems)
     config = _validate(Config, doc, problems, "config file") if doc is not None else None
     if isinstance(config, Config) and doc is not None and config.admin.token is not None:
-        _token_from_environment(path, doc, problems)
+        _token_from_environment(path, doc, problems, ("admin", "token"))
     return config if isinstance(config, Config) else Config()
 
 
-def _token_from_environment(path: Path, doc: Document, problems: list[Problem]) -> None:
-    """``admin.token`` must be a ``${VAR}`` reference: a value written in the file is refused."""
-    line, col = doc.locate(("admin", "token"))
+def _token_from_environment(
+    path: Path, doc: Document, problems: list[Problem], where: tuple[str, ...]
+) -> None:
+    """A token (``admin.token``, ``agents.X.token``) must be a ``${VAR}`` reference: a value
+    written in the file is refused."""
+    line, col = doc.locate(where)
+    field = ".".join(where)
+    variable = (
+        "CORTEX_ADMIN_TOKEN"
+        if where[0] == "admin"
+        else re.sub(r"\W", "_", where[1]).upper() + "_TOKEN"
+    )
     try:
         raw = path.read_text(encoding="utf-8-sig").split("\n")[line - 1]
     except (OSError, UnicodeDecodeError, IndexError):  # read a moment ago: changed since
@@ -270,10 +282,10 @@ def _token_from_environment(path: Path, doc: Document, problems: list[Problem]) 
     if not raw[col - 1 :].lstrip("'\"").startswith("${"):
         message = (
             "must come from the environment, not be written in the file (it would end up in "
-            "version control and backups); write admin.token: ${CORTEX_ADMIN_TOKEN} and "
-            "export CORTEX_ADMIN_TOKEN"
+            f"version control and backups); write {field}: ${{{variable}}} and "
+            f"export {variable}"
         )
-        problems.append(Problem(doc.file, line, col, "admin.token", message))
+        problems.append(Problem(doc.file, line, col, field, message))
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from cortex_flow.flow.durations import Duration, PositiveDuration
+from cortex_flow.flow.hosts import token_text, valid_token
 from cortex_flow.flow.modelerrors import FIELD_RULE, show
 from cortex_flow.flow.rates import Rate
 
@@ -230,6 +231,27 @@ class AgentSpec(Model):
         "runner group: its consumer group and retry/dead-letter policy.",
     )
     description: str | None = None
+    token: str | None = Field(
+        default=None,
+        repr=False,
+        description="Bearer token this agent uses at the gateway (`gateway:` in config.yaml). "
+        "Only from the environment: `${AGENT_TOKEN}`; at least 16 characters.",
+    )
+    may_send: list[Name] = Field(
+        default_factory=list,
+        description="Streams this agent may publish to through the gateway "
+        "(e.g. [tasks, inbox]); none by default.",
+    )
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _token_text(cls, value: Any) -> Any:
+        return token_text(value, "AGENT_TOKEN")
+
+    @field_validator("token", mode="after")
+    @classmethod
+    def _token(cls, value: str | None) -> str | None:
+        return valid_token(value)
 
 
 def _call_shorthand(value: Any) -> Any:

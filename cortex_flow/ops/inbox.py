@@ -19,16 +19,43 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from cortex_flow.errors import CortexFlowError
 from cortex_flow.flow.durations import format_duration
-from cortex_flow.flow.topology import ResolvedGroup
+from cortex_flow.flow.loader import Project
+from cortex_flow.flow.topology import ResolvedGroup, resolve
+from cortex_flow.ops.send import target_key
 from cortex_flow.runtime.delivery import backoff_ms
 from cortex_flow.wire.connection import is_cluster, same_slot
 from cortex_flow.wire.deadletters import dead_letter_fields
 from cortex_flow.wire.groups import ensure_group
 
-__all__ = ["InboxEntry", "InboxReader"]
+__all__ = ["InboxEntry", "InboxReader", "reading_group"]
 
 CLAIM_EVERY_MAX = 30.0  # seconds between two XAUTOCLAIM scans at most
+
+
+def reading_group(
+    project: Project, agent: str, stream: str = "inbox", group: str | None = None
+) -> tuple[str, ResolvedGroup]:
+    """The key and the declared group a client of ``agent`` reads on its key of ``stream``;
+    never one that no flow declares (``status`` would not show it, ``plan`` would call it
+    drift): ``agents.<agent>.inbox`` (its group, default the agent's name), else the runner
+    group that reads the agent's key."""
+    key, _ = target_key(project, stream, agent=agent)
+    resolved = resolve(project.topology, agent)
+    on_key = {g.name: g for g in resolved.groups.values() if key in {k.key for k in g.keys}}
+    declared = project.topology.agents[agent].inbox
+    if group is None and declared is not None and declared.stream == stream:
+        group = declared.group or agent
+    if group is None and on_key:
+        group = sorted(on_key)[0]  # a runner group on the agent's key: shared with it
+    if group is None or group not in on_key:
+        what = f"group {group} does not read" if group else "no declared group reads"
+        raise CortexFlowError(
+            f"agent {agent}: {what} its inbox {key}; declare the group its client reads "
+            f"in the flows, e.g. agents: {{{agent}: {{inbox: {{dead_letter: dlq}}}}}}"
+        )
+    return key, on_key[group]
 
 
 @dataclass(frozen=True)

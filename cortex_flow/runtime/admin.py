@@ -25,7 +25,7 @@ from cortex_flow.runtime.adminguard import guard
 from cortex_flow.runtime.metrics import CONTENT_TYPE, SUCCESSFUL_RELOADS, build_registry, render
 from cortex_flow.runtime.stats import RunnerStats
 
-__all__ = ["REFRESH_TIMEOUT", "AdminServer", "is_loopback"]
+__all__ = ["REFRESH_TIMEOUT", "AdminServer", "is_loopback", "json_errors"]
 
 # a scrape must answer even when Redis is slow; gauges are then served stale
 REFRESH_TIMEOUT = 2.0
@@ -52,7 +52,7 @@ def _json(body: Any, status: int = 200) -> web.Response:
 
 
 @web.middleware
-async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Unknown paths and wrong methods answer JSON like every other endpoint."""
     try:
         return await handler(request)
@@ -125,9 +125,7 @@ class AdminServer:
 
     def app(self) -> web.Application:
         """The aiohttp application (routes and error handling), without a listener."""
-        app = web.Application(
-            middlewares=[guard(self._hosts, self._token, self._log), _json_errors]
-        )
+        app = web.Application(middlewares=[guard(self._hosts, self._token, self._log), json_errors])
         app.router.add_get("/", self._index)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-__all__ = ["OPEN", "SESSION_COOKIE", "guard", "session_value"]
+__all__ = ["OPEN", "SESSION_COOKIE", "guard", "refuse", "request_host", "session_value"]
 
 # read-only endpoints that answer without the token: probes and scrapers rarely carry one;
 # the dashboard's sign-in page and its static files (no data in either)
@@ -44,7 +44,7 @@ FORM_TYPES = frozenset(("application/x-www-form-urlencoded", "multipart/form-dat
 SAME_SITE = frozenset(("same-origin", "none"))  # "none": typed in, or a bookmark
 
 
-def _refuse(status: int, error: str, fix: str, request: web.Request) -> web.Response:
+def refuse(status: int, error: str, fix: str, request: web.Request) -> web.Response:
     headers = {"WWW-Authenticate": 'Bearer realm="cortex-flow"'} if status == 401 else None
     return web.json_response(
         {"error": error, "fix": fix, "path": request.path}, status=status, headers=headers
@@ -66,7 +66,7 @@ def _token_ok(request: web.Request, expected: str) -> bool:
     return cookie is not None and hmac.compare_digest(cookie, session_value(expected))
 
 
-def _host_name(host: str) -> str:
+def request_host(host: str) -> str:
     """``Host:`` without its port, lower case, IPv6 brackets removed."""
     host = host.strip().lower()
     if host.startswith("["):
@@ -85,7 +85,7 @@ def guard(
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         allowed = hosts()
         host = request.headers.get("Host", "")
-        if "*" not in allowed and _host_name(host) not in allowed:
+        if "*" not in allowed and request_host(host) not in allowed:
             log.warning(
                 "admin endpoint: refused %s %s with Host %r from %s (not in admin.allowed_hosts)",
                 request.method,
@@ -93,7 +93,7 @@ def guard(
                 host[:100],
                 request.remote,
             )
-            return _refuse(
+            return refuse(
                 403,
                 f"Host {host!r} is not allowed",
                 "use one of " + ", ".join(sorted(allowed)) + " or list the name in "
@@ -110,7 +110,7 @@ def guard(
                     request.remote,
                     refused,
                 )
-                return _refuse(
+                return refuse(
                     403,
                     refused,
                     "send it from a program (curl, the cortex-flow command), not a web page",
@@ -130,7 +130,7 @@ def guard(
                     request.remote,
                     "wrong token" if sent else "no token",
                 )
-                return _refuse(
+                return refuse(
                     401,
                     "wrong token" if sent else "this endpoint needs the admin token",
                     "send Authorization: Bearer $CORTEX_ADMIN_TOKEN (the value of admin.token)",

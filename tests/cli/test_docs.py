@@ -28,10 +28,10 @@ def test_architecture_page_names_only_files_that_exist() -> None:
     import re
 
     text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
-    named = set(re.findall(r"`((?:cli|testing|ops|runtime|wire|flow)/[a-z_]+\.py)", text))
+    named = set(re.findall(r"`((?:cli|testing|gateway|ops|runtime|wire|flow)/[a-z_]+\.py)", text))
     assert len(named) > 20
     missing = sorted(p for p in named if not (ROOT / "cortex_flow" / p).exists())
     assert missing == []
     layers = {p.name for p in (ROOT / "cortex_flow").iterdir() if (p / "__init__.py").exists()}
-    assert layers == {"cli", "testing", "ops", "runtime", "wire", "flow"}
+    assert layers == {"cli", "testing", "gateway", "ops", "runtime", "wire", "flow"}
     assert all(f"\n{layer}/ " in text for layer in layers)  # each in the layer picture

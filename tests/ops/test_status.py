@@ -528,6 +528,8 @@ async def test_lag_comes_from_entry_ids_when_the_servers_counter_is_wrong(
     from cortex_flow.runtime.gauges import refresh_gauges
     from cortex_flow.runtime.stats import RunnerStats
 
+    if int(str(r.info("server")["redis_version"]).split(".")[0]) < 7:
+        pytest.skip("Redis 6.2 keeps no lag counter (XINFO lag, ENTRIESREAD came in 7.0)")
     high, low = f"{prefix}tasks:high", f"{prefix}tasks:low"
     ids = [r.xadd(high, {"n": str(n)}) for n in range(5)]
     for n in range(4):

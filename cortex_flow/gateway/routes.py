@@ -1,0 +1,138 @@
+"""The gateway's routes, written once: the aiohttp router and the OpenAPI document are
+both built from :data:`ROUTES`, so the document cannot drift from what is served."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["ROUTES", "Param", "Route"]
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    where: str  # "path", "query" or "header"
+    description: str
+    schema: dict[str, Any] = field(default_factory=lambda: {"type": "string"})
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class Route:
+    """One endpoint: ``handler`` names the :class:`~cortex_flow.gateway.server.Gateway`
+    method that serves it; ``auth`` whether it takes an agent's token."""
+
+    method: str
+    path: str
+    handler: str
+    summary: str
+    responses: dict[int, str]
+    params: tuple[Param, ...] = ()
+    body: str | None = None  # what the JSON body holds, when there is one
+    auth: bool = True
+    websocket: bool = False
+
+
+_STREAM = Param("stream", "path", "A stream the flows declare.", required=True)
+_AGENT = Param("agent", "path", "The agent the token belongs to.", required=True)
+_REFUSED = {
+    401: "No token, or not an agent's token.",
+    403: "The token's agent may not do this (another agent, or a stream not in may_send).",
+}
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/", "index", "What this gateway serves.", {200: "The endpoints."}, auth=False),
+    Route(
+        "GET",
+        "/openapi.json",
+        "openapi",
+        "This document.",
+        {200: "The OpenAPI document."},
+        auth=False,
+    ),
+    Route(
+        "POST",
+        "/v1/streams/{stream}",
+        "publish",
+        "Publish one message to a stream, as `cortex-flow send` does.",
+        {
+            202: "Published: `{id, key}`, the entry ID (the first one's, for a repeated "
+            "Idempotency-Key, with `replayed: true`).",
+            400: "Not a JSON object, or the message names no key: `{error, about, choices}` "
+            "with the words of `cortex-flow send`.",
+            413: "The body is larger than gateway.max_body.",
+            415: "The body is not application/json.",
+            **_REFUSED,
+        },
+        params=(
+            _STREAM,
+            Param("priority", "query", "Priority level of a priority stream."),
+            Param("agent", "query", "The agent of a per-agent stream (its key per agent)."),
+            Param(
+                "var",
+                "query",
+                "Another key variable, NAME=VALUE; repeat for more.",
+                {"type": "array", "items": {"type": "string"}},
+            ),
+            Param(
+                "Idempotency-Key",
+                "header",
+                "Publish once per key: a repeat within gateway.idempotency_ttl answers the "
+                "first entry's ID and publishes nothing.",
+            ),
+        ),
+        body="The message: a JSON object (its fields, or the `data` of a json stream).",
+    ),
+    Route(
+        "POST",
+        "/v1/agents/{agent}/heartbeat",
+        "heartbeat",
+        "Publish one heartbeat of the agent.",
+        {202: "Beat published: `{id}`.", 409: "The flows declare no heartbeats.", **_REFUSED},
+        params=(_AGENT,),
+        body='Optional: `{"status": "ok"}`.',
+    ),
+    Route(
+        "GET",
+        "/v1/agents/{agent}/inbox",
+        "inbox",
+        "Read the agent's inbox: a WebSocket (Upgrade) with credit-based flow control, or "
+        "one long poll (`count`, `wait`) without Upgrade.",
+        {
+            101: 'WebSocket: send `{"credit": N}`, get `{"type": "message", id, msg, '
+            'deliveries}`, answer `{"ack": id}` or `{"fail": id, "error": "..."}`.',
+            200: "Long poll: `{messages: [...]}`; ack them with POST .../inbox/ack.",
+            **_REFUSED,
+        },
+        params=(
+            _AGENT,
+            Param(
+                "count",
+                "query",
+                "Long poll: most messages to return (default 10).",
+                {"type": "integer", "minimum": 1},
+            ),
+            Param(
+                "wait",
+                "query",
+                "Long poll: seconds to wait for one (default 10, at most 60).",
+                {"type": "number", "minimum": 0, "maximum": 60},
+            ),
+        ),
+        websocket=True,
+    ),
+    Route(
+        "POST",
+        "/v1/agents/{agent}/inbox/ack",
+        "inbox_ack",
+        "Acknowledge or fail messages a long poll returned.",
+        {
+            200: "`{acked: [...], failed: [...], unknown: [...]}`",
+            400: "Not a JSON object with `ack` (IDs) or `fail` and `error`.",
+            **_REFUSED,
+        },
+        params=(_AGENT,),
+        body='`{"ack": ["1-0", ...]}` and/or `{"fail": "1-0", "error": "why"}`.',
+    ),
+)
