@@ -27,6 +27,7 @@ if str(REPO) not in sys.path:
 from bench import (  # noqa: E402
     calls,
     consume,
+    flowcontrol,
     gateway,
     idle,
     latency,
@@ -49,6 +50,7 @@ BENCHES = (
     "idle",
     "tracing",
     "gateway",
+    "flowcontrol",
 )
 
 
@@ -181,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
                 got = steady.run(server, args.steady_messages, args.repeat)
             elif name == "tracing":
                 got = tracing.run(server, args.route_messages, args.repeat)
+            elif name == "flowcontrol":
+                seconds = 10.0 if args.quick else 30.0
+                got = flowcontrol.run(server, args.route_messages, args.repeat, seconds)
             elif name == "latency":
                 got = latency.run(server, args.latency_backlog, args.latency_samples, mine)
             elif name == "requests":

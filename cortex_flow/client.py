@@ -23,6 +23,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Self
 
@@ -33,6 +34,7 @@ from cortex_flow.flow.loader import Project, load_project
 from cortex_flow.flow.topology import ResolvedGroup, render_key
 from cortex_flow.ops.asking import Asking
 from cortex_flow.ops.inbox import InboxEntry, InboxReader, reading_group
+from cortex_flow.ops.later import delay_of, publish_later, publish_once, window_of
 from cortex_flow.ops.requests import REPLY_IDLE, project_prefix, seconds
 from cortex_flow.ops.send import publish
 from cortex_flow.ops.tasks import answer
@@ -173,14 +175,37 @@ class Client(Asking):
     # -- sending -------------------------------------------------------------------------
 
     async def publish(
-        self, stream: str, msg: Mapping[str, Any], *, ttl: float | str | None = None, **vars: str
+        self,
+        stream: str,
+        msg: Mapping[str, Any],
+        *,
+        ttl: float | str | None = None,
+        delay: float | None = None,
+        at: datetime | float | None = None,
+        idempotency_key: str | None = None,
+        **vars: str,
     ) -> str:
         """Publish to a declared stream; ``vars`` pick the key (priority, agent...).
 
-        ``ttl`` (seconds or ``"30s"``) sets a deadline: read later, it is not handled.
+        Returns the entry ID. ``ttl`` (seconds or ``"30s"``) sets a deadline: read later,
+        it is not handled. With ``delay`` (seconds) or ``at`` (a datetime or epoch
+        seconds) the message is held in Redis and added to its stream when due by a
+        runner; the ID returned is then the delayed message's (``cortex-flow delayed
+        cancel ID``). With ``idempotency_key`` a repeated publish within the window (the
+        dedup window of the groups reading the stream, else 10m) returns the first ID.
         """
         key, spec = self._target(stream, vars, msg)
         life = seconds(ttl, "ttl") if ttl is not None else None
+        wait = delay_of(delay, at, idempotency_key)
+        if life is not None and (wait is not None or idempotency_key is not None):
+            raise ValueError(
+                "ttl goes with a message published now: not with delay, at or idempotency_key"
+            )
+        if wait is not None:
+            return (await publish_later(self.redis, self.project, key, spec, msg, wait)).id
+        if idempotency_key is not None:
+            window = window_of(self.project, stream)
+            return await publish_once(self.redis, key, spec, msg, idempotency_key, window)
         return await publish(self.redis, key, spec, msg, replicas=self.replicas, ttl=life)
 
     async def send_task(
@@ -190,9 +215,20 @@ class Client(Asking):
         stream: str = "tasks",
         *,
         ttl: float | str | None = None,
+        delay: float | None = None,
+        at: datetime | float | None = None,
+        idempotency_key: str | None = None,
     ) -> str:
-        """Queue a task at a priority; returns the entry ID."""
-        return await self.publish(stream, msg, priority=priority, ttl=ttl)
+        """Queue a task at a priority; returns the entry ID (see :meth:`publish`)."""
+        return await self.publish(
+            stream,
+            msg,
+            priority=priority,
+            ttl=ttl,
+            delay=delay,
+            at=at,
+            idempotency_key=idempotency_key,
+        )
 
     async def send_to(
         self,
@@ -201,9 +237,15 @@ class Client(Asking):
         stream: str = "inbox",
         *,
         ttl: float | str | None = None,
+        delay: float | None = None,
+        at: datetime | float | None = None,
+        idempotency_key: str | None = None,
     ) -> str:
-        """Send a direct message to one agent's inbox; returns the entry ID."""
-        return await self.publish(stream, msg, agent=agent, ttl=ttl)
+        """Send a direct message to one agent's inbox; returns the entry ID (see
+        :meth:`publish`)."""
+        return await self.publish(
+            stream, msg, agent=agent, ttl=ttl, delay=delay, at=at, idempotency_key=idempotency_key
+        )
 
     # -- heartbeats ------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ COMMANDS = {
     "cancel": "cortex_flow.cli.tasks:cancel_command",
     "status": "cortex_flow.cli.status:command",
     "dlq": "cortex_flow.cli.dlq:command",
+    "delayed": "cortex_flow.cli.delayed:command",
     "prune": "cortex_flow.cli.prune:command",
     "test": "cortex_flow.cli.test:command",
 }
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="send as a request and print the reply as JSON (default 30s); exit 1 when it "
         "failed or was canceled, 124 when it timed out",
     )
+    p.add_argument("--delay", help="deliver after this long (e.g. 30s, 5m): held in Redis")
+    p.add_argument("--at", help="deliver at this time (ISO 8601, e.g. 2026-05-01T09:00:00Z)")
+    p.add_argument("--idempotency-key", help="a repeat within the window returns the first ID")
 
     p = sub.add_parser("task", parents=[common, key], help="the state of a requested message")
     p.add_argument("entry_id", help="the entry ID the message got when sent")
@@ -106,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cancel", parents=[common, key], help="cancel a message")
     p.add_argument("entry_id", help="the entry ID the message got when sent")
+
+    p = sub.add_parser("delayed", parents=[common], help="list or cancel delayed messages")
+    dsub = p.add_subparsers(dest="delayed_command", required=True, parser_class=_Parser)
+    d = dsub.add_parser("list", parents=[common], help="what waits, earliest first")
+    d.add_argument("--json", action="store_true")
+    d = dsub.add_parser("cancel", parents=[common], help="drop delayed messages before due")
+    d.add_argument("ids", nargs="+", help="delayed message IDs (as send or list print them)")
 
     p = sub.add_parser("status", parents=[common], help="streams, groups, agents at a glance")
     p.add_argument("--watch", action="store_true")

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 from cortex_flow.client import Client
@@ -22,8 +23,10 @@ from cortex_flow.errors import (
     RequestTimeout,
     UsageError,
 )
+from cortex_flow.flow.durations import parse_duration
 from cortex_flow.flow.loader import Project, load_project
 from cortex_flow.flow.models import StreamSpec
+from cortex_flow.ops.later import delay_of, publish_later, publish_once, window_of
 from cortex_flow.ops.requests import seconds
 from cortex_flow.ops.send import TargetError, publish, target_key
 from cortex_flow.wire.access import connect_project
@@ -78,18 +81,32 @@ def command(args: argparse.Namespace) -> int:
         raise UsageError('JSON argument must be an object, e.g. \'{"type": "chat"}\'')
     key, spec, names = target(project, args, msg)
     ttl = _duration(args.ttl, "--ttl") if args.ttl is not None else None
+    hold = later(args)
     if args.wait is not None:
+        if hold is not None or args.idempotency_key:
+            raise UsageError("--wait sends a request now: drop --delay, --at and --idempotency-key")
         return _request(project, args.stream, msg, _duration(args.wait, "--wait"), ttl, names)
+    if ttl is not None and (hold is not None or args.idempotency_key):
+        raise UsageError(
+            "--ttl goes with a message sent now: drop --delay, --at and --idempotency-key, or --ttl"
+        )
 
     async def go() -> str:
         client = await connect_project(project, wait=3.0, log=log)
         try:
-            return await publish(client, key, spec, msg, ttl=ttl)
+            if hold is not None:
+                held = await publish_later(client, project, key, spec, msg, hold)
+                due = datetime.fromtimestamp(held.due_ms / 1000, UTC).isoformat()
+                return f"delayed {held.id} for {key} until {due}"
+            if args.idempotency_key:
+                window = window_of(project, args.stream)
+                found = await publish_once(client, key, spec, msg, args.idempotency_key, window)
+                return f"sent {found} to {key}"
+            return f"sent {await publish(client, key, spec, msg, ttl=ttl)} to {key}"
         finally:
             await client.aclose()
 
-    entry_id = asyncio.run(go())
-    print(f"sent {entry_id} to {key}")
+    print(asyncio.run(go()))
     return 0
 
 
@@ -126,6 +143,31 @@ def _request(
         print(f"failed: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def later(args: argparse.Namespace) -> float | None:
+    """Seconds to hold the message from ``--delay`` or ``--at``; None to send now."""
+    delay, at = getattr(args, "delay", None), getattr(args, "at", None)
+    if delay is not None and at is not None:
+        raise UsageError("give --delay or --at, not both")
+    if getattr(args, "idempotency_key", None) and (delay is not None or at is not None):
+        raise UsageError("--idempotency-key applies to a message sent now; drop --delay/--at")
+    if delay is not None:
+        try:
+            return parse_duration(delay)
+        except ValueError as exc:
+            raise UsageError(f"--delay {exc}") from None
+    if at is not None:
+        try:
+            when = datetime.fromisoformat(at)
+        except ValueError:
+            raise UsageError(
+                f"--at takes an ISO 8601 time such as 2026-05-01T09:00:00Z, got {at!r}"
+            ) from None
+        if when.tzinfo is None:
+            when = when.astimezone()  # a time without a zone is local time
+        return delay_of(None, when)
+    return None
 
 
 def _with_flags(exc: TargetError) -> str:

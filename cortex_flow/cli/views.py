@@ -50,6 +50,8 @@ def render(data: dict[str, Any]) -> RenderableType:
         parts.append(_retention(data["retention"]))
     if data.get("stale_groups"):
         parts.append(_stale(data["stale_groups"]))
+    if data.get("delayed"):
+        parts.append(_delayed(data["delayed"]))
     parts.append(_runner(data["runner"]))
     if "duties" in data:
         parts.append(_duties(data["duties"]))
@@ -147,6 +149,15 @@ def _retention(rows: list[dict[str, Any]]) -> Table:
     return held
 
 
+def _delayed(rows: list[dict[str, Any]]) -> Table:
+    table = _table("Delayed messages", "Key", "Waiting", "Next due")
+    for row in rows:
+        due = row["next_due_in"]
+        when = f"in {humanize(due)}" if due >= 0 else f"{humanize(-due)} overdue"
+        table.add_row(row["key"], count(row["waiting"]), when)
+    return table
+
+
 def _stale(rows: list[dict[str, Any]]) -> Table:
     title = "Stale groups (no flow declares them)"
     stale = _table(title, "Group", "Key", "Holds", "Pending", "Lag")
@@ -174,6 +185,12 @@ def _runner(runner: dict[str, Any]) -> Text:
             line.append(f"; last reload {_last_reload(reload)}")
             for error in reload.get("errors") or []:
                 line.append(f"\n  reload error: {error}", style="red")
+        for group, flow in sorted((admin.get("flow") or {}).items()):
+            line.append(
+                f"\n  group {group}: {flow['waiting']} held back by flow control, "
+                f"{humanize(flow['rate_wait_seconds'])} waited for rate tokens, "
+                f"{flow['duplicates']} duplicate(s) acknowledged unhandled"
+            )
     elif admin:
         line.append(f"not reachable ({admin.get('admin') or 'admin off'}: {admin['reason']})")
         line.stylize("yellow", len(f"Runner {runner['name']}: "))

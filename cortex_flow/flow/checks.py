@@ -12,6 +12,7 @@ from cortex_flow.errors import Problem
 from cortex_flow.flow.callables import check_imports, resolve_callable
 from cortex_flow.flow.declared import Origin, Topology
 from cortex_flow.flow.durations import format_duration as dur
+from cortex_flow.flow.flowcontrol import check_flow_control
 from cortex_flow.flow.limits import TemplateLimits, current_limits
 from cortex_flow.flow.modelerrors import did_you_mean
 from cortex_flow.flow.models import DEFAULT_PRIORITIES, GroupSpec, Route, StreamSpec
@@ -237,6 +238,9 @@ def _check_group(
     if spec is None:
         return
     variables = key_variables(spec)
+    check_flow_control(
+        origin, group, set(group.vars) | variables, problems, partitioned=bool(spec.partitions)
+    )
     for var in sorted(set(group.vars) - variables):
         problems.append(
             origin.problem(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from cortex_flow.flow.durations import format_duration
+from cortex_flow.flow.flowcontrol import flow_limits
 from cortex_flow.flow.models import Route
 from cortex_flow.flow.topology import Resolved, key_variables
 
@@ -43,6 +44,9 @@ def mermaid(resolved: Resolved) -> str:
         spec = group.spec
         gid = _id("g", name)
         detail = f"{spec.priority}, batch {spec.batch}, x{spec.concurrency}"
+        limits = flow_limits(spec)
+        if limits:
+            detail += f", {limits}"
         if not group.by_runner:
             detail = f"read by agent {group.client}'s client"
         info = _label(f"group {name}", detail)

@@ -21,6 +21,7 @@ from pydantic_core import PydanticCustomError
 from cortex_flow.flow.durations import Duration, PositiveDuration
 from cortex_flow.flow.hosts import token_text, valid_token
 from cortex_flow.flow.modelerrors import FIELD_RULE, show
+from cortex_flow.flow.rates import Rate
 
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]*$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
@@ -356,6 +357,31 @@ class Route(Model):
         return "http" if self.http is not None else "drop"
 
 
+class RateLimit(Model):
+    """A rate every runner serving the group shares: a token bucket in Redis."""
+
+    rate: Rate = Field(
+        description="How many messages start per unit of time (`/s`, `/m`, `/h`): `60/m`, `20/s`."
+    )
+    burst: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="How many may start at once after a quiet spell; default one second's worth.",
+    )
+    key: str | None = Field(
+        default=None,
+        description='A template giving each value its own bucket, e.g. `"{{ msg.tenant }}"`.',
+    )
+
+
+class DedupPolicy(Model):
+    """Messages whose key was handled within the window are acknowledged unhandled."""
+
+    key: str = Field(description='A template naming the message, e.g. `"{{ msg.id }}"`.')
+    window: PositiveDuration = Field(description="How long a handled key is remembered.")
+
+
 class GroupSpec(Model):
     """A Redis consumer group and the routes its messages take."""
 
@@ -417,6 +443,18 @@ class GroupSpec(Model):
         ge=1,
         description="A reply (a call's return value as JSON) larger than this fails the "
         "message with that reason.",
+    )
+    rate_limit: RateLimit | None = Field(
+        default=None, description="A rate shared by every runner serving the group."
+    )
+    max_in_flight: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="Handlers running at once across all runners (leases, released on death).",
+    )
+    dedup: DedupPolicy | None = Field(
+        default=None, description="Acknowledge, unhandled, a message whose key was handled."
     )
     description: str | None = None
 

@@ -18,10 +18,13 @@ from cortex_flow.flow.durations import humanize
 from cortex_flow.flow.loader import Project
 from cortex_flow.flow.topology import Resolved, no_reader, unread_inboxes
 from cortex_flow.ops.admin import admin_get
+from cortex_flow.ops.flowstatus import delayed_rows, in_flight_warnings
 from cortex_flow.ops.stale import count_lag, stale_from_infos
 from cortex_flow.runtime.duties import DUTIES
 from cortex_flow.runtime.retention import held_key
 from cortex_flow.wire.connection import RedisClient, describe_client, describe_error, is_cluster
+from cortex_flow.wire.delayed import SUMMARY as DELAYED_SUMMARY
+from cortex_flow.wire.delayed import index_key as delayed_index
 from cortex_flow.wire.entryids import id_ms
 from cortex_flow.wire.heartbeats import PAGE as HEARTBEAT_PAGE
 from cortex_flow.wire.heartbeats import latest_beats
@@ -60,6 +63,7 @@ async def collect(
     pipe.hgetall(held_key(resolved))
     for duty in DUTIES:
         pipe.get(resolved.duty_key(duty))
+    pipe.eval(DELAYED_SUMMARY, 1, delayed_index(resolved.namespace))
     if now is None and is_cluster(client):
         now = time.time()  # TIME has no key, so a cluster pipeline cannot route it
     if now is None:
@@ -94,6 +98,7 @@ async def collect(
         }
     beats, held = replies[len(keys) * 4 : len(keys) * 4 + 2]
     leases = replies[len(keys) * 4 + 2 : len(keys) * 4 + 2 + len(DUTIES)]
+    delayed = replies[len(keys) * 4 + 2 + len(DUTIES)]
     dynamic = [
         {"name": s.name, "key": s.spec.key, "status": "dynamic", "length": None}
         for s in resolved.streams.values()
@@ -118,6 +123,7 @@ async def collect(
         "duties": [_duty(name, _ok(value)) for name, value in zip(DUTIES, leases, strict=True)],
         "retention": _held_rows(_ok(held) or {}, now),
         "stale_groups": await count_lag(client, stale_from_infos(resolved, infos)),
+        "delayed": delayed_rows(delayed, now),
     }
     data["problems"] = problems(data, resolved)
     return data
@@ -312,6 +318,7 @@ def problems(data: dict[str, Any], resolved: Resolved) -> list[str]:
             f"{holds} entries from retention ({stale['pending']:,} pending); "
             f"`cortex-flow prune {stale['name']}` removes it"
         )
+    found += [str(p) for p in in_flight_warnings(data["groups"], resolved)]
     for group in data["groups"]:
         where = f"group {group['name']} on {group['key']}"
         if group["status"] == "missing":
@@ -358,6 +365,7 @@ async def probe_admin(admin: AdminSettings) -> dict[str, Any]:
         "ready": body.get("status") == "ready",
         "reload": reload,
         "problems": [str(p) for p in detail.get("problems") or []],
+        "flow": detail.get("flow") or {},
         "stuck_calls": detail.get("stuck_calls") or {},
     }
 

@@ -48,6 +48,7 @@ from cortex_flow.runtime.delivery import (
     plain_acks,
 )
 from cortex_flow.runtime.faultlog import FaultLog
+from cortex_flow.runtime.flowgate import FlowGate
 from cortex_flow.runtime.handling import EntryHandler
 from cortex_flow.runtime.leases import Leases
 from cortex_flow.runtime.outbox import Outbox, commit_until_done
@@ -209,6 +210,7 @@ class GroupConsumer:
             stuck=self._stuck,
         )
         # bound once: the hot path calls these per message (or per batch)
+        self.gate: FlowGate | None = None  # rate, max_in_flight, dedup (runtime/flowgate.py)
         self._fetch = self.reader.fetch
         self._handle = self.handler.handle
         self._task: asyncio.Task[None] | None = None
@@ -231,6 +233,11 @@ class GroupConsumer:
     @property
     def executor(self) -> Any:
         return self.handler.executor
+
+    @property
+    def stopping(self) -> asyncio.Event:
+        """Set once the consumer is told to stop."""
+        return self._stopping
 
     @property
     def held(self) -> int:
@@ -277,6 +284,8 @@ class GroupConsumer:
             self._task.cancel()
             flusher = self.outbox.cancel()
             others = [*self._tasks, *([flusher] if flusher else [])]
+            if self.gate is not None:
+                others += self.gate.cancel()
             for task in others:
                 task.cancel()
             await asyncio.wait([self._task, *others], timeout=1.0)
@@ -397,12 +406,16 @@ class GroupConsumer:
             parked = self.reader.drop_parked()
             if parked:  # read before the stop: finish them too
                 await self._dispatch(parked)
+            if self.gate is not None:  # what waits there is given up; what passed, finished
+                await self.gate.drain()
             while self._tasks:  # what we hold, the backlog included, is finished
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             self._flush_acks()
             await self.outbox.close()
         finally:
             lease.cancel()
+            if self.gate is not None:
+                self.gate.close()
             await self.handler.deadlines.close()
             await self.cancels.close()
             self._drop_backlog()
@@ -557,6 +570,30 @@ class GroupConsumer:
     # -- processing --------------------------------------------------------------------
 
     async def _dispatch(self, entries: list[Entry]) -> None:
+        if self.gate is not None and not self.gate.admit_now(entries):
+            # held (and leased) while they wait at the gate, beside this loop
+            self._inflight.update((e.key.key, e.id) for e in entries)
+            self.gate.spawn(entries, self._gated)
+            return
+        await self._dispatch_now(entries)
+
+    def released(self, entries: list[Entry]) -> None:
+        """Entries the gate acknowledged (duplicates) or gave up (a stop, an error)."""
+        self._inflight.difference_update((e.key.key, e.id) for e in entries)
+        self._wake.set()
+
+    def gate_failed(self) -> None:
+        """The gate gave entries up on an error: re-read what is pending under our name."""
+        self._reread = True
+        self._wake.set()
+
+    async def _gated(self, entries: list[Entry]) -> None:
+        """Entries the gate let through: from here on held as any dispatched entry is (the
+        inline path holds its acknowledgements as a whole, not a (key, id) each)."""
+        self._inflight.difference_update([(e.key.key, e.id) for e in entries])
+        await self._dispatch_now(entries)
+
+    async def _dispatch_now(self, entries: list[Entry]) -> None:
         table = self.handler.table
         if table.inline:
             # handled here, in order. Plain acknowledgements go in the same pipeline as
@@ -682,6 +719,8 @@ class GroupConsumer:
     def _give_up(self, entry: Entry) -> None:
         """An entry that could not be finished: it stays pending and is taken back."""
         self._inflight.discard((entry.key.key, entry.id))
+        if self.gate is not None:
+            self.gate.finished([(entry.key.key, entry.id)])
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -726,6 +765,8 @@ class GroupConsumer:
             stats = self._key_stats[ack.key]
             stats.processed += len(ack.entries)
             stats.retried += ack.retried
+            if self.gate is not None:
+                self.gate.finished([(ack.key, e.id) for e in ack.entries])
             if ack.loose:
                 key = ack.key
                 self._inflight.difference_update([(key, e.id) for e in ack.entries])
@@ -749,7 +790,10 @@ class GroupConsumer:
         self.outbox.put_all(outcomes)
 
     def _committed(self, outcomes: list[Outcome]) -> None:
-        self._inflight.difference_update([(o.entry.key.key, o.entry.id) for o in outcomes])
+        done = [(o.entry.key.key, o.entry.id) for o in outcomes]
+        self._inflight.difference_update(done)
+        if self.gate is not None:
+            self.gate.finished(done)
         self._wake.set()
 
     def _commit_failed(self) -> None:

@@ -27,7 +27,8 @@ Act = Callable[[Fence], Awaitable[None]]
 AGENTS_DUTY = "agents"  # agent up/down events (runtime/agentevents.py)
 RETENTION_DUTY = "retention"  # trimming (runtime/retention.py)
 CONSUMERS_DUTY = "consumers"  # deleting dead consumers (runtime/deadconsumers.py)
-DUTIES = (AGENTS_DUTY, RETENTION_DUTY, CONSUMERS_DUTY)
+DELAYED_DUTY = "delayed"  # moving due delayed messages (runtime/delayed.py)
+DUTIES = (AGENTS_DUTY, RETENTION_DUTY, CONSUMERS_DUTY, DELAYED_DUTY)
 WARN_EVERY = 60.0  # a duty whose lease cannot be renewed says so at most this often
 
 
@@ -191,4 +192,12 @@ class Duties:
                 await asyncio.wait_for(self._stop.wait(), wait)
 
 
-__all__ = ["AGENTS_DUTY", "CONSUMERS_DUTY", "DUTIES", "RETENTION_DUTY", "Act", "Duties"]
+__all__ = [
+    "AGENTS_DUTY",
+    "CONSUMERS_DUTY",
+    "DELAYED_DUTY",
+    "DUTIES",
+    "RETENTION_DUTY",
+    "Act",
+    "Duties",
+]

@@ -23,6 +23,7 @@ from prometheus_client.core import (
     Metric,
 )
 
+from cortex_flow.runtime.flowmetrics import flow_metrics
 from cortex_flow.runtime.stats import BUCKETS, KeyStats, Latency, RunnerStats
 from cortex_flow.version import __version__
 
@@ -233,6 +234,7 @@ class RunnerCollector:
         yield overrunning
         yield held_back
         yield lost
+        yield from flow_metrics(self.stats)
 
     def _agents(self) -> Iterator[Metric]:
         up = GaugeMetricFamily(

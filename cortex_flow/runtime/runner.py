@@ -22,6 +22,7 @@ from cortex_flow.flow.plan import diff
 from cortex_flow.flow.topology import Resolved, no_reader, resolve, unread_inboxes
 from cortex_flow.runtime import tracing
 from cortex_flow.runtime.callpool import CallPool
+from cortex_flow.runtime.flowmetrics import flow_detail
 from cortex_flow.runtime.gauges import refresh_gauges
 from cortex_flow.runtime.heartbeat import HeartbeatMonitor, check_runner_name, runner_instance
 from cortex_flow.runtime.partitioned import Consumer
@@ -301,6 +302,7 @@ class Runner:
             "draining": self.stats.draining,
             "groups": sorted(self.consumers),
             "problems": problems,
+            "flow": flow_detail(self.stats),
             # groups with sync calls stuck past their timeout (status shows them)
             "stuck_calls": {
                 name: {

@@ -28,16 +28,21 @@ from cortex_flow.flow.outbound import OutboundPolicy, set_policy
 from cortex_flow.flow.plan import Plan, declared_keys
 from cortex_flow.flow.topology import Resolved, ResolvedGroup, wrong_type_problem
 from cortex_flow.runtime.callpool import CallPool, threads_needed
+from cortex_flow.runtime.consumer import GroupConsumer
 from cortex_flow.runtime.deadconsumers import DeadConsumers
+from cortex_flow.runtime.delayed import INTERVAL as DELAYED_INTERVAL
+from cortex_flow.runtime.delayed import DelayedMover
 from cortex_flow.runtime.delivery import TRANSIENT
 from cortex_flow.runtime.duties import (
     AGENTS_DUTY,
     CONSUMERS_DUTY,
+    DELAYED_DUTY,
     DUTIES,
     RETENTION_DUTY,
     Duties,
 )
 from cortex_flow.runtime.faultlog import WHAT
+from cortex_flow.runtime.flowgate import FlowGate
 from cortex_flow.runtime.heartbeat import HeartbeatMonitor
 from cortex_flow.runtime.partitioned import Consumer, make_consumer
 from cortex_flow.runtime.retention import RetentionDuty
@@ -146,6 +151,7 @@ class RunningTopology:
         self.duties: Duties | None = None
         self.retention: RetentionDuty | None = None
         self.dead_consumers: DeadConsumers | None = None
+        self.delayed: DelayedMover | None = None
         self.retiring: set[asyncio.Task[bool]] = set()
         self.draining: dict[str, Consumer] = {}  # retired, maybe still finishing
 
@@ -249,6 +255,8 @@ class RunningTopology:
             self.retention.resolved = target
         if self.dead_consumers is not None:
             self.dead_consumers.resolved = target
+        if self.delayed is not None:
+            self.delayed.resolved = target
         if self.duties is not None:
             for duty in DUTIES:
                 self.duties.rekey(duty, target.duty_key(duty))
@@ -293,6 +301,18 @@ class RunningTopology:
             members=self._live_runners,
             shutdown_grace=self.shutdown_grace,
         )
+        if FlowGate.wanted(group) and isinstance(consumer, GroupConsumer):
+            consumer.gate = FlowGate(
+                self.client,
+                group,
+                resolved.namespace,
+                resolved.streams[group.stream].spec.codec,
+                stopping=consumer.stopping,
+                release=consumer.released,
+                on_error=consumer.gate_failed,
+                log=logging.getLogger("cortex_flow.flowcontrol"),
+            )
+            stats.flow = consumer.gate.stats
         consumer.start()
         self.consumers[group.name] = consumer
 
@@ -367,6 +387,13 @@ class RunningTopology:
             resolved.duty_key(CONSUMERS_DUTY),
             interval=min(60.0, max(1.0, settings.dead_consumer_idle / 4)),
             act=self.dead_consumers.run,
+        )
+        self.delayed = DelayedMover(self.client, resolved, logging.getLogger("cortex_flow.delayed"))
+        self.duties.add(
+            DELAYED_DUTY,
+            resolved.duty_key(DELAYED_DUTY),
+            interval=DELAYED_INTERVAL,
+            act=self.delayed.run,
         )
         await self.duties.start()
         await self.heartbeats.start()

@@ -71,6 +71,15 @@ class KeyStats:
 
 
 @dataclass
+class FlowStats:
+    """What the gate of one group shows (status, metrics)."""
+
+    waiting: int = 0  # entries held back now (rate, slots or a dedup copy)
+    rate_waits: float = 0.0  # seconds entries spent waiting for rate tokens, summed
+    duplicates: int = 0  # acknowledged unhandled: their dedup key was already handled
+
+
+@dataclass
 class GroupStats:
     """Counters of one consumer group, per source key."""
 
@@ -86,6 +95,7 @@ class GroupStats:
     held_back: bool = False  # max_stuck_calls of them: no new message starts
     max_stuck_calls: int = 0  # the group's bound (0: no sync call)
     leases_lost: int = 0  # held entries another consumer took over before a renewal
+    flow: FlowStats | None = None  # rate_limit, max_in_flight, dedup (runtime/flowgate.py)
 
     def key(self, key: str) -> KeyStats:
         stats = self.keys.get(key)

@@ -256,6 +256,7 @@ def test_json_output_shape(
         "duties",
         "retention",
         "stale_groups",
+        "delayed",
         "problems",
         "flow_problems",
     }

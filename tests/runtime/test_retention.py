@@ -181,7 +181,9 @@ async def test_an_undeclared_group_holds_retention_shows_as_stale_and_is_pruned(
         assert doc["stale_groups"][0]["name"] == "forgotten"
         assert doc["retention"][0]["group"] == "forgotten"
         duties = {d["name"]: d["holder"] for d in doc["duties"]}
-        assert duties == dict.fromkeys(("agents", "retention", "consumers"), runner.instance)
+        assert duties == dict.fromkeys(
+            ("agents", "retention", "consumers", "delayed"), runner.instance
+        )
         assert f"retention {runner.instance}" in shown
 
         assert await asyncio.to_thread(cli, "prune", "slow", "--config", str(config), "--yes") == 1
