@@ -21,6 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cortex_flow.wire.duties import Fence, LeaseLost, acquire_all, release
+from cortex_flow.wire.redis_errors import explain, redis_user
+
+# a duty that keeps failing (an ACL refusal, Redis down) is said at most this often (s)
+FAIL_WARN_EVERY = 60.0
 
 Act = Callable[[Fence], Awaitable[None]]
 
@@ -52,6 +56,8 @@ class Duties:
         self.holder = holder
         self.lease = lease
         self.log = log
+        self._failures: dict[str, int] = {}  # failed acts per duty since last said
+        self._failed_at: dict[str, float] = {}  # monotonic time each was last said
         self._duties: dict[str, _Duty] = {}
         self._stop = asyncio.Event()
         self._renew: asyncio.Task[None] | None = None
@@ -163,6 +169,26 @@ class Duties:
 
     # -- acts --------------------------------------------------------------------------
 
+    def _failed(self, duty: _Duty, exc: Exception) -> None:
+        """Say a failing act once per ``FAIL_WARN_EVERY`` with a count (it retries every
+        interval: a refusal would otherwise log four lines a second)."""
+        count = self._failures.get(duty.name, 0) + 1
+        self._failures[duty.name] = count
+        now = time.monotonic()
+        if now - self._failed_at.get(duty.name, -FAIL_WARN_EVERY) < FAIL_WARN_EVERY:
+            return
+        self._failed_at[duty.name] = now
+        self._failures[duty.name] = 0
+        why = explain(exc, user=redis_user(self.client))
+        self.log.warning(
+            "duty %s failed (%s); trying again every %gs (%d time%s since last said)",
+            duty.name,
+            why.text if why is not None else f"{type(exc).__name__}: {exc}",
+            duty.interval,
+            count,
+            "" if count == 1 else "s",
+        )
+
     async def _acting(self, duty: _Duty) -> None:
         """Act every ``interval`` while held; the first act one interval after start, once
         the heartbeat watch knows which runners are alive."""
@@ -180,13 +206,7 @@ class Duties:
                     self.log.info("duty %s: stopped (%s)", duty.name, exc)
                     self.lost(duty.name)
                 except Exception as exc:
-                    self.log.warning(
-                        "duty %s failed (%s: %s); trying again in %gs",
-                        duty.name,
-                        type(exc).__name__,
-                        exc,
-                        duty.interval,
-                    )
+                    self._failed(duty, exc)
             wait = duty.interval if fence is not None else min(duty.interval, self.lease / 3)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), wait)

@@ -283,7 +283,9 @@ async def test_least_privilege_user_runs_every_group(
     (creating them) with no problem and no error logged."""
     setup.user("~t:*", "+@stream", "+evalsha", "+eval", "+script|load", "+ping",
                "+client|setname", "+get", "+set", "+incr", "+del", "+pexpire", "+hget",
-               "+hset", "+type", "+time", "+expire", "+hgetall", "+hincrby", "+hdel")  # fmt: skip
+               "+hset", "+type", "+time", "+expire", "+hgetall", "+hincrby", "+hdel", "+publish",
+               "+subscribe", "+zadd", "+zrangebyscore", "+zremrangebyscore", "+hmget",
+               "+zrem", "+zcard", "+zrange", "+zscore", "&t:cancel")  # fmt: skip
     setup.add(setup.a, range(5))
     setup.add(setup.b, range(5, 10))
     with caplog.at_level(logging.WARNING, logger="cortex_flow"):
