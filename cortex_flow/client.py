@@ -30,11 +30,11 @@ from redis.exceptions import RedisError
 
 from cortex_flow.errors import CortexFlowError
 from cortex_flow.flow.loader import Project, load_project
-from cortex_flow.flow.topology import ResolvedGroup, render_key, resolve
+from cortex_flow.flow.topology import ResolvedGroup, render_key
 from cortex_flow.ops.asking import Asking
 from cortex_flow.ops.inbox import InboxEntry, InboxReader, reading_group
 from cortex_flow.ops.requests import REPLY_IDLE, project_prefix, seconds
-from cortex_flow.ops.send import publish, target_key
+from cortex_flow.ops.send import publish
 from cortex_flow.ops.tasks import answer
 from cortex_flow.wire.access import project_url
 from cortex_flow.wire.codec import DecodeError, check_text, decode

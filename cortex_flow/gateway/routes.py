@@ -36,6 +36,16 @@ class Route:
 
 _STREAM = Param("stream", "path", "A stream the flows declare.", required=True)
 _AGENT = Param("agent", "path", "The agent the token belongs to.", required=True)
+_KEY_VARS = (
+    Param("priority", "query", "Priority level of a priority stream."),
+    Param("agent", "query", "The agent of a per-agent stream (its key per agent)."),
+    Param(
+        "var",
+        "query",
+        "Another key variable, NAME=VALUE; repeat for more.",
+        {"type": "array", "items": {"type": "string"}},
+    ),
+)
 _REFUSED = {
     401: "No token, or not an agent's token.",
     403: "The token's agent may not do this (another agent, or a stream not in may_send).",
@@ -67,14 +77,7 @@ ROUTES: tuple[Route, ...] = (
         },
         params=(
             _STREAM,
-            Param("priority", "query", "Priority level of a priority stream."),
-            Param("agent", "query", "The agent of a per-agent stream (its key per agent)."),
-            Param(
-                "var",
-                "query",
-                "Another key variable, NAME=VALUE; repeat for more.",
-                {"type": "array", "items": {"type": "string"}},
-            ),
+            *_KEY_VARS,
             Param(
                 "Idempotency-Key",
                 "header",
@@ -83,6 +86,36 @@ ROUTES: tuple[Route, ...] = (
             ),
         ),
         body="The message: a JSON object (its fields, or the `data` of a json stream).",
+    ),
+    Route(
+        "POST",
+        "/v1/requests/{stream}",
+        "request",
+        "Publish a request (request/reply) and wait for its reply.",
+        {
+            200: "The reply: `{reply}`, what the handler returned.",
+            400: "Not a JSON object, a bad timeout, or the message names no key, or no "
+            "group answers the stream: `{error, about}`.",
+            409: "The request was canceled.",
+            413: "The body is larger than gateway.max_body.",
+            415: "The body is not application/json.",
+            502: "The request failed: dead-lettered or expired; `{error, reason, id}` with "
+            "the dead-letter reason.",
+            504: "No reply within the timeout.",
+            **_REFUSED,
+        },
+        params=(
+            _STREAM,
+            Param(
+                "timeout",
+                "query",
+                "Seconds to wait for the reply (default 30, at most "
+                "gateway.max_request_timeout, 300 unless set).",
+                {"type": "number", "exclusiveMinimum": 0},
+            ),
+            *_KEY_VARS,
+        ),
+        body="The request message: a JSON object (its fields, or the `data` of a json stream).",
     ),
     Route(
         "POST",

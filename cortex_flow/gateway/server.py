@@ -29,6 +29,7 @@ from cortex_flow.gateway.bodies import json_response as _json
 from cortex_flow.gateway.idempotency import idempotency_key, publish_once
 from cortex_flow.gateway.inbox import InboxSession
 from cortex_flow.gateway.openapi import document
+from cortex_flow.gateway.requests import Asker, relay, timeout_of
 from cortex_flow.gateway.routes import ROUTES
 from cortex_flow.gateway.socket import serve_socket
 from cortex_flow.ops.send import TargetError, publish, target_key
@@ -66,6 +67,7 @@ class Gateway:
         self._sockets: dict[str, tuple[web.WebSocketResponse, asyncio.Event]] = {}
         self._socket_locks: dict[str, asyncio.Lock] = {}
         self._runner: web.AppRunner | None = None
+        self._asker: Asker | None = None  # for the project it was made for
         self.bound_port: int | None = None
 
     @property
@@ -134,6 +136,9 @@ class Gateway:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+        asker, self._asker = self._asker, None
+        if asker is not None:
+            await asker.close()
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
@@ -173,6 +178,28 @@ class Gateway:
             return _json({"id": entry_id, "key": key, "replayed": replayed}, status=202)
         entry_id = await publish(client, key, spec, msg)
         return _json({"id": entry_id, "key": key}, status=202)
+
+    async def asker(self) -> Asker:
+        """The requester for the project as it is now (a reload makes a new one)."""
+        project = self._project()
+        asker = self._asker
+        if asker is None or asker.project is not project:
+            if asker is not None:
+                await asker.close()
+            asker = self._asker = Asker(project, await self.redis())
+        return asker
+
+    async def _request(self, request: web.Request) -> web.Response:
+        msg = await _body(request, required=True)
+        if isinstance(msg, web.Response):
+            return msg
+        target = self._target(request, request[AGENT])  # may_send and the key, as publish
+        if isinstance(target, web.Response):
+            return target
+        timeout = timeout_of(request, self.settings.max_request_timeout)
+        if isinstance(timeout, web.Response):
+            return timeout
+        return await relay(request, await self.asker(), msg, timeout)
 
     def _target(self, request: web.Request, agent: str) -> tuple[str, StreamSpec] | web.Response:
         """The key the request's stream and query name, if ``agent`` may send there:
