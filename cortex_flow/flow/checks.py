@@ -94,6 +94,9 @@ def check_topology(topo: Topology) -> list[Problem]:
         for i, stream in enumerate(agent.may_send):
             origin = topo.origin("agents", name)
             stream_ref(topo, origin, ("may_send", i), stream, "stream", problems)
+        if agent.a2a is not None:
+            origin = topo.origin("agents", name)
+            stream_ref(topo, origin, ("a2a", "stream"), agent.a2a.stream, "stream", problems)
         hb = agent.heartbeat
         if hb and hb.timeout is not None and hb.timeout <= hb.interval:
             problems.append(

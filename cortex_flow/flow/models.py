@@ -220,6 +220,42 @@ class AgentInbox(Model):
     )
 
 
+class A2ASkill(Model):
+    """One skill of an A2A agent, as its agent card lists it."""
+
+    id: Name = Field(description="The skill's ID, unique in the agent.")
+    name: str = Field(min_length=1, description="Its name, for people.")
+    description: str = Field(min_length=1, description="What it does.")
+    tags: list[str] = Field(default_factory=list, description="Keywords.")
+    examples: list[str] = Field(default_factory=list, description="Example prompts.")
+
+
+class A2ASpec(Model):
+    """Publish the agent as an A2A agent at the gateway: its agent card at
+    `/a2a/<agent>/.well-known/agent-card.json`, JSON-RPC at `/a2a/<agent>`."""
+
+    description: str = Field(min_length=1, description="What the agent does, for its card.")
+    skills: list[A2ASkill] = Field(min_length=1, description="What it can do, for its card.")
+    stream: Name = Field(
+        description="The stream an A2A message is published to as a request; a group of the "
+        "flows answers it."
+    )
+    priority: str | None = Field(
+        default=None, description="The priority level of `stream`, when it is a priority stream."
+    )
+    version: str = Field(default="1.0.0", min_length=1, description="The card's `version`.")
+
+    @field_validator("skills", mode="after")
+    @classmethod
+    def _unique(cls, value: list[A2ASkill]) -> list[A2ASkill]:
+        seen: set[str] = set()
+        for skill in value:
+            if skill.id in seen:
+                raise ValueError(f"skill id {skill.id!r} is given twice; skill ids are unique")
+            seen.add(skill.id)
+        return value
+
+
 class AgentSpec(Model):
     """An agent of the system: gets an inbox per inbox-style stream and may beat."""
 
@@ -240,6 +276,11 @@ class AgentSpec(Model):
         default_factory=list,
         description="Streams this agent may publish to through the gateway "
         "(e.g. [tasks, inbox]); none by default.",
+    )
+    a2a: A2ASpec | None = Field(
+        default=None,
+        description="Publish this agent as an A2A agent at the gateway (agent card, "
+        "JSON-RPC `message/send`, `message/stream`, `tasks/get`, `tasks/cancel`).",
     )
 
     @field_validator("token", mode="before")

@@ -9,7 +9,8 @@ proxy's upstream would) with the dead-letter reason; a canceled one 409.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -20,6 +21,7 @@ from cortex_flow.gateway.bodies import bad, json_response
 from cortex_flow.ops.asking import Asking
 from cortex_flow.ops.requests import REPLY_IDLE
 from cortex_flow.runtime.adminguard import refuse
+from cortex_flow.wire.replies import CORR, Reply
 
 __all__ = ["DEFAULT_TIMEOUT", "Asker", "relay", "request_vars", "timeout_of"]
 
@@ -36,6 +38,21 @@ class Asker(Asking):
 
     async def close(self) -> None:
         await self._close_asking()
+
+    async def begin(
+        self, stream: str, msg: Mapping[str, Any], vars: Mapping[str, str]
+    ) -> tuple[str, asyncio.Queue[Reply], Callable[[], None]]:
+        """Publish a request: its entry ID, the queue its replies come to, and what to call
+        once done with them (A2A follows a task past the call that began it)."""
+        inbox, key, fields, spec = await self._prepare(stream, msg, None, dict(vars))
+        corr = fields[CORR]
+        queue = inbox.register(corr)
+        try:
+            entry_id = await self._send(key, fields, spec)
+        except BaseException:
+            inbox.forget(corr)
+            raise
+        return entry_id, queue, lambda: inbox.forget(corr)
 
 
 def timeout_of(request: web.Request, most: float) -> float | web.Response:

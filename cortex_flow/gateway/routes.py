@@ -156,6 +156,33 @@ ROUTES: tuple[Route, ...] = (
         websocket=True,
     ),
     Route(
+        "GET",
+        "/a2a/{agent}/.well-known/agent-card.json",
+        "a2a_card",
+        "The A2A agent card of an agent declared with `a2a:`.",
+        {200: "The agent card (A2A protocol 0.3).", 404: "No such agent, or it has no `a2a:`."},
+        params=(Param("agent", "path", "An agent declared with `a2a:`.", required=True),),
+        auth=False,
+    ),
+    Route(
+        "POST",
+        "/a2a/{agent}",
+        "a2a_rpc",
+        "A2A JSON-RPC 2.0: `message/send`, `message/stream` (server-sent events), "
+        "`tasks/get`, `tasks/cancel`; the token's agent needs the agent's `a2a.stream` in "
+        "its may_send.",
+        {
+            200: "A JSON-RPC answer (`result` or `error`: -32700, -32600, -32601, -32602, "
+            "-32001 task not found, -32002 not cancelable, -32005 file parts), or for "
+            "`message/stream` a text/event-stream of answers.",
+            404: "No such agent, or it has no `a2a:`.",
+            413: "The body is larger than gateway.max_body.",
+            **_REFUSED,
+        },
+        params=(Param("agent", "path", "An agent declared with `a2a:`.", required=True),),
+        body="A JSON-RPC 2.0 request of the A2A protocol.",
+    ),
+    Route(
         "POST",
         "/v1/agents/{agent}/inbox/ack",
         "inbox_ack",

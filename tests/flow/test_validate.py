@@ -1284,3 +1284,21 @@ def test_retention_on_keys_a_message_binds_is_an_error(project: Project) -> None
         "a message binds (tenant), so the retention pass cannot list its keys to trim; cap a "
         "stream whose keys expand over priority and agent only, or trim these keys yourself"
     )
+
+
+def test_a2a_declarations_are_checked(project: Project) -> None:
+    """a2a: needs a declared stream, at least one skill, and unique skill ids."""
+    skill = "{id: s, name: S, description: does s}"
+    problems = project.problems(
+        "version: 1\nagents:\n"
+        f"  a1: {{a2a: {{description: d, stream: taks, skills: [{skill}]}}}}\n"
+        "  a2: {a2a: {description: d, stream: tasks, skills: []}}\n"
+        f"  a3: {{a2a: {{description: d, stream: tasks, skills: [{skill}, {skill}]}}}}\n"
+    )
+    assert problems == [
+        'flows/groups.yaml:3:38: agents.a1.a2a.stream: stream "taks" is not a declared '
+        'stream; did you mean "tasks"?',
+        "flows/groups.yaml:4:53: agents.a2.a2a.skills: must not be empty",
+        "flows/groups.yaml:5:53: agents.a3.a2a.skills: skill id 's' is given twice; skill "
+        "ids are unique",
+    ]

@@ -9,14 +9,11 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from aiohttp.test_utils import TestClient, TestServer
-from conftest import HAROLD, MAUDE
-from projects import NewProject, running, wait_for
+from aiohttp.test_utils import TestClient
+from conftest import HAROLD, MAUDE, beside_runner
+from projects import NewProject, wait_for
 
 from cortex_flow import Client
-from cortex_flow.flow.loader import load_project
-from cortex_flow.gateway import Gateway
-from cortex_flow.wire.access import connect
 
 FLOWS = """
 version: 1
@@ -70,23 +67,14 @@ async def asking(
     new_project: NewProject,
     redis_url: str,
     key_prefix: str,
+    redis_client: aioredis.Redis,
     monkeypatch: pytest.MonkeyPatch,
 ) -> AsyncIterator[Asking]:
     monkeypatch.setenv("HAROLD_TOKEN", HAROLD)
     monkeypatch.setenv("MAUDE_TOKEN", MAUDE)
     path, _ = new_project(FLOWS, HANDLERS)
-    project = load_project(path)
-    gateway = Gateway(lambda: project, lambda: connect(redis_url))
-    redis = aioredis.from_url(redis_url, decode_responses=True)
-    async with running(path, grace=0.5):
-        client = TestClient(TestServer(gateway.app()))
-        await client.start_server()
-        try:
-            yield Asking(client, path, redis, key_prefix)
-        finally:
-            await client.close()
-            await gateway.stop()
-            await redis.aclose()
+    async with beside_runner(path, redis_url) as client:
+        yield Asking(client, path, redis_client, key_prefix)
 
 
 def _auth(token: str = HAROLD) -> dict[str, str]:
