@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 from conftest import HAROLD, MAUDE, beside_runner
-from projects import NewProject, wait_for
+from projects import NewProject, pending, wait_for
 
 FLOWS = """
 version: 1
@@ -181,8 +181,9 @@ async def test_tasks_cancel_and_get(a2a: A2A) -> None:
     task_id = sent["result"]["id"]
     assert sent["result"]["status"]["state"] in ("submitted", "working")
     await wait_for(
-        lambda: a2a.redis.xpending(f"{a2a.prefix}ask", "ask"), what="the task being handled"
+        lambda: pending(a2a.redis, f"{a2a.prefix}ask", "ask"), what="the task being handled"
     )
+    assert (await a2a.rpc("tasks/get", {"id": task_id}))["result"]["status"]["state"] == "working"
     canceled = await a2a.rpc("tasks/cancel", {"id": task_id})
     assert canceled["result"]["status"]["state"] == "canceled"
     got = await a2a.rpc("tasks/get", {"id": task_id})
