@@ -344,8 +344,8 @@ def _check_route(
         _template(origin, (*sub, "set", field), value, context, problems)
     for var, value in route.vars.items():
         _template(origin, (*sub, "vars", var), value, context, problems)
-    if route.http is not None:
-        _template(origin, (*sub, "http", "url"), route.http.url, context, problems)
+    if route.outbound is not None:
+        _template(origin, (*sub, route.action, "url"), route.outbound.url, context, problems)
     if route.to is None:
         return
     target = stream_ref(topo, origin, (*sub, "to"), route.to, "route target", problems)

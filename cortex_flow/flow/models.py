@@ -334,7 +334,25 @@ class HttpAction(Model):
     )
 
 
-ACTIONS = ("to", "call", "http", "drop")
+class A2ACallAction(Model):
+    """Send the message to an external A2A agent (JSON-RPC `message/send`, A2A protocol
+    0.3) and take the reply (its task's artifacts) as the route's result; a task that
+    ends failed, canceled or rejected, or a JSON-RPC error, fails the message."""
+
+    url: str = Field(
+        pattern=r"^https?://",
+        description="The agent's JSON-RPC endpoint (the `url` of its agent card). Scheme, "
+        "host and port are fixed text; templates fill only the path and query.",
+    )
+    timeout: PositiveDuration = Field(default=30.0, description="Longest the call may take.")
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra headers, e.g. `Authorization: Bearer ${AGENT_TOKEN}`; use ${VAR} "
+        "for secrets.",
+    )
+
+
+ACTIONS = ("to", "call", "http", "a2a", "drop")
 
 
 class Route(Model):
@@ -357,6 +375,7 @@ class Route(Model):
         Field(description="`module.path:function`, or a mapping with function and timeout."),
     ] = None
     http: HttpAction | None = None
+    a2a: A2ACallAction | None = None
     drop: Literal[True] | None = Field(default=None, description="Acknowledge and discard.")
     continue_: bool = Field(
         default=False,
@@ -369,12 +388,12 @@ class Route(Model):
         actions = [n for n in ACTIONS if getattr(self, n) is not None]
         if not actions:
             raise ValueError(
-                "a route needs exactly one action (to, call, http or drop: true) but has none; "
-                "add one"
+                "a route needs exactly one action (to, call, http, a2a or drop: true) but has "
+                "none; add one"
             )
         if len(actions) > 1:
             raise ValueError(
-                "a route needs exactly one action (to, call, http or drop: true) but has "
+                "a route needs exactly one action (to, call, http, a2a or drop: true) but has "
                 f"{' and '.join(actions)}; split it into routes with continue: true, "
                 "or remove all but one"
             )
@@ -389,12 +408,19 @@ class Route(Model):
         return self
 
     @property
-    def action(self) -> Literal["to", "call", "http", "drop"]:
+    def action(self) -> Literal["to", "call", "http", "a2a", "drop"]:
         if self.to is not None:
             return "to"
         if self.call is not None:
             return "call"
+        if self.a2a is not None:
+            return "a2a"
         return "http" if self.http is not None else "drop"
+
+    @property
+    def outbound(self) -> HttpAction | A2ACallAction | None:
+        """The action that sends to a URL (``http`` or ``a2a``), if it is one."""
+        return self.http or self.a2a
 
 
 class GroupSpec(Model):

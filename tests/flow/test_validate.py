@@ -176,7 +176,7 @@ def test_unknown_key_lists_allowed_keys_when_nothing_is_close(project: Project) 
     text = group("stream: tasks\nroutes:\n  - drop: true\n    colour: red\n")
     assert project.problems(text) == [
         'flows/groups.yaml:7:9: groups.g.routes[0].colour: unknown key "colour"; allowed keys '
-        "are call, continue, drop, http, name, set, to, vars, when"
+        "are a2a, call, continue, drop, http, name, set, to, vars, when"
     ]
 
 
@@ -294,7 +294,7 @@ def test_route_with_two_actions(project: Project) -> None:
     text = group("stream: tasks\nroutes:\n  - to: dlq\n    call: workers:run\n")
     assert project.problems(text) == [
         "flows/groups.yaml:6:9: groups.g.routes[0]: a route needs exactly one action (to, call, "
-        "http or drop: true) but has to and call; split it into routes with continue: true, "
+        "http, a2a or drop: true) but has to and call; split it into routes with continue: true, "
         "or remove all but one"
     ]
 
@@ -303,7 +303,7 @@ def test_route_without_action(project: Project) -> None:
     """A route with no action at all is an error."""
     assert project.problems(group("stream: tasks\nroutes:\n  - when: \"msg.x == '1'\"\n")) == [
         "flows/groups.yaml:6:9: groups.g.routes[0]: a route needs exactly one action (to, call, "
-        "http or drop: true) but has none; add one"
+        "http, a2a or drop: true) but has none; add one"
     ]
 
 

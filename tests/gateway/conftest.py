@@ -87,12 +87,14 @@ async def served(
 
 
 @asynccontextmanager
-async def beside_runner(config: Path, redis_url: str) -> AsyncIterator[TestClient]:  # type: ignore[type-arg]
+async def beside_runner(
+    config: Path, redis_url: str, port: int | None = None
+) -> AsyncIterator[TestClient]:  # type: ignore[type-arg]
     """A gateway for ``config`` served in-process, with a runner answering its flows."""
     project = load_project(config)
     gateway = Gateway(lambda: project, lambda: connect(redis_url))
     async with running(config, grace=0.5):
-        client = TestClient(TestServer(gateway.app(), host="127.0.0.1"))
+        client = TestClient(TestServer(gateway.app(), host="127.0.0.1", port=port))
         await client.start_server()
         try:
             yield client
