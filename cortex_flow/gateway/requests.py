@@ -19,7 +19,7 @@ from cortex_flow.errors import CortexFlowError, RequestCanceled, RequestFailed, 
 from cortex_flow.flow.loader import Project
 from cortex_flow.gateway.bodies import bad, json_response
 from cortex_flow.ops.asking import Asking
-from cortex_flow.ops.requests import REPLY_IDLE
+from cortex_flow.ops.requests import REPLY_IDLE, project_prefix
 from cortex_flow.runtime.adminguard import refuse
 from cortex_flow.wire.replies import CORR, Reply
 
@@ -38,6 +38,16 @@ class Asker(Asking):
 
     async def close(self) -> None:
         await self._close_asking()
+
+    def rebind(self, project: Project) -> bool:
+        """Follow a reload of the flows: True if the reply stream stays (same namespace),
+        its targets then checked again; False when a new requester is needed."""
+        if project_prefix(project) != project_prefix(self.project):
+            return False
+        self.project = project
+        self._targets.clear()
+        self._answered = None
+        return True
 
     async def begin(
         self, stream: str, msg: Mapping[str, Any], vars: Mapping[str, str]

@@ -185,12 +185,17 @@ class Gateway:
         return _json({"id": entry_id, "key": key}, status=202)
 
     async def asker(self) -> Asker:
-        """The requester for the project as it is now (a reload makes a new one)."""
+        """The requester for the project as it is now: a reload that keeps the namespace
+        keeps its reply stream (the requests in flight get their replies); another makes
+        a new one."""
         project = self._project()
         asker = self._asker
-        if asker is None or asker.project is not project:
-            if asker is not None:
-                await asker.close()
+        if asker is not None and asker.project is not project:
+            if asker.rebind(project):
+                return asker
+            await asker.close()
+            asker = None
+        if asker is None:
             asker = self._asker = Asker(project, await self.redis())
         return asker
 

@@ -9,11 +9,14 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from conftest import HAROLD, MAUDE, beside_runner
-from projects import NewProject, wait_for
+from projects import NewProject, running, wait_for
 
 from cortex_flow import Client
+from cortex_flow.flow.loader import load_project
+from cortex_flow.gateway import Gateway
+from cortex_flow.wire.access import connect
 
 FLOWS = """
 version: 1
@@ -139,3 +142,32 @@ async def test_refusals(asking: Asking) -> None:
     assert "max_request_timeout" in (await big.json())["error"]
     assert (await unknown.json())["about"] == "stream"
     assert await asking.redis.xlen(f"{asking.prefix}ask") == 0  # nothing refused was sent
+
+
+async def test_a_reload_keeps_the_requests_in_flight(
+    new_project: NewProject, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flows reloaded (a new project) while a request waits: its reply still comes,
+    through the same reply stream, and the next request uses the new flows."""
+    monkeypatch.setenv("HAROLD_TOKEN", HAROLD)
+    monkeypatch.setenv("MAUDE_TOKEN", MAUDE)
+    path, _ = new_project(FLOWS, HANDLERS)
+    current = [load_project(path)]
+    gateway = Gateway(lambda: current[0], lambda: connect(redis_url))
+    async with running(path, grace=0.5):
+        http = TestClient(TestServer(gateway.app()))
+        await http.start_server()
+        try:
+            slow = asyncio.ensure_future(
+                http.post("/v1/requests/slow?timeout=20", json={"sleep": "0.5"}, headers=_auth())
+            )
+            await wait_for(lambda: gateway._asker is not None, what="the request asked")
+            asker = gateway._asker
+            current[0] = load_project(path)  # as a reload does
+            again = await http.post("/v1/requests/ask", json={"n": "1"}, headers=_auth())
+            assert (await again.json()) == {"reply": {"n": 2}}
+            assert gateway._asker is asker and asker.project is current[0]
+            assert (await (await slow).json()) == {"reply": {"late": True}}
+        finally:
+            await http.close()
+            await gateway.stop()
