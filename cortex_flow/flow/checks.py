@@ -95,6 +95,9 @@ def check_topology(topo: Topology) -> list[Problem]:
         for i, stream in enumerate(agent.may_send):
             origin = topo.origin("agents", name)
             stream_ref(topo, origin, ("may_send", i), stream, "stream", problems)
+        if agent.a2a is not None:
+            origin = topo.origin("agents", name)
+            stream_ref(topo, origin, ("a2a", "stream"), agent.a2a.stream, "stream", problems)
         hb = agent.heartbeat
         if hb and hb.timeout is not None and hb.timeout <= hb.interval:
             problems.append(
@@ -345,8 +348,8 @@ def _check_route(
         _template(origin, (*sub, "set", field), value, context, problems)
     for var, value in route.vars.items():
         _template(origin, (*sub, "vars", var), value, context, problems)
-    if route.http is not None:
-        _template(origin, (*sub, "http", "url"), route.http.url, context, problems)
+    if route.outbound is not None:
+        _template(origin, (*sub, route.action, "url"), route.outbound.url, context, problems)
     if route.to is None:
         return
     target = stream_ref(topo, origin, (*sub, "to"), route.to, "route target", problems)

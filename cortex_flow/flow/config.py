@@ -213,13 +213,15 @@ class TemplateSettings(Model):
 
 
 class HttpSettings(Model):
-    """Where ``http`` routes may send. Link-local and cloud metadata addresses are refused,
-    at validation for a literal host and at run time for what a host name resolves to."""
+    """Where ``http`` and ``a2a`` routes may send. Link-local and cloud metadata addresses
+    are refused, at validation for a literal host and at run time for what a host name
+    resolves to."""
 
     allow: list[str] = Field(
         default_factory=list,
-        description="Hosts and networks (CIDR) `http` routes may reach although link-local "
-        "or cloud metadata addresses (169.254.0.0/16, fe80::/10, metadata.google.internal...).",
+        description="Hosts and networks (CIDR) `http` and `a2a` routes may reach although "
+        "link-local or cloud metadata addresses (169.254.0.0/16, fe80::/10, "
+        "metadata.google.internal...).",
     )
 
     @field_validator("allow")

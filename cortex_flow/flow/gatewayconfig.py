@@ -68,6 +68,13 @@ class GatewaySettings(Model):
         description="Seconds an `Idempotency-Key` is remembered: the same key within this "
         "time answers the first entry's ID without publishing again.",
     )
+    max_request_timeout: float = Field(
+        default=300.0,
+        gt=0,
+        le=3600,
+        description="Longest `timeout` (seconds) a `POST /v1/requests/{stream}` or an A2A "
+        "`message/send` may wait for its reply, holding its HTTP connection.",
+    )
     tls: GatewayTls | None = None
 
     @field_validator("listen", mode="before")

@@ -66,6 +66,9 @@ def mermaid(resolved: Resolved) -> str:
             elif route.http is not None:
                 node = _id("h", f"{name}_{index}")
                 lines.append(f"  {node}>{_label('http ' + route.http.url)}]")
+            elif route.a2a is not None:
+                node = _id("h", f"{name}_{index}")
+                lines.append(f"  {node}>{_label('a2a ' + route.a2a.url)}]")
             else:
                 node = _id("d", f"{name}_{index}")
                 lines.append(f"  {node}((drop))")

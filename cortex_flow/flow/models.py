@@ -221,6 +221,42 @@ class AgentInbox(Model):
     )
 
 
+class A2ASkill(Model):
+    """One skill of an A2A agent, as its agent card lists it."""
+
+    id: Name = Field(description="The skill's ID, unique in the agent.")
+    name: str = Field(min_length=1, description="Its name, for people.")
+    description: str = Field(min_length=1, description="What it does.")
+    tags: list[str] = Field(default_factory=list, description="Keywords.")
+    examples: list[str] = Field(default_factory=list, description="Example prompts.")
+
+
+class A2ASpec(Model):
+    """Publish the agent as an A2A agent at the gateway: its agent card at
+    `/a2a/<agent>/.well-known/agent-card.json`, JSON-RPC at `/a2a/<agent>`."""
+
+    description: str = Field(min_length=1, description="What the agent does, for its card.")
+    skills: list[A2ASkill] = Field(min_length=1, description="What it can do, for its card.")
+    stream: Name = Field(
+        description="The stream an A2A message is published to as a request; a group of the "
+        "flows answers it."
+    )
+    priority: str | None = Field(
+        default=None, description="The priority level of `stream`, when it is a priority stream."
+    )
+    version: str = Field(default="1.0.0", min_length=1, description="The card's `version`.")
+
+    @field_validator("skills", mode="after")
+    @classmethod
+    def _unique(cls, value: list[A2ASkill]) -> list[A2ASkill]:
+        seen: set[str] = set()
+        for skill in value:
+            if skill.id in seen:
+                raise ValueError(f"skill id {skill.id!r} is given twice; skill ids are unique")
+            seen.add(skill.id)
+        return value
+
+
 class AgentSpec(Model):
     """An agent of the system: gets an inbox per inbox-style stream and may beat."""
 
@@ -241,6 +277,11 @@ class AgentSpec(Model):
         default_factory=list,
         description="Streams this agent may publish to through the gateway "
         "(e.g. [tasks, inbox]); none by default.",
+    )
+    a2a: A2ASpec | None = Field(
+        default=None,
+        description="Publish this agent as an A2A agent at the gateway (agent card, "
+        "JSON-RPC `message/send`, `message/stream`, `tasks/get`, `tasks/cancel`).",
     )
 
     @field_validator("token", mode="before")
@@ -294,7 +335,25 @@ class HttpAction(Model):
     )
 
 
-ACTIONS = ("to", "call", "http", "drop")
+class A2ACallAction(Model):
+    """Send the message to an external A2A agent (JSON-RPC `message/send`, A2A protocol
+    0.3) and take the reply (its task's artifacts) as the route's result; a task that
+    ends failed, canceled or rejected, or a JSON-RPC error, fails the message."""
+
+    url: str = Field(
+        pattern=r"^https?://",
+        description="The agent's JSON-RPC endpoint (the `url` of its agent card). Scheme, "
+        "host and port are fixed text; templates fill only the path and query.",
+    )
+    timeout: PositiveDuration = Field(default=30.0, description="Longest the call may take.")
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra headers, e.g. `Authorization: Bearer ${AGENT_TOKEN}`; use ${VAR} "
+        "for secrets.",
+    )
+
+
+ACTIONS = ("to", "call", "http", "a2a", "drop")
 
 
 class Route(Model):
@@ -317,6 +376,7 @@ class Route(Model):
         Field(description="`module.path:function`, or a mapping with function and timeout."),
     ] = None
     http: HttpAction | None = None
+    a2a: A2ACallAction | None = None
     drop: Literal[True] | None = Field(default=None, description="Acknowledge and discard.")
     continue_: bool = Field(
         default=False,
@@ -329,12 +389,12 @@ class Route(Model):
         actions = [n for n in ACTIONS if getattr(self, n) is not None]
         if not actions:
             raise ValueError(
-                "a route needs exactly one action (to, call, http or drop: true) but has none; "
-                "add one"
+                "a route needs exactly one action (to, call, http, a2a or drop: true) but has "
+                "none; add one"
             )
         if len(actions) > 1:
             raise ValueError(
-                "a route needs exactly one action (to, call, http or drop: true) but has "
+                "a route needs exactly one action (to, call, http, a2a or drop: true) but has "
                 f"{' and '.join(actions)}; split it into routes with continue: true, "
                 "or remove all but one"
             )
@@ -349,12 +409,19 @@ class Route(Model):
         return self
 
     @property
-    def action(self) -> Literal["to", "call", "http", "drop"]:
+    def action(self) -> Literal["to", "call", "http", "a2a", "drop"]:
         if self.to is not None:
             return "to"
         if self.call is not None:
             return "call"
+        if self.a2a is not None:
+            return "a2a"
         return "http" if self.http is not None else "drop"
+
+    @property
+    def outbound(self) -> HttpAction | A2ACallAction | None:
+        """The action that sends to a URL (``http`` or ``a2a``), if it is one."""
+        return self.http or self.a2a
 
 
 class RateLimit(Model):

@@ -160,10 +160,10 @@ def check_http_routes(topo: Topology, allow: Sequence[str]) -> list[Problem]:
     problems = []
     for name, group in topo.groups.items():
         for index, route in enumerate(group.routes):
-            if route.http is None:
+            if route.outbound is None:
                 continue
-            origin = fixed_origin(route.http.url)
-            sub = ("routes", index, "http", "url")
+            origin = fixed_origin(route.outbound.url)
+            sub = ("routes", index, route.action, "url")
             if isinstance(origin, str):
                 problems.append(topo.origin("groups", name).problem(sub, origin))
                 continue

@@ -183,6 +183,8 @@ def describe_route(route: Route) -> str:
         action = f"call {route.call.function}"
     elif route.http is not None:
         action = f"http {route.http.method} {describe_url(route.http.url)}"
+    elif route.a2a is not None:
+        action = f"a2a {describe_url(route.a2a.url)}"
     else:
         action = "drop"
     text = f"{f'when {route.when}' if route.when else 'always'} -> {action}"

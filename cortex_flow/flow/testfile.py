@@ -154,7 +154,7 @@ class _Checker:
         topo = project.topology
         routes = [r for g in topo.groups.values() for r in g.routes]
         self.call_targets = sorted({r.call.function for r in routes if r.call is not None})
-        self.has_http = any(r.http is not None for r in routes)
+        self.has_http = any(r.outbound is not None for r in routes)  # http and a2a
         self.has_dlq = any(g.dead_letter is not None for g in topo.groups.values())
 
     def problem(self, path: Path_, message: str, key: bool = False) -> None:
@@ -238,7 +238,9 @@ class _Checker:
                     f"{did_you_mean(call.call, self.call_targets)}",
                 )
             if call.http is not None and not self.has_http:
-                self.problem((*at, "calls", j, "http"), "no route of the flows is an http route")
+                self.problem(
+                    (*at, "calls", j, "http"), "no route of the flows is an http or a2a route"
+                )
         if case.dead_letters and not self.has_dlq:
             self.problem((*at, "dead_letters"), "no group of the flows has a dead_letter stream")
         return loaded

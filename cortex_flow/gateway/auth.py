@@ -69,7 +69,8 @@ def authenticate(
                 "gateway.allowed_hosts",
                 request,
             )
-        if request.path in open_paths:
+        resource = request.match_info.route.resource
+        if (resource.canonical if resource is not None else request.path) in open_paths:
             return await handler(request)
         sent = request.headers.get("Authorization", "") or _from_protocols(request)
         agent = agent_of(project(), sent) if sent else None

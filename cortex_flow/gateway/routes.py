@@ -36,6 +36,16 @@ class Route:
 
 _STREAM = Param("stream", "path", "A stream the flows declare.", required=True)
 _AGENT = Param("agent", "path", "The agent the token belongs to.", required=True)
+_KEY_VARS = (
+    Param("priority", "query", "Priority level of a priority stream."),
+    Param("agent", "query", "The agent of a per-agent stream (its key per agent)."),
+    Param(
+        "var",
+        "query",
+        "Another key variable, NAME=VALUE; repeat for more.",
+        {"type": "array", "items": {"type": "string"}},
+    ),
+)
 _REFUSED = {
     401: "No token, or not an agent's token.",
     403: "The token's agent may not do this (another agent, or a stream not in may_send).",
@@ -67,14 +77,7 @@ ROUTES: tuple[Route, ...] = (
         },
         params=(
             _STREAM,
-            Param("priority", "query", "Priority level of a priority stream."),
-            Param("agent", "query", "The agent of a per-agent stream (its key per agent)."),
-            Param(
-                "var",
-                "query",
-                "Another key variable, NAME=VALUE; repeat for more.",
-                {"type": "array", "items": {"type": "string"}},
-            ),
+            *_KEY_VARS,
             Param(
                 "Idempotency-Key",
                 "header",
@@ -83,6 +86,36 @@ ROUTES: tuple[Route, ...] = (
             ),
         ),
         body="The message: a JSON object (its fields, or the `data` of a json stream).",
+    ),
+    Route(
+        "POST",
+        "/v1/requests/{stream}",
+        "request",
+        "Publish a request (request/reply) and wait for its reply.",
+        {
+            200: "The reply: `{reply}`, what the handler returned.",
+            400: "Not a JSON object, a bad timeout, or the message names no key, or no "
+            "group answers the stream: `{error, about}`.",
+            409: "The request was canceled.",
+            413: "The body is larger than gateway.max_body.",
+            415: "The body is not application/json.",
+            502: "The request failed: dead-lettered or expired; `{error, reason, id}` with "
+            "the dead-letter reason.",
+            504: "No reply within the timeout.",
+            **_REFUSED,
+        },
+        params=(
+            _STREAM,
+            Param(
+                "timeout",
+                "query",
+                "Seconds to wait for the reply (default 30, at most "
+                "gateway.max_request_timeout, 300 unless set).",
+                {"type": "number", "exclusiveMinimum": 0},
+            ),
+            *_KEY_VARS,
+        ),
+        body="The request message: a JSON object (its fields, or the `data` of a json stream).",
     ),
     Route(
         "POST",
@@ -121,6 +154,33 @@ ROUTES: tuple[Route, ...] = (
             ),
         ),
         websocket=True,
+    ),
+    Route(
+        "GET",
+        "/a2a/{agent}/.well-known/agent-card.json",
+        "a2a_card",
+        "The A2A agent card of an agent declared with `a2a:`.",
+        {200: "The agent card (A2A protocol 0.3).", 404: "No such agent, or it has no `a2a:`."},
+        params=(Param("agent", "path", "An agent declared with `a2a:`.", required=True),),
+        auth=False,
+    ),
+    Route(
+        "POST",
+        "/a2a/{agent}",
+        "a2a_rpc",
+        "A2A JSON-RPC 2.0: `message/send`, `message/stream` (server-sent events), "
+        "`tasks/get`, `tasks/cancel`; the token's agent needs the agent's `a2a.stream` in "
+        "its may_send.",
+        {
+            200: "A JSON-RPC answer (`result` or `error`: -32700, -32600, -32601, -32602, "
+            "-32001 task not found, -32002 not cancelable, -32005 file parts), or for "
+            "`message/stream` a text/event-stream of answers.",
+            404: "No such agent, or it has no `a2a:`.",
+            413: "The body is larger than gateway.max_body.",
+            **_REFUSED,
+        },
+        params=(Param("agent", "path", "An agent declared with `a2a:`.", required=True),),
+        body="A JSON-RPC 2.0 request of the A2A protocol.",
     ),
     Route(
         "POST",

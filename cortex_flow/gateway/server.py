@@ -22,6 +22,9 @@ from cortex_flow.errors import CortexFlowError
 from cortex_flow.flow.gatewayconfig import GatewaySettings
 from cortex_flow.flow.loader import Project
 from cortex_flow.flow.models import StreamSpec
+from cortex_flow.gateway.a2aserve import A2AServer, declared
+from cortex_flow.gateway.a2ashapes import agent_card
+from cortex_flow.gateway.a2atasks import TaskRecords
 from cortex_flow.gateway.auth import AGENT, PROTOCOL, authenticate, forbidden
 from cortex_flow.gateway.bodies import bad as _bad
 from cortex_flow.gateway.bodies import body as _body
@@ -29,6 +32,7 @@ from cortex_flow.gateway.bodies import json_response as _json
 from cortex_flow.gateway.idempotency import idempotency_key, publish_once
 from cortex_flow.gateway.inbox import InboxSession
 from cortex_flow.gateway.openapi import document
+from cortex_flow.gateway.requests import Asker, relay, timeout_of
 from cortex_flow.gateway.routes import ROUTES
 from cortex_flow.gateway.socket import serve_socket
 from cortex_flow.ops.send import TargetError, publish, target_key
@@ -66,6 +70,8 @@ class Gateway:
         self._sockets: dict[str, tuple[web.WebSocketResponse, asyncio.Event]] = {}
         self._socket_locks: dict[str, asyncio.Lock] = {}
         self._runner: web.AppRunner | None = None
+        self._asker: Asker | None = None  # for the project it was made for
+        self._a2a = A2AServer(TaskRecords())
         self.bound_port: int | None = None
 
     @property
@@ -134,6 +140,10 @@ class Gateway:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+        await self._a2a.records.close()
+        asker, self._asker = self._asker, None
+        if asker is not None:
+            await asker.close()
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
@@ -173,6 +183,60 @@ class Gateway:
             return _json({"id": entry_id, "key": key, "replayed": replayed}, status=202)
         entry_id = await publish(client, key, spec, msg)
         return _json({"id": entry_id, "key": key}, status=202)
+
+    async def asker(self) -> Asker:
+        """The requester for the project as it is now: a reload that keeps the namespace
+        keeps its reply stream (the requests in flight get their replies); another makes
+        a new one."""
+        project = self._project()
+        asker = self._asker
+        if asker is not None and asker.project is not project:
+            if asker.rebind(project):
+                return asker
+            await asker.close()
+            asker = None
+        if asker is None:
+            asker = self._asker = Asker(project, await self.redis())
+        return asker
+
+    async def _request(self, request: web.Request) -> web.Response:
+        msg = await _body(request, required=True)
+        if isinstance(msg, web.Response):
+            return msg
+        target = self._target(request, request[AGENT])  # may_send and the key, as publish
+        if isinstance(target, web.Response):
+            return target
+        timeout = timeout_of(request, self.settings.max_request_timeout)
+        if isinstance(timeout, web.Response):
+            return timeout
+        return await relay(request, await self.asker(), msg, timeout)
+
+    async def _a2a_card(self, request: web.Request) -> web.Response:
+        spec = declared(request, self._project())
+        if isinstance(spec, web.Response):
+            return spec
+        name = request.match_info["agent"]
+        return _json(agent_card(name, spec, f"{request.scheme}://{request.host}/a2a/{name}"))
+
+    async def _a2a_rpc(self, request: web.Request) -> web.StreamResponse:
+        spec = declared(request, self._project())
+        if isinstance(spec, web.Response):
+            return spec
+        assert spec.a2a is not None
+        caller: str = request[AGENT]
+        allowed = self._project().topology.agents[caller].may_send
+        if spec.a2a.stream not in allowed:
+            name = request.match_info["agent"]
+            return forbidden(
+                request,
+                f"agent {caller} may not call A2A agent {name}: its stream {spec.a2a.stream} "
+                "is not in its may_send",
+                f"add {spec.a2a.stream} to agents.{caller}.may_send in the flows",
+            )
+        longest = self.settings.max_request_timeout
+        return await self._a2a.call(
+            request, request.match_info["agent"], spec, await self.asker(), longest
+        )
 
     def _target(self, request: web.Request, agent: str) -> tuple[str, StreamSpec] | web.Response:
         """The key the request's stream and query name, if ``agent`` may send there:

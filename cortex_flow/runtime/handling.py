@@ -21,6 +21,7 @@ from jinja2.runtime import Context
 
 from cortex_flow.flow.templates import Now, context_base, context_over
 from cortex_flow.flow.topology import ResolvedGroup, StreamKey
+from cortex_flow.runtime.a2acall import send_message
 from cortex_flow.runtime.deadlines import Deadlines
 from cortex_flow.runtime.delivery import ACK, DEAD, RETRY, Acks, Entry, Outcome, backoff_ms
 from cortex_flow.runtime.replies import Canceled, Conversations
@@ -122,7 +123,7 @@ class EntryHandler:
                     publishes.append(route.publish(msg, ctx, bound))
                 elif action == "call" and route.inline and not route.is_async:
                     result = call_inline(route, msg)
-                elif action in ("call", "http"):
+                elif action in ("call", "http", "a2a"):
                     result = yield route, msg, ctx
                 if not route.continue_:
                     break
@@ -421,8 +422,8 @@ class EntryHandler:
                         result = route.fn(msg)  # type: ignore[misc]
                     else:
                         result = await self._call_sync(route, msg, entry)
-                elif action == "http":
-                    await self.post(route, msg, ctx)
+                elif action in ("http", "a2a"):
+                    result = await self.post(route, msg, ctx)
                 if not route.continue_:
                     break
         except Exception as exc:
@@ -549,15 +550,19 @@ class EntryHandler:
             return conv.expired(entry, f"its deadline falls before its next retry ({error})")
         return Outcome(entry, RETRY, [], error, attempt_failed=True)
 
-    async def post(self, route: CompiledRoute, msg: Any, ctx: Any) -> None:
-        """An ``http`` route: POST (or the route's method) the message; raises on >= 300."""
+    async def post(self, route: CompiledRoute, msg: Any, ctx: Any) -> Any:
+        """An ``http`` route: POST (or the route's method) the message; raises on >= 300.
+        An ``a2a`` route: ``message/send`` to the agent; returns its reply."""
         if self.http is None:
             raise RuntimeError("no HTTP client available")
-        spec = route.route.http
-        assert spec is not None
         literal = route.url.is_literal
         url = route.checked_url(route.url.source) if literal else route.render_url(ctx)
+        spec = route.route.http
         try:
+            if spec is None:
+                a2a = route.route.a2a
+                assert a2a is not None
+                return await send_message(self.http, url, msg, a2a.headers, route.timeout)
             async with asyncio.timeout(route.timeout):
                 # redirects are not followed: where a request goes is the flow file's to say
                 async with self.http.request(
@@ -566,6 +571,7 @@ class EntryHandler:
                     if resp.status >= 300:
                         body = (await resp.text())[:200]
                         raise RuntimeError(f"HTTP {resp.status} from {url}: {body}")
+            return None
         except OSError as exc:
             from cortex_flow.runtime.outbound import refused_reason  # loads aiohttp
 

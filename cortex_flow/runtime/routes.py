@@ -118,12 +118,12 @@ class CompiledRoute:
             self.is_async = self.is_async or self.is_stream
             self.inline = route.call.inline
             self.timeout = route.call.timeout
-        if route.http is not None:
-            self.timeout = route.http.timeout
-            self.url = Template(route.http.url, quote_outputs)
-            origin = fixed_origin(route.http.url)
+        if route.outbound is not None:
+            self.timeout = route.outbound.timeout
+            self.url = Template(route.outbound.url, quote_outputs)
+            origin = fixed_origin(route.outbound.url)
             if isinstance(origin, str):  # validation refuses it first; a library user may not
-                raise ValueError(f"{self.label}: http.url: {origin}")
+                raise ValueError(f"{self.label}: {route.action}.url: {origin}")
             self.origin: FixedOrigin = origin
         self.target: StreamSpec | None = None
         if route.to is not None:
@@ -152,7 +152,7 @@ class CompiledRoute:
                 or any(not t.is_literal for t in self.set.values())
             )
         )
-        if route.http is not None and not self.url.is_literal:
+        if route.outbound is not None and not self.url.is_literal:
             self.needs_context = True
 
     def matches(self, ctx: Context | None) -> bool:

@@ -265,7 +265,7 @@ class RunningTopology:
     def _ensure_http(self, resolved: Resolved) -> None:
         if self.http is not None:
             return
-        if any(r.http for g in resolved.groups.values() for r in g.spec.routes):
+        if any(r.outbound for g in resolved.groups.values() for r in g.spec.routes):
             from cortex_flow.runtime.outbound import session
 
             self.http = session()

@@ -252,8 +252,8 @@ class ThreadedDriver:
         """An ``async`` call or ``http`` post among the routes: awaited, then stepped on."""
         value: Any = None
         try:
-            if route.action == "http":
-                await self.handler.post(route, msg, ctx)
+            if route.action in ("http", "a2a"):
+                value = await self.handler.post(route, msg, ctx)
             elif route.is_async:
                 value = await self.handler.run_async(route, msg, flight.entry)
             else:

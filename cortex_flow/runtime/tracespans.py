@@ -251,12 +251,12 @@ class TracedHandler:
         outcome: Outcome = self._inner.called(entry, route, error, seconds, value)
         return self._end(entry, outcome)
 
-    async def post(self, route: Any, msg: Any, ctx: Any) -> None:
+    async def post(self, route: Any, msg: Any, ctx: Any) -> Any:
         """An ``http`` route made by the sync-call driver, inside its message's span."""
         context = self._by_msg.get(id(msg))
         token = otel_context.attach(context) if context is not None else None
         try:
-            await self._inner.post(route, msg, ctx)
+            return await self._inner.post(route, msg, ctx)
         finally:
             if token is not None:
                 otel_context.detach(token)

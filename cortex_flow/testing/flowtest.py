@@ -19,7 +19,7 @@ Test files live next to the flows (``flows/*.test.yaml``) or in ``tests/flows/``
         pending: 0                  # default 0: entries left unacknowledged at the end
         handlers:                   # optional: replace call targets for this case
           agents_example.harold:handle: ok      # ok | fail | other.module:function
-        http: ok                    # http routes answer ok (default) or fail; never a network
+        http: ok                    # http and a2a routes answer ok (default) or fail; no network
         timeout: 5s                 # default 5s: longest wait for the routing to settle
 
 ``stream`` names a declared stream; ``priority`` (default ``normal``), ``agent`` and

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
+import json
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, Self
 
@@ -90,6 +91,13 @@ def make_resolver(
     return resolver
 
 
+# what a stubbed a2a route's agent answers: a completed task without artifacts
+_STUB_TASK = {
+    "jsonrpc": "2.0",
+    "result": {"kind": "task", "id": "stub", "contextId": "stub", "status": {"state": "completed"}},
+}
+
+
 class _StubResponse:
     def __init__(self, status: int, body: str) -> None:
         self.status = status
@@ -113,9 +121,14 @@ class StubHttp:
         self.calls = calls
 
     def request(self, method: str, url: str, **kwargs: Any) -> _StubResponse:
-        self.calls.append(Called("http", url, dict(kwargs.get("json") or {})))
+        body = dict(kwargs.get("json") or {})
+        rpc = body.get("jsonrpc") == "2.0"  # an a2a route: its message's fields were sent
+        sent = body["params"]["message"]["parts"][0]["data"] if rpc else body
+        self.calls.append(Called("http", url, sent))
         if self.mode == "ok":
-            return _StubResponse(200, "")
+            return _StubResponse(
+                200, json.dumps(_STUB_TASK | {"id": body.get("id")}) if rpc else ""
+            )
         return _StubResponse(503, "stubbed failure (http set to fail)")
 
     async def close(self) -> None:

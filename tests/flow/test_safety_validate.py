@@ -246,3 +246,18 @@ def test_check_imports_says_where_each_target_comes_from(project: Project) -> No
     assert lines[3].startswith(
         "  flows/main.yaml:11:15: yaml:safe_dump: module yaml, installed package PyYAML ("
     )
+
+
+def test_a2a_routes_follow_the_outbound_rules(project: Project) -> None:
+    """An ``a2a`` route's URL is checked as an ``http`` one: a fixed host, and no
+    metadata or link-local address unless ``http.allow`` lists it."""
+    project.routes('- a2a: {url: "http://169.254.169.254/a2a/x"}\n')
+    code, lines = project.validate()
+    assert code == 1
+    assert lines[0].startswith("flows/main.yaml:9:20: groups.g.routes[0].a2a.url: ")
+    assert "169.254.169.254 is a link-local address" in lines[0]
+    project.routes('- a2a: {url: "http://{{ msg.host }}/a2a/x"}\n')
+    code, lines = project.validate()
+    assert code == 1 and "must be fixed text in the flow file" in lines[0]
+    project.routes('- a2a: {url: "http://127.0.0.1:18997/a2a/{{ msg.agent }}"}\n')
+    assert project.validate()[0] == 0

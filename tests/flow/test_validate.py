@@ -176,7 +176,7 @@ def test_unknown_key_lists_allowed_keys_when_nothing_is_close(project: Project) 
     text = group("stream: tasks\nroutes:\n  - drop: true\n    colour: red\n")
     assert project.problems(text) == [
         'flows/groups.yaml:7:9: groups.g.routes[0].colour: unknown key "colour"; allowed keys '
-        "are call, continue, drop, http, name, set, to, vars, when"
+        "are a2a, call, continue, drop, http, name, set, to, vars, when"
     ]
 
 
@@ -294,7 +294,7 @@ def test_route_with_two_actions(project: Project) -> None:
     text = group("stream: tasks\nroutes:\n  - to: dlq\n    call: workers:run\n")
     assert project.problems(text) == [
         "flows/groups.yaml:6:9: groups.g.routes[0]: a route needs exactly one action (to, call, "
-        "http or drop: true) but has to and call; split it into routes with continue: true, "
+        "http, a2a or drop: true) but has to and call; split it into routes with continue: true, "
         "or remove all but one"
     ]
 
@@ -303,7 +303,7 @@ def test_route_without_action(project: Project) -> None:
     """A route with no action at all is an error."""
     assert project.problems(group("stream: tasks\nroutes:\n  - when: \"msg.x == '1'\"\n")) == [
         "flows/groups.yaml:6:9: groups.g.routes[0]: a route needs exactly one action (to, call, "
-        "http or drop: true) but has none; add one"
+        "http, a2a or drop: true) but has none; add one"
     ]
 
 
@@ -1284,3 +1284,21 @@ def test_retention_on_keys_a_message_binds_is_an_error(project: Project) -> None
         "a message binds (tenant), so the retention pass cannot list its keys to trim; cap a "
         "stream whose keys expand over priority and agent only, or trim these keys yourself"
     )
+
+
+def test_a2a_declarations_are_checked(project: Project) -> None:
+    """a2a: needs a declared stream, at least one skill, and unique skill ids."""
+    skill = "{id: s, name: S, description: does s}"
+    problems = project.problems(
+        "version: 1\nagents:\n"
+        f"  a1: {{a2a: {{description: d, stream: taks, skills: [{skill}]}}}}\n"
+        "  a2: {a2a: {description: d, stream: tasks, skills: []}}\n"
+        f"  a3: {{a2a: {{description: d, stream: tasks, skills: [{skill}, {skill}]}}}}\n"
+    )
+    assert problems == [
+        'flows/groups.yaml:3:38: agents.a1.a2a.stream: stream "taks" is not a declared '
+        'stream; did you mean "tasks"?',
+        "flows/groups.yaml:4:53: agents.a2.a2a.skills: must not be empty",
+        "flows/groups.yaml:5:53: agents.a3.a2a.skills: skill id 's' is given twice; skill "
+        "ids are unique",
+    ]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
+from projects import running
 
 from cortex_flow.flow.loader import Project, load_project
 from cortex_flow.gateway import Gateway
@@ -82,3 +84,20 @@ async def served(
     finally:
         await client.close()
         await gateway.stop()
+
+
+@asynccontextmanager
+async def beside_runner(
+    config: Path, redis_url: str, port: int | None = None
+) -> AsyncIterator[TestClient]:  # type: ignore[type-arg]
+    """A gateway for ``config`` served in-process, with a runner answering its flows."""
+    project = load_project(config)
+    gateway = Gateway(lambda: project, lambda: connect(redis_url))
+    async with running(config, grace=0.5):
+        client = TestClient(TestServer(gateway.app(), host="127.0.0.1", port=port))
+        await client.start_server()
+        try:
+            yield client
+        finally:
+            await client.close()
+            await gateway.stop()

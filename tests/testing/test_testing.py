@@ -193,3 +193,25 @@ async def test_the_harness_reads_a_partitioned_stream_as_one(tmp_path: Path) -> 
 
         one = await h.entries("chats", partition=f"{{p{partition_of('c0', 4)}}}")
         assert {f["conversation"] for _, f in one} >= {"c0"} and len(one) < 8
+
+
+async def test_a2a_routes_are_stubbed_too(tmp_path: Path) -> None:
+    """An a2a route under the harness: recorded with the message it sent, answered by a
+    completed task (ok), or failing the message (fail); no network either way."""
+    mod = write_module(tmp_path, HANDLERS)
+    flows = FLOWS.replace(
+        '{http: {url: "http://127.0.0.1:9/hook"}}', '{a2a: {url: "http://127.0.0.1:9/a2a/x"}}'
+    )
+    config = write_project(tmp_path, flows, config='admin: {listen: "off"}\n', mod=mod)
+    async with FlowHarness(config, fake=True) as h:
+        await h.send("tasks", {"kind": "chat"})
+        await h.wait_idle()
+        assert [(c.kind, c.target, c.msg) for c in h.calls] == [
+            ("http", "http://127.0.0.1:9/a2a/x", {"kind": "chat"})
+        ]
+        assert await h.dead_letters() == []
+    async with FlowHarness(config, fake=True, http="fail") as h:
+        await h.send("tasks", {"kind": "chat"})
+        await h.wait_idle()
+        [(_, dead)] = await h.dead_letters()
+        assert "HTTP 503 from A2A agent" in dead["dlq_error"]
